@@ -1,0 +1,1 @@
+"""EdgeMoE converters: write checkpoints in the formats other tools and EdgeMoE read."""

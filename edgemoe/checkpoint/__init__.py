@@ -1,0 +1,26 @@
+"""Readers for the checkpoints users already have (HF safetensors, GGUF)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgemoe.errors import ModelFileError
+
+
+def open_checkpoint(path: str | Path):
+    """An ``HFCheckpoint`` for a model directory, a ``GGUFCheckpoint`` for a
+    GGUF file; a ModelFileError naming the path for anything else."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelFileError(p, "no such file or directory")
+    if p.is_dir():
+        if (p / "config.json").exists():
+            from edgemoe.checkpoint.hf import HFCheckpoint
+
+            return HFCheckpoint(p)
+        ggufs = sorted(p.glob("*.gguf"))
+        hint = f" (did you mean {ggufs[0]}?)" if ggufs else ""
+        raise ModelFileError(p, f"not a model directory: no config.json{hint}")
+    from edgemoe.checkpoint.gguf_file import GGUFCheckpoint
+
+    return GGUFCheckpoint(p)

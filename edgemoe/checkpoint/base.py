@@ -1,0 +1,130 @@
+"""The reader-side view of one weight tensor, and the layout a ModelSpec implies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from edgemoe.arch.base import ModelSpec
+
+# ggml type ids (ggml.h enum ggml_type) for the float types we name directly.
+GGML_F32, GGML_F16, GGML_BF16 = 0, 1, 30
+ALIGNMENT = 64
+"""Byte alignment of every array we hand to ggml (it needs 32)."""
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """An uninitialised array whose data pointer is ``ALIGNMENT``-aligned."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One tensor as stored: ggml type, logical shape (numpy order, ``[.., N, K]``,
+    i.e. ggml ``ne`` reversed) and data (float32 for F32, raw block bytes else)."""
+
+    name: str
+    qtype: int
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def to_float32(self) -> np.ndarray:
+        """Dequantized copy (or the array itself for F32), shape ``self.shape``."""
+        if self.qtype == GGML_F32:
+            return self.data.reshape(self.shape)
+        raw = self.data.view(np.uint8)
+        if self.qtype == GGML_F16:
+            out = raw.view(np.float16).astype(np.float32)
+        elif self.qtype == GGML_BF16:
+            out = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            from gguf import GGMLQuantizationType
+            from gguf.quants import dequantize
+
+            out = dequantize(raw, GGMLQuantizationType(self.qtype))
+        return out.reshape(self.shape)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Float32 rows ``ids`` of a 2-D weight (embedding lookup) without
+        dequantizing the whole matrix."""
+        if self.qtype == GGML_F32:
+            return self.data.reshape(self.shape)[ids]
+        n, k = self.shape
+        row_bytes = self.nbytes // n
+        picked = self.data.view(np.uint8).reshape(n, row_bytes)[ids]
+        return Weight(self.name, self.qtype, (len(ids), k), picked).to_float32()
+
+
+class Checkpoint(Protocol):
+    """What the runtime and converters read from any source format."""
+
+    path: str
+    spec: ModelSpec
+    architecture: str
+
+    def names(self) -> list[str]: ...
+    def load(self, name: str) -> Weight: ...
+    def close(self) -> None: ...
+
+
+def tensor_layout(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Every tensor a model of ``spec`` has: internal name -> (shape, required)."""
+    d, v, hd = spec.n_embd, spec.n_vocab, spec.head_dim
+    q_dim, kv_dim = spec.n_head * hd, spec.n_head_kv * hd
+    out: dict[str, tuple[tuple[int, ...], bool]] = {
+        "token_embd.weight": ((v, d), True),
+        "output_norm.weight": ((d,), True),
+    }
+    if not spec.tie_embeddings:
+        out["output.weight"] = ((v, d), True)
+    for i, moe in enumerate(spec.moe_layers):
+        b = f"blk.{i}."
+        out.update(
+            {
+                b + "attn_norm.weight": ((d,), True),
+                b + "attn_q.weight": ((q_dim, d), True),
+                b + "attn_k.weight": ((kv_dim, d), True),
+                b + "attn_v.weight": ((kv_dim, d), True),
+                b + "attn_output.weight": ((d, q_dim), True),
+                b + "attn_q.bias": ((q_dim,), False),
+                b + "attn_k.bias": ((kv_dim,), False),
+                b + "attn_v.bias": ((kv_dim,), False),
+                b + "attn_output.bias": ((d,), False),
+                b + "ffn_norm.weight": ((d,), True),
+            }
+        )
+        if spec.qk_norm == "head":
+            out[b + "attn_q_norm.weight"] = ((hd,), True)
+            out[b + "attn_k_norm.weight"] = ((hd,), True)
+        elif spec.qk_norm == "full":
+            out[b + "attn_q_norm.weight"] = ((q_dim,), True)
+            out[b + "attn_k_norm.weight"] = ((kv_dim,), True)
+        if moe:
+            e, f = spec.n_expert, spec.expert_ffn
+            out[b + "ffn_gate_inp.weight"] = ((e, d), True)
+            out[b + "ffn_gate_exps.weight"] = ((e, f, d), True)
+            out[b + "ffn_up_exps.weight"] = ((e, f, d), True)
+            out[b + "ffn_down_exps.weight"] = ((e, d, f), True)
+            if spec.shared_expert_ffn:
+                s = spec.shared_expert_ffn
+                out[b + "ffn_gate_shexp.weight"] = ((s, d), True)
+                out[b + "ffn_up_shexp.weight"] = ((s, d), True)
+                out[b + "ffn_down_shexp.weight"] = ((d, s), True)
+                if spec.shared_expert_gated:
+                    out[b + "ffn_gate_inp_shexp.weight"] = ((d,), True)
+        else:
+            f = spec.dense_ffn
+            out[b + "ffn_gate.weight"] = ((f, d), True)
+            out[b + "ffn_up.weight"] = ((f, d), True)
+            out[b + "ffn_down.weight"] = ((d, f), True)
+    return out

@@ -1,0 +1,159 @@
+"""llama.cpp GGUF files: metadata, architecture and zero-copy tensor views.
+
+``gguf.GGUFReader`` memory-maps the file; tensors stay quantized and are handed
+to ggml in place, so a GGUF model occupies its file's pages and nothing more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemoe.arch import family_for_gguf
+from edgemoe.arch.base import GGUFMeta
+from edgemoe.checkpoint.base import ALIGNMENT, Weight, aligned_empty, tensor_layout
+from edgemoe.errors import ModelFileError
+
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: str | Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def _field_value(field: Any) -> Any:
+    try:
+        return field.contents()
+    except Exception:
+        return None
+
+
+class GGUFCheckpoint:
+    """A GGUF model file as written by llama.cpp's converters (or ours)."""
+
+    def __init__(self, path: str | Path):
+        from gguf import GGUFReader
+
+        self.path = str(path)
+        p = Path(path)
+        if not p.exists():
+            raise ModelFileError(p, "file not found")
+        if p.is_dir():
+            raise ModelFileError(p, "is a directory, expected a .gguf file")
+        if not is_gguf(p):
+            with open(p, "rb") as fh:
+                magic = fh.read(4)
+            raise ModelFileError(
+                p, f"not a GGUF file (magic {magic!r}, expected b'GGUF')"
+            )
+        size = p.stat().st_size
+        try:
+            self.reader = GGUFReader(p, "r")
+        except (ValueError, IndexError, OSError, KeyError) as e:
+            raise ModelFileError(p, f"corrupt or truncated GGUF: {e}") from None
+        self.fields: dict[str, Any] = {
+            k: _field_value(f)
+            for k, f in self.reader.fields.items()
+            if not k.startswith("tokenizer.ggml.")
+            or k.endswith("_id")
+            or k in ("tokenizer.ggml.model", "tokenizer.ggml.pre")
+        }
+        self._tensors = {t.name: t for t in self.reader.tensors}
+        for t in self.reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ModelFileError(
+                    p,
+                    f"truncated: tensor {t.name!r} ends at byte "
+                    f"{t.data_offset + t.n_bytes}, file has {size} bytes",
+                )
+        arch = self.fields.get("general.architecture")
+        if not arch:
+            raise ModelFileError(p, "no general.architecture in the GGUF metadata")
+        self.architecture = str(arch)
+        self.family = family_for_gguf(self.architecture, self.path)
+        n_tokens = (
+            len(self.reader.fields["tokenizer.ggml.tokens"].data)
+            if ("tokenizer.ggml.tokens" in self.reader.fields)
+            else None
+        )
+        fields = dict(self.fields)
+        if n_tokens is not None:
+            fields["tokenizer.ggml.tokens"] = range(n_tokens)  # only its length is read
+        spec = self.family.spec_from_gguf(
+            GGUFMeta(self.architecture, fields, self.path)
+        )
+        if "output.weight" not in self._tensors and not spec.tie_embeddings:
+            spec = dataclasses.replace(spec, tie_embeddings=True)
+        self.spec = spec
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        layout = tensor_layout(self.spec)
+        missing = [
+            n for n, (_, req) in layout.items() if req and n not in self._tensors
+        ]
+        if missing:
+            raise ModelFileError(
+                self.path, f"missing tensors: {', '.join(missing[:5])}"
+            )
+        for name, t in self._tensors.items():
+            if name not in layout:
+                continue
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            want = layout[name][0]
+            if shape != want:
+                raise ModelFileError(
+                    self.path,
+                    f"tensor {name!r} has shape {list(shape)}, expected {list(want)}",
+                )
+
+    def names(self) -> list[str]:
+        layout = tensor_layout(self.spec)
+        return [n for n in self._tensors if n in layout]
+
+    @property
+    def mmap(self) -> np.ndarray:
+        """The whole mapped file: one host buffer covers every tensor."""
+        return self.reader.data
+
+    def load(self, name: str) -> Weight:
+        t = self._tensors[name]
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        data = t.data
+        if data.ctypes.data % ALIGNMENT and data.ctypes.data % 32:
+            # general.alignment below 32: copy, ggml needs 32-byte aligned data.
+            copy = aligned_empty(data.shape, data.dtype)
+            copy[...] = data
+            data = copy
+        if int(t.tensor_type) != 0:
+            data = data.view(np.uint8)
+        return Weight(name, int(t.tensor_type), shape, data)
+
+    def tokenizer_fields(self) -> dict[str, Any]:
+        """Every ``tokenizer.*`` key, for writers that carry the vocabulary over."""
+        return {
+            k: _field_value(f)
+            for k, f in self.reader.fields.items()
+            if k.startswith("tokenizer.")
+        }
+
+    def close(self) -> None:
+        mm = getattr(self.reader.data, "_mmap", None)
+        self._tensors.clear()
+        if mm is not None:
+            try:
+                mm.close()
+            except (BufferError, ValueError):
+                pass
+
+
+def file_size(path: str | Path) -> int:
+    return os.stat(path).st_size

@@ -1,0 +1,143 @@
+"""Safetensors reading without torch: header parse, mmap, bf16 widened from raw bits.
+
+The format is an 8-byte little-endian header length, a JSON header mapping tensor
+names to ``{dtype, shape, data_offsets}``, then the raw bytes. ``safe_open`` with
+``framework="np"`` cannot return bf16, so we parse the header ourselves.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgemoe.errors import ModelFileError
+
+# numpy dtype per safetensors dtype; BF16 is read as uint16 and widened.
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    """Widen bf16 bit patterns (uint16) to float32 by moving them to the high half."""
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file, memory-mapped; tensors are read one at a time."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            fh = open(self.path, "rb")
+        except FileNotFoundError:
+            raise ModelFileError(self.path, "file not found") from None
+        except OSError as e:
+            raise ModelFileError(self.path, f"cannot open: {e.strerror}") from None
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ModelFileError(self.path, "truncated: no safetensors header")
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > _MAX_HEADER or 8 + hlen > size:
+                raise ModelFileError(
+                    self.path,
+                    f"not a safetensors file or truncated: header length {hlen} "
+                    f"but file is {size} bytes",
+                )
+            try:
+                header = json.loads(fh.read(hlen))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ModelFileError(self.path, f"corrupt safetensors header: {e}")
+            self._mm = (
+                mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            )
+        if not isinstance(header, dict):
+            raise ModelFileError(self.path, "corrupt safetensors header: not an object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.tensors: dict[str, TensorInfo] = {}
+        data_start = 8 + hlen
+        for name, info in header.items():
+            self.tensors[name] = self._check(name, info, data_start, size)
+
+    def _check(self, name: str, info: object, start: int, size: int) -> TensorInfo:
+        try:
+            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+            b, e = (int(x) for x in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise ModelFileError(self.path, f"tensor {name!r}: malformed header entry")
+        if dtype not in _DTYPES:
+            raise ModelFileError(
+                self.path, f"tensor {name!r}: unsupported dtype {dtype}"
+            )
+        itemsize = np.dtype(_DTYPES[dtype]).itemsize
+        if e - b != int(np.prod(shape, dtype=np.int64)) * itemsize or b > e:
+            raise ModelFileError(
+                self.path,
+                f"tensor {name!r}: {e - b} bytes do not hold {dtype}{list(shape)}",
+            )
+        if start + e > size:
+            raise ModelFileError(
+                self.path,
+                f"truncated: tensor {name!r} ends at byte {start + e}, "
+                f"file has {size} bytes",
+            )
+        return TensorInfo(name, dtype, shape, start + b, start + e)
+
+    def raw(self, name: str) -> np.ndarray:
+        """Zero-copy view of a tensor's stored values (bf16 as uint16)."""
+        t = self.tensors[name]
+        return np.frombuffer(
+            self._mm,
+            dtype=_DTYPES[t.dtype],
+            count=(t.end - t.begin) // np.dtype(_DTYPES[t.dtype]).itemsize,
+            offset=t.begin,
+        ).reshape(t.shape)
+
+    def float32(self, name: str) -> np.ndarray:
+        """A tensor as float32 (a copy for bf16/f16, a read-only view for f32)."""
+        t = self.tensors[name]
+        raw = self.raw(name)
+        if t.dtype == "BF16":
+            return bf16_to_f32(raw)
+        if t.dtype == "F32":
+            return raw
+        if t.dtype in ("F16", "F64"):
+            return raw.astype(np.float32)
+        raise ModelFileError(
+            self.path, f"tensor {name!r}: {t.dtype} is not a float type"
+        )
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                # Views handed out still reference the map; the GC closes it later.
+                pass

@@ -1,0 +1,1 @@
+"""Device profiles (TOML data files), loaded with importlib.resources."""

@@ -1,0 +1,1 @@
+"""EdgeMoE runtime: ggml binding, model forward pass, sampling and generation."""

@@ -1,0 +1,129 @@
+"""Grouped-query attention with RoPE and a KV cache, in numpy.
+
+Projections run in ggml (runtime/forward.py); what is left here is per-head
+glue whose cost is small next to the weight reads at batch 1.
+Legend: T new tokens, S cached + new positions, H query heads, Hkv kv heads,
+G = H / Hkv, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgemoe.arch.base import ModelSpec
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm over the last axis, computed in float32 like the references."""
+    var = np.mean(np.square(x), axis=-1, keepdims=True)
+    return x / np.sqrt(var + eps) * weight
+
+
+class RoPE:
+    """Rotary embedding tables for positions ``0..n_ctx-1``."""
+
+    def __init__(self, head_dim: int, theta: float, n_ctx: int, interleaved: bool):
+        inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+        ang = (
+            np.arange(n_ctx, dtype=np.float64)[:, None] * inv[None, :]
+        )  # [n_ctx, Dh/2]
+        self.cos = np.cos(ang).astype(np.float32)
+        self.sin = np.sin(ang).astype(np.float32)
+        self.interleaved = interleaved
+        self.half = head_dim // 2
+
+    def apply(self, x: np.ndarray, pos: int) -> np.ndarray:
+        """Rotate ``x`` [T, heads, Dh] whose first token sits at ``pos``."""
+        t = x.shape[0]
+        cos = self.cos[pos : pos + t, None, :]  # [T, 1, Dh/2]
+        sin = self.sin[pos : pos + t, None, :]
+        if self.interleaved:
+            # llama.cpp "normal" RoPE: rotate pairs (2i, 2i+1).
+            a, b = x[..., 0::2], x[..., 1::2]
+            out = np.empty_like(x)
+            out[..., 0::2] = a * cos - b * sin
+            out[..., 1::2] = b * cos + a * sin
+            return out
+        a, b = x[..., : self.half], x[..., self.half :]
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+class KVCache:
+    """Keys and values of every layer, ``[L, Hkv, n_ctx, Dh]`` float32.
+
+    ``np.zeros`` maps untouched pages lazily, so memory grows with the
+    positions actually used, not with ``n_ctx``.
+    """
+
+    def __init__(self, spec: ModelSpec, n_ctx: int):
+        shape = (spec.n_layer, spec.n_head_kv, n_ctx, spec.head_dim)
+        self.k = np.zeros(shape, dtype=np.float32)
+        self.v = np.zeros(shape, dtype=np.float32)
+        self.n_ctx = n_ctx
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class Attention:
+    """The numpy half of one attention block (after q/k/v, before the output
+    projection): q/k norms, clipping, RoPE, cache update, softmax(QK^T)V."""
+
+    def __init__(self, spec: ModelSpec, rope: RoPE, cache: KVCache):
+        self.spec = spec
+        self.rope = rope
+        self.cache = cache
+        self.scale = 1.0 / np.sqrt(spec.head_dim)
+
+    def __call__(
+        self,
+        layer: int,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        pos: int,
+        out: np.ndarray,
+        q_norm: np.ndarray | None = None,
+        k_norm: np.ndarray | None = None,
+    ) -> None:
+        """Write attention output [T, H*Dh] into ``out`` for tokens at ``pos``."""
+        s = self.spec
+        t, hd, hkv = q.shape[0], s.head_dim, s.n_head_kv
+        g = s.n_head // hkv
+        if s.qk_norm == "full":
+            q = rms_norm(q, q_norm, s.rms_eps)
+            k = rms_norm(k, k_norm, s.rms_eps)
+        if s.clip_qkv is not None:
+            c = s.clip_qkv
+            q, k, v = np.clip(q, -c, c), np.clip(k, -c, c), np.clip(v, -c, c)
+        q = q.reshape(t, s.n_head, hd)  # [T, H, Dh]
+        k = k.reshape(t, hkv, hd)  # [T, Hkv, Dh]
+        if s.qk_norm == "head":
+            q = rms_norm(q, q_norm, s.rms_eps)
+            k = rms_norm(k, k_norm, s.rms_eps)
+        q = self.rope.apply(q, pos)
+        k = self.rope.apply(k, pos)
+        end = pos + t
+        self.cache.k[layer, :, pos:end] = k.transpose(1, 0, 2)
+        self.cache.v[layer, :, pos:end] = v.reshape(t, hkv, hd).transpose(1, 0, 2)
+        start = 0
+        if s.sliding_window:
+            start = max(0, end - t - s.sliding_window + 1)
+        keys = self.cache.k[layer, :, start:end]  # [Hkv, S, Dh]
+        vals = self.cache.v[layer, :, start:end]
+        qh = q.transpose(1, 0, 2).reshape(hkv, g * t, hd)  # [Hkv, G*T, Dh]
+        scores = np.matmul(qh, keys.transpose(0, 2, 1)).reshape(hkv, g, t, -1)
+        scores *= self.scale  # [Hkv, G, T, S]
+        if t > 1 or s.sliding_window:
+            qpos = np.arange(pos, end)[:, None]  # [T, 1]
+            kpos = np.arange(start, end)[None, :]  # [1, S]
+            masked = kpos > qpos
+            if s.sliding_window:
+                masked |= kpos <= qpos - s.sliding_window
+            scores[..., masked] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        ctx = np.matmul(scores.reshape(hkv, g * t, -1), vals)  # [Hkv, G*T, Dh]
+        out[...] = ctx.reshape(s.n_head, t, hd).transpose(1, 0, 2).reshape(t, -1)

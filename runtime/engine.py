@@ -1,0 +1,207 @@
+"""The generation loop: prefill, then decode one token at a time, streaming.
+
+Yields plain dataclasses; nothing here knows how they are shown.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgemoe.runtime.metrics import MemoryStats, memory_stats
+from edgemoe.runtime.sampling import Sampler, SamplingParams
+
+from edgemoe.errors import ConfigError, ContextOverflowError
+
+
+@dataclass(frozen=True)
+class Timings:
+    prompt_tokens: int
+    prompt_s: float
+    generation_tokens: int
+    generation_s: float
+    ttft_s: float
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return (
+            self.generation_tokens / self.generation_s if self.generation_s > 0 else 0.0
+        )
+
+
+@dataclass(frozen=True)
+class GenerationResponse:
+    """One streamed step: new text, the token that produced it, and stats so far."""
+
+    text: str
+    token: int | None
+    timings: Timings
+    memory: MemoryStats
+    finish_reason: str | None = None
+    """None while generating; "stop" (EOS or a stop string), "length"
+    (max_tokens) or "context" (context full) on the last chunk."""
+
+
+class _Detokenizer:
+    """Incremental decoding that never emits half a UTF-8 character and keeps
+    tokenizers' context-dependent spacing (decode a window, diff the text)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        after = self.tok.decode(self.ids[self.prefix :])
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]
+
+
+@dataclass
+class _StopMatcher:
+    """Holds back text that might begin a stop string until it is decided."""
+
+    stops: Sequence[str]
+    buf: str = ""
+    hit: bool = field(default=False)
+
+    def feed(self, text: str) -> str:
+        self.buf += text
+        for s in self.stops:
+            i = self.buf.find(s)
+            if i >= 0:
+                out, self.buf, self.hit = self.buf[:i], "", True
+                return out
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.buf)), 0, -1):
+                if self.buf.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        out = self.buf[: len(self.buf) - hold]
+        self.buf = self.buf[len(self.buf) - hold :]
+        return out
+
+
+def prompt_ids(model, prompt: Any, add_special: bool = True) -> list[int]:
+    """Token ids of a prompt: text, a list of ids, or chat messages."""
+    if isinstance(prompt, str):
+        return model.tokenize(prompt, add_special)
+    if (
+        isinstance(prompt, Sequence)
+        and prompt
+        and all(isinstance(m, dict) for m in prompt)
+    ):
+        text = model.tokenizer.apply_chat_template(
+            list(prompt), add_generation_prompt=True
+        )
+        return model.tokenize(text, add_special=False)
+    if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    raise ConfigError(
+        "prompt must be a string, a list of token ids or a list of messages"
+    )
+
+
+def generate(
+    model,
+    prompt: Any,
+    *,
+    max_tokens: int = 256,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    top_p: float = 0.95,
+    min_p: float = 0.05,
+    repeat_penalty: float = 1.0,
+    repeat_last_n: int = 64,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    add_special: bool = True,
+    ignore_eos: bool = False,
+) -> Iterator[GenerationResponse]:
+    """Generate a completion of ``prompt``, one response per token.
+
+    Args:
+        model: a loaded ``Model``.
+        prompt: text, a list of token ids, or chat messages
+            (``[{"role": "user", "content": ...}]``, rendered with the model's
+            chat template).
+        max_tokens: upper bound on generated tokens.
+        temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed:
+            sampling (``SamplingParams``); temperature 0 is greedy.
+        stop: strings that end generation; they are not emitted.
+        add_special: let the tokenizer add BOS to a text prompt.
+        ignore_eos: keep generating past end-of-sequence tokens.
+
+    Yields:
+        ``GenerationResponse`` per token; the last has ``finish_reason`` set.
+    """
+    if max_tokens < 0:
+        raise ConfigError(f"max_tokens must be >= 0, got {max_tokens}")
+    sampler = Sampler(
+        SamplingParams(
+            temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed
+        )
+    )
+    t0 = time.perf_counter()
+    ids = prompt_ids(model, prompt, add_special)
+    if not ids:
+        raise ConfigError("the prompt is empty (no tokens)")
+    if len(ids) > model.n_ctx:
+        raise ContextOverflowError(
+            f"prompt of {len(ids)} tokens is longer than the context of {model.n_ctx} "
+            f"tokens (raise --ctx / n_ctx, up to {model.spec.n_ctx_train})"
+        )
+    model.reset()
+    logits = model.eval(ids)
+    prompt_s = time.perf_counter() - t0
+    eos = set(model.tokenizer.eos_ids) | set(model.spec.eos_token_ids)
+    detok = _Detokenizer(model.tokenizer)
+    stops = _StopMatcher(list(stop))
+    history = list(ids)
+    ttft = 0.0
+    t_decode = time.perf_counter()
+    n_gen = 0
+
+    def response(
+        text: str, token: int | None, reason: str | None
+    ) -> GenerationResponse:
+        now = time.perf_counter()
+        timings = Timings(
+            len(ids), prompt_s, n_gen, now - t_decode if n_gen else 0.0, ttft
+        )
+        return GenerationResponse(text, token, timings, memory_stats(), reason)
+
+    for i in range(max_tokens):
+        token = sampler(logits, history)
+        if ttft == 0.0:
+            ttft = time.perf_counter() - t0
+        if token in eos and not ignore_eos:
+            yield response(stops.buf, token, "stop")
+            return
+        n_gen += 1
+        history.append(token)
+        text = stops.feed(detok.add(token))
+        if stops.hit:
+            yield response(text, token, "stop")
+            return
+        if i == max_tokens - 1:
+            yield response(text + stops.buf, token, "length")
+            return
+        if model.n_past >= model.n_ctx:
+            yield response(text + stops.buf, token, "context")
+            return
+        yield response(text, token, None)
+        logits = model.eval([token])
+    yield response("", None, "length")

@@ -1,0 +1,279 @@
+"""The transformer forward pass: ggml graphs for the matmuls, numpy for the rest.
+
+Each layer runs as three graphs over one shared workspace of numpy arrays:
+  A  x -> rmsnorm -> q, k, v
+     (numpy: q/k norm, RoPE, KV cache, attention -> attn)
+  B  x, attn -> h = x + Wo attn;  hn = rmsnorm(h);  router logits
+     (numpy: softmax top-k routing -> ids, weights)
+  C  h, hn, ids, weights -> x = h + sum_k w_k expert_k(hn)  [+ shared expert]
+Decode graphs (T = 1) are built once and re-run; prefill graphs (T > 1) are
+built per chunk and share one scratch allocator, so prefill memory does not
+grow with the layer count.
+Legend: T tokens, D hidden, E experts, K experts per token, F expert FFN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from edgemoe.runtime.attention import Attention
+from edgemoe.runtime.graph import Device, Graph, T, WeightSet
+
+from edgemoe.arch.base import ModelSpec
+from edgemoe.checkpoint.base import GGML_F32, Weight, aligned_empty
+
+
+@dataclass
+class LayerWeights:
+    """ggml handles of one layer's matrices plus the float32 vectors numpy needs."""
+
+    attn_norm: T
+    wq: T
+    wk: T
+    wv: T
+    wo: T
+    ffn_norm: T
+    bq: T | None = None
+    bk: T | None = None
+    bv: T | None = None
+    bo: T | None = None
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+    router: T | None = None
+    gate_exps: T | None = None
+    up_exps: T | None = None
+    down_exps: T | None = None
+    gate_shexp: T | None = None
+    up_shexp: T | None = None
+    down_shexp: T | None = None
+    gate_inp_shexp: T | None = None
+    gate: T | None = None
+    up: T | None = None
+    down: T | None = None
+
+
+class Workspace:
+    """The arrays one forward step of T tokens reads and writes, in one slab."""
+
+    def __init__(self, spec: ModelSpec, t: int):
+        d, k = spec.n_embd, max(spec.n_expert_used, 1)
+        q_dim, kv_dim = spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim
+        fields = {
+            "x": ((t, d), np.float32),
+            "q": ((t, q_dim), np.float32),
+            "k": ((t, kv_dim), np.float32),
+            "v": ((t, kv_dim), np.float32),
+            "attn": ((t, q_dim), np.float32),
+            "h": ((t, d), np.float32),
+            "hn": ((t, d), np.float32),
+            "router": ((t, max(spec.n_expert, 1)), np.float32),
+            "ids": ((t, k), np.int32),
+            "rw": ((t, k), np.float32),
+        }
+        sizes = {n: -(-int(np.prod(s)) * 4 // 64) * 64 for n, (s, _) in fields.items()}
+        self.base = aligned_empty((sum(sizes.values()),), np.uint8)
+        off = 0
+        for name, (shape, dtype) in fields.items():
+            n = int(np.prod(shape)) * 4
+            setattr(self, name, self.base[off : off + n].view(dtype).reshape(shape))
+            off += sizes[name]
+        self.t = t
+
+
+def to_f32(w: Weight) -> Weight:
+    """A float32 copy of a small vector weight for numpy/ggml elementwise use."""
+    if w.qtype == GGML_F32:
+        return w
+    out = aligned_empty(w.shape, np.float32)
+    out[...] = w.to_float32()
+    return Weight(w.name, GGML_F32, w.shape, out)
+
+
+class Forward:
+    """Runs the layers of one model over a Workspace; owns the graphs."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        device: Device,
+        layers: list[LayerWeights],
+        attention: Attention,
+    ):
+        self.spec = spec
+        self.device = device
+        self.layers = layers
+        self.attention = attention
+        self._decode: dict[tuple[int, str], Graph] = {}
+        self._decode_ws: Workspace | None = None
+        self._prefill_galloc = None
+
+    # -- graph construction ---------------------------------------------------
+    def _graph(self, ws: Workspace, layer: int, stage: str, galloc=None) -> Graph:
+        g = Graph(self.device, galloc=galloc)
+        w = self.layers[layer]
+        eps = self.spec.rms_eps
+        if stage == "A":
+            x = g.input(ws.x, ws.base)
+            xn = g.mul(g.rms_norm(x, eps), w.attn_norm)
+            for wt, bias, out in (
+                (w.wq, w.bq, ws.q),
+                (w.wk, w.bk, ws.k),
+                (w.wv, w.bv, ws.v),
+            ):
+                y = g.mul_mat(wt, xn)
+                g.output(g.add(y, bias) if bias is not None else y, out, ws.base)
+        elif stage == "B":
+            x = g.input(ws.x, ws.base)
+            attn = g.input(ws.attn, ws.base)
+            o = g.mul_mat(w.wo, attn)
+            if w.bo is not None:
+                o = g.add(o, w.bo)
+            h = g.add(x, o)
+            g.output(h, ws.h, ws.base)
+            hn = g.mul(g.rms_norm(h, eps), w.ffn_norm)
+            g.output(hn, ws.hn, ws.base)
+            if w.router is not None:
+                g.output(g.mul_mat(w.router, hn), ws.router, ws.base)
+        else:
+            h = g.input(ws.h, ws.base)
+            hn = g.input(ws.hn, ws.base)
+            if w.gate_exps is not None:
+                ffn = self._moe(g, ws, w, hn)
+            else:
+                ffn = g.mul_mat(
+                    w.down, g.swiglu(g.mul_mat(w.gate, hn), g.mul_mat(w.up, hn))
+                )
+            g.output(g.add(h, ffn), ws.x, ws.base)
+        g.build()
+        return g
+
+    def _moe(self, g: Graph, ws: Workspace, w: LayerWeights, hn: T) -> T:
+        s = self.spec
+        d, k, t = s.n_embd, s.n_expert_used, ws.t
+        ids = g.ids(ws.ids, s.n_expert, ws.base)  # [K, T]
+        rw = g.reshape(g.input(ws.rw, ws.base), 1, k, t)  # [1, K, T]
+        x3 = g.reshape(hn, d, 1, t)  # [D, 1, T]
+        act = g.swiglu(
+            g.mul_mat_id(w.gate_exps, x3, ids), g.mul_mat_id(w.up_exps, x3, ids)
+        )
+        down = g.mul(g.mul_mat_id(w.down_exps, act, ids), rw)  # [D, K, T]
+        out = g.view_2d(down, d, t, d * k * 4, 0)
+        for j in range(1, k):
+            out = g.add(g.view_2d(down, d, t, d * k * 4, j * d * 4), out)
+        if w.gate_shexp is not None:
+            shared = g.mul_mat(
+                w.down_shexp,
+                g.swiglu(g.mul_mat(w.gate_shexp, hn), g.mul_mat(w.up_shexp, hn)),
+            )  # [D, T]
+            if w.gate_inp_shexp is not None:
+                shared = g.mul(shared, g.sigmoid(g.mul_mat(w.gate_inp_shexp, hn)))
+            out = g.add(out, shared)
+        return out
+
+    # -- running ---------------------------------------------------------------
+    def decode_workspace(self) -> Workspace:
+        if self._decode_ws is None:
+            self._decode_ws = Workspace(self.spec, 1)
+        return self._decode_ws
+
+    def prefill_allocator(self) -> int:
+        """The allocator prefill graphs share (built, run and freed one by one)."""
+        if self._prefill_galloc is None:
+            self._prefill_galloc = self.device.new_allocator()
+        return self._prefill_galloc
+
+    def run(self, ws: Workspace, pos: int) -> None:
+        """All layers over ``ws.x`` (already embedded) at position ``pos``."""
+        decode = ws is self._decode_ws
+        for il, w in enumerate(self.layers):
+            for stage in ("A", "B", "C"):
+                if decode:
+                    key = (il, stage)
+                    g = self._decode.get(key)
+                    if g is None:
+                        g = self._decode[key] = self._graph(ws, il, stage)
+                else:
+                    g = self._graph(ws, il, stage, self.prefill_allocator())
+                try:
+                    g.compute()
+                finally:
+                    if not decode:
+                        g.free()
+                if stage == "A":
+                    self.attention(
+                        il, ws.q, ws.k, ws.v, pos, ws.attn, w.q_norm, w.k_norm
+                    )
+                elif stage == "B" and w.router is not None:
+                    self._route(ws)
+
+    def _route(self, ws: Workspace) -> None:
+        """Softmax over all experts, keep the top K (optionally renormalised)."""
+        s = self.spec
+        logits = ws.router  # [T, E]
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        k = s.n_expert_used
+        top = np.argpartition(-probs, k - 1, axis=-1)[:, :k]  # [T, K]
+        weights = np.take_along_axis(probs, top, axis=-1)
+        if s.norm_topk_prob:
+            weights /= weights.sum(axis=-1, keepdims=True)
+        ws.ids[...] = top
+        ws.rw[...] = weights
+
+    def free(self) -> None:
+        for g in self._decode.values():
+            g.free()
+        self._decode.clear()
+        if self._prefill_galloc is not None:
+            self.device.free_allocator(self._prefill_galloc)
+            self._prefill_galloc = None
+
+
+def build_layers(spec: ModelSpec, load, weights: WeightSet, base) -> list[LayerWeights]:
+    """LayerWeights for every layer; ``load(name) -> Weight | None``."""
+    layers = []
+
+    def add(name: str, f32: bool = False) -> T | None:
+        w = load(name)
+        if w is None:
+            return None
+        if f32:
+            w = to_f32(w)
+        return weights.add(w, base(w))
+
+    def vec(name: str) -> np.ndarray | None:
+        w = load(name)
+        return None if w is None else to_f32(w).data
+
+    for i, moe in enumerate(spec.moe_layers):
+        b = f"blk.{i}."
+        lw = LayerWeights(
+            attn_norm=add(b + "attn_norm.weight", True),
+            wq=add(b + "attn_q.weight"),
+            wk=add(b + "attn_k.weight"),
+            wv=add(b + "attn_v.weight"),
+            wo=add(b + "attn_output.weight"),
+            ffn_norm=add(b + "ffn_norm.weight", True),
+            bq=add(b + "attn_q.bias", True),
+            bk=add(b + "attn_k.bias", True),
+            bv=add(b + "attn_v.bias", True),
+            bo=add(b + "attn_output.bias", True),
+            q_norm=vec(b + "attn_q_norm.weight"),
+            k_norm=vec(b + "attn_k_norm.weight"),
+        )
+        if moe:
+            lw.router = add(b + "ffn_gate_inp.weight")
+            lw.gate_exps = add(b + "ffn_gate_exps.weight")
+            lw.up_exps = add(b + "ffn_up_exps.weight")
+            lw.down_exps = add(b + "ffn_down_exps.weight")
+            lw.gate_shexp = add(b + "ffn_gate_shexp.weight")
+            lw.up_shexp = add(b + "ffn_up_shexp.weight")
+            lw.down_shexp = add(b + "ffn_down_shexp.weight")
+            lw.gate_inp_shexp = add(b + "ffn_gate_inp_shexp.weight", True)
+        else:
+            lw.gate = add(b + "ffn_gate.weight")
+            lw.up = add(b + "ffn_up.weight")
+            lw.down = add(b + "ffn_down.weight")
+        layers.append(lw)
+    return layers

@@ -1,0 +1,458 @@
+"""ggml devices, model weights and reusable graphs, validated in Python.
+
+Every op checks in Python what ggml would assert (an assertion aborts the
+process). A ``Graph`` is built once for fixed shapes and re-run: its inputs and
+outputs are numpy arrays bound zero-copy on a host device, so a run is "write
+the inputs, compute, read the outputs" with no copies and no rebuild.
+
+Non-host devices (CUDA through ggml's registry) take the same calls: weights are
+uploaded once, inputs/outputs are copied per run. That path cannot be run on the
+machines this project is developed on and is untested.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from edgemoe.runtime import ggml_binding as gb
+from edgemoe.runtime.ggml_binding import F32, I32, TENSOR_ALIGNMENT, InitParams
+
+from edgemoe.checkpoint.base import Weight
+from edgemoe.errors import GGMLError
+
+_DTYPE_TO_GGML = {np.dtype(np.float32): F32, np.dtype(np.int32): I32}
+
+
+@dataclass(frozen=True)
+class T:
+    """Python-side handle of a ggml tensor: pointer, type and ``ne`` (4 dims)."""
+
+    ptr: int
+    qtype: int
+    ne: tuple[int, int, int, int]
+    contiguous: bool = True
+
+    @property
+    def n(self) -> int:
+        return self.ne[0] * self.ne[1] * self.ne[2] * self.ne[3]
+
+
+def ne_of(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """numpy shape (slowest first) -> ggml ``ne`` (fastest first), padded to 4."""
+    if not 1 <= len(shape) <= 4:
+        raise GGMLError(f"ggml tensors have 1 to 4 dims, got shape {shape}")
+    ne = tuple(int(d) for d in reversed(shape))
+    return ne + (1,) * (4 - len(ne))  # type: ignore[return-value]
+
+
+def default_threads() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+class Device:
+    """One ggml backend chosen through ggml's device registry.
+
+    ``kind`` is "cpu", "gpu" (first GPU/iGPU device; untested here) or "auto"
+    (a GPU if ggml has one, else the CPU).
+    """
+
+    def __init__(self, kind: str = "cpu", n_threads: int | None = None):
+        self.g = gb.lib()
+        devices = self.g.devices()
+        wanted = {"cpu": (gb.DEV_CPU,), "gpu": (gb.DEV_GPU, gb.DEV_IGPU)}
+        if kind == "auto":
+            order = [(gb.DEV_GPU, gb.DEV_IGPU), (gb.DEV_CPU,)]
+        elif kind in wanted:
+            order = [wanted[kind]]
+        else:
+            raise GGMLError(f"device must be 'cpu', 'gpu' or 'auto', got {kind!r}")
+        pick = next((d for types in order for d in devices if d[3] in types), None)
+        if pick is None:
+            names = ", ".join(f"{d[1]} ({d[2]})" for d in devices) or "none"
+            raise GGMLError(f"no ggml {kind} device; this ggml has: {names}")
+        self.dev, self.name, self.description, self.type = pick
+        self.is_host = self.type == gb.DEV_CPU
+        self.backend = self.g.ggml_backend_dev_init(self.dev, None)
+        if not self.backend:
+            raise GGMLError(f"could not start the ggml {self.name} backend")
+        self.n_threads = n_threads or default_threads()
+        set_threads = self.g.set_n_threads_fn(self.dev)
+        if set_threads is not None:
+            set_threads(self.backend, self.n_threads)
+        self.buffer_type = self.g.ggml_backend_get_default_buffer_type(self.backend)
+
+    def new_allocator(self) -> int:
+        """A ggml graph allocator for intermediates; graphs run one after the
+        other may share one, its buffer grows to the largest graph."""
+        galloc = self.g.ggml_gallocr_new(self.buffer_type)
+        if not galloc:
+            raise GGMLError("ggml_gallocr_new failed")
+        return galloc
+
+    def free_allocator(self, galloc: int) -> None:
+        self.g.ggml_gallocr_free(galloc)
+
+    def close(self) -> None:
+        if self.backend:
+            self.g.ggml_backend_free(self.backend)
+            self.backend = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class _Context:
+    """A metadata-only ggml context plus the host buffers wrapping numpy memory."""
+
+    def __init__(self, device: Device, n_tensors: int, graph_size: int = 0):
+        self.device = device
+        self.g = device.g
+        size = self.g.ggml_tensor_overhead() * n_tensors + 1024
+        if graph_size:
+            size += self.g.ggml_graph_overhead_custom(graph_size, False)
+        self.ctx = self.g.ggml_init(InitParams(size, None, True))
+        if not self.ctx:
+            raise GGMLError("ggml_init failed")
+        self.capacity = n_tensors
+        self.used = 0
+        self._buffers: dict[int, tuple[int, int, int]] = {}  # id(base) -> buf
+        self._keep: list[np.ndarray] = []
+
+    def _count(self, n: int = 1) -> None:
+        self.used += n
+        if self.used > self.capacity:
+            raise GGMLError(
+                f"ggml context holds {self.capacity} tensors, asked for more"
+            )
+
+    def new(self, qtype: int, ne: tuple[int, int, int, int]) -> T:
+        g = self.g
+        blk = g.ggml_blck_size(qtype)
+        if ne[0] % blk:
+            raise GGMLError(
+                f"rows of {ne[0]} values do not split into ggml "
+                f"{g.ggml_type_name(qtype).decode()} blocks of {blk}"
+            )
+        self._count()
+        if ne[3] != 1:
+            raise GGMLError("4-D tensors are not used")
+        if ne[2] != 1:
+            ptr = g.ggml_new_tensor_3d(self.ctx, qtype, *ne[:3])
+        elif ne[1] != 1:
+            ptr = g.ggml_new_tensor_2d(self.ctx, qtype, *ne[:2])
+        else:
+            ptr = g.ggml_new_tensor_1d(self.ctx, qtype, ne[0])
+        return T(ptr, qtype, ne)
+
+    def bind(self, t: T, array: np.ndarray, base: np.ndarray | None = None) -> None:
+        """Point ``t`` at ``array``'s memory (host devices only), zero-copy.
+
+        ``base`` is the allocation ``array`` lives in; one ggml buffer wraps it
+        for all the tensors bound inside it.
+        """
+        g = self.g
+        base = array if base is None else base
+        addr, start = array.ctypes.data, base.ctypes.data
+        if start % TENSOR_ALIGNMENT:
+            raise GGMLError(
+                f"buffer at {start:#x} is not {TENSOR_ALIGNMENT}-byte aligned"
+            )
+        if not array.flags.c_contiguous:
+            raise GGMLError("tensors can only be bound to C-contiguous arrays")
+        need = g.ggml_nbytes(t.ptr)
+        if need != array.nbytes:
+            raise GGMLError(f"tensor needs {need} bytes, array has {array.nbytes}")
+        if not start <= addr or addr + need > start + base.nbytes:
+            raise GGMLError("array lies outside the buffer it was bound through")
+        key = start
+        if key not in self._buffers:
+            buf = g.ggml_backend_cpu_buffer_from_ptr(start, base.nbytes)
+            if not buf:
+                raise GGMLError("ggml_backend_cpu_buffer_from_ptr failed")
+            self._buffers[key] = buf
+            self._keep.append(base)
+        if g.ggml_backend_tensor_alloc(self._buffers[key], t.ptr, addr) != 0:
+            raise GGMLError("ggml_backend_tensor_alloc failed")
+
+    def free(self) -> None:
+        for buf in self._buffers.values():
+            self.g.ggml_backend_buffer_free(buf)
+        self._buffers.clear()
+        if self.ctx:
+            self.g.ggml_free(self.ctx)
+            self.ctx = None
+        self._keep.clear()
+
+
+class WeightSet:
+    """Model weights as ggml tensors, created once and shared by every graph."""
+
+    def __init__(self, device: Device, capacity: int):
+        self.device = device
+        self._ctx = _Context(device, capacity)
+        self._uploads: list[tuple[T, np.ndarray]] = []
+        self._device_buffer = None
+        self.nbytes = 0
+
+    def add(self, w: Weight, base: np.ndarray | None = None) -> T:
+        """A ggml tensor over ``w``'s bytes; validates type, shape and size."""
+        g = self.device.g
+        ne = ne_of(w.shape)
+        rows = ne[1] * ne[2] * ne[3]
+        blk = g.ggml_blck_size(w.qtype)
+        if (
+            blk <= 0
+            or ne[0] % blk
+            or g.ggml_row_size(w.qtype, ne[0]) * rows != w.nbytes
+        ):
+            raise GGMLError(
+                f"tensor {w.name!r}: {w.nbytes} bytes do not hold "
+                f"{g.ggml_type_name(w.qtype).decode()}{list(w.shape)}"
+            )
+        t = self._ctx.new(w.qtype, ne)
+        data = w.data if w.data.flags.c_contiguous else np.ascontiguousarray(w.data)
+        if self.device.is_host:
+            if data.ctypes.data % TENSOR_ALIGNMENT:
+                raise GGMLError(f"tensor {w.name!r} data is not 32-byte aligned")
+            self._ctx.bind(t, data, base)
+        else:
+            self._uploads.append((t, data))
+        self.nbytes += w.nbytes
+        return t
+
+    def finalize(self) -> None:
+        """Upload to a non-host device (nothing to do on the CPU)."""
+        if self.device.is_host or not self._uploads:
+            return
+        g = self.device.g
+        self._device_buffer = g.ggml_backend_alloc_ctx_tensors(
+            self._ctx.ctx, self.device.backend
+        )
+        if not self._device_buffer:
+            raise GGMLError(
+                f"could not allocate {self.nbytes} bytes on {self.device.name}"
+            )
+        for t, data in self._uploads:
+            g.ggml_backend_tensor_set(t.ptr, data.ctypes.data, 0, data.nbytes)
+        self._uploads.clear()
+
+    def free(self) -> None:
+        if self._device_buffer:
+            self.device.g.ggml_backend_buffer_free(self._device_buffer)
+            self._device_buffer = None
+        self._ctx.free()
+
+
+class Graph:
+    """One ggml graph for fixed shapes; build once with the op methods, then
+    ``compute()`` as often as needed after rewriting the bound input arrays."""
+
+    GRAPH_SIZE = 512  # > n_tensors, so the context limit is hit before ggml's
+
+    def __init__(self, device: Device, n_tensors: int = 256, galloc: int | None = None):
+        """``galloc``: a shared allocator (``Device.new_allocator``) for graphs
+        that are built, run and freed one at a time; else the graph owns one."""
+        self.device = device
+        self.g = device.g
+        self._ctx = _Context(device, n_tensors, self.GRAPH_SIZE)
+        self._inputs: list[tuple[T, np.ndarray]] = []
+        self._outputs: list[tuple[T, np.ndarray]] = []
+        self._ids: list[tuple[np.ndarray, int]] = []
+        self._graph = None
+        self._shared_galloc = galloc
+        self._galloc = None
+
+    # -- inputs and outputs -------------------------------------------------
+    def input(self, array: np.ndarray, base: np.ndarray | None = None) -> T:
+        """A tensor reading ``array`` (float32 or int32, C-contiguous)."""
+        qtype = _DTYPE_TO_GGML.get(array.dtype)
+        if qtype is None:
+            raise GGMLError(f"graph inputs are float32 or int32, got {array.dtype}")
+        t = self._ctx.new(qtype, ne_of(array.shape))
+        if self.device.is_host:
+            self._ctx.bind(t, array, base)
+        else:
+            self.g.ggml_set_input(t.ptr)
+        self._inputs.append((t, array))
+        return t
+
+    def ids(
+        self, array: np.ndarray, n_experts: int, base: np.ndarray | None = None
+    ) -> T:
+        """Expert ids for ``mul_mat_id``; range-checked before every compute,
+        since ggml reads out of bounds silently on a bad id."""
+        t = self.input(array, base)
+        self._ids.append((array, n_experts))
+        return t
+
+    def output(self, t: T, array: np.ndarray, base: np.ndarray | None = None) -> None:
+        """Make op result ``t`` land in ``array`` (float32, same shape)."""
+        if array.dtype != np.float32 or ne_of(array.shape) != t.ne:
+            raise GGMLError(
+                f"output array {array.dtype}{list(array.shape)} does not match "
+                f"tensor ne {t.ne}"
+            )
+        if not t.contiguous:
+            raise GGMLError("a view cannot be a graph output")
+        if self.device.is_host:
+            self._ctx.bind(t, array, base)
+        else:
+            self.g.ggml_set_output(t.ptr)
+        self._outputs.append((t, array))
+
+    # -- ops (each validates what ggml would assert) -------------------------
+    def _new_op(self, ptr: int, qtype: int, ne: tuple) -> T:
+        self._ctx._count()
+        if not ptr:
+            raise GGMLError("ggml returned no tensor")
+        return T(ptr, qtype, tuple(int(x) for x in ne))
+
+    def mul_mat(self, a: T, b: T) -> T:
+        """``a`` [K, N] (weights) x ``b`` [K, M] -> [N, M] in ggml order."""
+        if a.ne[0] != b.ne[0] or b.ne[2] % a.ne[2] or b.ne[3] % a.ne[3]:
+            raise GGMLError(f"mul_mat: cannot multiply ne {a.ne} by {b.ne}")
+        if b.qtype != F32:
+            raise GGMLError("mul_mat: activations must be float32")
+        ptr = self.g.ggml_mul_mat(self._ctx.ctx, a.ptr, b.ptr)
+        return self._new_op(ptr, F32, (a.ne[1], b.ne[1], b.ne[2], b.ne[3]))
+
+    def mul_mat_id(self, experts: T, b: T, ids: T) -> T:
+        """``experts`` [K, N, E], ``b`` [K, 1 or U, T], ``ids`` I32 [U, T] ->
+        [N, U, T]: row t of ``b`` times expert ``ids[u, t]``."""
+        if ids.qtype != I32 or ids.ne[2:] != (1, 1):
+            raise GGMLError(f"mul_mat_id: ids must be int32 [U, T], got ne {ids.ne}")
+        if experts.ne[3] != 1 or b.ne[3] != 1 or b.qtype != F32:
+            raise GGMLError("mul_mat_id: experts and input must be 3-D, input float32")
+        if ids.ne[1] != b.ne[2] or experts.ne[0] != b.ne[0] or ids.ne[0] % b.ne[1]:
+            raise GGMLError(
+                f"mul_mat_id: shapes do not fit: experts {experts.ne}, "
+                f"input {b.ne}, ids {ids.ne}"
+            )
+        if not experts.contiguous:
+            raise GGMLError("mul_mat_id: experts must not be a transposed view")
+        ptr = self.g.ggml_mul_mat_id(self._ctx.ctx, experts.ptr, b.ptr, ids.ptr)
+        return self._new_op(ptr, F32, (experts.ne[1], ids.ne[0], b.ne[2], 1))
+
+    def _broadcast(self, name: str, fn, a: T, b: T) -> T:
+        if any(x % y for x, y in zip(a.ne, b.ne)):
+            raise GGMLError(f"{name}: ne {b.ne} does not broadcast over {a.ne}")
+        if a.qtype != F32 or b.qtype != F32:
+            raise GGMLError(f"{name}: operands must be float32")
+        return self._new_op(fn(self._ctx.ctx, a.ptr, b.ptr), F32, a.ne)
+
+    def add(self, a: T, b: T) -> T:
+        return self._broadcast("add", self.g.ggml_add, a, b)
+
+    def mul(self, a: T, b: T) -> T:
+        return self._broadcast("mul", self.g.ggml_mul, a, b)
+
+    def scale(self, a: T, s: float) -> T:
+        return self._new_op(self.g.ggml_scale(self._ctx.ctx, a.ptr, s), F32, a.ne)
+
+    def rms_norm(self, a: T, eps: float) -> T:
+        if a.qtype != F32 or not a.contiguous:
+            raise GGMLError("rms_norm: input must be contiguous float32")
+        return self._new_op(self.g.ggml_rms_norm(self._ctx.ctx, a.ptr, eps), F32, a.ne)
+
+    def swiglu(self, gate: T, up: T) -> T:
+        """silu(gate) * up, fused."""
+        if (
+            gate.ne != up.ne
+            or gate.qtype != up.qtype
+            or not (gate.contiguous and up.contiguous)
+        ):
+            raise GGMLError(f"swiglu: gate {gate.ne} and up {up.ne} must match")
+        ptr = self.g.ggml_swiglu_split(self._ctx.ctx, gate.ptr, up.ptr)
+        return self._new_op(ptr, gate.qtype, gate.ne)
+
+    def sigmoid(self, a: T) -> T:
+        return self._new_op(self.g.ggml_sigmoid(self._ctx.ctx, a.ptr), a.qtype, a.ne)
+
+    def reshape(self, a: T, *ne: int) -> T:
+        if not a.contiguous or int(np.prod(ne)) != a.n:
+            raise GGMLError(f"reshape: cannot view ne {a.ne} as {ne}")
+        if len(ne) == 2:
+            ptr = self.g.ggml_reshape_2d(self._ctx.ctx, a.ptr, *ne)
+        elif len(ne) == 3:
+            ptr = self.g.ggml_reshape_3d(self._ctx.ctx, a.ptr, *ne)
+        else:
+            raise GGMLError("reshape: 2 or 3 dims")
+        return self._new_op(ptr, a.qtype, tuple(ne) + (1,) * (4 - len(ne)))
+
+    def view_2d(self, a: T, ne0: int, ne1: int, nb1: int, offset: int) -> T:
+        """Rows of ``ne0`` floats, ``nb1`` bytes apart, from byte ``offset``."""
+        if a.qtype != F32:
+            raise GGMLError("view_2d: float32 only")
+        end = offset + (ne1 - 1) * nb1 + ne0 * 4
+        if offset < 0 or ne0 <= 0 or ne1 <= 0 or end > a.n * 4:
+            raise GGMLError(
+                f"view_2d: bytes {offset}..{end} outside a tensor of {a.n * 4}"
+            )
+        ptr = self.g.ggml_view_2d(self._ctx.ctx, a.ptr, ne0, ne1, nb1, offset)
+        return T(
+            self._new_op(ptr, F32, (ne0, ne1, 1, 1)).ptr,
+            F32,
+            (ne0, ne1, 1, 1),
+            contiguous=nb1 == ne0 * 4,
+        )
+
+    # -- build and run -------------------------------------------------------
+    def build(self) -> None:
+        """Freeze the graph over its outputs and allocate intermediates."""
+        g = self.g
+        if not self._outputs:
+            raise GGMLError("a graph needs at least one output")
+        self._graph = g.ggml_new_graph_custom(self._ctx.ctx, self.GRAPH_SIZE, False)
+        if not self._graph:
+            raise GGMLError("ggml_new_graph_custom failed")
+        for t, _ in self._outputs:
+            g.ggml_build_forward_expand(self._graph, t.ptr)
+        if self._shared_galloc is None:
+            self._galloc = self.device.new_allocator()
+        galloc = self._shared_galloc or self._galloc
+        # Plan for this graph explicitly: a shared allocator would otherwise reuse
+        # the previous graph's plan whenever node counts and sizes happen to fit.
+        if not g.ggml_gallocr_reserve(galloc, self._graph) or not (
+            g.ggml_gallocr_alloc_graph(galloc, self._graph)
+        ):
+            raise GGMLError("ggml could not allocate the graph's intermediates")
+
+    @property
+    def scratch_bytes(self) -> int:
+        galloc = self._shared_galloc or self._galloc
+        return int(self.g.ggml_gallocr_get_buffer_size(galloc, 0)) if galloc else 0
+
+    def compute(self) -> None:
+        g = self.g
+        for array, n in self._ids:
+            if array.size and (array.min() < 0 or array.max() >= n):
+                raise GGMLError(
+                    f"expert id {int(array.max() if array.max() >= n else array.min())}"
+                    f" out of range 0..{n - 1}"
+                )
+        if not self.device.is_host:
+            for t, a in self._inputs:
+                g.ggml_backend_tensor_set(t.ptr, a.ctypes.data, 0, a.nbytes)
+        status = g.ggml_backend_graph_compute(self.device.backend, self._graph)
+        if status != 0:
+            raise GGMLError(f"ggml graph compute failed (status {status})")
+        if not self.device.is_host:
+            for t, a in self._outputs:
+                g.ggml_backend_tensor_get(t.ptr, a.ctypes.data, 0, a.nbytes)
+
+    def free(self) -> None:
+        if self._galloc:
+            self.device.free_allocator(self._galloc)
+            self._galloc = None
+        self._ctx.free()

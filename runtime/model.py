@@ -1,0 +1,234 @@
+"""``edgemoe.load`` and ``Model``: weights bound into ggml, logits and generation."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgemoe.runtime.attention import Attention, KVCache, RoPE
+from edgemoe.runtime.forward import Forward, Workspace, build_layers, to_f32
+from edgemoe.runtime.graph import Device, Graph, WeightSet
+
+from edgemoe.checkpoint import open_checkpoint
+from edgemoe.checkpoint.base import Weight, aligned_empty
+from edgemoe.errors import ConfigError, ContextOverflowError
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    n_ctx: int = 0
+    """Context length in tokens; 0 means min(training context, 4096)."""
+    n_threads: int | None = None
+    """Compute threads; None means the physical core count."""
+    n_batch: int = 256
+    """Prompt tokens per prefill step (bounds prefill scratch memory)."""
+    device: str = "cpu"
+    """ggml device: "cpu", "gpu" (untested) or "auto"."""
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 0:
+            raise ConfigError(f"n_ctx must be >= 0, got {self.n_ctx}")
+        if self.n_batch < 1:
+            raise ConfigError(f"n_batch must be >= 1, got {self.n_batch}")
+        if self.n_threads is not None and self.n_threads < 1:
+            raise ConfigError(f"n_threads must be >= 1, got {self.n_threads}")
+
+
+def load(path: str | Path, **options: Any) -> Model:
+    """Load a model for inference.
+
+    Args:
+        path: a Hugging Face checkpoint directory or a GGUF file.
+        **options: fields of ``LoadOptions`` (``n_ctx``, ``n_threads``,
+            ``n_batch``, ``device``).
+
+    Returns:
+        A ``Model`` with every weight resident.
+    """
+    known = {f.name for f in dataclasses.fields(LoadOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown load option(s) {unknown}; known: {sorted(known)}")
+    opts = LoadOptions(**options)
+    ckpt = open_checkpoint(path)
+    try:
+        tokenizer = _tokenizer_for(ckpt)
+        return Model(ckpt, tokenizer, opts)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def _tokenizer_for(ckpt):
+    from edgemoe.checkpoint.hf import HFCheckpoint
+
+    if isinstance(ckpt, HFCheckpoint):
+        from edgemoe.checkpoint.tokenizer import HFTokenizer
+
+        spec = ckpt.spec
+        return HFTokenizer(ckpt.root, spec.eos_token_ids, spec.bos_token_id)
+    from edgemoe.runtime.llama_vocab import LlamaVocab
+
+    return LlamaVocab(ckpt.path)
+
+
+class Model:
+    """A loaded model: ``logits`` for scoring, ``generate`` for text."""
+
+    def __init__(self, checkpoint, tokenizer, options: LoadOptions):
+        self.checkpoint = checkpoint
+        self.tokenizer = tokenizer
+        self.options = options
+        self.spec = spec = checkpoint.spec
+        self.n_ctx = options.n_ctx or min(spec.n_ctx_train, 4096)
+        self.path = checkpoint.path
+        self.device = Device(options.device, options.n_threads)
+        names = set(checkpoint.names())
+        mmap = getattr(checkpoint, "mmap", None)
+
+        def load_weight(name: str) -> Weight | None:
+            return checkpoint.load(name) if name in names else None
+
+        def base_of(w: Weight):
+            # GGUF tensors are views of one mapped file: bind them through it.
+            if mmap is None:
+                return None
+            start, addr = mmap.ctypes.data, w.data.ctypes.data
+            return mmap if start <= addr < start + mmap.nbytes else None
+
+        self.weights = WeightSet(self.device, capacity=len(names) + 8)
+        layers = build_layers(spec, load_weight, self.weights, base_of)
+        self.embed = checkpoint.load("token_embd.weight")
+        norm = to_f32(checkpoint.load("output_norm.weight"))
+        self._out_norm = self.weights.add(norm, base_of(norm))
+        out = self.embed if spec.tie_embeddings else checkpoint.load("output.weight")
+        self._out = self.weights.add(out, base_of(out))
+        self.weights.finalize()
+        self.cache = KVCache(spec, self.n_ctx)
+        rope = RoPE(spec.head_dim, spec.rope_theta, self.n_ctx, spec.rope_interleaved)
+        self.forward = Forward(
+            spec, self.device, layers, Attention(spec, rope, self.cache)
+        )
+        self._head1: tuple[Graph, np.ndarray, np.ndarray] | None = None
+        self.n_past = 0
+
+    # -- tokens ----------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def _check_tokens(self, ids: np.ndarray, pos: int) -> None:
+        if ids.ndim != 1:
+            raise ConfigError(
+                f"token ids must be a 1-D sequence, got shape {ids.shape}"
+            )
+        if ids.size and (ids.min() < 0 or ids.max() >= self.spec.n_vocab):
+            bad = int(ids.min() if ids.min() < 0 else ids.max())
+            raise ConfigError(
+                f"token id {bad} is outside the vocabulary 0..{self.spec.n_vocab - 1}"
+            )
+        if pos + ids.size > self.n_ctx:
+            raise ContextOverflowError(
+                f"{pos + ids.size} tokens do not fit the context of {self.n_ctx} "
+                "(raise n_ctx / --ctx, up to the model's "
+                f"{self.spec.n_ctx_train})"
+            )
+
+    # -- forward ---------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the cached sequence."""
+        self.n_past = 0
+
+    def eval(self, token_ids, all_logits: bool = False) -> np.ndarray:
+        """Append ``token_ids`` to the cached sequence.
+
+        Returns:
+            float32 logits ``[T, vocab]`` for every new position if
+            ``all_logits``, else ``[vocab]`` for the last one.
+        """
+        ids = np.asarray(token_ids, dtype=np.int64)
+        self._check_tokens(ids, self.n_past)
+        if ids.size == 0:
+            raise ConfigError("eval needs at least one token")
+        outs = []
+        step = self.options.n_batch
+        for i in range(0, ids.size, step):
+            chunk = ids[i : i + step]
+            last = i + step >= ids.size
+            ws = (
+                self.forward.decode_workspace()
+                if chunk.size == 1
+                else Workspace(self.spec, chunk.size)
+            )
+            ws.x[...] = self.embed.rows(chunk)
+            self.forward.run(ws, self.n_past)
+            self.n_past += chunk.size
+            if all_logits:
+                outs.append(self._head(ws.x))
+            elif last:
+                outs.append(self._head(ws.x[-1:])[0])
+        return np.concatenate(outs) if all_logits else outs[0]
+
+    def _head(self, x: np.ndarray) -> np.ndarray:
+        """Final norm and output projection of rows ``x`` [R, D] -> [R, V]."""
+        r = x.shape[0]
+        if r == 1 and self._head1 is not None:
+            g, hx, logits = self._head1
+        else:
+            hx = aligned_empty((r, self.spec.n_embd), np.float32)
+            logits = aligned_empty((r, self.spec.n_vocab), np.float32)
+            galloc = None if r == 1 else self.forward.prefill_allocator()
+            g = Graph(self.device, n_tensors=16, galloc=galloc)
+            xin = g.input(hx)
+            normed = g.mul(g.rms_norm(xin, self.spec.rms_eps), self._out_norm)
+            g.output(g.mul_mat(self._out, normed), logits)
+            g.build()
+            if r == 1:
+                self._head1 = (g, hx, logits)
+        hx[...] = x
+        try:
+            g.compute()
+        finally:
+            if r != 1:
+                g.free()
+        return logits.copy()
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits ``[T, vocab]`` (float32) for every position of a fresh sequence."""
+        self.reset()
+        return self.eval(token_ids, all_logits=True)
+
+    def generate(self, prompt, **kwargs: Any) -> Iterator:
+        """Stream a completion; see ``edgemoe.runtime.engine.generate``."""
+        from edgemoe.runtime.engine import generate
+
+        return generate(self, prompt, **kwargs)
+
+    # -- facts -------------------------------------------------------------------
+    @property
+    def weight_bytes(self) -> int:
+        return self.weights.nbytes
+
+    def close(self) -> None:
+        self.forward.free()
+        if self._head1 is not None:
+            self._head1[0].free()
+            self._head1 = None
+        self.weights.free()
+        self.device.close()
+        close = getattr(self.tokenizer, "close", None)
+        if close:
+            close()
+        self.checkpoint.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,76 @@
+"""Token sampling: repetition penalty, temperature, top-k, top-p, min-p, seeded.
+
+Defaults and order follow llama.cpp's sampler chain (penalties, top-k, top-p,
+min-p, temperature); temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgemoe.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    """0 picks the most likely token (greedy)."""
+    top_k: int = 40
+    """Keep the k most likely tokens; 0 keeps all."""
+    top_p: float = 0.95
+    """Keep the smallest set whose probability reaches p; 1 keeps all."""
+    min_p: float = 0.05
+    """Drop tokens below min_p times the top token's probability."""
+    repeat_penalty: float = 1.0
+    """Divide positive (multiply negative) logits of recent tokens; 1 is off."""
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ConfigError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.repeat_penalty <= 0:
+            raise ConfigError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.p = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+        """Pick the next token from ``logits`` [V] given the tokens so far."""
+        p = self.p
+        logits = logits.astype(np.float64, copy=True)
+        if p.repeat_penalty != 1.0 and history:
+            recent = np.unique(np.asarray(history[-p.repeat_last_n :], dtype=np.int64))
+            vals = logits[recent]
+            logits[recent] = np.where(
+                vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty
+            )
+        if p.temperature == 0:
+            return int(np.argmax(logits))
+        order = np.argsort(-logits, kind="stable")
+        if p.top_k > 0:
+            order = order[: p.top_k]
+        cand = logits[order]
+        probs = np.exp(cand - cand[0])
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+            order, cand, probs = order[:keep], cand[:keep], probs[:keep]
+        if p.min_p > 0:
+            keep = probs >= p.min_p * probs[0]
+            order, cand = order[keep], cand[keep]
+        scaled = (cand - cand[0]) / p.temperature
+        final = np.exp(scaled)
+        final /= final.sum()
+        return int(order[self.rng.choice(len(order), p=final)])
