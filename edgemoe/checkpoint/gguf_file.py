@@ -7,7 +7,6 @@ to ggml in place, so a GGUF model occupies its file's pages and nothing more.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from edgemoe.arch import family_for_gguf
 from edgemoe.arch.base import GGUFMeta
-from edgemoe.checkpoint.base import ALIGNMENT, Weight, aligned_empty, tensor_layout
+from edgemoe.checkpoint.base import Weight, aligned_empty, tensor_layout
 from edgemoe.errors import ModelFileError
 
 GGUF_MAGIC = b"GGUF"
@@ -119,6 +118,12 @@ class GGUFCheckpoint:
         layout = tensor_layout(self.spec)
         return [n for n in self._tensors if n in layout]
 
+    def info(self, name: str) -> tuple[str, tuple[int, ...], int]:
+        """(ggml type name, shape, stored bytes) without reading the data."""
+        t = self._tensors[name]
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        return t.tensor_type.name, shape, int(t.n_bytes)
+
     @property
     def mmap(self) -> np.ndarray:
         """The whole mapped file: one host buffer covers every tensor."""
@@ -128,7 +133,7 @@ class GGUFCheckpoint:
         t = self._tensors[name]
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         data = t.data
-        if data.ctypes.data % ALIGNMENT and data.ctypes.data % 32:
+        if data.ctypes.data % 32:
             # general.alignment below 32: copy, ggml needs 32-byte aligned data.
             copy = aligned_empty(data.shape, data.dtype)
             copy[...] = data
@@ -153,7 +158,3 @@ class GGUFCheckpoint:
                 mm.close()
             except (BufferError, ValueError):
                 pass
-
-
-def file_size(path: str | Path) -> int:
-    return os.stat(path).st_size

@@ -17,7 +17,7 @@ import numpy as np
 
 from edgemoe.arch import family_for_hf
 from edgemoe.checkpoint.base import GGML_F32, Weight, aligned_empty, tensor_layout
-from edgemoe.checkpoint.safetensors import SafetensorsFile, bf16_to_f32
+from edgemoe.checkpoint.safetensors import SafetensorsFile
 from edgemoe.errors import ConfigError, ModelFileError
 
 # Buffers some exporters leave in checkpoints; they carry no weights we use.
@@ -137,6 +137,14 @@ class HFCheckpoint:
     def names(self) -> list[str]:
         return list(self._sources)
 
+    def info(self, name: str) -> tuple[str, tuple[int, ...], int]:
+        """(stored dtype, shape, stored bytes) without reading the data."""
+        pieces = self._sources[name]
+        metas = [f.tensors[src] for f, src, _ in pieces]
+        dtypes = sorted({m.dtype for m in metas})
+        shape = tensor_layout(self.spec)[name][0]
+        return "/".join(dtypes), shape, sum(m.end - m.begin for m in metas)
+
     def load(self, name: str) -> Weight:
         """Tensor ``name`` as aligned float32, expert tensors stacked ``[E, N, K]``."""
         pieces = self._sources[name]
@@ -158,6 +166,3 @@ class HFCheckpoint:
     def close(self) -> None:
         for f in self._files.values():
             f.close()
-
-
-__all__ = ["HFCheckpoint", "bf16_to_f32", "read_json"]

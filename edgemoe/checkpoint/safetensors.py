@@ -141,3 +141,41 @@ class SafetensorsFile:
             except BufferError:
                 # Views handed out still reference the map; the GC closes it later.
                 pass
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: list[tuple[str, str, tuple[int, ...], object]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Stream tensors to a safetensors file: ``(name, dtype, shape, produce)``
+    where ``produce()`` returns the raw bytes; one tensor is in memory at a time.
+    Written under a temporary name and renamed, so a failure leaves no file."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape, _ in tensors:
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(blob)))
+            fh.write(blob)
+            for name, _, _, produce in tensors:
+                data = produce()
+                want = header[name]["data_offsets"]
+                if len(data) != want[1] - want[0]:
+                    raise ValueError(f"tensor {name!r}: produced {len(data)} bytes")
+                fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,319 @@
+"""Synthetic MoE checkpoints with RANDOM weights, built offline in seconds.
+
+For demos, tests and benchmarks at realistic shapes; the text they generate is
+noise. Every directory and file written here says so in its metadata.
+Weights are drawn from a fixed pool of seeded normal values (tiled), so a
+multi-GB model is written at disk speed rather than at RNG speed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemoe.arch import family_for_hf
+from edgemoe.checkpoint.base import GGML_F32, Weight, tensor_layout
+from edgemoe.errors import ConfigError, ModelFileError
+
+LABEL = "EdgeMoE synthetic model: RANDOM WEIGHTS, for demos and benchmarks only"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A small Mixtral for `edgemoe demo` (~25 M parameters).
+    "demo": dict(
+        architectures=["MixtralForCausalLM"],
+        model_type="mixtral",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=1024,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+    ),
+    # allenai/OLMoE-1B-7B-0924 shapes.
+    "olmoe-1b-7b": dict(
+        architectures=["OlmoeForCausalLM"],
+        model_type="olmoe",
+        hidden_size=2048,
+        intermediate_size=1024,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        num_experts=64,
+        num_experts_per_tok=8,
+        vocab_size=50304,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    ),
+    # Qwen/Qwen3-30B-A3B shapes.
+    "qwen3-30b-a3b": dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+    ),
+    # mistralai/Mixtral-8x7B-v0.1 shapes.
+    "mixtral-8x7b": dict(
+        architectures=["MixtralForCausalLM"],
+        model_type="mixtral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=32000,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+    ),
+    # Qwen/Qwen1.5-MoE-A2.7B shapes.
+    "qwen1.5-moe-a2.7b": dict(
+        architectures=["Qwen2MoeForCausalLM"],
+        model_type="qwen2_moe",
+        hidden_size=2048,
+        intermediate_size=5632,
+        moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        num_experts=60,
+        num_experts_per_tok=4,
+        vocab_size=151936,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+    ),
+}
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def preset_config(preset: str, layers: int | None = None, **overrides: Any) -> dict:
+    """An HF ``config.json`` dict for a preset, optionally with fewer layers."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    cfg = dict(PRESETS[preset])
+    if layers is not None:
+        if layers < 1:
+            raise ConfigError(f"layers must be >= 1, got {layers}")
+        cfg["num_hidden_layers"] = layers
+    cfg.update(overrides)
+    cfg.update(
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+        edgemoe_synthetic=LABEL,
+    )
+    return cfg
+
+
+def train_tokenizer(vocab_size: int):
+    """A byte-level BPE (GPT-2 style) trained on Python's own standard library
+    sources, which every Python install has: no download, a second or two."""
+    import os
+
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    size = max(vocab_size, 256 + len(SPECIAL_TOKENS))
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(size, 8192),
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    stdlib = Path(os.__file__).parent
+    corpus = [
+        (stdlib / name).read_text(encoding="utf-8", errors="replace")
+        for name in ("os.py", "textwrap.py", "argparse.py", "json/encoder.py")
+        if (stdlib / name).exists()
+    ] or ["the quick brown fox jumps over the lazy dog " * 100]
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def write_tokenizer(root: Path, vocab_size: int) -> None:
+    """tokenizer.json + tokenizer_config.json (with a chat template) in ``root``."""
+    tok = train_tokenizer(vocab_size)
+    if tok.get_vocab_size() > vocab_size:
+        raise ConfigError(f"vocab_size {vocab_size} is below the tokenizer's minimum")
+    tok.save(str(root / "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (root / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+
+
+class SyntheticCheckpoint:
+    """A Checkpoint whose tensors are drawn on demand (seeded, reproducible).
+
+    ``qtype`` set: matrices come back already in that ggml type (tiled from a
+    quantized pool), so a GGUF writer copies them instead of quantizing.
+    """
+
+    POOL = 1 << 20
+
+    def __init__(self, config: dict, seed: int = 0, qtype: int | None = None):
+        self.config = config
+        self.architecture = config["architectures"][0]
+        self.family = family_for_hf(self.architecture)
+        self.spec = self.family.spec_from_hf(config)
+        self.path = f"synthetic:{self.architecture}"
+        self.root = None
+        self._layout = tensor_layout(self.spec)
+        rng = np.random.default_rng(seed)
+        self._pool = (rng.standard_normal(self.POOL) * 0.02).astype(np.float32)
+        self._qtype = qtype
+        self._qpool: np.ndarray | None = None
+
+    def names(self) -> list[str]:
+        return [n for n, (_, required) in self._layout.items() if required]
+
+    def _floats(self, name: str, n: int) -> np.ndarray:
+        start = hash_name(name) % self.POOL
+        return np.resize(np.roll(self._pool, -start), n)
+
+    def load(self, name: str) -> Weight:
+        shape = self._layout[name][0]
+        n = int(np.prod(shape))
+        if len(shape) == 1:
+            # Norm weights near 1 keep activations in a realistic range.
+            data = 1.0 + self._floats(name, n)
+            return Weight(name, GGML_F32, shape, data.reshape(shape))
+        if self._qtype is not None:
+            from edgemoe.converters.llama_gguf import tensor_type
+
+            t = tensor_type(name, shape, self._qtype)
+            if t == self._qtype:
+                return self._quantized(name, shape)
+        return Weight(name, GGML_F32, shape, self._floats(name, n).reshape(shape))
+
+    def _quantized(self, name: str, shape: tuple[int, ...]) -> Weight:
+        from gguf import GGMLQuantizationType
+        from gguf.constants import GGML_QUANT_SIZES
+        from gguf.quants import quantize
+
+        qt = GGMLQuantizationType(self._qtype)
+        block, size = GGML_QUANT_SIZES[qt]
+        if self._qpool is None:
+            self._qpool = quantize(self._pool.reshape(-1, block), qt).reshape(-1, size)
+        n_blocks = int(np.prod(shape)) // block
+        start = hash_name(name) % len(self._qpool)
+        blocks = np.resize(np.roll(self._qpool, -start, axis=0), (n_blocks, size))
+        return Weight(name, int(qt), shape, blocks.reshape(*shape[:-1], -1))
+
+    def close(self) -> None:
+        pass
+
+
+def hash_name(name: str) -> int:
+    """A stable (not per-process-salted) hash for tensor seeding."""
+    import zlib
+
+    return zlib.crc32(name.encode())
+
+
+def write_hf(config: dict, out: str | Path, seed: int = 0, force: bool = False) -> Path:
+    """A Hugging Face checkpoint directory (bf16 safetensors) with random weights."""
+    from edgemoe.checkpoint.safetensors import write_safetensors
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ModelFileError(out, "already exists and is not empty (use --force)")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = SyntheticCheckpoint(config, seed)
+    tmap = ckpt.family.tensor_map
+    entries = []
+    for name in ckpt.names():
+        shape = ckpt._layout[name][0]
+        for hf_name, expert in tmap.source_names(name, ckpt.spec.n_expert):
+            hf_shape = shape if expert is None else shape[1:]
+            if name.endswith("ffn_gate_inp_shexp.weight"):
+                hf_shape = (1, shape[0])  # an nn.Linear(hidden, 1) in transformers
+            entries.append((hf_name, hf_shape, name, expert))
+
+    def tensor_bytes(entry) -> bytes:
+        _, hf_shape, name, expert = entry
+        w = ckpt.load(name).data
+        part = w if expert is None else w[expert]
+        bits = np.ascontiguousarray(part, dtype=np.float32).view(np.uint32)
+        # Round to nearest even, then keep the high half: float32 -> bf16.
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
+
+    write_safetensors(
+        out / "model.safetensors",
+        [(e[0], "BF16", e[1], (lambda e=e: tensor_bytes(e))) for e in entries],
+        metadata={"format": "pt", "edgemoe": LABEL},
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    write_tokenizer(out, ckpt.spec.n_vocab)
+    (out / "README.md").write_text(f"# {LABEL}\n\nWritten by `edgemoe synth`.\n")
+    return out
+
+
+def write_gguf(
+    config: dict,
+    out: str | Path,
+    qtype: str = "Q8_0",
+    seed: int = 0,
+    force: bool = False,
+    progress=None,
+) -> Path:
+    """A llama.cpp GGUF with random weights (and a trained byte-level vocab)."""
+    import tempfile
+
+    from edgemoe.converters.llama_gguf import EXPORT_TYPES, hf_vocab_fields
+    from edgemoe.converters.llama_gguf import write_gguf as export
+
+    if qtype not in EXPORT_TYPES:
+        raise ConfigError(
+            f"GGUF type {qtype!r} not supported; use one of {sorted(EXPORT_TYPES)}"
+        )
+    ckpt = SyntheticCheckpoint(config, seed, qtype=EXPORT_TYPES[qtype])
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp), ckpt.spec.n_vocab)
+        vocab = hf_vocab_fields(Path(tmp), ckpt.spec.n_vocab)
+    return export(
+        ckpt, out, qtype, vocab=vocab, name=LABEL, force=force, progress=progress
+    )

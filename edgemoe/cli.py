@@ -1,0 +1,463 @@
+"""The ``edgemoe`` command. Subcommands import what they need when they run.
+
+Errors EdgeMoE raises on purpose print as one ``error: ...`` line on stderr and
+exit 1; usage errors exit 2 (argparse); Ctrl+C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from edgemoe import __version__
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model", metavar="MODEL", help="HF checkpoint directory or GGUF file"
+    )
+    p.add_argument(
+        "-c",
+        "--ctx",
+        type=int,
+        default=0,
+        help="context length (default: min(model's, 4096))",
+    )
+    p.add_argument(
+        "-t",
+        "--threads",
+        type=int,
+        default=None,
+        help="compute threads (default: physical cores)",
+    )
+    p.add_argument(
+        "-b",
+        "--batch",
+        type=int,
+        default=256,
+        help="prompt tokens per prefill step (default: 256)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "gpu", "auto"),
+        help="ggml device (gpu is untested)",
+    )
+
+
+def _load(args: argparse.Namespace, **extra: Any):
+    from edgemoe.runtime.model import load
+
+    return load(
+        args.model,
+        n_ctx=args.ctx,
+        n_threads=args.threads,
+        n_batch=args.batch,
+        device=args.device,
+        **extra,
+    )
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-n", "--n-predict", type=int, default=128, help="tokens to generate"
+    )
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--repeat-last-n", type=int, default=64)
+    p.add_argument("-s", "--seed", type=int, default=None)
+    p.add_argument(
+        "--stop", action="append", default=[], help="stop string (repeatable)"
+    )
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        max_tokens=args.n_predict,
+        temperature=args.temp,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        repeat_last_n=args.repeat_last_n,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def stats_line(timings) -> str:
+    """llama-cli's per-turn summary, which users grep for."""
+    return (
+        f"[ Prompt: {timings.prompt_tps:.1f} t/s | "
+        f"Generation: {timings.generation_tps:.1f} t/s ]"
+    )
+
+
+def _stream(model, prompt, args, out=sys.stdout, err=sys.stderr):
+    """Print a completion as it is generated, then the stats; the last response."""
+    last = None
+    for r in model.generate(prompt, **_sampling(args)):
+        out.write(r.text)
+        out.flush()
+        last = r
+    out.write("\n")
+    out.flush()
+    if last is not None:
+        t = last.timings
+        print(stats_line(t), file=err)
+        print(
+            f"prompt {t.prompt_tokens} tokens in {t.prompt_s * 1e3:.0f} ms · "
+            f"generated {t.generation_tokens} in {t.generation_s * 1e3:.0f} ms · "
+            f"TTFT {t.ttft_s * 1e3:.0f} ms · finish: {last.finish_reason}",
+            file=err,
+        )
+        print(
+            f"peak memory: {_mib(max(last.memory.peak_rss_bytes, last.memory.rss_bytes))}"
+            f" RSS",
+            file=err,
+        )
+    return last
+
+
+# -- run ---------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.prompt is None and args.file is None:
+        raise SystemExit("edgemoe run: error: give a prompt with -p TEXT or -f FILE")
+    prompt = args.prompt
+    if args.file is not None:
+        from pathlib import Path
+
+        from edgemoe.errors import ModelFileError
+
+        try:
+            prompt = Path(args.file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ModelFileError(
+                args.file, f"cannot read prompt file: {e.strerror}"
+            ) from None
+    with _load(args) as model:
+        if args.chat:
+            messages = []
+            if args.system:
+                messages.append({"role": "system", "content": args.system})
+            messages.append({"role": "user", "content": prompt})
+            prompt = messages
+        elif not args.no_echo:
+            sys.stdout.write(prompt)
+        _stream(model, prompt, args)
+    return 0
+
+
+# -- eval --------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from edgemoe.errors import ModelFileError
+    from edgemoe.runtime.perplexity import perplexity
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ModelFileError(args.text, f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ModelFileError(args.text, "not UTF-8 text") from None
+    with _load(args) as model:
+        tokens = model.tokenize(text, add_special=False)
+        if args.ctx and args.window > args.ctx:
+            args.window = args.ctx
+
+        def progress(i: int, n: int) -> None:
+            if not args.json and sys.stderr.isatty():
+                print(f"\rwindow {i}/{n}", end="", file=sys.stderr, flush=True)
+
+        res = perplexity(model, tokens, args.window, progress)
+        if not args.json and sys.stderr.isatty():
+            print(file=sys.stderr)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "perplexity": res.perplexity,
+                    "tokens": res.tokens,
+                    "nll": res.nll,
+                    "windows": res.windows,
+                    "window": args.window,
+                    "seconds": res.seconds,
+                }
+            )
+        )
+    else:
+        print(
+            f"perplexity: {res.perplexity:.4f} over {res.tokens} tokens "
+            f"({res.windows} windows of {args.window}, {res.seconds:.1f} s)"
+        )
+    return 0
+
+
+# -- inspect -----------------------------------------------------------------------
+def inspect_report(path: str) -> dict[str, Any]:
+    import dataclasses
+    from pathlib import Path
+
+    from edgemoe.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    try:
+        spec = ckpt.spec
+        tensors, params, expert_params, stored = [], 0, 0, 0
+        for name in ckpt.names():
+            dtype, shape, nbytes = ckpt.info(name)
+            n = 1
+            for d in shape:
+                n *= d
+            params += n
+            stored += nbytes
+            if "_exps." in name:
+                expert_params += n
+            tensors.append(
+                {"name": name, "type": dtype, "shape": list(shape), "bytes": nbytes}
+            )
+        active = params - expert_params
+        if spec.n_expert:
+            active += expert_params * spec.n_expert_used // spec.n_expert
+        p = Path(path)
+        files = [p] if p.is_file() else [f for f in p.iterdir() if f.is_file()]
+        return {
+            "path": str(p),
+            "format": "gguf" if p.is_file() else "hf-safetensors",
+            "architecture": ckpt.architecture,
+            "family": spec.family,
+            "spec": dataclasses.asdict(spec),
+            "parameters": params,
+            "expert_parameters": expert_params,
+            "active_parameters": active,
+            "weight_bytes": stored,
+            "file_bytes": sum(f.stat().st_size for f in files),
+            "tensors": tensors,
+        }
+    finally:
+        ckpt.close()
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    rep = inspect_report(args.model)
+    if args.json:
+        print(json.dumps(rep, indent=1))
+        return 0
+    s = rep["spec"]
+    print(f"model        {rep['path']} ({rep['format']})")
+    print(f"architecture {rep['architecture']} (family {rep['family']})")
+    print(
+        f"parameters   {rep['parameters'] / 1e6:,.1f} M total, "
+        f"{rep['active_parameters'] / 1e6:,.1f} M active per token, "
+        f"experts {rep['expert_parameters'] / 1e6:,.1f} M"
+    )
+    print(
+        f"weights      {_mib(rep['weight_bytes'])} stored, files {_mib(rep['file_bytes'])}"
+    )
+    moe = sum(s["moe_layers"])
+    print(
+        f"shape        {s['n_layer']} layers ({moe} MoE) · hidden {s['n_embd']} · "
+        f"heads {s['n_head']}/{s['n_head_kv']} × {s['head_dim']} · vocab {s['n_vocab']}"
+        f" · context {s['n_ctx_train']}"
+    )
+    if s["n_expert"]:
+        shared = (
+            f" · shared expert FFN {s['shared_expert_ffn']}"
+            if s["shared_expert_ffn"]
+            else ""
+        )
+        print(
+            f"experts      {s['n_expert']} per layer, {s['n_expert_used']} active, "
+            f"FFN {s['expert_ffn']}{shared}"
+        )
+    if args.tensors:
+        for t in rep["tensors"]:
+            print(
+                f"  {t['name']:<40} {t['type']:<8} {str(t['shape']):<22} {t['bytes']:>12,}"
+            )
+    return 0
+
+
+# -- export-gguf, synth, demo --------------------------------------------------------
+def _progress_bar(label: str):
+    from rich.progress import Progress
+
+    prog = Progress(transient=True)
+    task = None
+
+    def update(name: str, i: int, n: int) -> None:
+        nonlocal task
+        if task is None:
+            prog.start()
+            task = prog.add_task(label, total=n)
+        prog.update(task, completed=i + 1, description=f"{label} {name}")
+        if i + 1 == n:
+            prog.stop()
+
+    return update
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from edgemoe.checkpoint import open_checkpoint
+    from edgemoe.converters.llama_gguf import write_gguf
+
+    ckpt = open_checkpoint(args.model)
+    try:
+        out = write_gguf(
+            ckpt,
+            args.output,
+            args.type,
+            force=args.force,
+            progress=_progress_bar("writing"),
+        )
+    finally:
+        ckpt.close()
+    print(f"wrote {out} ({_mib(out.stat().st_size)})")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from edgemoe.converters import synth
+
+    cfg = synth.preset_config(args.preset, layers=args.layers)
+    if args.gguf:
+        out = synth.write_gguf(
+            cfg,
+            args.output,
+            args.gguf,
+            seed=args.seed,
+            force=args.force,
+            progress=_progress_bar("writing"),
+        )
+    else:
+        out = synth.write_hf(cfg, args.output, seed=args.seed, force=args.force)
+    print(f"wrote {out}: {synth.LABEL}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+    import time
+
+    from edgemoe.converters import synth
+    from edgemoe.runtime.model import load
+
+    print(f"EdgeMoE {__version__} demo: {synth.LABEL}.", file=sys.stderr)
+    print(
+        "The text below is noise; it shows the pipeline and its speed.\n",
+        file=sys.stderr,
+    )
+    with tempfile.TemporaryDirectory(prefix="edgemoe-demo-") as tmp:
+        t0 = time.perf_counter()
+        cfg = synth.preset_config("demo")
+        synth.write_hf(cfg, tmp)
+        t1 = time.perf_counter()
+        with load(tmp, n_threads=args.threads) as model:
+            t2 = time.perf_counter()
+            s = model.spec
+            print(
+                f"synthesised a {s.family} MoE ({s.n_layer} layers, {s.n_expert} experts,"
+                f" {s.n_expert_used} active) in {t1 - t0:.1f} s; loaded in "
+                f"{(t2 - t1) * 1e3:.0f} ms ({_mib(model.weight_bytes)} of weights)",
+                file=sys.stderr,
+            )
+            prompt = "def main():"
+            print(prompt, end="")
+            _stream(model, prompt, args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgemoe",
+        description="Run Mixture-of-Experts language models on small devices.",
+    )
+    p.add_argument("--version", action="version", version=f"edgemoe {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    r = sub.add_parser("run", help="generate a completion for a prompt")
+    _add_load_args(r)
+    r.add_argument("-p", "--prompt", help="prompt text")
+    r.add_argument("-f", "--file", help="read the prompt from a file")
+    r.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as a user message through the chat template",
+    )
+    r.add_argument("--system", help="system message (with --chat)")
+    r.add_argument("--no-echo", action="store_true", help="do not print the prompt")
+    _add_sampling_args(r)
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("eval", help="perplexity over a text file")
+    _add_load_args(e)
+    e.add_argument("--text", required=True, help="UTF-8 text file")
+    e.add_argument("--window", type=int, default=256, help="tokens per window (256)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="architecture, sizes and tensors of a model")
+    i.add_argument("model", metavar="MODEL")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--tensors", action="store_true", help="list every tensor")
+    i.set_defaults(func=cmd_inspect)
+
+    x = sub.add_parser("export-gguf", help="write a llama.cpp-loadable GGUF")
+    x.add_argument("model", metavar="MODEL")
+    x.add_argument("-o", "--output", required=True)
+    x.add_argument(
+        "--type", default="Q8_0", help="F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1"
+    )
+    x.add_argument("--force", action="store_true", help="overwrite OUTPUT")
+    x.set_defaults(func=cmd_export_gguf)
+
+    y = sub.add_parser("synth", help="write a RANDOM-weight model of a real shape")
+    y.add_argument(
+        "--preset",
+        default="demo",
+        help="demo, olmoe-1b-7b, qwen3-30b-a3b, mixtral-8x7b, qwen1.5-moe-a2.7b",
+    )
+    y.add_argument("--layers", type=int, default=None, help="override the layer count")
+    y.add_argument("-o", "--output", required=True, help="directory (HF) or .gguf file")
+    y.add_argument("--gguf", metavar="TYPE", help="write a GGUF of this type instead")
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--force", action="store_true")
+    y.set_defaults(func=cmd_synth)
+
+    d = sub.add_parser("demo", help="synthesise a small random MoE and run it")
+    d.add_argument("-t", "--threads", type=int, default=None)
+    _add_sampling_args(d)
+    d.set_defaults(func=cmd_demo, n_predict=48, seed=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from edgemoe.errors import EdgeMoEError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgeMoEError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
