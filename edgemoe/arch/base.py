@@ -88,10 +88,17 @@ class ModelSpec:
 class HFConfig:
     """Base of each family's ``ArchConfig``: HF field names, unknown keys dropped."""
 
+    aliases: ClassVar[dict[str, str]] = {}
+    """Other spellings of a field (transformers' ``attribute_map``): the hub's
+    configs and ``save_pretrained`` do not always agree."""
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HFConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kept = {k: v for k, v in d.items() if k in names}
+        for alias, name in cls.aliases.items():
+            if alias in d and name not in kept:
+                kept[name] = d[alias]
         try:
             cfg = cls(**kept)
         except TypeError as e:

@@ -59,6 +59,8 @@ TENSOR_MAP = TensorMap(
 
 @dataclass
 class ArchConfig(HFConfig):
+    aliases = {"num_experts": "num_local_experts"}
+
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 14336

@@ -28,6 +28,8 @@ TENSOR_MAP = TensorMap({**QWEN_MOE_MAP, **QK_NORM_MAP})
 
 @dataclass
 class ArchConfig(HFConfig):
+    aliases = {"num_local_experts": "num_experts"}
+
     vocab_size: int = 50304
     hidden_size: int = 2048
     intermediate_size: int = 2048

@@ -35,6 +35,8 @@ TENSOR_MAP = TensorMap(
 
 @dataclass
 class ArchConfig(HFConfig):
+    aliases = {"num_local_experts": "num_experts"}
+
     vocab_size: int = 151936
     hidden_size: int = 2048
     intermediate_size: int = 5632

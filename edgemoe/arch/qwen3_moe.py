@@ -51,6 +51,8 @@ def sparse_layers(n_layer: int, n_expert: int, step: int, dense: list[int]) -> t
 
 @dataclass
 class ArchConfig(HFConfig):
+    aliases = {"num_local_experts": "num_experts"}
+
     vocab_size: int = 151936
     hidden_size: int = 2048
     intermediate_size: int = 6144

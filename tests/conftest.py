@@ -1,0 +1,121 @@
+"""Shared fixtures: the trained fixture's path and tiny random models built
+offline with transformers (the reference implementation) for each family."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Before anything loads libgomp (torch, llama_cpp, our binding).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+CODE_MIXTRAL = FIXTURES / "code-mixtral"
+VOCAB = 384
+
+# Small but not degenerate: GQA, dims that split into Q8_0 blocks (32),
+# a dense layer where the family has one, a head_dim unlike hidden/heads.
+TINY_CONFIGS = {
+    "mixtral": dict(
+        cls="MixtralConfig",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "qwen2_moe": dict(
+        cls="Qwen2MoeConfig",
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mlp_only_layers=[1],
+        norm_topk_prob=False,
+    ),
+    "qwen3_moe": dict(
+        cls="Qwen3MoeConfig",
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+    ),
+    "olmoe": dict(
+        cls="OlmoeConfig",
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        clip_qkv=6.0,
+    ),
+}
+
+
+def build_tiny(family: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """Save a tiny seeded transformers model (fp32 safetensors) plus a trained
+    byte-level tokenizer into ``out``."""
+    import torch
+    import transformers
+
+    from edgemoe.converters.synth import write_tokenizer
+
+    kw = dict(TINY_CONFIGS[family])
+    cls = getattr(transformers, kw.pop("cls"))
+    kw.update(
+        vocab_size=VOCAB,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cls(**kw))
+    with torch.no_grad():
+        # Default init keeps logits near zero, which would hide errors.
+        for p in model.parameters():
+            p.mul_(3.0)
+    model.save_pretrained(out)
+    write_tokenizer(out, VOCAB)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(family)`` -> directory of a saved tiny model (cached)."""
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = build_tiny(family, tmp_path_factory.mktemp(family))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    if not (CODE_MIXTRAL / "config.json").exists():
+        pytest.fail(f"trained fixture missing at {CODE_MIXTRAL}")
+    return CODE_MIXTRAL
