@@ -183,29 +183,42 @@ class Forward:
             self._prefill_galloc = self.device.new_allocator()
         return self._prefill_galloc
 
-    def run(self, ws: Workspace, pos: int) -> None:
-        """All layers over ``ws.x`` (already embedded) at position ``pos``."""
-        decode = ws is self._decode_ws
+    def _stage(self, ws: Workspace, il: int, stage: str) -> None:
+        """Run one graph: cached for the decode workspace, else built and freed."""
+        if ws is self._decode_ws:
+            g = self._decode.get((il, stage))
+            if g is None:
+                g = self._decode[il, stage] = self._graph(ws, il, stage)
+            g.compute()
+            return
+        g = self._graph(ws, il, stage, self.prefill_allocator())
+        try:
+            g.compute()
+        finally:
+            g.free()
+
+    def run(self, ws: Workspace, pos: int, last_only: bool = False) -> np.ndarray:
+        """All layers over ``ws.x`` (already embedded) at position ``pos``.
+
+        Returns the final hidden states ``[T, D]``, or only the last row's
+        ``[1, D]`` with ``last_only``: the last layer then finishes just that
+        row after attention (its keys and values still enter the cache), as
+        llama.cpp does; it saves that layer's FFN work on the other rows.
+        """
+        n = len(self.layers)
         for il, w in enumerate(self.layers):
-            for stage in ("A", "B", "C"):
-                if decode:
-                    key = (il, stage)
-                    g = self._decode.get(key)
-                    if g is None:
-                        g = self._decode[key] = self._graph(ws, il, stage)
-                else:
-                    g = self._graph(ws, il, stage, self.prefill_allocator())
-                try:
-                    g.compute()
-                finally:
-                    if not decode:
-                        g.free()
-                if stage == "A":
-                    self.attention(
-                        il, ws.q, ws.k, ws.v, pos, ws.attn, w.q_norm, w.k_norm
-                    )
-                elif stage == "B" and w.router is not None:
-                    self._route(ws)
+            self._stage(ws, il, "A")
+            self.attention(il, ws.q, ws.k, ws.v, pos, ws.attn, w.q_norm, w.k_norm)
+            if last_only and il == n - 1 and ws.t > 1:
+                last = self.decode_workspace()
+                last.x[...] = ws.x[-1:]
+                last.attn[...] = ws.attn[-1:]
+                ws = last
+            self._stage(ws, il, "B")
+            if w.router is not None:
+                self._route(ws)
+            self._stage(ws, il, "C")
+        return ws.x[-1:] if last_only else ws.x
 
     def _route(self, ws: Workspace) -> None:
         """Softmax over all experts, keep the top K (optionally renormalised)."""

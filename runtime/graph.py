@@ -65,6 +65,9 @@ class Device:
     """
 
     def __init__(self, kind: str = "cpu", n_threads: int | None = None):
+        from edgemoe.runtime.threads import limit_blas_threads
+
+        limit_blas_threads(1)
         self.g = gb.lib()
         devices = self.g.devices()
         wanted = {"cpu": (gb.DEV_CPU,), "gpu": (gb.DEV_GPU, gb.DEV_IGPU)}

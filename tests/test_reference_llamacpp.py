@@ -81,3 +81,44 @@ def test_llamacpp_tokenizes_like_the_hf_tokenizer(fixture_dir, tmp_path):
     with edgemoe.load(fixture_dir) as hf, edgemoe.load(out) as gg:
         assert gg.tokenize(text) == hf.tokenize(text)
         assert gg.detokenize(hf.tokenize(text)) == text
+
+
+def test_kquant_gguf_quantized_by_llamacpp(fixture_dir, tmp_path):
+    """K-quants from llama.cpp's own quantizer (Q4_K_M mixes Q4_K, Q6_K, Q8_0):
+    EdgeMoE reads them as stored and computes what llama.cpp computes.
+
+    Teacher-forced on llama.cpp's greedy tokens: the same ggml kernels run in
+    both, but activations are re-quantized to Q8_K before every K-quant matmul,
+    so a last-bit difference in an activation (ggml's fused elementwise ops do
+    not round identically in every graph) can move one Q8_K step; the logits
+    then differ by a few hundredths, not more, and the argmax agrees wherever
+    the top two logits are not nearly tied.
+    """
+    import llama_cpp
+
+    f16 = tmp_path / "fixture-f16.gguf"
+    ckpt = open_checkpoint(fixture_dir)
+    try:
+        write_gguf(ckpt, f16, "F16")
+    finally:
+        ckpt.close()
+    q4k = tmp_path / "fixture-q4_k_m.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(q4k).encode(), params) == 0
+    with edgemoe.load(q4k) as model, LlamaCpp(q4k, n_ctx=128, f32_cache=True) as ref:
+        types = {model.checkpoint.info(n)[0] for n in model.checkpoint.names()}
+        assert {"Q4_K", "Q6_K", "Q8_0"} <= types
+        tokens = model.tokenize("def parse_args(argv):\n    parser = ")
+        ours, theirs = model.eval(tokens), ref.eval(tokens)
+        agree = 0
+        for _ in range(32):
+            assert np.abs(ours - theirs).max() < 0.15
+            top2 = np.sort(theirs)[-2:]
+            if top2[1] - top2[0] > 0.05:
+                assert np.argmax(ours) == np.argmax(theirs)
+                agree += 1
+            tok = int(np.argmax(theirs))
+            ours, theirs = model.eval([tok]), ref.eval([tok])
+        assert agree >= 28
