@@ -23,6 +23,41 @@ from edgemoe.checkpoint.base import Weight
 from edgemoe.errors import GGMLError
 
 _DTYPE_TO_GGML = {np.dtype(np.float32): F32, np.dtype(np.int32): I32}
+# Types ggml's CPU backend multiplies as weights: floats and block quants.
+WEIGHT_TYPES = frozenset(
+    {
+        0,
+        1,
+        2,
+        3,
+        6,
+        7,
+        8,
+        10,
+        11,
+        12,
+        13,
+        14,
+        16,
+        17,
+        18,
+        19,
+        20,
+        21,
+        22,
+        23,
+        29,
+        30,
+        34,
+        35,
+        39,
+    }
+)
+
+
+def _need_f32(op: str, *ts: T) -> None:
+    if any(t.qtype != F32 for t in ts):
+        raise GGMLError(f"{op}: operands must be float32")
 
 
 @dataclass(frozen=True)
@@ -266,13 +301,19 @@ class Graph:
     def __init__(self, device: Device, n_tensors: int = 256, galloc: int | None = None):
         """``galloc``: a shared allocator (``Device.new_allocator``) for graphs
         that are built, run and freed one at a time; else the graph owns one."""
+        if not 0 < n_tensors < self.GRAPH_SIZE:
+            # Every tensor can become a node; ggml aborts past the graph size.
+            raise GGMLError(f"n_tensors must be in 1..{self.GRAPH_SIZE - 1}")
         self.device = device
         self.g = device.g
         self._ctx = _Context(device, n_tensors, self.GRAPH_SIZE)
         self._inputs: list[tuple[T, np.ndarray]] = []
         self._outputs: list[tuple[T, np.ndarray]] = []
         self._ids: list[tuple[np.ndarray, int]] = []
+        self._id_ptrs: set[int] = set()
+        self._bound: set[int] = set()
         self._graph = None
+        self._freed = False
         self._shared_galloc = galloc
         self._galloc = None
 
@@ -288,6 +329,7 @@ class Graph:
         else:
             self.g.ggml_set_input(t.ptr)
         self._inputs.append((t, array))
+        self._bound.add(t.ptr)
         return t
 
     def ids(
@@ -295,8 +337,11 @@ class Graph:
     ) -> T:
         """Expert ids for ``mul_mat_id``; range-checked before every compute,
         since ggml reads out of bounds silently on a bad id."""
+        if array.dtype != np.int32:
+            raise GGMLError(f"expert ids must be int32, got {array.dtype}")
         t = self.input(array, base)
         self._ids.append((array, n_experts))
+        self._id_ptrs.add(t.ptr)
         return t
 
     def output(self, t: T, array: np.ndarray, base: np.ndarray | None = None) -> None:
@@ -308,6 +353,9 @@ class Graph:
             )
         if not t.contiguous:
             raise GGMLError("a view cannot be a graph output")
+        if t.ptr in self._bound:
+            raise GGMLError("this tensor is already bound (an input or an output)")
+        self._bound.add(t.ptr)
         if self.device.is_host:
             self._ctx.bind(t, array, base)
         else:
@@ -323,6 +371,8 @@ class Graph:
 
     def mul_mat(self, a: T, b: T) -> T:
         """``a`` [K, N] (weights) x ``b`` [K, M] -> [N, M] in ggml order."""
+        if a.qtype not in WEIGHT_TYPES:
+            raise GGMLError(f"mul_mat: ggml type {a.qtype} is not a weight type")
         if a.ne[0] != b.ne[0] or b.ne[2] % a.ne[2] or b.ne[3] % a.ne[3]:
             raise GGMLError(f"mul_mat: cannot multiply ne {a.ne} by {b.ne}")
         if b.qtype != F32:
@@ -333,8 +383,15 @@ class Graph:
     def mul_mat_id(self, experts: T, b: T, ids: T) -> T:
         """``experts`` [K, N, E], ``b`` [K, 1 or U, T], ``ids`` I32 [U, T] ->
         [N, U, T]: row t of ``b`` times expert ``ids[u, t]``."""
-        if ids.qtype != I32 or ids.ne[2:] != (1, 1):
-            raise GGMLError(f"mul_mat_id: ids must be int32 [U, T], got ne {ids.ne}")
+        if ids.ptr not in self._id_ptrs or ids.ne[2:] != (1, 1):
+            raise GGMLError(
+                f"mul_mat_id: ids must come from Graph.ids() (range-checked) and be "
+                f"[U, T], got ne {ids.ne}"
+            )
+        if experts.qtype not in WEIGHT_TYPES:
+            raise GGMLError(
+                f"mul_mat_id: ggml type {experts.qtype} is not a weight type"
+            )
         if experts.ne[3] != 1 or b.ne[3] != 1 or b.qtype != F32:
             raise GGMLError("mul_mat_id: experts and input must be 3-D, input float32")
         if ids.ne[1] != b.ne[2] or experts.ne[0] != b.ne[0] or ids.ne[0] % b.ne[1]:
@@ -361,6 +418,7 @@ class Graph:
         return self._broadcast("mul", self.g.ggml_mul, a, b)
 
     def scale(self, a: T, s: float) -> T:
+        _need_f32("scale", a)
         return self._new_op(self.g.ggml_scale(self._ctx.ctx, a.ptr, s), F32, a.ne)
 
     def rms_norm(self, a: T, eps: float) -> T:
@@ -380,6 +438,7 @@ class Graph:
         return self._new_op(ptr, gate.qtype, gate.ne)
 
     def sigmoid(self, a: T) -> T:
+        _need_f32("sigmoid", a)
         return self._new_op(self.g.ggml_sigmoid(self._ctx.ctx, a.ptr), a.qtype, a.ne)
 
     def reshape(self, a: T, *ne: int) -> T:
@@ -414,6 +473,8 @@ class Graph:
     def build(self) -> None:
         """Freeze the graph over its outputs and allocate intermediates."""
         g = self.g
+        if self._freed or self._graph is not None:
+            raise GGMLError("build() on a freed or already built graph")
         if not self._outputs:
             raise GGMLError("a graph needs at least one output")
         self._graph = g.ggml_new_graph_custom(self._ctx.ctx, self.GRAPH_SIZE, False)
@@ -438,6 +499,10 @@ class Graph:
 
     def compute(self) -> None:
         g = self.g
+        if self._freed:
+            raise GGMLError("compute() on a freed graph")
+        if self._graph is None:
+            raise GGMLError("compute() before build()")
         for array, n in self._ids:
             if array.size and (array.min() < 0 or array.max() >= n):
                 raise GGMLError(
@@ -459,3 +524,5 @@ class Graph:
             self.device.free_allocator(self._galloc)
             self._galloc = None
         self._ctx.free()
+        self._graph = None
+        self._freed = True
