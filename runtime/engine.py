@@ -78,11 +78,12 @@ class _StopMatcher:
 
     def feed(self, text: str) -> str:
         self.buf += text
-        for s in self.stops:
-            i = self.buf.find(s)
-            if i >= 0:
-                out, self.buf, self.hit = self.buf[:i], "", True
-                return out
+        # The earliest match wins, whatever the order of ``stops``: one step can
+        # complete several (a token "test" with stops "st" and "te").
+        found = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.buf, self.hit = self.buf[: min(found)], "", True
+            return out
         hold = 0
         for s in self.stops:
             for k in range(min(len(s) - 1, len(self.buf)), 0, -1):
@@ -140,7 +141,8 @@ def generate(
         max_tokens: upper bound on generated tokens.
         temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed:
             sampling (``SamplingParams``); temperature 0 is greedy.
-        stop: strings that end generation; they are not emitted.
+        stop: strings that end generation; they are not emitted (one string
+            is one stop string, not a set of characters).
         add_special: let the tokenizer add BOS to a text prompt.
         ignore_eos: keep generating past end-of-sequence tokens.
 
@@ -149,6 +151,9 @@ def generate(
     """
     if max_tokens < 0:
         raise ConfigError(f"max_tokens must be >= 0, got {max_tokens}")
+    stop = [stop] if isinstance(stop, str) else list(stop or ())
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ConfigError(f"stop strings must be non-empty strings, got {stop!r}")
     sampler = Sampler(
         SamplingParams(
             temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed
@@ -168,7 +173,7 @@ def generate(
     prompt_s = time.perf_counter() - t0
     eos = set(model.tokenizer.eos_ids) | set(model.spec.eos_token_ids)
     detok = _Detokenizer(model.tokenizer)
-    stops = _StopMatcher(list(stop))
+    stops = _StopMatcher(stop)
     history = list(ids)
     ttft = 0.0
     t_decode = time.perf_counter()

@@ -6,6 +6,7 @@ min-p, temperature); temperature 0 is greedy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,19 +27,31 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     """Divide positive (multiply negative) logits of recent tokens; 1 is off."""
     repeat_last_n: int = 64
+    """How many recent tokens the penalty looks at; 0 disables it, -1 means the
+    whole history (llama.cpp's convention)."""
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        # Written so that NaN fails every check (comparisons with NaN are False).
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ConfigError(
+                f"temperature must be finite and >= 0, got {self.temperature}"
+            )
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
             raise ConfigError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.repeat_penalty <= 0:
-            raise ConfigError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        if not (self.repeat_penalty > 0 and math.isfinite(self.repeat_penalty)):
+            raise ConfigError(
+                f"repeat_penalty must be finite and > 0, got {self.repeat_penalty}"
+            )
+        if self.repeat_last_n < -1:
+            raise ConfigError(
+                f"repeat_last_n must be >= -1 (-1: all, 0: off), got "
+                f"{self.repeat_last_n}"
+            )
 
 
 class Sampler:
@@ -50,8 +63,9 @@ class Sampler:
         """Pick the next token from ``logits`` [V] given the tokens so far."""
         p = self.p
         logits = logits.astype(np.float64, copy=True)
-        if p.repeat_penalty != 1.0 and history:
-            recent = np.unique(np.asarray(history[-p.repeat_last_n :], dtype=np.int64))
+        if p.repeat_penalty != 1.0 and history and p.repeat_last_n != 0:
+            window = history if p.repeat_last_n < 0 else history[-p.repeat_last_n :]
+            recent = np.unique(np.asarray(window, dtype=np.int64))
             vals = logits[recent]
             logits[recent] = np.where(
                 vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty

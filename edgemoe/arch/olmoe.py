@@ -36,6 +36,7 @@ class ArchConfig(HFConfig):
     num_hidden_layers: int = 16
     num_attention_heads: int = 16
     num_key_value_heads: int | None = None
+    head_dim: int | None = None
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
     clip_qkv: float | None = None
@@ -68,7 +69,7 @@ class Olmoe(Family):
             n_layer=c.num_hidden_layers,
             n_head=c.num_attention_heads,
             n_head_kv=c.num_key_value_heads or c.num_attention_heads,
-            head_dim=c.hidden_size // c.num_attention_heads,
+            head_dim=c.head_dim or c.hidden_size // c.num_attention_heads,
             n_ctx_train=c.max_position_embeddings,
             rms_eps=c.rms_norm_eps,
             rope_theta=rope_theta_of(config, 10000.0),

@@ -45,6 +45,7 @@ class ArchConfig(HFConfig):
     num_hidden_layers: int = 24
     num_attention_heads: int = 16
     num_key_value_heads: int | None = 16
+    head_dim: int | None = None
     max_position_embeddings: int = 32768
     rms_norm_eps: float = 1e-6
     num_experts: int = 60
@@ -85,7 +86,7 @@ class Qwen2Moe(Family):
             n_layer=c.num_hidden_layers,
             n_head=c.num_attention_heads,
             n_head_kv=c.num_key_value_heads or c.num_attention_heads,
-            head_dim=c.hidden_size // c.num_attention_heads,
+            head_dim=c.head_dim or c.hidden_size // c.num_attention_heads,
             n_ctx_train=c.max_position_embeddings,
             rms_eps=c.rms_norm_eps,
             rope_theta=rope_theta_of(config, 10000.0),

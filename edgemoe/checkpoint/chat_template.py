@@ -3,6 +3,10 @@
 Templates ship inside checkpoints, so they are untrusted input: the immutable
 sandbox refuses attribute access to internals and mutation of passed objects;
 any failure is a ConfigError naming the template's origin.
+
+jinja2's sandbox answers an unsafe attribute (``''.__class__``) with an undefined
+value that renders as nothing and only fails when used further; ours raises at
+the access, so a template probing for an escape is refused, not half-rendered.
 """
 
 from __future__ import annotations
@@ -24,6 +28,27 @@ def _raise(message: str) -> None:
     raise ConfigError(f"chat template refused the conversation: {message}")
 
 
+def _sandbox():
+    """The immutable sandbox, raising on unsafe attribute access (built lazily:
+    importing this module must not import jinja2)."""
+    global _SANDBOX
+    if _SANDBOX is None:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+        class StrictSandbox(ImmutableSandboxedEnvironment):
+            def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+                raise SecurityError(
+                    f"access to attribute {attribute!r} of "
+                    f"{type(obj).__name__!r} object is unsafe"
+                )
+
+        _SANDBOX = StrictSandbox
+    return _SANDBOX
+
+
+_SANDBOX: Any = None
+
+
 def render_chat(
     template: str | None,
     messages: list[dict[str, Any]],
@@ -34,12 +59,11 @@ def render_chat(
 ) -> str:
     """The prompt text for ``messages`` (``[{"role", "content"}, ...]``)."""
     from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ConfigError(f"message {i} needs 'role' and 'content' keys, got {m!r}")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = _sandbox()(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     try:
