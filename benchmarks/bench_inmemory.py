@@ -30,7 +30,6 @@ OUT = Path(__file__).resolve().parent / "out"
 def worker(engine: str, model: str, threads: int, n_prompt: int, n_gen: int) -> dict:
     """One measurement in this process; returns the figures as a dict."""
     import numpy as np
-
     from edgemoe.runtime.metrics import peak_rss_bytes
 
     prompt = np.random.default_rng(0).integers(10, 5000, n_prompt).tolist()
@@ -87,11 +86,24 @@ def ensure_model(preset: str, layers: int, qtype: str) -> Path:
 
 
 def run_worker(engine: str, model: Path, threads: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", engine, "--model", str(model),
-           "--threads", str(threads), "--prompt", str(args.prompt), "--gen", str(args.gen)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        engine,
+        "--model",
+        str(model),
+        "--threads",
+        str(threads),
+        "--prompt",
+        str(args.prompt),
+        "--gen",
+        str(args.gen),
+    ]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                          cwd=OUT, timeout=1800)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, cwd=OUT, timeout=1800
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{engine} worker failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -124,28 +136,45 @@ def main() -> int:
                 for engine in ("llamacpp", "edgemoe"):
                     runs[engine].append(run_worker(engine, model, threads, args))
             med = {
-                e: {k: statistics.median(r[k] for r in rs)
-                    for k in ("prefill_tps", "decode_tps", "peak_rss_mib", "load_s")}
+                e: {
+                    k: statistics.median(r[k] for r in rs)
+                    for k in ("prefill_tps", "decode_tps", "peak_rss_mib", "load_s")
+                }
                 for e, rs in runs.items()
             }
-            rows.append({
-                "type": qtype, "threads": threads, "file_mib": model.stat().st_size / 2**20,
-                "edgemoe": med["edgemoe"], "llamacpp": med["llamacpp"],
-                "decode_ratio": med["edgemoe"]["decode_tps"] / med["llamacpp"]["decode_tps"],
-                "prefill_ratio": med["edgemoe"]["prefill_tps"] / med["llamacpp"]["prefill_tps"],
-                "runs": runs,
-            })
+            rows.append(
+                {
+                    "type": qtype,
+                    "threads": threads,
+                    "file_mib": model.stat().st_size / 2**20,
+                    "edgemoe": med["edgemoe"],
+                    "llamacpp": med["llamacpp"],
+                    "decode_ratio": med["edgemoe"]["decode_tps"]
+                    / med["llamacpp"]["decode_tps"],
+                    "prefill_ratio": med["edgemoe"]["prefill_tps"]
+                    / med["llamacpp"]["prefill_tps"],
+                    "runs": runs,
+                }
+            )
             r = rows[-1]
-            print(f"{qtype} T={threads}: decode {med['edgemoe']['decode_tps']:.1f} vs "
-                  f"{med['llamacpp']['decode_tps']:.1f} t/s ({r['decode_ratio']:.2f}x)",
-                  file=sys.stderr)
+            print(
+                f"{qtype} T={threads}: decode {med['edgemoe']['decode_tps']:.1f} vs "
+                f"{med['llamacpp']['decode_tps']:.1f} t/s ({r['decode_ratio']:.2f}x)",
+                file=sys.stderr,
+            )
 
     report = {
         "benchmark": "inmemory",
-        "preset": args.preset, "layers": args.layers, "prompt": args.prompt,
-        "gen": args.gen, "runs": args.runs,
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
-                    "python": platform.python_version()},
+        "preset": args.preset,
+        "layers": args.layers,
+        "prompt": args.prompt,
+        "gen": args.gen,
+        "runs": args.runs,
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "note": "llama.cpp with use_extra_bufts=False (AMX crash); medians of runs",
         "rows": rows,
     }
@@ -168,7 +197,8 @@ def markdown(report: dict) -> str:
             m = r[e]
             lines.append(
                 f"| {r['type']} ({r['file_mib']:.0f} MiB) | {r['threads']} | {label} | "
-                f"{m['prefill_tps']:.1f} | {m['decode_tps']:.1f} | {m['peak_rss_mib']:.0f} |"
+                f"{m['prefill_tps']:.1f} | {m['decode_tps']:.1f} | "
+                f"{m['peak_rss_mib']:.0f} |"
             )
         lines.append(
             f"| | | **ratio** | **{r['prefill_ratio']:.2f}x** | "

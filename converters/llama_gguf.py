@@ -197,8 +197,7 @@ def write_gguf(
             f"GGUF type {qtype!r} not supported; use one of {sorted(EXPORT_TYPES)}"
         )
     out = Path(out)
-    if out.exists() and not force:
-        raise ModelFileError(out, "already exists (use --force to overwrite)")
+    check_output_file(out, force)
     spec, family = ckpt.spec, ckpt.family
     arch = family.gguf_architectures[0]
     fields = family.gguf_fields(spec)
@@ -252,11 +251,25 @@ def write_gguf(
             writer.write_tensor_data(encode_tensor(w, t, spec, is_qk))
         writer.close()
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         writer.close()
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # disk full, permissions: not a bug of ours
+            raise ModelFileError(out, f"cannot write: {e.strerror or e}") from None
         raise
     return out
+
+
+def check_output_file(out: Path, force: bool) -> None:
+    """Refuse an output path before any work: an existing file unless ``force``
+    (it stays untouched either way until the new one is complete), a directory,
+    or a folder that does not exist."""
+    if out.is_dir():
+        raise ModelFileError(out, "is a directory; give a file name for the GGUF")
+    if out.exists() and not force:
+        raise ModelFileError(out, "already exists (use --force to overwrite)")
+    if not out.parent.is_dir():
+        raise ModelFileError(out.parent, "no such directory for the output file")
 
 
 def _shape_of(ckpt, name: str) -> tuple[int, ...]:

@@ -259,10 +259,15 @@ def write_hf(config: dict, out: str | Path, seed: int = 0, force: bool = False) 
     from edgemoe.checkpoint.safetensors import write_safetensors
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ModelFileError(out, "is a file; an HF checkpoint is a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise ModelFileError(out, "already exists and is not empty (use --force)")
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = SyntheticCheckpoint(config, seed)
+    ckpt = SyntheticCheckpoint(config, seed)  # a bad config fails before mkdir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelFileError(out, f"cannot create: {e.strerror or e}") from None
     tmap = ckpt.family.tensor_map
     entries = []
     for name in ckpt.names():
@@ -281,14 +286,17 @@ def write_hf(config: dict, out: str | Path, seed: int = 0, force: bool = False) 
         # Round to nearest even, then keep the high half: float32 -> bf16.
         return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
 
-    write_safetensors(
-        out / "model.safetensors",
-        [(e[0], "BF16", e[1], (lambda e=e: tensor_bytes(e))) for e in entries],
-        metadata={"format": "pt", "edgemoe": LABEL},
-    )
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    write_tokenizer(out, ckpt.spec.n_vocab)
-    (out / "README.md").write_text(f"# {LABEL}\n\nWritten by `edgemoe synth`.\n")
+    try:
+        write_safetensors(
+            out / "model.safetensors",
+            [(e[0], "BF16", e[1], (lambda e=e: tensor_bytes(e))) for e in entries],
+            metadata={"format": "pt", "edgemoe": LABEL},
+        )
+        (out / "config.json").write_text(json.dumps(config, indent=1))
+        write_tokenizer(out, ckpt.spec.n_vocab)
+        (out / "README.md").write_text(f"# {LABEL}\n\nWritten by `edgemoe synth`.\n")
+    except OSError as e:  # disk full, permissions
+        raise ModelFileError(out, f"cannot write: {e.strerror or e}") from None
     return out
 
 
@@ -303,13 +311,18 @@ def write_gguf(
     """A llama.cpp GGUF with random weights (and a trained byte-level vocab)."""
     import tempfile
 
-    from edgemoe.converters.llama_gguf import EXPORT_TYPES, hf_vocab_fields
+    from edgemoe.converters.llama_gguf import (
+        EXPORT_TYPES,
+        check_output_file,
+        hf_vocab_fields,
+    )
     from edgemoe.converters.llama_gguf import write_gguf as export
 
     if qtype not in EXPORT_TYPES:
         raise ConfigError(
             f"GGUF type {qtype!r} not supported; use one of {sorted(EXPORT_TYPES)}"
         )
+    check_output_file(Path(out), force)  # before training a tokenizer for nothing
     ckpt = SyntheticCheckpoint(config, seed, qtype=EXPORT_TYPES[qtype])
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(Path(tmp), ckpt.spec.n_vocab)

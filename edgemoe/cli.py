@@ -104,10 +104,17 @@ def stats_line(timings) -> str:
     )
 
 
-def _stream(model, prompt, args, out=sys.stdout, err=sys.stderr):
-    """Print a completion as it is generated, then the stats; the last response."""
+def _stream(model, prompt, args, out=None, err=None, echo: str = ""):
+    """Print a completion as it is generated, then the stats; the last response.
+    ``echo`` is printed once the prompt is accepted, so a prompt refused (too long
+    for the context) is not dumped to stdout before the error."""
+    # Looked up per call, not bound at import: callers (and tests) swap sys.stdout.
+    out = out or sys.stdout
+    err = err or sys.stderr
     last = None
     for r in model.generate(prompt, **_sampling(args)):
+        if last is None:
+            out.write(echo)
         out.write(r.text)
         out.flush()
         last = r
@@ -122,18 +129,13 @@ def _stream(model, prompt, args, out=sys.stdout, err=sys.stderr):
             f"TTFT {t.ttft_s * 1e3:.0f} ms · finish: {last.finish_reason}",
             file=err,
         )
-        print(
-            f"peak memory: {_mib(max(last.memory.peak_rss_bytes, last.memory.rss_bytes))}"
-            f" RSS",
-            file=err,
-        )
+        peak = max(last.memory.peak_rss_bytes, last.memory.rss_bytes)
+        print(f"peak memory: {_mib(peak)} RSS", file=err)
     return last
 
 
 # -- run ---------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.prompt is None and args.file is None:
-        raise SystemExit("edgemoe run: error: give a prompt with -p TEXT or -f FILE")
     prompt = args.prompt
     if args.file is not None:
         from pathlib import Path
@@ -146,7 +148,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ModelFileError(
                 args.file, f"cannot read prompt file: {e.strerror}"
             ) from None
+        except UnicodeDecodeError:
+            raise ModelFileError(args.file, "prompt file is not UTF-8 text") from None
     with _load(args) as model:
+        echo = ""
         if args.chat:
             messages = []
             if args.system:
@@ -154,8 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             messages.append({"role": "user", "content": prompt})
             prompt = messages
         elif not args.no_echo:
-            sys.stdout.write(prompt)
-        _stream(model, prompt, args)
+            echo = prompt
+        _stream(model, prompt, args, echo=echo)
     return 0
 
 
@@ -264,7 +269,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"experts {rep['expert_parameters'] / 1e6:,.1f} M"
     )
     print(
-        f"weights      {_mib(rep['weight_bytes'])} stored, files {_mib(rep['file_bytes'])}"
+        f"weights      {_mib(rep['weight_bytes'])} stored, "
+        f"files {_mib(rep['file_bytes'])}"
     )
     moe = sum(s["moe_layers"])
     print(
@@ -284,17 +290,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         )
     if args.tensors:
         for t in rep["tensors"]:
-            print(
-                f"  {t['name']:<40} {t['type']:<8} {str(t['shape']):<22} {t['bytes']:>12,}"
-            )
+            shape = str(t["shape"])
+            print(f"  {t['name']:<40} {t['type']:<8} {shape:<22} {t['bytes']:>12,}")
     return 0
 
 
 # -- export-gguf, synth, demo --------------------------------------------------------
 def _progress_bar(label: str):
+    """A transient bar on stderr for a terminal; None (no progress) otherwise, so
+    piped stdout holds only the result line."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.console import Console
     from rich.progress import Progress
 
-    prog = Progress(transient=True)
+    prog = Progress(console=Console(stderr=True), transient=True)
     task = None
 
     def update(name: str, i: int, n: int) -> None:
@@ -368,14 +378,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             t2 = time.perf_counter()
             s = model.spec
             print(
-                f"synthesised a {s.family} MoE ({s.n_layer} layers, {s.n_expert} experts,"
-                f" {s.n_expert_used} active) in {t1 - t0:.1f} s; loaded in "
+                f"synthesised a {s.family} MoE ({s.n_layer} layers, "
+                f"{s.n_expert} experts, {s.n_expert_used} active) in {t1 - t0:.1f} s;"
+                " loaded in "
                 f"{(t2 - t1) * 1e3:.0f} ms ({_mib(model.weight_bytes)} of weights)",
                 file=sys.stderr,
             )
             prompt = "def main():"
-            print(prompt, end="")
-            _stream(model, prompt, args)
+            _stream(model, prompt, args, echo=prompt)
     return 0
 
 
@@ -389,8 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="generate a completion for a prompt")
     _add_load_args(r)
-    r.add_argument("-p", "--prompt", help="prompt text")
-    r.add_argument("-f", "--file", help="read the prompt from a file")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("-p", "--prompt", help="prompt text")
+    src.add_argument("-f", "--file", help="read the prompt from a file")
     r.add_argument(
         "--chat",
         action="store_true",

@@ -30,6 +30,17 @@ class LoadOptions:
     """ggml device: "cpu", "gpu" (untested) or "auto"."""
 
     def __post_init__(self) -> None:
+        for name in ("n_ctx", "n_threads", "n_batch"):
+            v = getattr(self, name)
+            # bool is an int subclass; neither it nor "16" is a count.
+            if not (v is None and name == "n_threads") and (
+                not isinstance(v, int) or isinstance(v, bool)
+            ):
+                raise ConfigError(f"{name} must be an integer, got {v!r}")
+        if self.device not in ("cpu", "gpu", "auto"):
+            raise ConfigError(
+                f"device must be 'cpu', 'gpu' or 'auto', got {self.device!r}"
+            )
         if self.n_ctx < 0:
             raise ConfigError(f"n_ctx must be >= 0, got {self.n_ctx}")
         if self.n_batch < 1:
@@ -84,6 +95,13 @@ class Model:
         self.tokenizer = tokenizer
         self.options = options
         self.spec = spec = checkpoint.spec
+        if options.n_ctx > spec.n_ctx_train:
+            # Positions past training are untrained, and the KV cache and RoPE
+            # tables are sized by n_ctx: a typo like 10**9 must not allocate.
+            raise ConfigError(
+                f"n_ctx {options.n_ctx} is larger than the model's context of "
+                f"{spec.n_ctx_train} tokens ({checkpoint.path})"
+            )
         self.n_ctx = options.n_ctx or min(spec.n_ctx_train, 4096)
         self.path = checkpoint.path
         self.device = Device(options.device, options.n_threads)
@@ -123,6 +141,40 @@ class Model:
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
+    def _as_ids(self, token_ids) -> np.ndarray:
+        """``token_ids`` as int64, or a ConfigError naming the first bad one
+        (np.asarray(..., int64) would truncate 1.5 and fail deep in numpy on "a")."""
+        try:
+            ids = np.asarray(token_ids)
+        except (ValueError, TypeError) as e:  # ragged nesting
+            raise ConfigError(f"token ids must be a 1-D sequence: {e}") from None
+        if ids.size == 0:
+            return np.zeros(ids.shape, dtype=np.int64)
+        if ids.dtype.kind not in "iu":
+            # The caller's own items where we can: asarray turns [1, 2.5] into
+            # [1.0, 2.5] and [1, "a"] into ["1", "a"].
+            flat = (
+                list(token_ids)
+                if ids.ndim == 1 and not isinstance(token_ids, np.ndarray)
+                else ids.ravel().tolist()
+            )
+            for i, t in enumerate(flat):
+                if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
+                    raise ConfigError(
+                        f"token ids must be integers, got {t!r} at index {i}"
+                    )
+            # All integers, some too large for int64.
+            raise ConfigError(
+                f"token id {max(flat, key=abs)} is outside the vocabulary "
+                f"0..{self.spec.n_vocab - 1}"
+            )
+        if ids.dtype.kind == "u" and ids.max() >= self.spec.n_vocab:
+            raise ConfigError(
+                f"token id {int(ids.max())} is outside the vocabulary "
+                f"0..{self.spec.n_vocab - 1}"
+            )
+        return ids.astype(np.int64)
+
     def _check_tokens(self, ids: np.ndarray, pos: int) -> None:
         if ids.ndim != 1:
             raise ConfigError(
@@ -152,7 +204,7 @@ class Model:
             float32 logits ``[T, vocab]`` for every new position if
             ``all_logits``, else ``[vocab]`` for the last one.
         """
-        ids = np.asarray(token_ids, dtype=np.int64)
+        ids = self._as_ids(token_ids)
         self._check_tokens(ids, self.n_past)
         if ids.size == 0:
             raise ConfigError("eval needs at least one token")
@@ -167,12 +219,14 @@ class Model:
                 else Workspace(self.spec, chunk.size)
             )
             ws.x[...] = self.embed.rows(chunk)
-            self.forward.run(ws, self.n_past)
+            hidden = self.forward.run(
+                ws, self.n_past, last_only=last and not all_logits
+            )
             self.n_past += chunk.size
             if all_logits:
-                outs.append(self._head(ws.x))
+                outs.append(self._head(hidden))
             elif last:
-                outs.append(self._head(ws.x[-1:])[0])
+                outs.append(self._head(hidden[-1:])[0])
         return np.concatenate(outs) if all_logits else outs[0]
 
     def _head(self, x: np.ndarray) -> np.ndarray:
@@ -206,8 +260,18 @@ class Model:
 
     def generate(self, prompt, **kwargs: Any) -> Iterator:
         """Stream a completion; see ``edgemoe.runtime.engine.generate``."""
+        import inspect
+
         from edgemoe.runtime.engine import generate
 
+        known = [
+            p.name
+            for p in inspect.signature(generate).parameters.values()
+            if p.kind is p.KEYWORD_ONLY
+        ]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown generate option(s) {unknown}; known: {known}")
         return generate(self, prompt, **kwargs)
 
     # -- facts -------------------------------------------------------------------

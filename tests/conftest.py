@@ -75,7 +75,6 @@ def build_tiny(family: str, out: Path, seed: int = 0, **overrides) -> Path:
     byte-level tokenizer into ``out``."""
     import torch
     import transformers
-
     from edgemoe.converters.synth import write_tokenizer
 
     kw = dict(TINY_CONFIGS[family])

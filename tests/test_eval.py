@@ -16,9 +16,11 @@ def transformers_perplexity(path, text_path, window=256):
     import transformers
     from tokenizers import Tokenizer
 
-    ids = Tokenizer.from_file(str(path / "tokenizer.json")).encode(
-        text_path.read_text(encoding="utf-8"), add_special_tokens=False
-    ).ids
+    ids = (
+        Tokenizer.from_file(str(path / "tokenizer.json"))
+        .encode(text_path.read_text(encoding="utf-8"), add_special_tokens=False)
+        .ids
+    )
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     total, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
@@ -33,9 +35,19 @@ def transformers_perplexity(path, text_path, window=256):
 def test_eval_matches_transformers_perplexity(fixture_dir, tmp_path):
     text = fixture_dir / "heldout.txt"
     proc = subprocess.run(
-        [sys.executable, "-m", "edgemoe", "eval", str(fixture_dir), "--text", str(text),
-         "--json"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "edgemoe",
+            "eval",
+            str(fixture_dir),
+            "--text",
+            str(text),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
         cwd=tmp_path,  # off the repo root, where `edgemoe` is the bare folder
     )
     assert proc.returncode == 0, proc.stderr

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from edgemoe.converters.llama_gguf import write_gguf
+from edgemoe.runtime.llamacpp import LlamaCpp
 
 import edgemoe
 from edgemoe.checkpoint import open_checkpoint
-from edgemoe.converters.llama_gguf import write_gguf
-from edgemoe.runtime.llamacpp import LlamaCpp
 
 CASES = [
     ("mixtral", "F32"),
@@ -106,7 +106,10 @@ def test_kquant_gguf_quantized_by_llamacpp(fixture_dir, tmp_path):
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
     params.nthread = 2
-    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(q4k).encode(), params) == 0
+    assert (
+        llama_cpp.llama_model_quantize(str(f16).encode(), str(q4k).encode(), params)
+        == 0
+    )
     with edgemoe.load(q4k) as model, LlamaCpp(q4k, n_ctx=128, f32_cache=True) as ref:
         types = {model.checkpoint.info(n)[0] for n in model.checkpoint.names()}
         assert {"Q4_K", "Q6_K", "Q8_0"} <= types

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import edgemoe
+
 FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]  # conftest.TINY_CONFIGS
 
 

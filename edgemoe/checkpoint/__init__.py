@@ -21,6 +21,10 @@ def open_checkpoint(path: str | Path):
         ggufs = sorted(p.glob("*.gguf"))
         hint = f" (did you mean {ggufs[0]}?)" if ggufs else ""
         raise ModelFileError(p, f"not a model directory: no config.json{hint}")
+    if p.suffix in (".safetensors", ".json"):
+        raise ModelFileError(
+            p, f"an HF checkpoint is loaded as a directory: pass {p.parent}"
+        )
     from edgemoe.checkpoint.gguf_file import GGUFCheckpoint
 
     return GGUFCheckpoint(p)

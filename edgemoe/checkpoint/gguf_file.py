@@ -7,10 +7,13 @@ to ggml in place, so a GGUF model occupies its file's pages and nothing more.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGUFReader
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from edgemoe.arch import family_for_gguf
 from edgemoe.arch.base import GGUFMeta
@@ -28,6 +31,57 @@ def is_gguf(path: str | Path) -> bool:
         return False
 
 
+# ``{arch}.*`` sizes the families divide by or allocate with; checked up front
+# so a zero or a string is named here, not a ZeroDivisionError in a family.
+_POSITIVE_INTS = (
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.key_length",
+    "vocab_size",
+)
+
+
+class _BadGGUF(Exception):
+    """The GGUF's own tables ask for bytes or types the file does not have."""
+
+
+class _CheckedReader(GGUFReader):
+    """``GGUFReader`` with bounds checks. gguf-py slices its memmap unchecked, so a
+    short file fails deep in numpy ("cannot reshape array of size ..."); here a
+    read past the end names what was being read and where the file ends."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if end > self.data.size:
+            raise _BadGGUF(
+                f"truncated: the header needs byte {end}, "
+                f"file has {self.data.size} bytes"
+            )
+        return super()._get(offset, dtype, count, override_order)
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        for field in fields:
+            _, name, _, dims, raw_type, offset = field.parts
+            name = bytes(name).decode("utf-8", "replace")
+            try:
+                block, size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+            except (ValueError, KeyError):
+                raise _BadGGUF(
+                    f"tensor {name!r} has unknown ggml type {int(raw_type[0])}"
+                ) from None
+            n_bytes = math.prod(int(d) for d in dims) * size // block
+            end = int(start_offs) + int(offset[0]) + n_bytes
+            if end > self.data.size:
+                raise _BadGGUF(
+                    f"truncated: tensor {name!r} ends at byte {end}, "
+                    f"file has {self.data.size} bytes"
+                )
+        super()._build_tensors(start_offs, fields)
+
+
 def _field_value(field: Any) -> Any:
     try:
         return field.contents()
@@ -39,25 +93,27 @@ class GGUFCheckpoint:
     """A GGUF model file as written by llama.cpp's converters (or ours)."""
 
     def __init__(self, path: str | Path):
-        from gguf import GGUFReader
-
         self.path = str(path)
         p = Path(path)
         if not p.exists():
             raise ModelFileError(p, "file not found")
         if p.is_dir():
             raise ModelFileError(p, "is a directory, expected a .gguf file")
-        if not is_gguf(p):
+        try:
             with open(p, "rb") as fh:
                 magic = fh.read(4)
+        except OSError as e:
+            raise ModelFileError(p, f"cannot open: {e.strerror}") from None
+        if magic != GGUF_MAGIC:
             raise ModelFileError(
-                p, f"not a GGUF file (magic {magic!r}, expected b'GGUF')"
+                p, f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})"
             )
-        size = p.stat().st_size
         try:
-            self.reader = GGUFReader(p, "r")
-        except (ValueError, IndexError, OSError, KeyError) as e:
-            raise ModelFileError(p, f"corrupt or truncated GGUF: {e}") from None
+            self.reader = _CheckedReader(p, "r")
+        except _BadGGUF as e:
+            raise ModelFileError(p, str(e)) from None
+        except (ValueError, IndexError, OSError, KeyError, OverflowError) as e:
+            raise ModelFileError(p, f"corrupt GGUF: {e}") from None
         self.fields: dict[str, Any] = {
             k: _field_value(f)
             for k, f in self.reader.fields.items()
@@ -66,13 +122,6 @@ class GGUFCheckpoint:
             or k in ("tokenizer.ggml.model", "tokenizer.ggml.pre")
         }
         self._tensors = {t.name: t for t in self.reader.tensors}
-        for t in self.reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise ModelFileError(
-                    p,
-                    f"truncated: tensor {t.name!r} ends at byte "
-                    f"{t.data_offset + t.n_bytes}, file has {size} bytes",
-                )
         arch = self.fields.get("general.architecture")
         if not arch:
             raise ModelFileError(p, "no general.architecture in the GGUF metadata")
@@ -86,9 +135,26 @@ class GGUFCheckpoint:
         fields = dict(self.fields)
         if n_tokens is not None:
             fields["tokenizer.ggml.tokens"] = range(n_tokens)  # only its length is read
-        spec = self.family.spec_from_gguf(
-            GGUFMeta(self.architecture, fields, self.path)
-        )
+        for key in _POSITIVE_INTS:
+            v = fields.get(f"{self.architecture}.{key}")
+            if v is not None and (
+                not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0
+            ):
+                raise ModelFileError(
+                    p,
+                    f"metadata {self.architecture}.{key} must be a positive "
+                    f"integer, got {v!r}",
+                )
+        try:
+            spec = self.family.spec_from_gguf(
+                GGUFMeta(self.architecture, fields, self.path)
+            )
+        except (TypeError, ValueError, ArithmeticError, AttributeError) as e:
+            # A metadata value of the wrong type or zero (head_count = 0 ...).
+            raise ModelFileError(
+                p,
+                f"bad {self.architecture}.* metadata: {type(e).__name__}: {e}",
+            ) from None
         if "output.weight" not in self._tensors and not spec.tie_embeddings:
             spec = dataclasses.replace(spec, tie_embeddings=True)
         self.spec = spec

@@ -23,6 +23,27 @@ from edgemoe.errors import ConfigError, ModelFileError
 # Buffers some exporters leave in checkpoints; they carry no weights we use.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
+# config.json sizes every family reads (None where the key may be null). Checked
+# here because the families do arithmetic on them before ModelSpec validates, and
+# a "64" or a 0 would otherwise fail as a TypeError or ZeroDivisionError.
+_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "num_local_experts",
+    "num_experts",
+    "num_experts_per_tok",
+    "decoder_sparse_step",
+)
+_NULLABLE = ("num_key_value_heads", "head_dim")  # null: derived from the others
+_NUMBERS = ("rms_norm_eps", "rope_theta")
+
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
@@ -35,6 +56,31 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelFileError(path, "expected a JSON object")
     return data
+
+
+def _spec_from_config(family, config: dict[str, Any], path: Path):
+    """``family.spec_from_hf`` with every failure a ConfigError naming the file."""
+    for key in _POSITIVE_INTS:
+        if key not in config or (config[key] is None and key in _NULLABLE):
+            continue
+        v = config[key]
+        if type(v) is not int or v <= 0:
+            raise ConfigError(f"{path}: {key} must be a positive integer, got {v!r}")
+    for key in _NUMBERS:
+        v = config.get(key)
+        if v is not None and type(v) not in (int, float):
+            raise ConfigError(f"{path}: {key} must be a number, got {v!r}")
+    try:
+        return family.spec_from_hf(config)
+    except ConfigError as e:
+        msg = str(e).removeprefix("config.json: ")
+        raise ConfigError(f"{path}: {msg}") from None
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError) as e:
+        # A value of the wrong type somewhere the checks above do not cover.
+        raise ConfigError(
+            f"{path}: cannot read it as {family.hf_architectures[0]}: "
+            f"{type(e).__name__}: {e}"
+        ) from None
 
 
 class HFCheckpoint:
@@ -50,7 +96,7 @@ class HFCheckpoint:
             raise ConfigError(f"{root / 'config.json'}: no 'architectures' list")
         self.architecture = str(archs[0])
         self.family = family_for_hf(self.architecture, str(root / "config.json"))
-        self.spec = self.family.spec_from_hf(self.config)
+        self.spec = _spec_from_config(self.family, self.config, root / "config.json")
         self._files = self._open_files(root)
         self._sources = self._route()
 
@@ -58,8 +104,12 @@ class HFCheckpoint:
         index_path = root / "model.safetensors.index.json"
         if index_path.exists():
             weight_map = read_json(index_path).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ModelFileError(index_path, "no 'weight_map' object")
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) for f in weight_map.values()
+            ):
+                raise ModelFileError(
+                    index_path, "no 'weight_map' object of tensor -> file name"
+                )
             files = {
                 f: SafetensorsFile(root / f) for f in sorted(set(weight_map.values()))
             }
@@ -102,9 +152,14 @@ class HFCheckpoint:
             )
         missing = [n for n, (_, req) in layout.items() if req and n not in sources]
         if missing:
+            # Name them as the checkpoint would (the first expert's, if stacked).
+            hf = [
+                (tmap.source_names(n, self.spec.n_expert) or [(n, None)])[0][0]
+                for n in missing[:5]
+            ]
             raise ModelFileError(
                 self.root,
-                f"missing tensors: {', '.join(missing[:5])}"
+                f"missing tensors: {', '.join(hf)}"
                 + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""),
             )
         for name, pieces in sources.items():
@@ -114,12 +169,26 @@ class HFCheckpoint:
     def _check_shapes(self, name: str, pieces: list, shape: tuple[int, ...]) -> None:
         stacked = pieces[0][2] is not None
         if stacked:
-            experts = sorted(p[2] for p in pieces)
-            if experts != list(range(shape[0])):
+            n = shape[0]
+            for f, src, e in pieces:
+                if e >= n:
+                    raise ModelFileError(
+                        f.path,
+                        f"tensor {src!r} is expert {e}, but config.json has "
+                        f"{n} experts (0..{n - 1})",
+                    )
+            experts = [p[2] for p in pieces]
+            if len(set(experts)) != len(experts):
+                raise ModelFileError(self.root, f"{name}: an expert is stored twice")
+            missing = sorted(set(range(n)) - set(experts))
+            if missing:
+                srcs = dict(
+                    (e, s) for s, e in self.family.tensor_map.source_names(name, n)
+                )
+                more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
                 raise ModelFileError(
                     self.root,
-                    f"{name}: expected experts 0..{shape[0] - 1}, "
-                    f"found {len(experts)} ({pieces[0][1]} ...)",
+                    f"missing tensors: {', '.join(srcs[e] for e in missing[:3])}{more}",
                 )
             want = shape[1:]
         elif len(pieces) != 1:
@@ -128,7 +197,9 @@ class HFCheckpoint:
             want = shape
         for f, src, _ in pieces:
             got = f.tensors[src].shape
-            if got != want and int(np.prod(got)) != int(np.prod(want)):
+            # Size-1 axes may differ (a [1, D] gate stored for a [D] vector); any
+            # other difference, a transposed matrix included, is a wrong tensor.
+            if _squeezed(got) != _squeezed(want):
                 raise ModelFileError(
                     f.path,
                     f"tensor {src!r} has shape {list(got)}, expected {list(want)}",
@@ -166,3 +237,7 @@ class HFCheckpoint:
     def close(self) -> None:
         for f in self._files.values():
             f.close()
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)

@@ -74,7 +74,9 @@ class SafetensorsFile:
             try:
                 header = json.loads(fh.read(hlen))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ModelFileError(self.path, f"corrupt safetensors header: {e}")
+                raise ModelFileError(
+                    self.path, f"corrupt safetensors header: {e}"
+                ) from None
             self._mm = (
                 mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
             )
@@ -90,14 +92,16 @@ class SafetensorsFile:
         try:
             dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
             b, e = (int(x) for x in info["data_offsets"])
-        except (TypeError, KeyError, ValueError):
-            raise ModelFileError(self.path, f"tensor {name!r}: malformed header entry")
+        except (TypeError, KeyError, ValueError, OverflowError):
+            raise ModelFileError(
+                self.path, f"tensor {name!r}: malformed header entry"
+            ) from None
         if dtype not in _DTYPES:
             raise ModelFileError(
                 self.path, f"tensor {name!r}: unsupported dtype {dtype}"
             )
         itemsize = np.dtype(_DTYPES[dtype]).itemsize
-        if e - b != int(np.prod(shape, dtype=np.int64)) * itemsize or b > e:
+        if e - b != int(np.prod(shape, dtype=np.int64)) * itemsize or not 0 <= b <= e:
             raise ModelFileError(
                 self.path,
                 f"tensor {name!r}: {e - b} bytes do not hold {dtype}{list(shape)}",

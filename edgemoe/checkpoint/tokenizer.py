@@ -84,7 +84,10 @@ class HFTokenizer(Tokenizer):
             template = named.get("default") or next(iter(named.values()), None)
         jinja_path = root / "chat_template.jinja"
         if template is None and jinja_path.exists():
-            template = jinja_path.read_text(encoding="utf-8")
+            try:
+                template = jinja_path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ModelFileError(jinja_path, f"cannot read: {e}") from None
         self.chat_template = template
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
