@@ -30,6 +30,7 @@ OUT = Path(__file__).resolve().parent / "out"
 def worker(engine: str, model: str, threads: int, n_prompt: int, n_gen: int) -> dict:
     """One measurement in this process; returns the figures as a dict."""
     import numpy as np
+
     from edgemoe.runtime.metrics import peak_rss_bytes
 
     prompt = np.random.default_rng(0).integers(10, 5000, n_prompt).tolist()
@@ -39,31 +40,21 @@ def worker(engine: str, model: str, threads: int, n_prompt: int, n_gen: int) -> 
         import edgemoe
 
         m = edgemoe.load(model, n_ctx=n_ctx, n_threads=threads, n_batch=512)
-        load_s = time.perf_counter() - t0
-        m.reset()
-        m.eval(prompt[:8])  # warm-up: page in weights, build decode graphs
-        m.eval([prompt[8]])
-        m.reset()
-        t1 = time.perf_counter()
-        logits = m.eval(prompt)
-        t2 = time.perf_counter()
-        for _ in range(n_gen - 1):
-            logits = m.eval([int(np.argmax(logits))])
-        t3 = time.perf_counter()
     else:
         from edgemoe.runtime.llamacpp import LlamaCpp
 
         m = LlamaCpp(model, n_ctx=n_ctx, n_threads=threads, n_batch=512)
-        load_s = time.perf_counter() - t0
-        m.eval(prompt[:8])
-        m.eval([prompt[8]])
-        m.reset()
-        t1 = time.perf_counter()
-        logits = m.eval(prompt)
-        t2 = time.perf_counter()
-        for _ in range(n_gen - 1):
-            logits = m.eval([int(np.argmax(logits))])
-        t3 = time.perf_counter()
+    load_s = time.perf_counter() - t0
+    # Both expose reset() and eval(tokens) -> last logits.
+    m.eval(prompt[:8])  # warm-up: page the weights in, build decode graphs
+    m.eval([prompt[8]])
+    m.reset()
+    t1 = time.perf_counter()
+    logits = m.eval(prompt)
+    t2 = time.perf_counter()
+    for _ in range(n_gen - 1):
+        logits = m.eval([int(np.argmax(logits))])
+    t3 = time.perf_counter()
     return {
         "engine": engine,
         "threads": threads,

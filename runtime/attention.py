@@ -15,8 +15,9 @@ from edgemoe.arch.base import ModelSpec
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """RMSNorm over the last axis, computed in float32 like the references."""
-    var = np.mean(np.square(x), axis=-1, keepdims=True)
-    return x / np.sqrt(var + eps) * weight
+    # einsum avoids np.mean's temporaries and Python-level overhead per call.
+    ms = np.einsum("...i,...i->...", x, x)[..., None] / np.float32(x.shape[-1])
+    return x * (1.0 / np.sqrt(ms + np.float32(eps))) * weight
 
 
 class RoPE:
@@ -112,9 +113,9 @@ class Attention:
             start = max(0, end - t - s.sliding_window + 1)
         keys = self.cache.k[layer, :, start:end]  # [Hkv, S, Dh]
         vals = self.cache.v[layer, :, start:end]
-        qh = q.transpose(1, 0, 2).reshape(hkv, g * t, hd)  # [Hkv, G*T, Dh]
-        scores = np.matmul(qh, keys.transpose(0, 2, 1)).reshape(hkv, g, t, -1)
-        scores *= self.scale  # [Hkv, G, T, S]
+        qh = q.transpose(1, 0, 2).reshape(hkv, g * t, hd) * np.float32(self.scale)
+        scores = np.matmul(qh, keys.transpose(0, 2, 1))  # [Hkv, G*T, S]
+        scores = scores.reshape(hkv, g, t, -1)  # [Hkv, G, T, S]
         if t > 1 or s.sliding_window:
             qpos = np.arange(pos, end)[:, None]  # [T, 1]
             kpos = np.arange(start, end)[None, :]  # [1, S]

@@ -10,10 +10,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgemoe.errors import ConfigError, ContextOverflowError
 from edgemoe.runtime.metrics import MemoryStats, memory_stats
 from edgemoe.runtime.sampling import Sampler, SamplingParams
-
-from edgemoe.errors import ConfigError, ContextOverflowError
 
 
 @dataclass(frozen=True)

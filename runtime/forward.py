@@ -17,11 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from edgemoe.runtime.attention import Attention
-from edgemoe.runtime.graph import Device, Graph, T, WeightSet
 
 from edgemoe.arch.base import ModelSpec
 from edgemoe.checkpoint.base import GGML_F32, Weight, aligned_empty
+from edgemoe.runtime.attention import Attention
+from edgemoe.runtime.graph import Device, Graph, T, WeightSet
 
 
 @dataclass

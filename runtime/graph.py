@@ -16,11 +16,11 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from edgemoe.runtime import ggml_binding as gb
-from edgemoe.runtime.ggml_binding import F32, I32, TENSOR_ALIGNMENT, InitParams
 
 from edgemoe.checkpoint.base import Weight
 from edgemoe.errors import GGMLError
+from edgemoe.runtime import ggml_binding as gb
+from edgemoe.runtime.ggml_binding import F32, I32, TENSOR_ALIGNMENT, InitParams
 
 _DTYPE_TO_GGML = {np.dtype(np.float32): F32, np.dtype(np.int32): I32}
 # Types ggml's CPU backend multiplies as weights: floats and block quants.

@@ -10,10 +10,9 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from edgemoe.runtime.ggml_binding import prepare_environment
-
 from edgemoe.checkpoint.tokenizer import Tokenizer
 from edgemoe.errors import ModelFileError
+from edgemoe.runtime.ggml_binding import prepare_environment
 
 _LOG_CB = None
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from edgemoe.runtime.ggml_binding import prepare_environment
 
 from edgemoe.errors import ConfigError, ModelFileError
+from edgemoe.runtime.ggml_binding import prepare_environment
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class LlamaCpp:
     ):
         prepare_environment()
         import llama_cpp as L
+
         from edgemoe.runtime.llama_vocab import quiet_llama
 
         self.L = L

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgemoe.runtime.attention import Attention, KVCache, RoPE
-from edgemoe.runtime.forward import Forward, Workspace, build_layers, to_f32
-from edgemoe.runtime.graph import Device, Graph, WeightSet
 
 from edgemoe.checkpoint import open_checkpoint
 from edgemoe.checkpoint.base import Weight, aligned_empty
 from edgemoe.errors import ConfigError, ContextOverflowError
+from edgemoe.runtime.attention import Attention, KVCache, RoPE
+from edgemoe.runtime.forward import Forward, Workspace, build_layers, to_f32
+from edgemoe.runtime.graph import Device, Graph, WeightSet
 
 
 @dataclass(frozen=True)

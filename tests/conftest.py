@@ -4,6 +4,8 @@ offline with transformers (the reference implementation) for each family."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,7 @@ def build_tiny(family: str, out: Path, seed: int = 0, **overrides) -> Path:
     byte-level tokenizer into ``out``."""
     import torch
     import transformers
+
     from edgemoe.converters.synth import write_tokenizer
 
     kw = dict(TINY_CONFIGS[family])
@@ -118,3 +121,19 @@ def fixture_dir() -> Path:
     if not (CODE_MIXTRAL / "config.json").exists():
         pytest.fail(f"trained fixture missing at {CODE_MIXTRAL}")
     return CODE_MIXTRAL
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """``cli(*args)`` runs ``python -m edgemoe ARGS`` in a subprocess."""
+
+    def run(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "edgemoe", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=tmp_path,  # off the repo root, where `edgemoe` is the bare folder
+        )
+
+    return run

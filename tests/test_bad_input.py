@@ -12,12 +12,10 @@ import json
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from edgemoe.runtime.model import load
 
 from edgemoe.arch import supported
 from edgemoe.checkpoint import open_checkpoint
@@ -29,19 +27,12 @@ from edgemoe.errors import (
     ModelFileError,
     UnsupportedArchitectureError,
 )
+from edgemoe.runtime.model import load
 
 LONG_TEXT = "def parse(line):\n    return line.split(',')\n" * 20
 
 
 # -- helpers -----------------------------------------------------------------------
-def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edgemoe", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,  # off the repo root, where `edgemoe` is the bare folder
-    )
 
 
 def error_line(stderr: str) -> str:
@@ -129,11 +120,11 @@ def tiny_loaded(tiny):
 
 
 # -- 1. a missing model path --------------------------------------------------------
-def test_missing_model_path(tmp_path, capsys):
+def test_missing_model_path(tmp_path, capsys, cli):
     missing = tmp_path / "no-such-model"
     raises(ModelFileError, lambda: open_checkpoint(missing), str(missing), "no such")
     raises(ModelFileError, lambda: load(missing), str(missing), "no such")
-    assert_cli_error(cli(tmp_path, "run", missing, "-p", "hi"), str(missing), "no such")
+    assert_cli_error(cli("run", missing, "-p", "hi"), str(missing), "no such")
     for argv in (["inspect", missing], ["export-gguf", missing, "-o", tmp_path / "o"]):
         assert_main_error(capsys, argv, str(missing), "no such")
     assert not (tmp_path / "o").exists()
@@ -158,7 +149,7 @@ def _header_length(path: Path) -> int:
 
 
 @pytest.mark.parametrize("where", ["tensor-data", "length-prefix", "json-header"])
-def test_truncated_safetensors(tiny, tmp_path, where):
+def test_truncated_safetensors(tiny, tmp_path, where, cli):
     from edgemoe.checkpoint.safetensors import SafetensorsFile
 
     model = copy_model(tiny, tmp_path / "m")
@@ -181,7 +172,7 @@ def test_truncated_safetensors(tiny, tmp_path, where):
 
     raises(ModelFileError, lambda: open_checkpoint(model), str(st), *needles)
     raises(ModelFileError, lambda: load(model), str(st), *needles)
-    assert_cli_error(cli(tmp_path, "run", model, "-p", "hi"), str(st), *needles)
+    assert_cli_error(cli("run", model, "-p", "hi"), str(st), *needles)
 
 
 def test_corrupt_safetensors_json(tiny, tmp_path, capsys):
@@ -202,7 +193,7 @@ def _with_config(tiny: Path, dst: Path, text: str) -> Path:
     return model
 
 
-def test_unknown_architecture_lists_supported(tiny, tmp_path):
+def test_unknown_architecture_lists_supported(tiny, tmp_path, cli):
     cfg = json.loads((tiny / "config.json").read_text())
     cfg["architectures"] = ["GPTNeoForCausalLM"]
     model = _with_config(tiny, tmp_path / "m", json.dumps(cfg))
@@ -211,12 +202,12 @@ def test_unknown_architecture_lists_supported(tiny, tmp_path):
     needles = ("GPTNeoForCausalLM", str(model / "config.json"), *hf)
     err = raises(UnsupportedArchitectureError, lambda: load(model), *needles)
     assert err.supported == hf
-    line = assert_cli_error(cli(tmp_path, "inspect", model), *needles)
+    line = assert_cli_error(cli("inspect", model), *needles)
     assert "supported: " + ", ".join(hf) in line
 
 
 @pytest.mark.parametrize("case", ["no-architectures", "empty-list", "malformed"])
-def test_bad_config_json(tiny, tmp_path, case):
+def test_bad_config_json(tiny, tmp_path, case, cli):
     cfg = json.loads((tiny / "config.json").read_text())
     if case == "no-architectures":
         del cfg["architectures"]
@@ -233,7 +224,7 @@ def test_bad_config_json(tiny, tmp_path, case):
     model = _with_config(tiny, tmp_path / "m", text)
     path = str(model / "config.json")
     raises(exc, lambda: open_checkpoint(model), path, needle)
-    assert_cli_error(cli(tmp_path, "run", model, "-p", "hi"), path, needle)
+    assert_cli_error(cli("run", model, "-p", "hi"), path, needle)
 
 
 @pytest.mark.parametrize(
@@ -261,7 +252,7 @@ def test_bad_config_values(tiny, tmp_path, capsys, key, value, needle):
 
 # -- 4. GGUF ---------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["wrong-magic", "random", "random-after-magic"])
-def test_not_a_gguf(tmp_path, kind):
+def test_not_a_gguf(tmp_path, kind, cli):
     rng = np.random.default_rng(0)
     path = tmp_path / "model.gguf"
     if kind == "wrong-magic":
@@ -277,10 +268,10 @@ def test_not_a_gguf(tmp_path, kind):
         needles = ("corrupt GGUF",)
     raises(ModelFileError, lambda: open_checkpoint(path), str(path), *needles)
     raises(ModelFileError, lambda: load(path), str(path), *needles)
-    assert_cli_error(cli(tmp_path, "run", path, "-p", "hi"), str(path), *needles)
+    assert_cli_error(cli("run", path, "-p", "hi"), str(path), *needles)
 
 
-def test_gguf_truncated_in_tensor_data(tiny_gguf, tmp_path):
+def test_gguf_truncated_in_tensor_data(tiny_gguf, tmp_path, cli):
     import gguf
 
     reader = gguf.GGUFReader(tiny_gguf)
@@ -298,7 +289,7 @@ def test_gguf_truncated_in_tensor_data(tiny_gguf, tmp_path):
     )
     raises(ModelFileError, lambda: open_checkpoint(path), *needles)
     raises(ModelFileError, lambda: load(path), *needles)
-    assert_cli_error(cli(tmp_path, "run", path, "-p", "hi"), *needles)
+    assert_cli_error(cli("run", path, "-p", "hi"), *needles)
 
 
 @pytest.mark.parametrize("size", [8, 30, 2000])
@@ -381,8 +372,8 @@ def test_gguf_corrupted_header_bytes_stay_typed(tiny_gguf, tmp_path):
 
 
 # -- 5. prompt longer than the context -------------------------------------------------
-def test_prompt_longer_than_context_cli(fixture_dir, tmp_path):
-    proc = cli(tmp_path, "run", fixture_dir, "-p", LONG_TEXT, "-c", 16)
+def test_prompt_longer_than_context_cli(fixture_dir, tmp_path, cli):
+    proc = cli("run", fixture_dir, "-p", LONG_TEXT, "-c", 16)
     line = assert_cli_error(proc, "longer than the context of 16 tokens", "--ctx")
     assert "prompt of " in line
     assert proc.stdout == ""  # the refused prompt is not echoed first
@@ -555,8 +546,8 @@ def test_bad_option_value_cli(tiny, capsys, argv, needle):
     assert_main_error(capsys, ["run", tiny, "-p", "hi", *argv], needle)
 
 
-def test_bad_option_value_cli_subprocess(tiny, tmp_path):
-    assert_cli_error(cli(tmp_path, "run", tiny, "-p", "hi", "-c", "-1"), "n_ctx")
+def test_bad_option_value_cli_subprocess(tiny, tmp_path, cli):
+    assert_cli_error(cli("run", tiny, "-p", "hi", "-c", "-1"), "n_ctx")
 
 
 def test_usage_errors_exit_2(tiny, capsys):

@@ -12,13 +12,13 @@ import textwrap
 
 import numpy as np
 import pytest
-from edgemoe.runtime import ggml_binding as gb
-from edgemoe.runtime.graph import Device, Graph, WeightSet
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from edgemoe.checkpoint.base import GGML_F32, Weight, aligned_empty
 from edgemoe.errors import GGMLError
+from edgemoe.runtime import ggml_binding as gb
+from edgemoe.runtime.graph import Device, Graph, WeightSet
 
 Q8 = GGMLQuantizationType.Q8_0
 K, N, M = 64, 8, 3  # reduction dim (two Q8_0 blocks), output rows, tokens

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,16 +17,6 @@ from edgemoe.cli import main
 PROMPT = "def main():"
 STATS = re.compile(r"^\[ Prompt: \d+\.\d t/s \| Generation: \d+\.\d t/s \]$", re.M)
 PEAK = re.compile(r"^peak memory: [\d,]+ MiB RSS$", re.M)
-
-
-def cli(tmp_path: Path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edgemoe", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,  # off the repo root, where `edgemoe` is the bare folder
-    )
 
 
 def run_main(capsys, *argv) -> tuple[str, str]:
@@ -57,8 +45,8 @@ def fixture_gguf(fixture_dir, tmp_path_factory) -> Path:
 
 
 # -- run ---------------------------------------------------------------------------
-def test_run_greedy_subprocess(fixture_dir, tmp_path, capsys):
-    proc = cli(tmp_path, "run", fixture_dir, "-p", PROMPT, "--temp", 0, "-n", 8)
+def test_run_greedy_subprocess(fixture_dir, tmp_path, capsys, cli):
+    proc = cli("run", fixture_dir, "-p", PROMPT, "--temp", 0, "-n", 8)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     # Prompt echoed, then 8 generated tokens of the trained code model.
@@ -194,16 +182,16 @@ def test_demo(capsys):
     assert out.startswith("def main():")
 
 
-def test_synth_then_run_subprocess(tmp_path):
+def test_synth_then_run_subprocess(tmp_path, cli):
     model = tmp_path / "synth-demo"
-    proc = cli(tmp_path, "synth", "--preset", "demo", "--layers", 2, "-o", model)
+    proc = cli("synth", "--preset", "demo", "--layers", 2, "-o", model)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"wrote {model}: ")
     assert "RANDOM WEIGHTS" in proc.stdout
     cfg = json.loads((model / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 2
     assert "RANDOM WEIGHTS" in cfg["edgemoe_synthetic"]
-    proc = cli(tmp_path, "run", model, "-p", "hello", "-n", 6, "--temp", 0)
+    proc = cli("run", model, "-p", "hello", "-n", 6, "--temp", 0)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("hello")
     assert "generated 6 in" in proc.stderr or "finish: stop" in proc.stderr

@@ -13,12 +13,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from edgemoe.runtime.engine import generate
 
 import edgemoe
 from edgemoe.checkpoint.chat_template import FALLBACK_TEMPLATE, render_chat
 from edgemoe.checkpoint.tokenizer import HFTokenizer
 from edgemoe.errors import ConfigError, ContextOverflowError
+from edgemoe.runtime.engine import generate
 
 EOS = 0  # the fixture's <|endoftext|>
 TEXT = "Hello world, this is a test"

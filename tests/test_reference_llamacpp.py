@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from edgemoe.converters.llama_gguf import write_gguf
-from edgemoe.runtime.llamacpp import LlamaCpp
 
 import edgemoe
 from edgemoe.checkpoint import open_checkpoint
+from edgemoe.converters.llama_gguf import write_gguf
+from edgemoe.runtime.llamacpp import LlamaCpp
+
+
+def export(src, out, qtype: str):
+    """Our GGUF writer on a checkpoint directory."""
+    ckpt = open_checkpoint(src)
+    try:
+        return write_gguf(ckpt, out, qtype)
+    finally:
+        ckpt.close()
+
 
 CASES = [
     ("mixtral", "F32"),
@@ -25,12 +35,7 @@ def exported(tiny_model, tmp_path_factory):
     def get(family: str, qtype: str):
         if (family, qtype) not in cache:
             out = tmp_path_factory.mktemp("gguf") / f"{family}-{qtype}.gguf"
-            ckpt = open_checkpoint(tiny_model(family))
-            try:
-                write_gguf(ckpt, out, qtype)
-            finally:
-                ckpt.close()
-            cache[family, qtype] = out
+            cache[family, qtype] = export(tiny_model(family), out, qtype)
         return cache[family, qtype]
 
     return get
@@ -71,12 +76,7 @@ def test_gguf_reader_matches_hf_source(tiny_model, exported):
 def test_llamacpp_tokenizes_like_the_hf_tokenizer(fixture_dir, tmp_path):
     """The fixture's byte-level BPE survives export: llama.cpp splits text as
     the HF tokenizer does."""
-    out = tmp_path / "fixture.gguf"
-    ckpt = open_checkpoint(fixture_dir)
-    try:
-        write_gguf(ckpt, out, "Q8_0")
-    finally:
-        ckpt.close()
+    out = export(fixture_dir, tmp_path / "fixture.gguf", "Q8_0")
     text = "import os\nclass Foo(Bar):\n    def __init__(self, x=3.14):  # héllo\n"
     with edgemoe.load(fixture_dir) as hf, edgemoe.load(out) as gg:
         assert gg.tokenize(text) == hf.tokenize(text)
@@ -96,12 +96,7 @@ def test_kquant_gguf_quantized_by_llamacpp(fixture_dir, tmp_path):
     """
     import llama_cpp
 
-    f16 = tmp_path / "fixture-f16.gguf"
-    ckpt = open_checkpoint(fixture_dir)
-    try:
-        write_gguf(ckpt, f16, "F16")
-    finally:
-        ckpt.close()
+    f16 = export(fixture_dir, tmp_path / "fixture-f16.gguf", "F16")
     q4k = tmp_path / "fixture-q4_k_m.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M

@@ -6,11 +6,11 @@ import math
 
 import numpy as np
 import pytest
-from edgemoe.runtime.sampling import Sampler, SamplingParams
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgemoe.errors import ConfigError
+from edgemoe.runtime.sampling import Sampler, SamplingParams
 
 V = 50
 

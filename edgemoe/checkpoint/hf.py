@@ -232,6 +232,7 @@ class HFCheckpoint:
                 )
             else:
                 dst[...] = f.float32(src).reshape(dst.shape)
+            f.release(src)
         return Weight(name, GGML_F32, shape, out)
 
     def close(self) -> None:

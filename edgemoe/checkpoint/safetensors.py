@@ -138,6 +138,18 @@ class SafetensorsFile:
             self.path, f"tensor {name!r}: {t.dtype} is not a float type"
         )
 
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from this process once it has been copied, so
+        loading never holds the stored and the widened copy of the whole model."""
+        t = self.tensors[name]
+        if self._mm is None or t.end == t.begin:
+            return
+        start = t.begin - t.begin % mmap.PAGESIZE
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, t.end - start)
+        except (AttributeError, OSError, ValueError):
+            pass  # no madvise on this platform: the pages stay until close
+
     def close(self) -> None:
         if self._mm is not None:
             try:
