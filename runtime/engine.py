@@ -94,6 +94,13 @@ class _StopMatcher:
         return out
 
 
+def context_hint(n_ctx: int, n_ctx_train: int) -> str:
+    """What a user can do about a context overflow."""
+    if n_ctx < n_ctx_train:
+        return f"raise --ctx / n_ctx, up to the model's {n_ctx_train}"
+    return "the model's maximum; shorten the input"
+
+
 def prompt_ids(model, prompt: Any, add_special: bool = True) -> list[int]:
     """Token ids of a prompt: text, a list of ids, or chat messages."""
     if isinstance(prompt, str):
@@ -163,9 +170,10 @@ def generate(
     if not ids:
         raise ConfigError("the prompt is empty (no tokens)")
     if len(ids) > model.n_ctx:
+        hint = context_hint(model.n_ctx, model.spec.n_ctx_train)
         raise ContextOverflowError(
-            f"prompt of {len(ids)} tokens is longer than the context of {model.n_ctx} "
-            f"tokens (raise --ctx / n_ctx, up to {model.spec.n_ctx_train})"
+            f"prompt of {len(ids)} tokens is longer than the context of "
+            f"{model.n_ctx} tokens ({hint})"
         )
     model.reset()
     logits = model.eval(ids)

@@ -14,6 +14,7 @@ from edgemoe.checkpoint import open_checkpoint
 from edgemoe.checkpoint.base import Weight, aligned_empty
 from edgemoe.errors import ConfigError, ContextOverflowError
 from edgemoe.runtime.attention import Attention, KVCache, RoPE
+from edgemoe.runtime.engine import context_hint
 from edgemoe.runtime.forward import Forward, Workspace, build_layers, to_f32
 from edgemoe.runtime.graph import Device, Graph, WeightSet
 
@@ -188,8 +189,7 @@ class Model:
         if pos + ids.size > self.n_ctx:
             raise ContextOverflowError(
                 f"{pos + ids.size} tokens do not fit the context of {self.n_ctx} "
-                "(raise n_ctx / --ctx, up to the model's "
-                f"{self.spec.n_ctx_train})"
+                f"tokens ({context_hint(self.n_ctx, self.spec.n_ctx_train)})"
             )
 
     # -- forward ---------------------------------------------------------------
