@@ -116,6 +116,17 @@ def tiny_model(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def build_model(tmp_path):
+    """``build_model(family, **config_overrides)`` -> a fresh tiny model dir."""
+    count = iter(range(1000))
+
+    def build(family: str, **overrides) -> Path:
+        return build_tiny(family, tmp_path / f"{family}-{next(count)}", **overrides)
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     if not (CODE_MIXTRAL / "config.json").exists():

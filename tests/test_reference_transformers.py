@@ -65,3 +65,24 @@ def test_families_differ_in_what_they_test(tiny_model):
     assert spec["qwen2_moe"].shared_expert_gated
     assert spec["qwen3_moe"].qk_norm == "head" and spec["qwen3_moe"].head_dim == 32
     assert spec["olmoe"].qk_norm == "full" and spec["olmoe"].clip_qkv == 6.0
+
+
+def test_sliding_window_matches_transformers(build_model):
+    """Mixtral with a window shorter than the prompt: the mask and the cache
+    span follow transformers for prefill and for every decode step."""
+    import torch
+
+    path = build_model("mixtral", sliding_window=8)
+    ids = np.random.default_rng(4).integers(1, 384, size=24).tolist()
+    ref = hf_reference(path)
+    with torch.no_grad():
+        expected = ref(input_ids=torch.tensor([ids])).logits[0].numpy()
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+    with edgemoe.load(path) as model:
+        assert model.spec.sliding_window == 8
+        assert np.abs(model.logits(ids) - expected).max() <= 1e-3
+        got = [
+            r.token
+            for r in model.generate(ids, max_tokens=16, temperature=0, ignore_eos=True)
+        ]
+    assert got == out[0, len(ids) :].tolist()
