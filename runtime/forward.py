@@ -19,9 +19,33 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgemoe.arch.base import ModelSpec
+from edgemoe.attention import Attention
 from edgemoe.checkpoint.base import GGML_F32, Weight, aligned_empty
-from edgemoe.runtime.attention import Attention
+from edgemoe.routing import route
 from edgemoe.runtime.graph import Device, Graph, T, WeightSet
+
+
+@dataclass
+class ExpertPlanes:
+    """A layer's routed experts as planes; plane p is (gate, up, down) over
+    stacked ``[slots, N, K]`` tensors and its power-of-two shifts.
+
+    A plain checkpoint is one plane with shifts 0. A nested model has one plane
+    per level step and an all-zero extra slot: routing points plane p of every
+    expert that runs below plane p's level at that slot, so each expert runs at
+    its own level inside the same ``mul_mat_id``.
+    """
+
+    tensors: list[tuple[T, T, T]]
+    shifts: list[tuple[int, int, int]]
+    n_slots: int
+    zero_slot: int | None
+    planes_for: np.ndarray
+    """[E] how many planes each expert uses now (its level)."""
+
+    @property
+    def active(self) -> int:
+        return int(self.planes_for.max())
 
 
 @dataclass
@@ -41,9 +65,7 @@ class LayerWeights:
     q_norm: np.ndarray | None = None
     k_norm: np.ndarray | None = None
     router: T | None = None
-    gate_exps: T | None = None
-    up_exps: T | None = None
-    down_exps: T | None = None
+    experts: ExpertPlanes | None = None
     gate_shexp: T | None = None
     up_shexp: T | None = None
     down_shexp: T | None = None
@@ -56,7 +78,7 @@ class LayerWeights:
 class Workspace:
     """The arrays one forward step of T tokens reads and writes, in one slab."""
 
-    def __init__(self, spec: ModelSpec, t: int):
+    def __init__(self, spec: ModelSpec, t: int, n_planes: int = 1):
         d, k = spec.n_embd, max(spec.n_expert_used, 1)
         q_dim, kv_dim = spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim
         fields = {
@@ -69,6 +91,7 @@ class Workspace:
             "hn": ((t, d), np.float32),
             "router": ((t, max(spec.n_expert, 1)), np.float32),
             "ids": ((t, k), np.int32),
+            "pids": ((n_planes, t, k), np.int32),
             "rw": ((t, k), np.float32),
         }
         sizes = {n: -(-int(np.prod(s)) * 4 // 64) * 64 for n, (s, _) in fields.items()}
@@ -138,7 +161,7 @@ class Forward:
         else:
             h = g.input(ws.h, ws.base)
             hn = g.input(ws.hn, ws.base)
-            if w.gate_exps is not None:
+            if w.experts is not None:
                 ffn = self._moe(g, ws, w, hn)
             else:
                 ffn = g.mul_mat(
@@ -151,13 +174,23 @@ class Forward:
     def _moe(self, g: Graph, ws: Workspace, w: LayerWeights, hn: T) -> T:
         s = self.spec
         d, k, t = s.n_embd, s.n_expert_used, ws.t
-        ids = g.ids(ws.ids, s.n_expert, ws.base)  # [K, T]
+        ep = w.experts
+        ids = [g.ids(ws.pids[p], ep.n_slots, ws.base) for p in range(ep.active)]
         rw = g.reshape(g.input(ws.rw, ws.base), 1, k, t)  # [1, K, T]
         x3 = g.reshape(hn, d, 1, t)  # [D, 1, T]
-        act = g.swiglu(
-            g.mul_mat_id(w.gate_exps, x3, ids), g.mul_mat_id(w.up_exps, x3, ids)
-        )
-        down = g.mul(g.mul_mat_id(w.down_exps, act, ids), rw)  # [D, K, T]
+
+        def project(j: int, x: T) -> T:
+            """Sum over the active planes of projection j; [N, K, T]."""
+            acc = None
+            for p in range(ep.active):
+                y = g.mul_mat_id(ep.tensors[p][j], x, ids[p])
+                if ep.shifts[p][j]:
+                    y = g.scale(y, 2.0 ** -ep.shifts[p][j])
+                acc = y if acc is None else g.add(acc, y)
+            return acc
+
+        act = g.swiglu(project(0, x3), project(1, x3))  # [F, K, T]
+        down = g.mul(project(2, act), rw)  # [D, K, T]
         out = g.view_2d(down, d, t, d * k * 4, 0)
         for j in range(1, k):
             out = g.add(g.view_2d(down, d, t, d * k * 4, j * d * 4), out)
@@ -172,10 +205,28 @@ class Forward:
         return out
 
     # -- running ---------------------------------------------------------------
+    @property
+    def n_planes(self) -> int:
+        return max(
+            (len(w.experts.tensors) for w in self.layers if w.experts), default=1
+        )
+
+    def workspace(self, t: int) -> Workspace:
+        return Workspace(self.spec, t, self.n_planes)
+
     def decode_workspace(self) -> Workspace:
         if self._decode_ws is None:
-            self._decode_ws = Workspace(self.spec, 1)
+            self._decode_ws = self.workspace(1)
         return self._decode_ws
+
+    def set_planes(self, planes_for: list[np.ndarray | None]) -> None:
+        """Per layer, how many planes each expert uses; decode graphs follow."""
+        for w, pf in zip(self.layers, planes_for):
+            if w.experts is not None and pf is not None:
+                w.experts.planes_for = np.asarray(pf)
+        for g in self._decode.values():
+            g.free()
+        self._decode.clear()
 
     def prefill_allocator(self) -> int:
         """The allocator prefill graphs share (built, run and freed one by one)."""
@@ -216,23 +267,18 @@ class Forward:
                 ws = last
             self._stage(ws, il, "B")
             if w.router is not None:
-                self._route(ws)
+                self._route(ws, w.experts)
             self._stage(ws, il, "C")
         return ws.x[-1:] if last_only else ws.x
 
-    def _route(self, ws: Workspace) -> None:
-        """Softmax over all experts, keep the top K (optionally renormalised)."""
-        s = self.spec
-        logits = ws.router  # [T, E]
-        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs /= probs.sum(axis=-1, keepdims=True)
-        k = s.n_expert_used
-        top = np.argpartition(-probs, k - 1, axis=-1)[:, :k]  # [T, K]
-        weights = np.take_along_axis(probs, top, axis=-1)
-        if s.norm_topk_prob:
-            weights /= weights.sum(axis=-1, keepdims=True)
-        ws.ids[...] = top
-        ws.rw[...] = weights
+    def _route(self, ws: Workspace, ep: ExpertPlanes) -> None:
+        ws.ids[...], ws.rw[...] = route(self.spec, ws.router)
+        if ep.zero_slot is None:
+            ws.pids[0] = ws.ids
+            return
+        need = ep.planes_for[ws.ids]  # [T, K] planes each chosen expert runs
+        for p in range(ep.active):
+            ws.pids[p] = np.where(need > p, ws.ids, ep.zero_slot)
 
     def free(self) -> None:
         for g in self._decode.values():
@@ -243,8 +289,11 @@ class Forward:
             self._prefill_galloc = None
 
 
-def build_layers(spec: ModelSpec, load, weights: WeightSet, base) -> list[LayerWeights]:
-    """LayerWeights for every layer; ``load(name) -> Weight | None``."""
+def build_layers(
+    spec: ModelSpec, load, weights: WeightSet, base, experts=None
+) -> list[LayerWeights]:
+    """LayerWeights for every layer; ``load(name) -> Weight | None``;
+    ``experts(layer) -> ExpertPlanes`` for models stored as planes."""
     layers = []
 
     def add(name: str, f32: bool = False) -> T | None:
@@ -277,9 +326,19 @@ def build_layers(spec: ModelSpec, load, weights: WeightSet, base) -> list[LayerW
         )
         if moe:
             lw.router = add(b + "ffn_gate_inp.weight")
-            lw.gate_exps = add(b + "ffn_gate_exps.weight")
-            lw.up_exps = add(b + "ffn_up_exps.weight")
-            lw.down_exps = add(b + "ffn_down_exps.weight")
+            if experts is not None:
+                lw.experts = experts(i)
+            else:
+                stacked = tuple(
+                    add(b + f"ffn_{p}_exps.weight") for p in ("gate", "up", "down")
+                )
+                lw.experts = ExpertPlanes(
+                    [stacked],
+                    [(0, 0, 0)],
+                    spec.n_expert,
+                    None,
+                    np.ones(spec.n_expert, dtype=np.int64),
+                )
             lw.gate_shexp = add(b + "ffn_gate_shexp.weight")
             lw.up_shexp = add(b + "ffn_up_shexp.weight")
             lw.down_shexp = add(b + "ffn_down_shexp.weight")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemoe.env import prepare_environment
 from edgemoe.errors import GGMLError
 
 P = ctypes.c_void_p
@@ -217,14 +218,6 @@ def find_lib_dir() -> Path:
 
 _LOCK = threading.Lock()
 _LIB: GGMLLib | None = None
-
-
-def prepare_environment() -> None:
-    """Settings ggml and OpenMP read once, at library load."""
-    # Busy-waiting OpenMP threads make multi-threaded calls ~100x slower on a
-    # loaded 2-core machine; must be set before libgomp loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
 
 
 def lib() -> GGMLLib:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemoe.env import prepare_environment
 from edgemoe.errors import ConfigError, ModelFileError
-from edgemoe.runtime.ggml_binding import prepare_environment
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class LlamaCpp:
         prepare_environment()
         import llama_cpp as L
 
-        from edgemoe.runtime.llama_vocab import quiet_llama
+        from edgemoe.checkpoint.llama_vocab import quiet_llama
 
         self.L = L
         quiet_llama(L)

@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from edgemoe.checkpoint import open_checkpoint
+from edgemoe.attention import Attention, KVCache, RoPE
+from edgemoe.checkpoint import open_checkpoint, tokenizer_for
 from edgemoe.checkpoint.base import Weight, aligned_empty
 from edgemoe.errors import ConfigError, ContextOverflowError
-from edgemoe.runtime.attention import Attention, KVCache, RoPE
 from edgemoe.runtime.engine import context_hint
-from edgemoe.runtime.forward import Forward, Workspace, build_layers, to_f32
+from edgemoe.runtime.forward import Forward, build_layers, to_f32
 from edgemoe.runtime.graph import Device, Graph, WeightSet
 
 
@@ -29,12 +29,15 @@ class LoadOptions:
     """Prompt tokens per prefill step (bounds prefill scratch memory)."""
     device: str = "cpu"
     """ggml device: "cpu", "gpu" (untested) or "auto"."""
+    level: int | None = None
+    """Converted models: run every expert at this level (protected experts at
+    the top one); None runs the top level."""
 
     def __post_init__(self) -> None:
-        for name in ("n_ctx", "n_threads", "n_batch"):
+        for name in ("n_ctx", "n_threads", "n_batch", "level"):
             v = getattr(self, name)
             # bool is an int subclass; neither it nor "16" is a count.
-            if not (v is None and name == "n_threads") and (
+            if not (v is None and name in ("n_threads", "level")) and (
                 not isinstance(v, int) or isinstance(v, bool)
             ):
                 raise ConfigError(f"{name} must be an integer, got {v!r}")
@@ -68,24 +71,11 @@ def load(path: str | Path, **options: Any) -> Model:
     opts = LoadOptions(**options)
     ckpt = open_checkpoint(path)
     try:
-        tokenizer = _tokenizer_for(ckpt)
+        tokenizer = tokenizer_for(ckpt)
         return Model(ckpt, tokenizer, opts)
     except BaseException:
         ckpt.close()
         raise
-
-
-def _tokenizer_for(ckpt):
-    from edgemoe.checkpoint.hf import HFCheckpoint
-
-    if isinstance(ckpt, HFCheckpoint):
-        from edgemoe.checkpoint.tokenizer import HFTokenizer
-
-        spec = ckpt.spec
-        return HFTokenizer(ckpt.root, spec.eos_token_ids, spec.bos_token_id)
-    from edgemoe.runtime.llama_vocab import LlamaVocab
-
-    return LlamaVocab(ckpt.path)
 
 
 class Model:
@@ -119,8 +109,28 @@ class Model:
             start, addr = mmap.ctypes.data, w.data.ctypes.data
             return mmap if start <= addr < start + mmap.nbytes else None
 
-        self.weights = WeightSet(self.device, capacity=len(names) + 8)
-        layers = build_layers(spec, load_weight, self.weights, base_of)
+        manifest = getattr(checkpoint, "manifest", None)
+        n_planes = len(manifest.plan.planes) if manifest else 0
+        self.weights = WeightSet(
+            self.device, capacity=len(names) + 8 + 3 * n_planes * spec.n_layer
+        )
+        experts = None
+        if manifest is not None:
+            from edgemoe.runtime.planes import load_expert_planes, planes_for_level
+
+            if options.level is not None:
+                manifest.plan.n_planes(options.level)  # a clear error if unknown
+
+            def experts(layer: int):
+                pf = planes_for_level(checkpoint, layer, options.level)
+                return load_expert_planes(checkpoint, layer, self.weights, pf)
+
+        elif options.level is not None:
+            raise ConfigError(
+                f"{checkpoint.path}: level applies to converted models "
+                "(edgemoe convert); this one stores experts at one precision"
+            )
+        layers = build_layers(spec, load_weight, self.weights, base_of, experts)
         self.embed = checkpoint.load("token_embd.weight")
         norm = to_f32(checkpoint.load("output_norm.weight"))
         self._out_norm = self.weights.add(norm, base_of(norm))
@@ -216,7 +226,7 @@ class Model:
             ws = (
                 self.forward.decode_workspace()
                 if chunk.size == 1
-                else Workspace(self.spec, chunk.size)
+                else self.forward.workspace(chunk.size)
             )
             ws.x[...] = self.embed.rows(chunk)
             hidden = self.forward.run(

@@ -14,6 +14,10 @@ def open_checkpoint(path: str | Path):
     if not p.exists():
         raise ModelFileError(p, "no such file or directory")
     if p.is_dir():
+        if (p / "manifest.json").exists():
+            from edgemoe.format.reader import EdgeCheckpoint
+
+            return EdgeCheckpoint(p)
         if (p / "config.json").exists():
             from edgemoe.checkpoint.hf import HFCheckpoint
 
@@ -28,3 +32,20 @@ def open_checkpoint(path: str | Path):
     from edgemoe.checkpoint.gguf_file import GGUFCheckpoint
 
     return GGUFCheckpoint(p)
+
+
+def tokenizer_for(ckpt):
+    """The tokenizer a checkpoint carries: ``tokenizer.json`` through the
+    tokenizers library, or a GGUF vocabulary through llama.cpp."""
+    from edgemoe.checkpoint.tokenizer import HFTokenizer
+
+    spec = ckpt.spec
+    root = getattr(ckpt, "root", None)
+    manifest = getattr(ckpt, "manifest", None)
+    if root is not None and (manifest is None or manifest.tokenizer == "hf"):
+        return HFTokenizer(root, spec.eos_token_ids, spec.bos_token_id)
+    from edgemoe.checkpoint.llama_vocab import LlamaVocab
+
+    gguf_path = ckpt.backbone.path if manifest is not None else ckpt.path
+    template = manifest.chat_template if manifest is not None else None
+    return LlamaVocab(gguf_path, chat_template=template)

@@ -16,7 +16,7 @@ from gguf import GGUFReader
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from edgemoe.arch import family_for_gguf
-from edgemoe.arch.base import GGUFMeta
+from edgemoe.arch.base import GGUFMeta, ModelSpec
 from edgemoe.checkpoint.base import Weight, aligned_empty, tensor_layout
 from edgemoe.errors import ModelFileError
 
@@ -92,7 +92,16 @@ def _field_value(field: Any) -> Any:
 class GGUFCheckpoint:
     """A GGUF model file as written by llama.cpp's converters (or ours)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(
+        self,
+        path: str | Path,
+        backbone_only: bool = False,
+        spec: ModelSpec | None = None,
+    ):
+        """``backbone_only``: the file holds everything but the routed experts
+        (an EdgeMoE model's backbone.gguf); ``spec``: the model's spec, when a
+        manifest knows it better than llama.cpp's metadata can say."""
+        self._backbone_only = backbone_only
         self.path = str(path)
         p = Path(path)
         if not p.exists():
@@ -146,9 +155,10 @@ class GGUFCheckpoint:
                     f"integer, got {v!r}",
                 )
         try:
-            spec = self.family.spec_from_gguf(
-                GGUFMeta(self.architecture, fields, self.path)
-            )
+            if spec is None:
+                spec = self.family.spec_from_gguf(
+                    GGUFMeta(self.architecture, fields, self.path)
+                )
         except (TypeError, ValueError, ArithmeticError, AttributeError) as e:
             # A metadata value of the wrong type or zero (head_count = 0 ...).
             raise ModelFileError(
@@ -160,8 +170,14 @@ class GGUFCheckpoint:
         self.spec = spec
         self._check_layout()
 
-    def _check_layout(self) -> None:
+    def _layout(self) -> dict:
         layout = tensor_layout(self.spec)
+        if self._backbone_only:
+            layout = {n: v for n, v in layout.items() if "_exps." not in n}
+        return layout
+
+    def _check_layout(self) -> None:
+        layout = self._layout()
         missing = [
             n for n, (_, req) in layout.items() if req and n not in self._tensors
         ]
@@ -181,7 +197,7 @@ class GGUFCheckpoint:
                 )
 
     def names(self) -> list[str]:
-        layout = tensor_layout(self.spec)
+        layout = self._layout()
         return [n for n in self._tensors if n in layout]
 
     def info(self, name: str) -> tuple[str, tuple[int, ...], int]:

@@ -11,8 +11,8 @@ import ctypes
 from pathlib import Path
 
 from edgemoe.checkpoint.tokenizer import Tokenizer
+from edgemoe.env import prepare_environment
 from edgemoe.errors import ModelFileError
-from edgemoe.runtime.ggml_binding import prepare_environment
 
 _LOG_CB = None
 

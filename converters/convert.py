@@ -1,0 +1,379 @@
+"""``edgemoe convert``: a checkpoint -> an EdgeMoE model directory.
+
+Streams layer by layer: calibration activations pass through layer i (float),
+layer i's experts are measured, quantized into nested planes and written, and
+only then is layer i+1 read. Peak memory is the backbone's largest tensor, the
+calibration activations and one layer's experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemoe.checkpoint import open_checkpoint
+from edgemoe.checkpoint.base import Weight
+from edgemoe.converters.calibration import (
+    ExpertStats,
+    LayerRunner,
+    default_text,
+    dense_mlp,
+    read_text,
+)
+from edgemoe.errors import ConfigError
+from edgemoe.format.spec import Hotness, Manifest
+from edgemoe.format.writer import ModelWriter
+from edgemoe.quant.nested import plane_shifts, quantize_nested
+from edgemoe.quant.types import NestedQuant
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    levels: NestedQuant = field(default_factory=NestedQuant)
+    backbone_type: str = "Q8_0"
+    """ggml type of the backbone's matrices (routers and vectors stay F32)."""
+    calib: str | None = None
+    """Calibration text file; None uses the built-in text."""
+    calib_tokens: int = 4096
+    calib_window: int = 512
+    super_ratio: float = 10.0
+    """An expert whose output peak exceeds this x the layer median is protected."""
+    max_shard_bytes: int = 2 << 30
+    force: bool = False
+
+
+@dataclass
+class ConvertReport:
+    manifest: Manifest
+    out: Path
+    seconds: float
+    level_bytes: dict[int, int]
+    backbone_bytes: int
+    stats: list[ExpertStats | None] = field(default_factory=list)
+
+
+class _Backbone:
+    """The source checkpoint seen without its routed experts (for the GGUF writer)."""
+
+    def __init__(self, ckpt):
+        self._ckpt = ckpt
+        self.spec, self.family, self.path = ckpt.spec, ckpt.family, ckpt.path
+        self.root = getattr(ckpt, "root", None)
+        if hasattr(ckpt, "tokenizer_fields"):
+            self.tokenizer_fields = ckpt.tokenizer_fields
+
+    def names(self) -> list[str]:
+        return [n for n in self._ckpt.names() if "_exps." not in n]
+
+    def load(self, name: str) -> Weight:
+        return self._ckpt.load(name)
+
+
+def _vocab(ckpt) -> tuple[dict[str, Any], str]:
+    """GGUF vocabulary fields for the backbone, and which tokenizer to use."""
+    from edgemoe.converters.llama_gguf import hf_vocab_fields
+
+    if hasattr(ckpt, "tokenizer_fields"):
+        return dict(ckpt.tokenizer_fields()), "gguf"
+    try:
+        return hf_vocab_fields(Path(ckpt.root), ckpt.spec.n_vocab), "hf"
+    except ConfigError:
+        return {}, "hf"  # not byte-level BPE: tokenizer.json is used as is
+
+
+def _expert_float(w: Weight, e: int, rows: int) -> np.ndarray:
+    """Expert ``e`` of a stacked [E, N, K] weight as float32, rows zero-padded."""
+    if w.qtype == 0:
+        x = w.data[e]
+    else:
+        x = Weight(w.name, w.qtype, w.shape[1:], w.data[e]).to_float32()
+    if x.shape[0] == rows:
+        return np.asarray(x, dtype=np.float32)
+    out = np.zeros((rows, x.shape[1]), dtype=np.float32)
+    out[: x.shape[0]] = x
+    return out
+
+
+def _pad_cols(x: np.ndarray, cols: int) -> np.ndarray:
+    if x.shape[1] == cols:
+        return x
+    out = np.zeros((x.shape[0], cols), dtype=np.float32)
+    out[:, : x.shape[1]] = x
+    return out
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    options: ConvertOptions | None = None,
+    progress: Progress | None = None,
+) -> ConvertReport:
+    """Convert ``src`` (HF directory or GGUF) into an EdgeMoE model at ``out``."""
+    opts = options or ConvertOptions()
+    t0 = time.perf_counter()
+    plan = opts.levels
+    step = progress or (lambda stage, i, n: None)
+    ckpt = open_checkpoint(src)
+    try:
+        spec = ckpt.spec
+        if not any(spec.moe_layers):
+            raise ConfigError(f"{src}: the model has no MoE layers to convert")
+        if spec.n_embd % plan.block:
+            raise ConfigError(
+                f"{src}: hidden size {spec.n_embd} is not a multiple of {plan.block}, "
+                "which the K-quant planes need (padding activations is not supported)"
+            )
+        f_pad = math.ceil(spec.expert_ffn / plan.block) * plan.block
+        tokens, calib_source = _calibration_tokens(ckpt, opts)
+        with ModelWriter(out, force=opts.force) as writer:
+            return _convert(
+                ckpt, writer, plan, f_pad, tokens, calib_source, opts, step, t0
+            )
+    finally:
+        ckpt.close()
+
+
+def _calibration_tokens(ckpt, opts: ConvertOptions) -> tuple[np.ndarray, dict]:
+    from edgemoe.checkpoint import tokenizer_for
+
+    text = read_text(opts.calib) if opts.calib else default_text()
+    tok = tokenizer_for(ckpt)
+    try:
+        ids = tok.encode(text, add_special=False)
+    finally:
+        close = getattr(tok, "close", None)
+        if close:
+            close()
+    w = opts.calib_window
+    n = min(len(ids) // w * w, max(opts.calib_tokens // w, 1) * w)
+    if n < w:
+        raise ConfigError(
+            f"calibration text has {len(ids)} tokens, fewer than one window of {w}"
+        )
+    source = {
+        "file": str(opts.calib) if opts.calib else "builtin",
+        "tokens": n,
+        "window": w,
+    }
+    return np.asarray(ids[:n], dtype=np.int64).reshape(-1, w), source
+
+
+def _convert(
+    ckpt,
+    writer: ModelWriter,
+    plan: NestedQuant,
+    f_pad: int,
+    tokens: np.ndarray,
+    calib_source: dict,
+    opts: ConvertOptions,
+    step: Progress,
+    t0: float,
+) -> ConvertReport:
+    from edgemoe.converters.llama_gguf import write_gguf
+
+    spec = ckpt.spec
+    family = ckpt.family
+    names = set(ckpt.names())
+    vocab, tokenizer_kind = _vocab(ckpt)
+    backbone = _Backbone(ckpt)
+    writer.write_backbone(
+        lambda path: write_gguf(
+            backbone,
+            path,
+            opts.backbone_type,
+            vocab=vocab,
+            check_llamacpp=False,
+            force=True,
+        )
+    )
+    if tokenizer_kind == "hf":
+        for fname in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            f = Path(ckpt.root) / fname
+            if f.exists():
+                writer.copy_file(f)
+    moe_layers = [i for i, m in enumerate(spec.moe_layers) if m]
+    d = spec.n_embd
+    shapes = {"gate": (f_pad, d), "up": (f_pad, d), "down": (d, f_pad)}
+    writer.begin_experts(
+        moe_layers, spec.n_expert, plan.planes, shapes, opts.max_shard_bytes
+    )
+
+    runner = LayerRunner(spec, opts.calib_window)
+    embed = ckpt.load("token_embd.weight")
+    x = embed.rows(tokens.reshape(-1)).reshape(*tokens.shape, d).astype(np.float32)
+    del embed
+    shifts, hotness, protected, all_stats = [], [], [], []
+    for layer in range(spec.n_layer):
+        step("layer", layer, spec.n_layer)
+        b = f"blk.{layer}."
+
+        def f32(name: str) -> np.ndarray | None:
+            full = b + name + ("" if name.endswith(".bias") else ".weight")
+            return ckpt.load(full).to_float32() if full in names else None
+
+        attn_w = {
+            n: f32(n)
+            for n in (
+                "attn_norm",
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "attn_q_norm",
+                "attn_k_norm",
+                "attn_q.bias",
+                "attn_k.bias",
+                "attn_v.bias",
+                "attn_output.bias",
+            )
+        }
+        attn_w = {k: v for k, v in attn_w.items() if v is not None}
+        h = runner.attention(x, attn_w)  # [W, T, D]
+        del attn_w
+        hn = rms_norm_rows(h, f32("ffn_norm"), spec.rms_eps).reshape(-1, d)
+        if spec.moe_layers[layer]:
+            ffn, stats, layer_shifts = _moe_layer(
+                ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step
+            )
+            shifts.append(layer_shifts)
+            total = max(stats.count.sum() / spec.n_expert_used, 1)
+            hotness.append(
+                tuple(
+                    Hotness(
+                        float(stats.count[e] / total),
+                        float(stats.weight[e] / max(stats.count[e], 1)),
+                    )
+                    for e in range(spec.n_expert)
+                )
+            )
+            protected.append(tuple(stats.super_experts(opts.super_ratio)))
+            all_stats.append(stats)
+        else:
+            ffn = dense_mlp(hn, f32("ffn_gate"), f32("ffn_up"), f32("ffn_down"))
+            shifts.append(())
+            hotness.append(())
+            protected.append(())
+            all_stats.append(None)
+        x = h + ffn.reshape(h.shape)
+    step("layer", spec.n_layer, spec.n_layer)
+    manifest_spec = dataclasses.replace(
+        spec, rope_interleaved=spec.rope_interleaved or family.gguf_rope_interleaved
+    )
+    source_format = "gguf" if hasattr(ckpt, "tokenizer_fields") else "hf"
+    manifest = writer.finish(
+        dict(
+            architecture=ckpt.architecture,
+            spec=manifest_spec,
+            levels=plan.levels,
+            expert_ffn=f_pad,
+            shifts=tuple(shifts),
+            backbone_type=opts.backbone_type,
+            hotness=tuple(hotness),
+            protected=tuple(protected),
+            calibration=calib_source,
+            tokenizer=tokenizer_kind,
+            chat_template=_chat_template(ckpt, vocab),
+            source={"format": source_format, "path": str(ckpt.path)},
+        )
+    )
+    from edgemoe.format.reader import EdgeCheckpoint
+
+    done = EdgeCheckpoint(writer.out)
+    try:
+        level_bytes = done.level_bytes()
+    finally:
+        done.close()
+    return ConvertReport(
+        manifest,
+        writer.out,
+        time.perf_counter() - t0,
+        level_bytes,
+        manifest.backbone.bytes,
+        all_stats,
+    )
+
+
+def rms_norm_rows(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    from edgemoe.attention import rms_norm
+
+    return rms_norm(x, w, eps)
+
+
+def _chat_template(ckpt, vocab: dict) -> str | None:
+    template = vocab.get("tokenizer.chat_template")
+    if template:
+        return template
+    root = getattr(ckpt, "root", None)
+    if root is not None:
+        from edgemoe.checkpoint.tokenizer import HFTokenizer
+
+        try:
+            return HFTokenizer(root).chat_template
+        except Exception:
+            return None
+    return None
+
+
+def _moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step):
+    spec = ckpt.spec
+    b = f"blk.{layer}."
+    gate = ckpt.load(b + "ffn_gate_exps.weight")
+    up = ckpt.load(b + "ffn_up_exps.weight")
+    down = ckpt.load(b + "ffn_down_exps.weight")
+
+    def expert(e: int):
+        return (
+            _expert_float(gate, e, spec.expert_ffn),
+            _expert_float(up, e, spec.expert_ffn),
+            _expert_float(down, e, spec.n_embd),
+        )
+
+    routed, stats = runner.moe(hn, f32("ffn_gate_inp"), expert)
+    if b + "ffn_gate_shexp.weight" in names:
+        shared = dense_mlp(
+            hn, f32("ffn_gate_shexp"), f32("ffn_up_shexp"), f32("ffn_down_shexp")
+        )
+        gate_inp = f32("ffn_gate_inp_shexp")
+        if gate_inp is not None:
+            shared = shared * (1.0 / (1.0 + np.exp(-(hn @ gate_inp.reshape(-1, 1)))))
+        routed = routed + shared
+    amax = {
+        p: max(float(np.abs(w.to_float32() if w.qtype else w.data).max()), 1e-30)
+        for p, w in (("gate", gate), ("up", up), ("down", down))
+    }
+    layer_shifts = tuple(plane_shifts(plan, amax[p]) for p in ("gate", "up", "down"))
+    for e in range(spec.n_expert):
+        step("experts", e, spec.n_expert)
+        g, u, dn = expert(e)
+        g = _pad_rows(g, f_pad)
+        u = _pad_rows(u, f_pad)
+        dn = _pad_cols(dn, f_pad)
+        imat = stats.imatrix(e)  # down is not weighted: see calibration.py
+        planes = [
+            quantize_nested(m, plan, sh, w)[0].planes
+            for m, sh, w in (
+                (g, layer_shifts[0], imat),
+                (u, layer_shifts[1], imat),
+                (dn, layer_shifts[2], None),
+            )
+        ]
+        for p in range(len(plan.planes)):
+            writer.add_plane(layer, e, p, [planes[0][p], planes[1][p], planes[2][p]])
+    return routed, stats, layer_shifts
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    if x.shape[0] == rows:
+        return x
+    out = np.zeros((rows, x.shape[1]), dtype=np.float32)
+    out[: x.shape[0]] = x
+    return out

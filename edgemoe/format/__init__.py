@@ -1,0 +1,1 @@
+"""The converted-model directory format: schema, writer and reader."""

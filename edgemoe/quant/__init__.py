@@ -1,0 +1,1 @@
+"""Quantization: ggml block codecs in numpy and the nested (matryoshka) plan."""
