@@ -20,7 +20,9 @@ def _mib(n: float) -> str:
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "model", metavar="MODEL", help="HF checkpoint directory or GGUF file"
+        "model",
+        metavar="MODEL",
+        help="HF checkpoint directory, GGUF file or converted EdgeMoE model",
     )
     p.add_argument(
         "-c",
@@ -49,6 +51,12 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
         choices=("cpu", "gpu", "auto"),
         help="ggml device (gpu is untested)",
     )
+    p.add_argument(
+        "--level",
+        type=int,
+        default=None,
+        help="converted models: run every expert at this level (bits)",
+    )
 
 
 def _load(args: argparse.Namespace, **extra: Any):
@@ -60,6 +68,7 @@ def _load(args: argparse.Namespace, **extra: Any):
         n_threads=args.threads,
         n_batch=args.batch,
         device=args.device,
+        level=args.level,
         **extra,
     )
 
@@ -211,87 +220,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # -- inspect -----------------------------------------------------------------------
-def inspect_report(path: str) -> dict[str, Any]:
-    import dataclasses
-    from pathlib import Path
-
-    from edgemoe.checkpoint import open_checkpoint
-
-    ckpt = open_checkpoint(path)
-    try:
-        spec = ckpt.spec
-        tensors, params, expert_params, stored = [], 0, 0, 0
-        for name in ckpt.names():
-            dtype, shape, nbytes = ckpt.info(name)
-            n = 1
-            for d in shape:
-                n *= d
-            params += n
-            stored += nbytes
-            if "_exps." in name:
-                expert_params += n
-            tensors.append(
-                {"name": name, "type": dtype, "shape": list(shape), "bytes": nbytes}
-            )
-        active = params - expert_params
-        if spec.n_expert:
-            active += expert_params * spec.n_expert_used // spec.n_expert
-        p = Path(path)
-        files = [p] if p.is_file() else [f for f in p.iterdir() if f.is_file()]
-        return {
-            "path": str(p),
-            "format": "gguf" if p.is_file() else "hf-safetensors",
-            "architecture": ckpt.architecture,
-            "family": spec.family,
-            "spec": dataclasses.asdict(spec),
-            "parameters": params,
-            "expert_parameters": expert_params,
-            "active_parameters": active,
-            "weight_bytes": stored,
-            "file_bytes": sum(f.stat().st_size for f in files),
-            "tensors": tensors,
-        }
-    finally:
-        ckpt.close()
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    rep = inspect_report(args.model)
+    from edgemoe.report import inspect_report, print_inspect
+
+    rep = inspect_report(args.model, verify=args.verify)
     if args.json:
         print(json.dumps(rep, indent=1))
-        return 0
-    s = rep["spec"]
-    print(f"model        {rep['path']} ({rep['format']})")
-    print(f"architecture {rep['architecture']} (family {rep['family']})")
-    print(
-        f"parameters   {rep['parameters'] / 1e6:,.1f} M total, "
-        f"{rep['active_parameters'] / 1e6:,.1f} M active per token, "
-        f"experts {rep['expert_parameters'] / 1e6:,.1f} M"
-    )
-    print(
-        f"weights      {_mib(rep['weight_bytes'])} stored, "
-        f"files {_mib(rep['file_bytes'])}"
-    )
-    moe = sum(s["moe_layers"])
-    print(
-        f"shape        {s['n_layer']} layers ({moe} MoE) · hidden {s['n_embd']} · "
-        f"heads {s['n_head']}/{s['n_head_kv']} × {s['head_dim']} · vocab {s['n_vocab']}"
-        f" · context {s['n_ctx_train']}"
-    )
-    if s["n_expert"]:
-        shared = (
-            f" · shared expert FFN {s['shared_expert_ffn']}"
-            if s["shared_expert_ffn"]
-            else ""
-        )
-        print(
-            f"experts      {s['n_expert']} per layer, {s['n_expert_used']} active, "
-            f"FFN {s['expert_ffn']}{shared}"
-        )
-    if args.tensors:
-        for t in rep["tensors"]:
-            shape = str(t["shape"])
-            print(f"  {t['name']:<40} {t['type']:<8} {shape:<22} {t['bytes']:>12,}")
+    else:
+        print_inspect(rep, tensors=args.tensors)
     return 0
 
 
@@ -314,6 +250,68 @@ def _progress_bar(label: str):
             task = prog.add_task(label, total=n)
         prog.update(task, completed=i + 1, description=f"{label} {name}")
         if i + 1 == n:
+            prog.stop()
+
+    return update
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from edgemoe.converters.convert import ConvertOptions, convert
+    from edgemoe.quant.types import NestedQuant
+    from edgemoe.report import print_convert_summary
+
+    opts = ConvertOptions(
+        levels=NestedQuant.parse(args.levels),
+        backbone_type=args.backbone_type,
+        calib=args.calib,
+        calib_tokens=args.calib_tokens,
+        force=args.force,
+    )
+    if args.format not in ("gguf", "onnx"):
+        raise SystemExit(f"edgemoe convert: error: unknown --format {args.format!r}")
+    report = convert(args.source, args.output, opts, _convert_progress())
+    if args.format == "onnx":
+        from edgemoe.converters.onnx_export import export_onnx
+
+        level = args.onnx_level or report.manifest.levels[-1]
+        export_onnx(report.out, level)
+    print_convert_summary(report)
+    return 0
+
+
+def _convert_progress():
+    """Rich bars (layers, and experts within the layer) on a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    prog = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, i: int, n: int) -> None:
+        if not tasks:
+            prog.start()
+        if stage not in tasks:
+            label = "layers" if stage == "layer" else "  experts"
+            tasks[stage] = prog.add_task(label, total=n)
+        prog.update(tasks[stage], completed=i, total=n)
+        if stage == "layer" and i >= n:
             prog.stop()
 
     return update
@@ -419,10 +417,39 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
 
+    c = sub.add_parser("convert", help="convert a checkpoint into nested expert planes")
+    c.add_argument("source", metavar="SRC", help="HF checkpoint directory or GGUF")
+    c.add_argument("-o", "--output", required=True, help="model directory to write")
+    c.add_argument(
+        "--levels",
+        default="2,4,8",
+        help="nested bit widths, increasing by 2/4/6/8 (default 2,4,8)",
+    )
+    c.add_argument(
+        "--backbone-type",
+        default="Q8_0",
+        help="backbone weights: Q8_0 (default), F16, F32, Q4_0",
+    )
+    c.add_argument("--calib", help="calibration text file (default: built-in)")
+    c.add_argument("--calib-tokens", type=int, default=4096)
+    c.add_argument(
+        "--format",
+        default="gguf",
+        help="gguf (default), or onnx: also write model.onnx",
+    )
+    c.add_argument("--onnx-level", type=int, help="expert level in the ONNX export")
+    c.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    c.set_defaults(func=cmd_convert)
+
     i = sub.add_parser("inspect", help="architecture, sizes and tensors of a model")
     i.add_argument("model", metavar="MODEL")
     i.add_argument("--json", action="store_true")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
+    i.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash an EdgeMoE model's files against its manifest",
+    )
     i.set_defaults(func=cmd_inspect)
 
     x = sub.add_parser("export-gguf", help="write a llama.cpp-loadable GGUF")

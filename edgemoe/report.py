@@ -1,0 +1,190 @@
+"""What ``edgemoe inspect`` and ``edgemoe convert`` report: dicts for --json,
+and the same as aligned text for people."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from edgemoe.errors import ModelFileError
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def inspect_report(path: str, verify: bool = False) -> dict[str, Any]:
+    """Architecture, sizes and tensors of an HF, GGUF or EdgeMoE model.
+
+    ``verify`` re-hashes an EdgeMoE model's files against its manifest.
+    """
+    from edgemoe.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    try:
+        spec = ckpt.spec
+        tensors, params, expert_params, stored = [], 0, 0, 0
+        for name in ckpt.names():
+            dtype, shape, nbytes = ckpt.info(name)
+            n = 1
+            for d in shape:
+                n *= d
+            params += n
+            stored += nbytes
+            if "_exps." in name:
+                expert_params += n
+            tensors.append(
+                {"name": name, "type": dtype, "shape": list(shape), "bytes": nbytes}
+            )
+        manifest = getattr(ckpt, "manifest", None)
+        if manifest is not None:
+            # Routed experts live in the shards, counted at the model's true size.
+            expert_params = (
+                3
+                * spec.n_expert
+                * spec.expert_ffn
+                * spec.n_embd
+                * len(manifest.moe_layers)
+            )
+            params += expert_params
+        active = params - expert_params
+        if spec.n_expert:
+            active += expert_params * spec.n_expert_used // spec.n_expert
+        p = Path(path)
+        files = [p] if p.is_file() else [f for f in p.iterdir() if f.is_file()]
+        fmt = "gguf" if p.is_file() else "hf-safetensors"
+        rep: dict[str, Any] = {
+            "path": str(p),
+            "format": "edgemoe" if manifest is not None else fmt,
+            "architecture": ckpt.architecture,
+            "family": spec.family,
+            "spec": dataclasses.asdict(spec),
+            "parameters": params,
+            "expert_parameters": expert_params,
+            "active_parameters": active,
+            "weight_bytes": stored,
+            "file_bytes": sum(f.stat().st_size for f in files),
+            "tensors": tensors,
+        }
+        if manifest is not None:
+            rep.update(_edgemoe_report(ckpt, verify))
+        return rep
+    finally:
+        ckpt.close()
+
+
+def _edgemoe_report(ckpt, verify: bool) -> dict[str, Any]:
+    m = ckpt.manifest
+    spec = ckpt.spec
+    level_bytes = ckpt.level_bytes()
+    n_weights = 3 * spec.expert_ffn * spec.n_embd * spec.n_expert * len(m.moe_layers)
+    rep: dict[str, Any] = {
+        "version": m.version,
+        "levels": list(m.levels),
+        "plane_types": [p.name for p in m.plan.planes],
+        "backbone_type": m.backbone_type,
+        "backbone_bytes": m.backbone.bytes,
+        "expert_bytes": {str(lv): b for lv, b in level_bytes.items()},
+        "expert_bits_per_weight": {
+            str(lv): round(8 * b / n_weights, 3) for lv, b in level_bytes.items()
+        },
+        "protected_experts": {
+            str(i): list(row) for i, row in enumerate(m.protected) if row
+        },
+        "hotness": [[dataclasses.asdict(h) for h in row] for row in m.hotness],
+        "calibration": m.calibration,
+        "shards": [dataclasses.asdict(s) for s in m.shards],
+    }
+    if verify:
+        from edgemoe.format.writer import sha256_of
+
+        for ref in (m.backbone, *m.shards):
+            got = sha256_of(ckpt.root / ref.file)
+            if got != ref.sha256:
+                raise ModelFileError(
+                    ckpt.root / ref.file,
+                    f"sha256 {got[:16]}... does not match the manifest's "
+                    f"{ref.sha256[:16]}...: the file is corrupt",
+                )
+        rep["verified"] = True
+    return rep
+
+
+def print_inspect(rep: dict[str, Any], tensors: bool = False) -> None:
+    s = rep["spec"]
+    print(f"model        {rep['path']} ({rep['format']})")
+    print(f"architecture {rep['architecture']} (family {rep['family']})")
+    print(
+        f"parameters   {rep['parameters'] / 1e6:,.1f} M total, "
+        f"{rep['active_parameters'] / 1e6:,.1f} M active per token, "
+        f"experts {rep['expert_parameters'] / 1e6:,.1f} M"
+    )
+    stored, files = mib(rep["weight_bytes"]), mib(rep["file_bytes"])
+    print(f"weights      {stored} stored, files {files}")
+    moe = sum(s["moe_layers"])
+    print(
+        f"shape        {s['n_layer']} layers ({moe} MoE) · hidden {s['n_embd']} · "
+        f"heads {s['n_head']}/{s['n_head_kv']} × {s['head_dim']} · vocab {s['n_vocab']}"
+        f" · context {s['n_ctx_train']}"
+    )
+    if s["n_expert"]:
+        shared = (
+            f" · shared expert FFN {s['shared_expert_ffn']}"
+            if s["shared_expert_ffn"]
+            else ""
+        )
+        print(
+            f"experts      {s['n_expert']} per layer, {s['n_expert_used']} active, "
+            f"FFN {s['expert_ffn']}{shared}"
+        )
+    if rep["format"] == "edgemoe":
+        print(f"backbone     {rep['backbone_type']}, {mib(rep['backbone_bytes'])}")
+        planes = " + ".join(rep["plane_types"])
+        print(f"levels       {rep['levels']} bits, planes {planes}")
+        for lv, b in rep["expert_bytes"].items():
+            bpw = rep["expert_bits_per_weight"][lv]
+            print(f"  level {lv:>2}: all experts {mib(b)} ({bpw} bits per weight)")
+        prot = rep["protected_experts"]
+        if prot:
+            print(
+                "protected    " + ", ".join(f"layer {k}: {v}" for k, v in prot.items())
+            )
+        if rep.get("verified"):
+            print("checksums    every file matches its sha256 in manifest.json")
+    if tensors:
+        for t in rep["tensors"]:
+            shape = str(t["shape"])
+            print(f"  {t['name']:<40} {t['type']:<8} {shape:<22} {t['bytes']:>12,}")
+
+
+def print_convert_summary(report) -> None:
+    """The table ``edgemoe convert`` ends with: bytes per level, bits per
+    weight, and the memory each level needs with every expert resident."""
+    from rich.console import Console
+    from rich.table import Table
+
+    m = report.manifest
+    spec = m.spec
+    n_weights = 3 * spec.expert_ffn * spec.n_embd * spec.n_expert * len(m.moe_layers)
+    table = Table(title=f"{report.out} ({report.seconds:.1f} s)")
+    for col in ("level", "experts", "bits/weight", "backbone + experts"):
+        table.add_column(col, justify="right")
+    for lv, b in report.level_bytes.items():
+        table.add_row(
+            f"{lv}-bit",
+            mib(b),
+            f"{8 * b / n_weights:.2f}",
+            mib(b + report.backbone_bytes),
+        )
+    console = Console()
+    console.print(table)
+    planes = " + ".join(p.name for p in m.plan.planes)
+    console.print(
+        f"backbone {m.backbone_type} {mib(report.backbone_bytes)}; planes {planes}; "
+        f"{len(m.shards)} expert shard(s), sha256 in manifest.json; calibration "
+        f"{m.calibration.get('tokens')} tokens ({m.calibration.get('file')})"
+    )
+    prot = [f"layer {i}: {list(r)}" for i, r in enumerate(m.protected) if r]
+    if prot:
+        console.print("protected (super) experts, always top level: " + "; ".join(prot))

@@ -1,0 +1,228 @@
+"""`edgemoe convert`: quality per level on the trained fixture, byte accounting,
+every family, and failures that must leave the user's files alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import edgemoe
+from edgemoe.converters.convert import ConvertOptions, convert
+from edgemoe.errors import ConfigError, ModelFileError
+from edgemoe.format.reader import EdgeCheckpoint
+from edgemoe.runtime.perplexity import perplexity
+
+
+@pytest.fixture(scope="module")
+def converted(fixture_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv") / "code-mixtral-edge"
+    convert(fixture_dir, out, ConvertOptions())
+    return out
+
+
+def ppl(path, text, **options) -> float:
+    with edgemoe.load(path, **options) as m:
+        return perplexity(m, m.tokenize(text, add_special=False), 256).perplexity
+
+
+def fake_quant_ppl(fixture_dir, text, transform) -> float:
+    """Perplexity of the float model with every expert matrix replaced by
+    ``transform(matrix)``: the baselines (round-to-nearest, sliced int8)."""
+    from edgemoe.checkpoint import open_checkpoint
+    from edgemoe.checkpoint.base import Weight, aligned_empty
+    from edgemoe.checkpoint.tokenizer import HFTokenizer
+    from edgemoe.runtime.model import LoadOptions, Model
+
+    ckpt = open_checkpoint(fixture_dir)
+    load = ckpt.load
+
+    def quantized(name):
+        w = load(name)
+        if "_exps." not in name:
+            return w
+        out = aligned_empty(w.shape, np.float32)
+        for e in range(w.shape[0]):
+            out[e] = transform(w.data[e])
+        return Weight(name, w.qtype, w.shape, out)
+
+    ckpt.load = quantized
+    with Model(ckpt, HFTokenizer(fixture_dir), LoadOptions()) as m:
+        return perplexity(m, m.tokenize(text, add_special=False), 256).perplexity
+
+
+def sliced_int8(bits: int, group: int = 64):
+    """The top ``bits`` of a per-group min/max int8 grid (rounded), as the
+    fixture README's baseline."""
+
+    def f(w):
+        x = w.reshape(w.shape[0], -1, group)
+        lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+        s = np.where(hi > lo, (hi - lo) / 255, 1)
+        q8 = np.clip(np.round((x - lo) / s), 0, 255)
+        step = 2 ** (8 - bits)
+        q = np.clip(np.round(q8 / step), 0, 2**bits - 1) * step
+        return (q * s + lo).reshape(w.shape).astype(np.float32)
+
+    return f
+
+
+def test_quality_per_level(fixture_dir, converted):
+    text = (fixture_dir / "heldout.txt").read_text()
+    base = ppl(fixture_dir, text)
+    got = {lv: ppl(converted, text, level=lv) for lv in (8, 4, 2)}
+    sliced = fake_quant_ppl(fixture_dir, text, sliced_int8(2))
+    assert got[8] / base - 1 < 0.005
+    assert got[4] / base - 1 < 0.01
+    assert got[2] / base - 1 < 0.035
+    assert got[2] < sliced
+
+
+def test_reading_a_level_reads_what_the_manifest_says(converted):
+    ckpt = EdgeCheckpoint(converted)
+    try:
+        m = ckpt.manifest
+        full = sum(ref.length for ref in m.experts[0][0])
+        for i, level in enumerate(m.levels):
+            refs = m.experts[0][0][: i + 1]
+            read = sum(sum(n for _, n in ref.parts) for ref in refs)
+            parts = [ckpt.read_plane(0, 0, p) for p in range(i + 1)]
+            assert sum(x.nbytes for plane in parts for x in plane) == read
+            assert read <= (level / 8 + 0.2) * full
+        report = json.loads((converted / "manifest.json").read_text())
+        assert report["plane_types"] == ["Q2_K", "Q2_K", "Q4_K"]
+    finally:
+        ckpt.close()
+
+
+def test_inspect_reports_backbone_and_expert_bytes(converted):
+    from edgemoe.report import inspect_report
+
+    rep = inspect_report(str(converted), verify=True)
+    assert rep["format"] == "edgemoe" and rep["verified"]
+    assert rep["backbone_bytes"] == (converted / "backbone.gguf").stat().st_size
+    assert set(rep["expert_bytes"]) == {"2", "4", "8"}
+    assert (
+        rep["expert_bytes"]["2"] < rep["expert_bytes"]["4"] < rep["expert_bytes"]["8"]
+    )
+    # 4 layers x 8 experts x 3 matrices of 512x256, Q2_K = 84 bytes per 256.
+    assert rep["expert_bytes"]["2"] == 4 * 8 * 3 * 512 * 256 // 256 * 84
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe"])
+def test_other_families_convert_and_run(build_model, tmp_path, family):
+    """Shared experts, dense layers, q/k norms and an expert FFN (64) padded to
+    the 256-wide plane blocks. Random tiny models amplify any weight error
+    through their layers, so the check is relative: with a float backbone,
+    level 8 lands within 10% of the float logits (a structural mistake gives
+    ~100%) and well inside level 4's error."""
+    src = build_model(family, hidden_size=256)
+    out = tmp_path / "edge"
+    convert(
+        src,
+        out,
+        ConvertOptions(calib_tokens=512, calib_window=128, backbone_type="F32"),
+    )
+    ids = list(range(1, 25))
+    with edgemoe.load(src) as ref:
+        expected = ref.logits(ids)
+    err = {}
+    for level in (8, 4):
+        with edgemoe.load(out, level=level) as m:
+            got = m.logits(ids)
+        err[level] = np.abs(got - expected).max() / np.abs(expected).max()
+        if level == 8:
+            assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+    assert err[8] < 0.1
+    assert err[8] < 0.5 * err[4]
+
+
+def test_hidden_size_not_a_multiple_of_256_is_refused(tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match="hidden size 64 is not a multiple of 256"):
+        convert(tiny_model("mixtral"), tmp_path / "out", ConvertOptions())
+    assert not (tmp_path / "out").exists()
+
+
+# -- failures ------------------------------------------------------------------
+def copy_of(converted, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(converted, dst)
+    return dst
+
+
+def test_corrupted_shard_is_a_checksum_error(converted, tmp_path):
+    model = copy_of(converted, tmp_path)
+    shard = model / "experts-00001.gguf"
+    data = bytearray(shard.read_bytes())
+    ref = EdgeCheckpoint(model).manifest.experts[2][5][1]
+    data[ref.offset + ref.parts[1][0] + 7] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(
+        ModelFileError, match="checksum mismatch in layer 2 expert 5 plane 1"
+    ):
+        edgemoe.load(model)
+
+
+def test_truncated_shard(converted, tmp_path):
+    model = copy_of(converted, tmp_path)
+    shard = model / "experts-00001.gguf"
+    shard.write_bytes(shard.read_bytes()[:-5000])
+    with pytest.raises(ModelFileError, match="experts-00001.gguf: truncated"):
+        edgemoe.load(model)
+
+
+def test_manifest_from_a_newer_version(converted, tmp_path):
+    model = copy_of(converted, tmp_path)
+    path = model / "manifest.json"
+    data = json.loads(path.read_text())
+    data["version"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(ModelFileError, match="newer EdgeMoE"):
+        edgemoe.load(model)
+
+
+def test_manifest_inconsistency_is_named(converted, tmp_path):
+    model = copy_of(converted, tmp_path)
+    path = model / "manifest.json"
+    data = json.loads(path.read_text())
+    data["experts"][1][3][0]["offset"] = 10**12
+    path.write_text(json.dumps(data))
+    with pytest.raises(ModelFileError, match="layer 1 expert 3 plane 0"):
+        edgemoe.load(model)
+
+
+def test_existing_output_is_refused_and_untouched(fixture_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(ModelFileError, match="already exists"):
+        convert(fixture_dir, out, ConvertOptions())
+    assert (out / "mine.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_disk_full_leaves_the_previous_model_intact(
+    fixture_dir, converted, tmp_path, monkeypatch
+):
+    import errno
+
+    import gguf
+
+    out = copy_of(converted, tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = {"n": 0}
+    real = gguf.GGUFWriter.write_tensor_data
+
+    def failing(self, tensor, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 40:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, tensor, *a, **k)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", failing)
+    with pytest.raises(ModelFileError, match="no space left"):
+        convert(fixture_dir, out, ConvertOptions(force=True))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

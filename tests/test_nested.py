@@ -1,0 +1,178 @@
+"""Nested quantization: codec layouts, level round trips, ggml sum-of-planes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgemoe.checkpoint.base import Weight, aligned_empty
+from edgemoe.errors import ConfigError
+from edgemoe.quant.kquants import codec
+from edgemoe.quant.nested import plane_shifts, quantize_nested, reconstruct
+from edgemoe.quant.types import BLOCK_TYPES, NestedQuant
+
+CODECS = ["Q2_K", "Q4_K", "Q6_K", "Q8_0"]
+PLANS = [(2, 4, 8), (4, 8), (2, 4, 6, 8), (8,), (2, 8)]
+# Relative RMS error of each codec on Gaussian weights: a regression bound.
+MAX_REL_RMSE = {"Q2_K": 0.29, "Q4_K": 0.075, "Q6_K": 0.022, "Q8_0": 0.006}
+
+
+def weights(n: int, k: int, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((n, k)) * 0.02).astype(
+        np.float32
+    )
+
+
+@pytest.mark.parametrize("name", CODECS, ids=CODECS)
+def test_codec_bytes_are_ggml_layout(name):
+    """gguf-py's dequantizer (a reference for ggml's layouts) reads our bytes
+    exactly as we do, and the fit stays within its error bound."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    x = weights(32, 512)
+    raw = codec(name).quantize(x)
+    bt = BLOCK_TYPES[name]
+    assert raw.shape == (32, bt.row_bytes(512))
+    ours = codec(name).dequantize(raw)
+    ref = dequantize(raw, GGMLQuantizationType[name]).reshape(ours.shape)
+    assert np.array_equal(ours, ref)
+    rel = np.sqrt(np.mean((ours - x) ** 2) / np.mean(x**2))
+    assert rel < MAX_REL_RMSE[name]
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "Q4_K"], ids=["Q2_K", "Q4_K"])
+def test_importance_weights_steer_the_fit(name):
+    """Columns weighted 100x come out more accurate than unweighted ones."""
+    x = weights(64, 256, seed=1)
+    w = np.ones(256, dtype=np.float32)
+    w[::2] = 100.0
+    deq = codec(name).dequantize(codec(name).quantize(x, w))
+    err = (deq - x) ** 2
+    assert err[:, ::2].mean() < 0.8 * err[:, 1::2].mean()
+
+
+@pytest.mark.parametrize("levels", PLANS, ids=[",".join(map(str, p)) for p in PLANS])
+def test_levels_reconstruct_bit_for_bit(levels):
+    plan = NestedQuant(levels)
+    x = weights(48, 512, seed=2)
+    nt, refs = quantize_nested(x, plan, plane_shifts(plan, float(np.abs(x).max())))
+    errors = []
+    for level, ref in zip(plan.levels, refs):
+        assert np.array_equal(reconstruct(nt, plan, level), ref)
+        errors.append(float(np.sqrt(np.mean((ref - x) ** 2))))
+    # Each level refines the one below it.
+    assert all(b < a for a, b in zip(errors, errors[1:]))
+
+
+def test_level_bytes_prefix_and_accounting():
+    plan = NestedQuant((2, 4, 8))
+    assert [p.name for p in plan.planes] == ["Q2_K", "Q2_K", "Q4_K"]
+    n, k = 512, 2048
+    full = plan.level_bytes(8, n, k)
+    for b in plan.levels:
+        assert plan.level_bytes(b, n, k) <= (b / 8 + 0.2) * full
+    assert plan.level_bytes(2, n, k) == n * k // 256 * 84
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("2,3,4", "adds 1 bits"),
+        ("4,2", "strictly increasing"),
+        ("2,4,x", "comma-separated"),
+        ("", "comma-separated"),
+        ("2,4,5", "adds 1 bits"),
+    ],
+    ids=["one-bit-step", "decreasing", "not-a-number", "empty", "odd-step"],
+)
+def test_bad_levels_strings(text, message):
+    with pytest.raises(ConfigError, match=message):
+        NestedQuant.parse(text)
+
+
+def test_rows_not_a_multiple_of_the_block_are_refused():
+    plan = NestedQuant((2, 4, 8))
+    with pytest.raises(ConfigError, match="multiple of 256"):
+        quantize_nested(weights(4, 320), plan, (0, 2, 4))
+
+
+def test_small_weights_keep_their_precision():
+    """Tiny weights (1e-4) would push fp16 block scales into subnormals; the
+    per-plane power-of-two shift keeps every level as accurate as at 0.02."""
+    plan = NestedQuant((2, 4, 8))
+    for scale in (0.02, 1e-4):
+        x = weights(32, 256) * (scale / 0.02)
+        _, refs = quantize_nested(x, plan, plane_shifts(plan, float(np.abs(x).max())))
+        rel = np.sqrt(np.mean((refs[-1] - x) ** 2) / np.mean(x**2))
+        assert rel < 0.01, (scale, rel)
+
+
+def q8(x: np.ndarray, block: int) -> np.ndarray:
+    """ggml's activation quantization (Q8_K per 256 / Q8_0 per 32), dequantized."""
+    out = np.empty_like(x)
+    for r in range(x.shape[0]):
+        for b in range(0, x.shape[1], block):
+            v = x[r, b : b + block]
+            if block == 256:  # quantize_row_q8_K_ref: scale from the signed max
+                m = v[np.argmax(np.abs(v))]
+                iscale = np.float32(-127.0) / m
+                q = np.minimum(np.trunc(iscale * v + np.copysign(0.5, iscale * v)), 127)
+                out[r, b : b + block] = q * (np.float32(1.0) / iscale)
+            else:  # quantize_row_q8_0_ref
+                d = np.float32(np.abs(v).max() / 127.0)
+                d16 = np.float32(np.float16(d))
+                q = np.round(v / d) if d else np.zeros_like(v)
+                out[r, b : b + block] = q * d16
+    return out
+
+
+@pytest.mark.parametrize(
+    "levels,n,k,t",
+    [
+        ((2, 4, 8), 64, 256, 1),
+        ((2, 4, 8), 32, 512, 3),
+        ((4, 8), 16, 1024, 2),
+        ((2, 4, 6, 8), 24, 256, 1),
+        ((8,), 32, 512, 2),
+    ],
+    ids=["248-256x64", "248-512x32-T3", "48-1024", "2468", "8-Q8_0"],
+)
+def test_ggml_sum_of_planes_matches_dequantized_matmul(levels, n, k, t):
+    """Level L computed by ggml as the sum of per-plane matmuls (each scaled by
+    its shift) equals the dequantized level weights times the activations
+    quantized the way ggml quantizes them: within 1e-5 relative."""
+    from edgemoe.runtime.graph import Device, Graph, WeightSet
+
+    plan = NestedQuant(levels)
+    w = weights(n, k, seed=3)
+    nt, _ = quantize_nested(w, plan, plane_shifts(plan, float(np.abs(w).max())))
+    x = aligned_empty((t, k), np.float32)
+    x[...] = np.random.default_rng(4).standard_normal((t, k))
+    dev = Device("cpu", 2)
+    ws = WeightSet(dev, len(plan.planes))
+    handles = []
+    for bt, raw in zip(plan.planes, nt.planes):
+        data = aligned_empty(raw.shape, np.uint8)
+        data[...] = raw
+        handles.append(ws.add(Weight(bt.name, bt.ggml, (n, k), data)))
+    for level in plan.levels:
+        g = Graph(dev)
+        xin = g.input(x)
+        acc = None
+        ref = np.zeros((t, n), dtype=np.float64)
+        for p in range(plan.n_planes(level)):
+            y = g.mul_mat(handles[p], xin)
+            y = g.scale(y, 2.0 ** -nt.shifts[p])
+            acc = y if acc is None else g.add(acc, y)
+            bt = plan.planes[p]
+            plane = codec(bt.name).dequantize(nt.planes[p]) * 2.0 ** -nt.shifts[p]
+            xq = q8(x, 32 if bt.name == "Q8_0" else 256)
+            ref += xq.astype(np.float64) @ plane.T.astype(np.float64)
+        out = aligned_empty((t, n), np.float32)
+        g.output(acc, out)
+        g.build()
+        g.compute()
+        g.free()
+        rel = np.abs(out - ref).max() / np.abs(ref).max()
+        assert rel < 1e-5, (level, rel)
