@@ -28,7 +28,11 @@ EXPORT_TYPES = {
     "Q5_0": 6,
     "Q5_1": 7,
     "Q8_0": 8,
+    "Q2_K": 10,
+    "Q4_K": 12,
+    "Q6_K": 14,
 }
+_KQUANTS = {10: "Q2_K", 12: "Q4_K", 14: "Q6_K"}  # quantized by edgemoe.quant
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
 
 # Fields a GGUF round trip must preserve for llama.cpp to compute the same model.
@@ -90,6 +94,11 @@ def encode_tensor(w: Weight, qtype: int, spec: ModelSpec, permute: bool) -> np.n
         return np.ascontiguousarray(x, dtype=np.float32)
     if qtype == GGML_F16:
         return x.astype(np.float16)
+    if qtype in _KQUANTS:
+        from edgemoe.quant.kquants import codec
+
+        rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+        return codec(_KQUANTS[qtype]).quantize(rows).reshape(*x.shape[:-1], -1)
     return quantize(
         np.ascontiguousarray(x, dtype=np.float32), GGMLQuantizationType(qtype)
     )
@@ -228,7 +237,8 @@ def write_gguf(
         plan = []
         for n in names:
             w_shape = _shape_of(ckpt, n)
-            t = tensor_type(n, w_shape, target)
+            kept = getattr(ckpt, "stored_type", lambda name: None)(n)
+            t = kept if kept is not None else tensor_type(n, w_shape, target)
             plan.append((n, t, w_shape))
             nbytes = _nbytes(t, w_shape)
             byte_shape = w_shape if t == GGML_F32 else _byte_shape(t, w_shape)
@@ -301,9 +311,9 @@ def _byte_shape(qtype: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 def _file_type(qtype: str) -> int:
     import gguf
 
-    return int(
-        getattr(gguf.LlamaFileType, "ALL_F32" if qtype == "F32" else f"MOSTLY_{qtype}")
-    )
+    # general.file_type is informational; Q4_K files are the "S" mix here.
+    name = {"F32": "ALL_F32", "Q4_K": "MOSTLY_Q4_K_S"}.get(qtype, f"MOSTLY_{qtype}")
+    return int(getattr(gguf.LlamaFileType, name))
 
 
 def _add_field(writer, key: str, value: Any) -> None:

@@ -322,6 +322,15 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     from edgemoe.converters.llama_gguf import write_gguf
 
     ckpt = open_checkpoint(args.model)
+    if getattr(ckpt, "manifest", None) is not None:
+        from edgemoe.converters.level_view import LevelCheckpoint
+
+        ckpt = LevelCheckpoint(ckpt, args.level, args.type)
+    elif args.level is not None:
+        ckpt.close()
+        from edgemoe.errors import ConfigError
+
+        raise ConfigError("--level applies to converted EdgeMoE models")
     try:
         out = write_gguf(
             ckpt,
@@ -456,9 +465,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("model", metavar="MODEL")
     x.add_argument("-o", "--output", required=True)
     x.add_argument(
-        "--type", default="Q8_0", help="F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1"
+        "--type",
+        default="Q8_0",
+        help="F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q4_K, Q6_K "
+        "(converted models: the experts' type; the backbone keeps its own)",
     )
     x.add_argument("--force", action="store_true", help="overwrite OUTPUT")
+    x.add_argument(
+        "--level",
+        type=int,
+        default=None,
+        help="converted models: the expert level to export (default: top)",
+    )
     x.set_defaults(func=cmd_export_gguf)
 
     y = sub.add_parser("synth", help="write a RANDOM-weight model of a real shape")

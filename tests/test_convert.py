@@ -226,3 +226,40 @@ def test_disk_full_leaves_the_previous_model_intact(
         convert(fixture_dir, out, ConvertOptions(force=True))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_exported_gguf_runs_in_llamacpp_like_edgemoe(converted, tmp_path, cli):
+    """export-gguf at level 2 as Q2_K copies the plane's blocks (its fp16 scales
+    rescaled exactly), so llama.cpp computes the very model EdgeMoE runs at
+    level 2: same logits, same 32 greedy tokens. Level 4 becomes Q4_K."""
+    from edgemoe.runtime.llamacpp import LlamaCpp
+
+    out2 = tmp_path / "l2.gguf"
+    proc = cli("export-gguf", converted, "--level", 2, "--type", "Q2_K", "-o", out2)
+    assert proc.returncode == 0, proc.stderr
+    with edgemoe.load(converted, level=2) as m:
+        prompt = m.tokenize("def parse_args(argv):\n    parser = ")
+        ours = [
+            r.token
+            for r in m.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True)
+        ]
+        m.reset()
+        our_logits = m.eval(prompt)
+    with LlamaCpp(out2, n_ctx=128, f32_cache=True) as ref:
+        expected, _ = ref.greedy(prompt, 32)
+        ref.reset()
+        ref_logits = ref.eval(prompt)
+    assert ours == expected
+    assert np.abs(our_logits - ref_logits).max() < 1e-4
+
+    out4 = tmp_path / "l4.gguf"
+    proc = cli("export-gguf", converted, "--level", 4, "--type", "Q4_K", "-o", out4)
+    assert proc.returncode == 0, proc.stderr
+    with edgemoe.load(out4) as g, LlamaCpp(out4, n_ctx=128, f32_cache=True) as ref:
+        types = {g.checkpoint.info(n)[0] for n in g.checkpoint.names()}
+        assert "Q4_K" in types and "Q8_0" in types  # experts Q4_K, backbone as stored
+        got = [
+            r.token
+            for r in g.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True)
+        ]
+        assert got == ref.greedy(prompt, 32)[0]
