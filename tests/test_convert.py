@@ -263,3 +263,32 @@ def test_exported_gguf_runs_in_llamacpp_like_edgemoe(converted, tmp_path, cli):
             for r in g.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True)
         ]
         assert got == ref.greedy(prompt, 32)[0]
+
+
+@pytest.mark.parametrize("level", [2, 4])
+def test_onnx_export_runs_in_onnxruntime_like_edgemoe(converted, tmp_path, level):
+    """The ONNX graph carries the level's own blocks (MatMulNBits): its logits
+    match EdgeMoE at that level up to activation quantization (ggml quantizes
+    activations to 8 bits, onnxruntime keeps float32), and sit closer to that
+    level than to any other."""
+    import onnxruntime as ort
+
+    from edgemoe.converters.onnx_export import export_onnx
+
+    path = export_onnx(converted, level, tmp_path / "model.onnx")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    with edgemoe.load(converted, level=level) as m:
+        ids = m.tokenize(
+            "def parse_args(argv):\n    parser = argparse.ArgumentParser()\n"
+        )
+        ours = m.logits(ids)
+    got = session.run(None, {"input_ids": np.array([ids], dtype=np.int64)})[0][0]
+    assert got.shape == ours.shape
+    diff = np.abs(got - ours).max()
+    assert diff < 0.05 * np.abs(ours).max()
+    assert (got.argmax(-1) == ours.argmax(-1)).mean() >= 0.95
+    for other in {2, 4, 8} - {level}:
+        with edgemoe.load(converted, level=other) as m:
+            assert diff < np.abs(got - m.logits(ids)).max()

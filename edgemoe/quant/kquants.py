@@ -70,21 +70,43 @@ class Codec:
         )
         return blocks.reshape(r, k // bt.block * bt.nbytes)
 
+    sub: ClassVar[int]
+    """Values per sub-block (one scale and offset each)."""
+    zero: ClassVar[int] = 0
+    """The code that means 0 before the offset (Q6_K 32, Q8_0 128 here)."""
+
     @classmethod
-    def dequantize(cls, raw: np.ndarray) -> np.ndarray:
-        """Block bytes [R, row_bytes] -> float32 [R, K], as ggml computes them."""
+    def components(cls, raw: np.ndarray):
+        """Block bytes [R, row_bytes] -> (codes uint8 [R, K], scales [R, K/sub],
+        offsets [R, K/sub] or None): value = scale * (code - zero) - offset."""
         bt = cls.btype
         raw = np.ascontiguousarray(raw, dtype=np.uint8)
         r = raw.shape[0]
-        out = cls.dequantize_blocks(raw.reshape(-1, bt.nbytes))
-        return out.reshape(r, -1)
+        codes, scale, offset = cls.components_blocks(raw.reshape(-1, bt.nbytes))
+        return (
+            codes.reshape(r, -1),
+            scale.reshape(r, -1),
+            None if offset is None else offset.reshape(r, -1),
+        )
+
+    @classmethod
+    def dequantize(cls, raw: np.ndarray) -> np.ndarray:
+        """Block bytes [R, row_bytes] -> float32 [R, K], as ggml computes them
+        (scale = d * sub-scale first, then scale * code - offset)."""
+        codes, scale, offset = cls.components(raw)
+        r, k = codes.shape
+        q = (codes.astype(np.int16) - cls.zero).astype(np.float32)
+        y = scale.reshape(r, -1, 1) * q.reshape(r, -1, cls.sub)
+        if offset is not None:
+            y = y - offset.reshape(r, -1, 1)
+        return y.reshape(r, k)
 
     @classmethod
     def quantize_blocks(cls, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     @classmethod
-    def dequantize_blocks(cls, raw: np.ndarray) -> np.ndarray:
+    def components_blocks(cls, raw: np.ndarray):
         raise NotImplementedError
 
 
@@ -158,6 +180,8 @@ def codes_for(
 class Q2K(Codec, name="Q2_K"):
     """256 weights: 16 sub-blocks of 16, codes 0..3, 4-bit scale and min each."""
 
+    sub = 16
+
     @classmethod
     def quantize_blocks(cls, x, w):
         b = x.shape[0]
@@ -177,7 +201,7 @@ class Q2K(Codec, name="Q2_K"):
         return out
 
     @classmethod
-    def dequantize_blocks(cls, raw):
+    def components_blocks(cls, raw):
         b = raw.shape[0]
         d = raw[:, 80:82].copy().view(np.float16).astype(np.float32)  # [B, 1]
         dmin = raw[:, 82:84].copy().view(np.float16).astype(np.float32)
@@ -185,14 +209,14 @@ class Q2K(Codec, name="Q2_K"):
         mn = (raw[:, :16] >> 4).astype(np.float32)
         qs = raw[:, 16:80].reshape(b, 2, 1, 32)
         q = (qs >> np.array([0, 2, 4, 6], dtype=np.uint8)[None, None, :, None]) & 3
-        q = q.reshape(b, 16, 16).astype(np.float32)
-        dl = (d * sc)[..., None]  # ggml: dl = d * sc, ml = min * m, y = dl*q - ml
-        ml = (dmin * mn)[..., None]
-        return (dl * q - ml).reshape(b, 256)
+        # ggml: dl = d * sc, ml = min * m, y = dl * q - ml
+        return q.reshape(b, 256), d * sc, dmin * mn
 
 
 class Q4K(Codec, name="Q4_K"):
     """256 weights: 8 sub-blocks of 32, codes 0..15, 6-bit scale and min each."""
+
+    sub = 32
 
     @classmethod
     def quantize_blocks(cls, x, w):
@@ -216,7 +240,7 @@ class Q4K(Codec, name="Q4_K"):
         return out
 
     @classmethod
-    def dequantize_blocks(cls, raw):
+    def components_blocks(cls, raw):
         b = raw.shape[0]
         d = raw[:, 0:2].copy().view(np.float16).astype(np.float32)
         dmin = raw[:, 2:4].copy().view(np.float16).astype(np.float32)
@@ -229,14 +253,18 @@ class Q4K(Codec, name="Q4_K"):
         mn[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
         qs = raw[:, 16:].reshape(b, 4, 1, 32)
         q = (qs >> np.array([0, 4], dtype=np.uint8)[None, None, :, None]) & 0xF
-        q = q.reshape(b, 8, 32).astype(np.float32)
-        dl = (d * sc.astype(np.float32))[..., None]
-        ml = (dmin * mn.astype(np.float32))[..., None]
-        return (dl * q - ml).reshape(b, 256)
+        return (
+            q.reshape(b, 256),
+            d * sc.astype(np.float32),
+            dmin * mn.astype(np.float32),
+        )
 
 
 class Q6K(Codec, name="Q6_K"):
     """256 weights: 16 sub-blocks of 16, codes -32..31, signed 8-bit scales."""
+
+    sub = 16
+    zero = 32
 
     @classmethod
     def quantize_blocks(cls, x, w):
@@ -269,23 +297,25 @@ class Q6K(Codec, name="Q6_K"):
         return out
 
     @classmethod
-    def dequantize_blocks(cls, raw):
+    def components_blocks(cls, raw):
         b = raw.shape[0]
         ql = raw[:, :128].reshape(b, 2, 64)
         qh = raw[:, 128:192].reshape(b, 2, 32)
         sc = raw[:, 192:208].copy().view(np.int8).astype(np.float32)  # [B, 16]
         d = raw[:, 208:210].copy().view(np.float16).astype(np.float32)  # [B, 1]
-        u = np.empty((b, 2, 4, 32), dtype=np.int16)
+        u = np.empty((b, 2, 4, 32), dtype=np.uint8)
         u[:, :, 0] = (ql[:, :, :32] & 0xF) | (((qh >> 0) & 3) << 4)
         u[:, :, 1] = (ql[:, :, 32:] & 0xF) | (((qh >> 2) & 3) << 4)
         u[:, :, 2] = (ql[:, :, :32] >> 4) | (((qh >> 4) & 3) << 4)
         u[:, :, 3] = (ql[:, :, 32:] >> 4) | (((qh >> 6) & 3) << 4)
-        q = (u - 32).reshape(b, 16, 16).astype(np.float32)
-        return ((d * sc)[..., None] * q).reshape(b, 256)  # y = d * sc * q
+        return u.reshape(b, 256), d * sc, None  # y = d * sc * (u - 32)
 
 
 class Q80(Codec, name="Q8_0"):
     """32 weights: fp16 scale, codes -127..127 (symmetric)."""
+
+    sub = 32
+    zero = 128
 
     @classmethod
     def quantize_blocks(cls, x, w):
@@ -299,9 +329,10 @@ class Q80(Codec, name="Q8_0"):
         return out
 
     @classmethod
-    def dequantize_blocks(cls, raw):
-        d = raw[:, :2].copy().view(np.float16).astype(np.float32)
-        return d * raw[:, 2:].copy().view(np.int8).astype(np.float32)
+    def components_blocks(cls, raw):
+        d = raw[:, :2].copy().view(np.float16).astype(np.float32)  # [B, 1]
+        q = raw[:, 2:].copy().view(np.int8).astype(np.int16) + 128
+        return q.astype(np.uint8), d, None
 
 
 def symmetric_scale(
