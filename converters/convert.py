@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,23 +353,38 @@ def _moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step):
         for p, w in (("gate", gate), ("up", up), ("down", down))
     }
     layer_shifts = tuple(plane_shifts(plan, amax[p]) for p in ("gate", "up", "down"))
-    for e in range(spec.n_expert):
-        step("experts", e, spec.n_expert)
+
+    def quantize(e: int) -> list:
         g, u, dn = expert(e)
-        g = _pad_rows(g, f_pad)
-        u = _pad_rows(u, f_pad)
-        dn = _pad_cols(dn, f_pad)
         imat = stats.imatrix(e)  # down is not weighted: see calibration.py
-        planes = [
+        return [
             quantize_nested(m, plan, sh, w)[0].planes
             for m, sh, w in (
-                (g, layer_shifts[0], imat),
-                (u, layer_shifts[1], imat),
-                (dn, layer_shifts[2], None),
+                (_pad_rows(g, f_pad), layer_shifts[0], imat),
+                (_pad_rows(u, f_pad), layer_shifts[1], imat),
+                (_pad_cols(dn, f_pad), layer_shifts[2], None),
             )
         ]
-        for p in range(len(plan.planes)):
-            writer.add_plane(layer, e, p, [planes[0][p], planes[1][p], planes[2][p]])
+
+    # numpy releases the GIL in its kernels: experts quantize in parallel,
+    # a bounded window ahead, and are written in order.
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    with ThreadPoolExecutor(workers) as pool:
+        pending = {}
+        for e in range(spec.n_expert):
+            pending[e] = pool.submit(quantize, e)
+            if len(pending) < workers and e + 1 < spec.n_expert:
+                continue
+            done = min(pending)
+            planes = pending.pop(done).result()
+            step("experts", done + 1, spec.n_expert)
+            for p in range(len(plan.planes)):
+                writer.add_plane(layer, done, p, [planes[j][p] for j in range(3)])
+        for done in sorted(pending):
+            planes = pending.pop(done).result()
+            step("experts", done + 1, spec.n_expert)
+            for p in range(len(plan.planes)):
+                writer.add_plane(layer, done, p, [planes[j][p] for j in range(3)])
     return routed, stats, layer_shifts
 
 

@@ -367,8 +367,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
     import time
+    from pathlib import Path
 
     from edgemoe.converters import synth
+    from edgemoe.converters.convert import ConvertOptions, convert
     from edgemoe.runtime.model import load
 
     print(f"EdgeMoE {__version__} demo: {synth.LABEL}.", file=sys.stderr)
@@ -378,21 +380,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="edgemoe-demo-") as tmp:
         t0 = time.perf_counter()
-        cfg = synth.preset_config("demo")
-        synth.write_hf(cfg, tmp)
+        src, dst = Path(tmp) / "hf", Path(tmp) / "edgemoe"
+        synth.write_hf(synth.preset_config("demo"), src)
         t1 = time.perf_counter()
-        with load(tmp, n_threads=args.threads) as model:
-            t2 = time.perf_counter()
-            s = model.spec
+        report = convert(src, dst, ConvertOptions(calib_tokens=1024))
+        s = report.manifest.spec
+        print(
+            f"synthesised a {s.family} MoE ({s.n_layer} layers, {s.n_expert} "
+            f"experts, {s.n_expert_used} active) in {t1 - t0:.1f} s and converted "
+            f"it to nested levels {list(report.manifest.levels)} in "
+            f"{report.seconds:.1f} s",
+            file=sys.stderr,
+        )
+        prompt = "def main():"
+        for level in reversed(report.manifest.levels):
+            size = report.level_bytes[level] + report.backbone_bytes
             print(
-                f"synthesised a {s.family} MoE ({s.n_layer} layers, "
-                f"{s.n_expert} experts, {s.n_expert_used} active) in {t1 - t0:.1f} s;"
-                " loaded in "
-                f"{(t2 - t1) * 1e3:.0f} ms ({_mib(model.weight_bytes)} of weights)",
+                f"\n--- level {level}: {_mib(size)} with every expert resident",
                 file=sys.stderr,
             )
-            prompt = "def main():"
-            _stream(model, prompt, args, echo=prompt)
+            with load(dst, n_threads=args.threads, level=level) as model:
+                _stream(model, prompt, args, echo=prompt)
     return 0
 
 
@@ -495,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="synthesise a small random MoE and run it")
     d.add_argument("-t", "--threads", type=int, default=None)
     _add_sampling_args(d)
-    d.set_defaults(func=cmd_demo, n_predict=48, seed=0)
+    d.set_defaults(func=cmd_demo, n_predict=24, seed=0)
     return p
 
 

@@ -13,6 +13,7 @@ import edgemoe
 from edgemoe.converters.convert import ConvertOptions, convert
 from edgemoe.errors import ConfigError, ModelFileError
 from edgemoe.format.reader import EdgeCheckpoint
+from edgemoe.quant.baselines import ExpertsTransformed, sliced_int8
 from edgemoe.runtime.perplexity import perplexity
 
 
@@ -31,49 +32,19 @@ def ppl(path, text, **options) -> float:
 def fake_quant_ppl(fixture_dir, text, transform) -> float:
     """Perplexity of the float model with every expert matrix replaced by
     ``transform(matrix)``: the baselines (round-to-nearest, sliced int8)."""
-    from edgemoe.checkpoint import open_checkpoint
-    from edgemoe.checkpoint.base import Weight, aligned_empty
-    from edgemoe.checkpoint.tokenizer import HFTokenizer
+    from edgemoe.checkpoint import open_checkpoint, tokenizer_for
     from edgemoe.runtime.model import LoadOptions, Model
 
-    ckpt = open_checkpoint(fixture_dir)
-    load = ckpt.load
-
-    def quantized(name):
-        w = load(name)
-        if "_exps." not in name:
-            return w
-        out = aligned_empty(w.shape, np.float32)
-        for e in range(w.shape[0]):
-            out[e] = transform(w.data[e])
-        return Weight(name, w.qtype, w.shape, out)
-
-    ckpt.load = quantized
-    with Model(ckpt, HFTokenizer(fixture_dir), LoadOptions()) as m:
+    ckpt = ExpertsTransformed(open_checkpoint(fixture_dir), transform)
+    with Model(ckpt, tokenizer_for(ckpt), LoadOptions()) as m:
         return perplexity(m, m.tokenize(text, add_special=False), 256).perplexity
-
-
-def sliced_int8(bits: int, group: int = 64):
-    """The top ``bits`` of a per-group min/max int8 grid (rounded), as the
-    fixture README's baseline."""
-
-    def f(w):
-        x = w.reshape(w.shape[0], -1, group)
-        lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
-        s = np.where(hi > lo, (hi - lo) / 255, 1)
-        q8 = np.clip(np.round((x - lo) / s), 0, 255)
-        step = 2 ** (8 - bits)
-        q = np.clip(np.round(q8 / step), 0, 2**bits - 1) * step
-        return (q * s + lo).reshape(w.shape).astype(np.float32)
-
-    return f
 
 
 def test_quality_per_level(fixture_dir, converted):
     text = (fixture_dir / "heldout.txt").read_text()
     base = ppl(fixture_dir, text)
     got = {lv: ppl(converted, text, level=lv) for lv in (8, 4, 2)}
-    sliced = fake_quant_ppl(fixture_dir, text, sliced_int8(2))
+    sliced = fake_quant_ppl(fixture_dir, text, lambda w: sliced_int8(w, 2))
     assert got[8] / base - 1 < 0.005
     assert got[4] / base - 1 < 0.01
     assert got[2] / base - 1 < 0.035
@@ -292,3 +263,55 @@ def test_onnx_export_runs_in_onnxruntime_like_edgemoe(converted, tmp_path, level
     for other in {2, 4, 8} - {level}:
         with edgemoe.load(converted, level=other) as m:
             assert diff < np.abs(got - m.logits(ids)).max()
+
+
+def test_convert_cli_errors_are_one_line(fixture_dir, tmp_path, cli):
+    proc = cli("convert", fixture_dir, "-o", tmp_path / "out", "--levels", "2,3")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error: level 3 adds 1 bits")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+    proc = cli("convert", tmp_path / "nope", "-o", tmp_path / "out")
+    assert proc.returncode == 1 and "no such file or directory" in proc.stderr
+
+
+def test_convert_cli_summary(fixture_dir, tmp_path, cli):
+    proc = cli("convert", fixture_dir, "-o", tmp_path / "m", "--calib-tokens", 1024)
+    assert proc.returncode == 0, proc.stderr
+    for needle in (
+        "2-bit",
+        "4-bit",
+        "8-bit",
+        "2.62",
+        "5.25",
+        "9.75",
+        "Q2_K + Q2_K + Q4_K",
+    ):
+        assert needle in proc.stdout
+    proc = cli("inspect", tmp_path / "m", "--json", "--verify")
+    rep = json.loads(proc.stdout)
+    assert rep["verified"] and set(rep["expert_bytes"]) == {"2", "4", "8"}
+    assert rep["backbone_bytes"] > 0
+
+
+def test_gguf_source_converts(fixture_dir, tmp_path):
+    """A llama.cpp GGUF (quantized, pairwise-RoPE rows, vocab in metadata)
+    converts too; its tokenizer travels in backbone.gguf."""
+    from edgemoe.checkpoint import open_checkpoint
+    from edgemoe.converters.llama_gguf import write_gguf
+
+    src = tmp_path / "fixture-q8.gguf"
+    ckpt = open_checkpoint(fixture_dir)
+    try:
+        write_gguf(ckpt, src, "Q8_0")
+    finally:
+        ckpt.close()
+    out = tmp_path / "edge"
+    convert(src, out, ConvertOptions(calib_tokens=1024))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer"] == "gguf" and manifest["source"]["format"] == "gguf"
+    assert not (out / "tokenizer.json").exists()
+    text = (fixture_dir / "heldout.txt").read_text()[:6000]
+    assert ppl(out, text, level=8) / ppl(src, text) - 1 < 0.005
+    with edgemoe.load(out) as m, edgemoe.load(src) as g:
+        assert m.tokenize(text[:500]) == g.tokenize(text[:500])
