@@ -144,22 +144,27 @@ def test_truncated_shard(converted, tmp_path):
         edgemoe.load(model)
 
 
-def test_manifest_from_a_newer_version(converted, tmp_path):
+def edited(converted, tmp_path, edit) -> object:
+    """A copy of the converted model with ``edit(manifest_dict)`` applied."""
     model = copy_of(converted, tmp_path)
     path = model / "manifest.json"
     data = json.loads(path.read_text())
-    data["version"] = 99
+    edit(data)
     path.write_text(json.dumps(data))
+    return model
+
+
+def test_manifest_from_a_newer_version(converted, tmp_path):
+    model = edited(converted, tmp_path, lambda d: d.update(version=99))
     with pytest.raises(ModelFileError, match="newer EdgeMoE"):
         edgemoe.load(model)
 
 
 def test_manifest_inconsistency_is_named(converted, tmp_path):
-    model = copy_of(converted, tmp_path)
-    path = model / "manifest.json"
-    data = json.loads(path.read_text())
-    data["experts"][1][3][0]["offset"] = 10**12
-    path.write_text(json.dumps(data))
+    def far_offset(d):
+        d["experts"][1][3][0]["offset"] = 10**12
+
+    model = edited(converted, tmp_path, far_offset)
     with pytest.raises(ModelFileError, match="layer 1 expert 3 plane 0"):
         edgemoe.load(model)
 

@@ -177,6 +177,24 @@ def codes_for(
     return np.clip(q, 0, nmax).astype(np.uint8)
 
 
+def fit_blocks(x: np.ndarray, w: np.ndarray, sub: int, nmax: int, scale_bits: int):
+    """The K-quant recipe shared by Q2_K and Q4_K, on blocks ``x`` [B, 256]:
+    fit each sub-block, quantize its scale and min against fp16 super-scales,
+    then pick codes under the scales as stored.
+
+    Returns d, dmin [B] (fp16 values), sub-scales, sub-mins [B, S] and codes
+    [B, S, sub].
+    """
+    b, n_sub = x.shape[0], x.shape[1] // sub
+    s, m = fit_min_scale(x.reshape(b * n_sub, sub), w.reshape(b * n_sub, sub), nmax)
+    d, sc = quantize_sub_scales(s.reshape(b, n_sub), scale_bits)  # [B], [B, S]
+    dmin, mq = quantize_sub_scales(m.reshape(b, n_sub), scale_bits)
+    scale = (d[:, None] * sc.astype(np.float32))[..., None]  # [B, S, 1]
+    offset = (dmin[:, None] * mq.astype(np.float32))[..., None]
+    q = codes_for(x.reshape(b, n_sub, sub), scale, offset, nmax)
+    return d, dmin, sc, mq, q
+
+
 class Q2K(Codec, name="Q2_K"):
     """256 weights: 16 sub-blocks of 16, codes 0..3, 4-bit scale and min each."""
 
@@ -185,13 +203,8 @@ class Q2K(Codec, name="Q2_K"):
     @classmethod
     def quantize_blocks(cls, x, w):
         b = x.shape[0]
-        xs, ws = x.reshape(b * 16, 16), w.reshape(b * 16, 16)
-        s, m = fit_min_scale(xs, ws, 3)
-        d, sc = quantize_sub_scales(s.reshape(b, 16), 4)  # [B], [B, 16]
-        dmin, mq = quantize_sub_scales(m.reshape(b, 16), 4)
-        scale = (d[:, None] * sc.astype(np.float32))[..., None]  # [B, 16, 1]
-        offset = (dmin[:, None] * mq.astype(np.float32))[..., None]
-        q = codes_for(x.reshape(b, 16, 16), scale, offset, 3).reshape(b, 2, 4, 32)
+        d, dmin, sc, mq, q = fit_blocks(x, w, 16, 3, 4)
+        q = q.reshape(b, 2, 4, 32)
         qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
         out = np.empty((b, 84), dtype=np.uint8)
         out[:, :16] = sc | (mq << 4)
@@ -221,13 +234,8 @@ class Q4K(Codec, name="Q4_K"):
     @classmethod
     def quantize_blocks(cls, x, w):
         b = x.shape[0]
-        xs, ws = x.reshape(b * 8, 32), w.reshape(b * 8, 32)
-        s, m = fit_min_scale(xs, ws, 15)
-        d, sc = quantize_sub_scales(s.reshape(b, 8), 6)
-        dmin, mq = quantize_sub_scales(m.reshape(b, 8), 6)
-        scale = (d[:, None] * sc.astype(np.float32))[..., None]
-        offset = (dmin[:, None] * mq.astype(np.float32))[..., None]
-        q = codes_for(x.reshape(b, 8, 32), scale, offset, 15).reshape(b, 4, 2, 32)
+        d, dmin, sc, mq, q = fit_blocks(x, w, 32, 15, 6)
+        q = q.reshape(b, 4, 2, 32)
         out = np.empty((b, 144), dtype=np.uint8)
         out[:, 0:2] = d.astype(np.float16).view(np.uint8).reshape(b, 2)
         out[:, 2:4] = dmin.astype(np.float16).view(np.uint8).reshape(b, 2)
