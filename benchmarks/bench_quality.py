@@ -59,7 +59,7 @@ def main() -> int:
     for lv in reversed(plan.levels):
         bpw = 8 * report.level_bytes[lv] / n_w
         rows.append(
-            (f"EdgeMoE nested level {lv}", bpw, ppl(edgemoe.load(dst, level=lv)))
+            (f"EdgeMoE nested level {lv}", bpw, ppl(edgemoe.load(dst, force_level=lv)))
         )
     for bits in (8, 4, 2):
         bpw = bits + 32 / 64  # fp16 scale and min per 64

@@ -68,7 +68,7 @@ def _load(args: argparse.Namespace, **extra: Any):
         n_threads=args.threads,
         n_batch=args.batch,
         device=args.device,
-        level=args.level,
+        force_level=args.level,
         **extra,
     )
 
@@ -399,7 +399,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 f"\n--- level {level}: {_mib(size)} with every expert resident",
                 file=sys.stderr,
             )
-            with load(dst, n_threads=args.threads, level=level) as model:
+            with load(dst, n_threads=args.threads, force_level=level) as model:
                 _stream(model, prompt, args, echo=prompt)
     return 0
 

@@ -1,19 +1,23 @@
 """The transformer forward pass: ggml graphs for the matmuls, numpy for the rest.
 
-Each layer runs as three graphs over one shared workspace of numpy arrays:
+Each layer runs as graphs over one shared workspace of numpy arrays:
   A  x -> rmsnorm -> q, k, v
      (numpy: q/k norm, RoPE, KV cache, attention -> attn)
   B  x, attn -> h = x + Wo attn;  hn = rmsnorm(h);  router logits
      (numpy: softmax top-k routing -> ids, weights)
-  C  h, hn, ids, weights -> x = h + sum_k w_k expert_k(hn)  [+ shared expert]
-Decode graphs (T = 1) are built once and re-run; prefill graphs (T > 1) are
-built per chunk and share one scratch allocator, so prefill memory does not
-grow with the layer count.
+  C  h, hn -> x = h + dense MLP, or + shared expert (or x = h)
+  E  hn, slot ids per plane, weights -> sum_k w_k expert_k(hn); x += it
+E may run several times per layer ("waves"): experts whose planes are in
+memory run at once while the I/O queue fetches the others
+(runtime/routed.py). Decode graphs (T = 1) are built once and re-run;
+prefill graphs (T > 1) are built per chunk and share one scratch allocator,
+so prefill memory does not grow with the layer count.
 Legend: T tokens, D hidden, E experts, K experts per token, F expert FFN.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,25 +31,17 @@ from edgemoe.runtime.graph import Device, Graph, T, WeightSet
 
 @dataclass
 class ExpertPlanes:
-    """A layer's routed experts as planes; plane p is (gate, up, down) over
-    stacked ``[slots, N, K]`` tensors and its power-of-two shifts.
+    """A layer's routed experts: plane p is (gate, up, down) over stacked
+    ``[slots, N, K]`` tensors, with power-of-two shifts per projection.
 
-    A plain checkpoint is one plane with shifts 0. A nested model has one plane
-    per level step and an all-zero extra slot: routing points plane p of every
-    expert that runs below plane p's level at that slot, so each expert runs at
-    its own level inside the same ``mul_mat_id``.
+    A plain checkpoint is one plane of E slots (slot id = expert id). A
+    converted model shares global slot slabs across layers (runtime/
+    expert_cache.py); then slot ids come from the cache.
     """
 
     tensors: list[tuple[T, T, T]]
     shifts: list[tuple[int, int, int]]
-    n_slots: int
-    zero_slot: int | None
-    planes_for: np.ndarray
-    """[E] how many planes each expert uses now (its level)."""
-
-    @property
-    def active(self) -> int:
-        return int(self.planes_for.max())
+    n_slots: list[int]
 
 
 @dataclass
@@ -93,6 +89,7 @@ class Workspace:
             "ids": ((t, k), np.int32),
             "pids": ((n_planes, t, k), np.int32),
             "rw": ((t, k), np.float32),
+            "eout": ((t, d), np.float32),
         }
         sizes = {n: -(-int(np.prod(s)) * 4 // 64) * 64 for n, (s, _) in fields.items()}
         self.base = aligned_empty((sum(sizes.values()),), np.uint8)
@@ -113,6 +110,15 @@ def to_f32(w: Weight) -> Weight:
     return Weight(w.name, GGML_F32, w.shape, out)
 
 
+class StaticRouted:
+    """Routed experts all in memory, one plane: a single E run per layer."""
+
+    def run(self, fw: Forward, ws: Workspace, layer: int, w: LayerWeights) -> None:
+        ws.pids[0] = ws.ids
+        fw.stage(ws, layer, "E1")
+        ws.x += ws.eout
+
+
 class Forward:
     """Runs the layers of one model over a Workspace; owns the graphs."""
 
@@ -128,6 +134,8 @@ class Forward:
         self.layers = layers
         self.attention = attention
         self._decode: dict[tuple[int, str], Graph] = {}
+        self.compute_s = 0.0
+        self.routed = StaticRouted()
         self._decode_ws: Workspace | None = None
         self._prefill_galloc = None
 
@@ -158,31 +166,38 @@ class Forward:
             g.output(hn, ws.hn, ws.base)
             if w.router is not None:
                 g.output(g.mul_mat(w.router, hn), ws.router, ws.base)
-        else:
+        elif stage == "C":
             h = g.input(ws.h, ws.base)
             hn = g.input(ws.hn, ws.base)
-            if w.experts is not None:
-                ffn = self._moe(g, ws, w, hn)
-            else:
+            if w.experts is None:
                 ffn = g.mul_mat(
                     w.down, g.swiglu(g.mul_mat(w.gate, hn), g.mul_mat(w.up, hn))
                 )
+            else:
+                ffn = g.mul_mat(
+                    w.down_shexp,
+                    g.swiglu(g.mul_mat(w.gate_shexp, hn), g.mul_mat(w.up_shexp, hn)),
+                )  # [D, T]
+                if w.gate_inp_shexp is not None:
+                    ffn = g.mul(ffn, g.sigmoid(g.mul_mat(w.gate_inp_shexp, hn)))
             g.output(g.add(h, ffn), ws.x, ws.base)
+        else:  # "E<planes>": the routed experts over that many planes
+            self._routed_graph(g, ws, w.experts, int(stage[1:]))
         g.build()
         return g
 
-    def _moe(self, g: Graph, ws: Workspace, w: LayerWeights, hn: T) -> T:
+    def _routed_graph(self, g: Graph, ws: Workspace, ep: ExpertPlanes, planes: int):
         s = self.spec
         d, k, t = s.n_embd, s.n_expert_used, ws.t
-        ep = w.experts
-        ids = [g.ids(ws.pids[p], ep.n_slots, ws.base) for p in range(ep.active)]
+        hn = g.input(ws.hn, ws.base)
+        ids = [g.ids(ws.pids[p], ep.n_slots[p], ws.base) for p in range(planes)]
         rw = g.reshape(g.input(ws.rw, ws.base), 1, k, t)  # [1, K, T]
         x3 = g.reshape(hn, d, 1, t)  # [D, 1, T]
 
         def project(j: int, x: T) -> T:
-            """Sum over the active planes of projection j; [N, K, T]."""
+            """Sum over the planes of projection j; [N, K, T]."""
             acc = None
-            for p in range(ep.active):
+            for p in range(planes):
                 y = g.mul_mat_id(ep.tensors[p][j], x, ids[p])
                 if ep.shifts[p][j]:
                     y = g.scale(y, 2.0 ** -ep.shifts[p][j])
@@ -194,22 +209,13 @@ class Forward:
         out = g.view_2d(down, d, t, d * k * 4, 0)
         for j in range(1, k):
             out = g.add(g.view_2d(down, d, t, d * k * 4, j * d * 4), out)
-        if w.gate_shexp is not None:
-            shared = g.mul_mat(
-                w.down_shexp,
-                g.swiglu(g.mul_mat(w.gate_shexp, hn), g.mul_mat(w.up_shexp, hn)),
-            )  # [D, T]
-            if w.gate_inp_shexp is not None:
-                shared = g.mul(shared, g.sigmoid(g.mul_mat(w.gate_inp_shexp, hn)))
-            out = g.add(out, shared)
-        return out
+        g.output(out, ws.eout, ws.base)
 
     # -- running ---------------------------------------------------------------
     @property
     def n_planes(self) -> int:
-        return max(
-            (len(w.experts.tensors) for w in self.layers if w.experts), default=1
-        )
+        planes = [len(w.experts.tensors) for w in self.layers if w.experts]
+        return max(planes, default=1)
 
     def workspace(self, t: int) -> Workspace:
         return Workspace(self.spec, t, self.n_planes)
@@ -219,34 +225,27 @@ class Forward:
             self._decode_ws = self.workspace(1)
         return self._decode_ws
 
-    def set_planes(self, planes_for: list[np.ndarray | None]) -> None:
-        """Per layer, how many planes each expert uses; decode graphs follow."""
-        for w, pf in zip(self.layers, planes_for):
-            if w.experts is not None and pf is not None:
-                w.experts.planes_for = np.asarray(pf)
-        for g in self._decode.values():
-            g.free()
-        self._decode.clear()
-
     def prefill_allocator(self) -> int:
         """The allocator prefill graphs share (built, run and freed one by one)."""
         if self._prefill_galloc is None:
             self._prefill_galloc = self.device.new_allocator()
         return self._prefill_galloc
 
-    def _stage(self, ws: Workspace, il: int, stage: str) -> None:
+    def stage(self, ws: Workspace, il: int, stage: str) -> None:
         """Run one graph: cached for the decode workspace, else built and freed."""
+        t0 = time.perf_counter()
         if ws is self._decode_ws:
             g = self._decode.get((il, stage))
             if g is None:
                 g = self._decode[il, stage] = self._graph(ws, il, stage)
             g.compute()
-            return
-        g = self._graph(ws, il, stage, self.prefill_allocator())
-        try:
-            g.compute()
-        finally:
-            g.free()
+        else:
+            g = self._graph(ws, il, stage, self.prefill_allocator())
+            try:
+                g.compute()
+            finally:
+                g.free()
+        self.compute_s += time.perf_counter() - t0
 
     def run(self, ws: Workspace, pos: int, last_only: bool = False) -> np.ndarray:
         """All layers over ``ws.x`` (already embedded) at position ``pos``.
@@ -258,27 +257,22 @@ class Forward:
         """
         n = len(self.layers)
         for il, w in enumerate(self.layers):
-            self._stage(ws, il, "A")
+            self.stage(ws, il, "A")
             self.attention(il, ws.q, ws.k, ws.v, pos, ws.attn, w.q_norm, w.k_norm)
             if last_only and il == n - 1 and ws.t > 1:
                 last = self.decode_workspace()
                 last.x[...] = ws.x[-1:]
                 last.attn[...] = ws.attn[-1:]
                 ws = last
-            self._stage(ws, il, "B")
-            if w.router is not None:
-                self._route(ws, w.experts)
-            self._stage(ws, il, "C")
+            self.stage(ws, il, "B")
+            if w.experts is None or w.gate_shexp is not None:
+                self.stage(ws, il, "C")
+            else:
+                ws.x[...] = ws.h
+            if w.experts is not None:
+                ws.ids[...], ws.rw[...] = route(self.spec, ws.router)
+                self.routed.run(self, ws, il, w)
         return ws.x[-1:] if last_only else ws.x
-
-    def _route(self, ws: Workspace, ep: ExpertPlanes) -> None:
-        ws.ids[...], ws.rw[...] = route(self.spec, ws.router)
-        if ep.zero_slot is None:
-            ws.pids[0] = ws.ids
-            return
-        need = ep.planes_for[ws.ids]  # [T, K] planes each chosen expert runs
-        for p in range(ep.active):
-            ws.pids[p] = np.where(need > p, ws.ids, ep.zero_slot)
 
     def free(self) -> None:
         for g in self._decode.values():
@@ -332,13 +326,7 @@ def build_layers(
                 stacked = tuple(
                     add(b + f"ffn_{p}_exps.weight") for p in ("gate", "up", "down")
                 )
-                lw.experts = ExpertPlanes(
-                    [stacked],
-                    [(0, 0, 0)],
-                    spec.n_expert,
-                    None,
-                    np.ones(spec.n_expert, dtype=np.int64),
-                )
+                lw.experts = ExpertPlanes([stacked], [(0, 0, 0)], [spec.n_expert])
             lw.gate_shexp = add(b + "ffn_gate_shexp.weight")
             lw.up_shexp = add(b + "ffn_up_shexp.weight")
             lw.down_shexp = add(b + "ffn_down_shexp.weight")

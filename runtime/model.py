@@ -29,15 +29,27 @@ class LoadOptions:
     """Prompt tokens per prefill step (bounds prefill scratch memory)."""
     device: str = "cpu"
     """ggml device: "cpu", "gpu" (untested) or "auto"."""
-    level: int | None = None
+    budget: int | str | None = None
+    """Converted models: memory for backbone, KV cache, scratch and expert
+    slots ("3GiB" or bytes); None keeps every expert plane resident."""
+    force_level: int | None = None
     """Converted models: run every expert at this level (protected experts at
-    the top one); None runs the top level."""
+    the top one); None lets dual routing choose per token."""
+    quality: str | tuple[float, float] = "balanced"
+    """Dual routing: max, high, balanced, fast, min, or thresholds (T1, T2)."""
+    prefetch: bool = True
+    """Under a budget: load the next layer's predicted experts ahead."""
+    io: str = "pread"
+    """Expert reads: "pread" (buffered, pages dropped after) or "direct"."""
+    io_threads: int = 2
+    verify: bool = True
+    """Check each expert plane's CRC-32 the first time it is read."""
 
     def __post_init__(self) -> None:
-        for name in ("n_ctx", "n_threads", "n_batch", "level"):
+        for name in ("n_ctx", "n_threads", "n_batch", "force_level", "io_threads"):
             v = getattr(self, name)
             # bool is an int subclass; neither it nor "16" is a count.
-            if not (v is None and name in ("n_threads", "level")) and (
+            if not (v is None and name in ("n_threads", "force_level")) and (
                 not isinstance(v, int) or isinstance(v, bool)
             ):
                 raise ConfigError(f"{name} must be an integer, got {v!r}")
@@ -111,24 +123,16 @@ class Model:
 
         manifest = getattr(checkpoint, "manifest", None)
         n_planes = len(manifest.plan.planes) if manifest else 0
-        self.weights = WeightSet(
-            self.device, capacity=len(names) + 8 + 3 * n_planes * spec.n_layer
-        )
-        experts = None
+        self.weights = WeightSet(self.device, capacity=len(names) + 8 + 3 * n_planes)
+        experts, self.routed, self.memory = None, None, None
         if manifest is not None:
-            from edgemoe.runtime.planes import load_expert_planes, planes_for_level
+            from edgemoe.runtime.offload import setup
 
-            if options.level is not None:
-                manifest.plan.n_planes(options.level)  # a clear error if unknown
-
-            def experts(layer: int):
-                pf = planes_for_level(checkpoint, layer, options.level)
-                return load_expert_planes(checkpoint, layer, self.weights, pf)
-
-        elif options.level is not None:
+            experts, self.routed, self.memory = setup(self, checkpoint, options)
+        elif options.force_level is not None or options.budget is not None:
             raise ConfigError(
-                f"{checkpoint.path}: level applies to converted models "
-                "(edgemoe convert); this one stores experts at one precision"
+                f"{checkpoint.path}: force_level and budget apply to converted "
+                "models (edgemoe convert); this one stores experts at one precision"
             )
         layers = build_layers(spec, load_weight, self.weights, base_of, experts)
         self.embed = checkpoint.load("token_embd.weight")
@@ -142,6 +146,10 @@ class Model:
         self.forward = Forward(
             spec, self.device, layers, Attention(spec, rope, self.cache)
         )
+        if self.routed is not None:
+            self.forward.routed = self.routed
+            if options.budget is None:
+                self.routed.cache.preload_all()
         self._head1: tuple[Graph, np.ndarray, np.ndarray] | None = None
         self.n_past = 0
 
@@ -290,6 +298,8 @@ class Model:
         return self.weights.nbytes
 
     def close(self) -> None:
+        if self.routed is not None:
+            self.routed.cache.io.close()
         self.forward.free()
         if self._head1 is not None:
             self._head1[0].free()

@@ -43,7 +43,7 @@ def fake_quant_ppl(fixture_dir, text, transform) -> float:
 def test_quality_per_level(fixture_dir, converted):
     text = (fixture_dir / "heldout.txt").read_text()
     base = ppl(fixture_dir, text)
-    got = {lv: ppl(converted, text, level=lv) for lv in (8, 4, 2)}
+    got = {lv: ppl(converted, text, force_level=lv) for lv in (8, 4, 2)}
     sliced = fake_quant_ppl(fixture_dir, text, lambda w: sliced_int8(w, 2))
     assert got[8] / base - 1 < 0.005
     assert got[4] / base - 1 < 0.01
@@ -101,7 +101,7 @@ def test_other_families_convert_and_run(build_model, tmp_path, family):
         expected = ref.logits(ids)
     err = {}
     for level in (8, 4):
-        with edgemoe.load(out, level=level) as m:
+        with edgemoe.load(out, force_level=level) as m:
             got = m.logits(ids)
         err[level] = np.abs(got - expected).max() / np.abs(expected).max()
         if level == 8:
@@ -213,7 +213,7 @@ def test_exported_gguf_runs_in_llamacpp_like_edgemoe(converted, tmp_path, cli):
     out2 = tmp_path / "l2.gguf"
     proc = cli("export-gguf", converted, "--level", 2, "--type", "Q2_K", "-o", out2)
     assert proc.returncode == 0, proc.stderr
-    with edgemoe.load(converted, level=2) as m:
+    with edgemoe.load(converted, force_level=2) as m:
         prompt = m.tokenize("def parse_args(argv):\n    parser = ")
         ours = [
             r.token
@@ -255,7 +255,7 @@ def test_onnx_export_runs_in_onnxruntime_like_edgemoe(converted, tmp_path, level
     so = ort.SessionOptions()
     so.log_severity_level = 3
     session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    with edgemoe.load(converted, level=level) as m:
+    with edgemoe.load(converted, force_level=level) as m:
         ids = m.tokenize(
             "def parse_args(argv):\n    parser = argparse.ArgumentParser()\n"
         )
@@ -266,7 +266,7 @@ def test_onnx_export_runs_in_onnxruntime_like_edgemoe(converted, tmp_path, level
     assert diff < 0.05 * np.abs(ours).max()
     assert (got.argmax(-1) == ours.argmax(-1)).mean() >= 0.95
     for other in {2, 4, 8} - {level}:
-        with edgemoe.load(converted, level=other) as m:
+        with edgemoe.load(converted, force_level=other) as m:
             assert diff < np.abs(got - m.logits(ids)).max()
 
 
@@ -317,6 +317,6 @@ def test_gguf_source_converts(fixture_dir, tmp_path):
     assert manifest["tokenizer"] == "gguf" and manifest["source"]["format"] == "gguf"
     assert not (out / "tokenizer.json").exists()
     text = (fixture_dir / "heldout.txt").read_text()[:6000]
-    assert ppl(out, text, level=8) / ppl(src, text) - 1 < 0.005
+    assert ppl(out, text, force_level=8) / ppl(src, text) - 1 < 0.005
     with edgemoe.load(out) as m, edgemoe.load(src) as g:
         assert m.tokenize(text[:500]) == g.tokenize(text[:500])

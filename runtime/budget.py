@@ -1,0 +1,101 @@
+"""Memory budgets: parsing sizes, and splitting a budget between the resident
+backbone, the KV cache, compute scratch and the expert plane slots."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from edgemoe.errors import ConfigError
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1 << 30,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1 << 40,
+}
+
+
+def parse_size(value: str | int | float) -> int:
+    """``"3GiB"``, ``"1.5 GB"``, ``"800M"`` or a byte count -> bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"a memory size must be bytes or like '3GiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        if value <= 0 or not math.isfinite(value):
+            raise ConfigError(f"a memory size must be positive, got {value!r}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(
+            f"cannot read memory size {value!r}; use e.g. 3GiB, 1500MiB, 2.5GB or bytes"
+        )
+    n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if n <= 0:
+        raise ConfigError(f"a memory size must be positive, got {value!r}")
+    return int(n)
+
+
+def fmt_size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """How a budget is spent. ``slots[p]`` expert slots for plane p."""
+
+    total: int
+    backbone: int
+    kv_cache: int
+    scratch: int
+    plane_bytes: tuple[int, ...]
+    """Bytes of one expert's plane p (gate + up + down)."""
+    slots: tuple[int, ...]
+
+    @property
+    def experts(self) -> int:
+        # One extra, all-zero slot per plane (see runtime/expert_cache.py).
+        return sum((s + 1) * b for s, b in zip(self.slots, self.plane_bytes))
+
+    @property
+    def used(self) -> int:
+        return self.backbone + self.kv_cache + self.scratch + self.experts
+
+
+def plan_slots(
+    budget: int,
+    fixed: int,
+    plane_bytes: tuple[int, ...],
+    n_experts_total: int,
+    min_slots: int,
+    planes_required: int,
+) -> tuple[int, ...]:
+    """Expert slots per plane for ``budget - fixed`` bytes.
+
+    Plane 1 (every expert needs it) gets half, up to one slot per expert of
+    the model; the higher planes share the rest with equal slot counts, so
+    any expert can be lifted to the top level. ``planes_required`` planes must
+    each hold ``min_slots`` (a forced level needs them all).
+    """
+    room = budget - fixed - sum(plane_bytes)  # the zero slots
+    need = min_slots * sum(plane_bytes[:planes_required])
+    if room < need:
+        raise ValueError(need - room)
+    p = len(plane_bytes)
+    if planes_required == p or p == 1:
+        s = min(n_experts_total, room // sum(plane_bytes))
+        return (s,) * p
+    first = min(n_experts_total, max(min_slots, room // 2 // plane_bytes[0]))
+    rest = (room - first * plane_bytes[0]) // sum(plane_bytes[1:])
+    rest = min(n_experts_total, rest)
+    return (first,) + (rest,) * (p - 1)

@@ -1,0 +1,328 @@
+"""Expert planes resident in fixed slots, under a memory budget.
+
+Per plane p and projection one slab ``[S_p + 1, N, row_bytes]``, allocated once
+and bound zero-copy as the ggml tensor that ``mul_mat_id`` indexes: memory use
+is flat and known in advance. Slot ``S_p`` is all zeros, so an expert running
+below plane p's level points plane p at it and gets nothing added. Slots hold
+(layer, expert) planes of any layer; routing maps expert ids to slot ids.
+
+Loads go through the I/O queue in HEBF order (the hottest expert's most
+significant plane first, D2MoE's heuristic); the compute thread keeps all the
+bookkeeping, the I/O threads only fill bytes. Eviction is per plane pool and
+scores a slot by recency, use in this sequence, calibration hotness and how
+soon its layer comes round again; losing plane 1 drops the planes above it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgemoe.checkpoint.base import Weight, aligned_empty
+from edgemoe.format.spec import PROJS
+from edgemoe.runtime.graph import T, WeightSet
+from edgemoe.runtime.io_queue import DEMAND, PREFETCH, IOQueue, ReadRequest
+
+EMPTY, LOADING, READY = 0, 1, 2
+
+
+@dataclass
+class CacheCounters:
+    """Cumulative; the engine reports per-token differences."""
+
+    hits: list[int]
+    misses: list[int]
+    upgrades: int = 0
+    prefetches: int = 0
+    prefetch_hits: int = 0
+    evictions: int = 0
+    stall_s: float = 0.0
+    trace: list = field(default_factory=list)
+    """(event, key, time) when tracing is on: "load", "compute" ..."""
+
+
+def hebf_order(heat: dict[int, list[float]]) -> list[tuple[int, int]]:
+    """D2MoE's hottest-expert-bits-first order.
+
+    ``heat[e][p]`` is how much demand plane p of expert e carries (its
+    frequency). Each expert is a queue of its planes, most significant first;
+    repeatedly the queue whose head is hottest gives up its head.
+    """
+    heads = {e: 0 for e, h in heat.items() if h}
+    order = []
+    while heads:
+        e = max(heads, key=lambda x: (heat[x][heads[x]], -x))
+        order.append((e, heads[e]))
+        heads[e] += 1
+        if heads[e] >= len(heat[e]):
+            del heads[e]
+    return order
+
+
+class PlaneCache:
+    """Which (layer, expert, plane) sits in which slot, and loading them."""
+
+    def __init__(
+        self,
+        ckpt,
+        weights: WeightSet,
+        slots: tuple[int, ...],
+        io: IOQueue,
+        verify: bool = True,
+    ):
+        m = ckpt.manifest
+        self.ckpt, self.manifest, self.io = ckpt, m, io
+        self.planes = m.plan.planes
+        self.n_expert = ckpt.spec.n_expert
+        self.moe_layers = m.moe_layers
+        self._moe_index = {layer: i for i, layer in enumerate(self.moe_layers)}
+        shapes = ckpt.plane_shapes()
+        self.slots = slots
+        self.slabs: list[dict[str, np.ndarray]] = []
+        self.tensors: list[tuple[T, T, T]] = []
+        self.plane_bytes: list[int] = []
+        for p, bt in enumerate(self.planes):
+            slabs = {}
+            for proj in PROJS:
+                n, k = shapes[proj]
+                slab = aligned_empty((slots[p] + 1, n, bt.row_bytes(k)), np.uint8)
+                slab[slots[p]] = 0  # the zero slot
+                slabs[proj] = slab
+            self.slabs.append(slabs)
+            self.tensors.append(
+                tuple(
+                    weights.add(
+                        Weight(
+                            f"experts.p{p}.{proj}",
+                            bt.ggml,
+                            (slots[p] + 1, *shapes[proj]),
+                            slabs[proj],
+                        )
+                    )
+                    for proj in PROJS
+                )
+            )
+            self.plane_bytes.append(sum(s[0].nbytes for s in slabs.values()))
+        self.zero = [s for s in slots]
+        self.where: dict[tuple[int, int, int], int] = {}
+        self.owner = [np.full(s, -1, dtype=np.int64) for s in slots]
+        self.state = [np.zeros(s, dtype=np.int8) for s in slots]
+        self.last = [np.zeros(s, dtype=np.float64) for s in slots]
+        self.pinned = [np.zeros(s, dtype=np.int32) for s in slots]
+        self.pending: dict[tuple[int, int, int], ReadRequest] = {}
+        self.verified: set[tuple[int, int, int]] = set()
+        self.verify = verify
+        self.uses: dict[tuple[int, int], int] = defaultdict(int)
+        self.hot = m.hotness
+        self.step = 0
+        self.current = 0
+        self.counters = CacheCounters([0] * len(self.planes), [0] * len(self.planes))
+        self.tracing = False
+        self._cv = threading.Condition()
+
+    # -- state ---------------------------------------------------------------
+    def notify(self, req: ReadRequest) -> None:
+        """Called by I/O threads when a read finishes."""
+        with self._cv:
+            self._cv.notify_all()
+
+    def resident_planes(self, layer: int, expert: int) -> int:
+        """How many planes, from the first, are loaded and ready."""
+        n = 0
+        for p in range(len(self.planes)):
+            slot = self.where.get((layer, expert, p))
+            if slot is None or self.state[p][slot] != READY:
+                break
+            n += 1
+        return n
+
+    def slot(self, layer: int, expert: int, plane: int) -> int:
+        return self.where[layer, expert, plane]
+
+    def resident_bytes(self) -> list[int]:
+        """Bytes loaded per plane (READY slots)."""
+        return [
+            int((s == READY).sum()) * b for s, b in zip(self.state, self.plane_bytes)
+        ]
+
+    def new_sequence(self) -> None:
+        self.uses.clear()
+
+    # -- loading -------------------------------------------------------------
+    def poll(self) -> None:
+        """Move finished reads to READY; raise the first failure."""
+        failed = None
+        for key, req in list(self.pending.items()):
+            if not req.done.is_set():
+                continue
+            del self.pending[key]
+            slot = self.where.get(key)
+            p = key[2]
+            if req.error is not None or req.cancelled:
+                if slot is not None:
+                    self._free(p, slot)
+                failed = failed or req.error
+                continue
+            if slot is not None:
+                self.state[p][slot] = READY
+                if req.crc32 is not None:
+                    self.verified.add(key)
+            if self.tracing:
+                self.counters.trace.append(("loaded", key, req.finished))
+        if failed is not None:
+            raise failed
+
+    def wait(self, timeout: float = 0.05) -> None:
+        """Block until some read finishes (counted as stall time)."""
+        t0 = time.perf_counter()
+        with self._cv:
+            if not any(r.done.is_set() for r in self.pending.values()):
+                self._cv.wait(timeout)
+        self.counters.stall_s += time.perf_counter() - t0
+
+    def _free(self, p: int, slot: int) -> None:
+        key = self.owner[p][slot]
+        if key >= 0:
+            layer, expert = divmod(int(key), self.n_expert)
+            self.where.pop((layer, expert, p), None)
+        self.owner[p][slot] = -1
+        self.state[p][slot] = EMPTY
+        self.pinned[p][slot] = 0
+
+    def _score(self, p: int, slot: int) -> float:
+        """Keep-worthiness; the lowest is evicted first."""
+        layer, expert = divmod(int(self.owner[p][slot]), self.n_expert)
+        n = max(len(self.moe_layers), 1)
+        age = (self.step - self.last[p][slot]) / n
+        ahead = (
+            self._moe_index.get(layer, 0) - self._moe_index.get(self.current, 0) - 1
+        ) % n  # layers until this one runs again (0 = next)
+        hot = self.hot[layer][expert].freq if self.hot and self.hot[layer] else 0.0
+        return (
+            -0.4 * age
+            + 0.3 * np.log1p(self.uses[layer, expert])
+            + 0.2 * hot
+            - 0.3 * ahead / n
+        )
+
+    def _take_slot(self, p: int) -> int | None:
+        free = np.nonzero(self.state[p] == EMPTY)[0]
+        if free.size:
+            return int(free[0])
+        cands = np.nonzero((self.state[p] == READY) & (self.pinned[p] == 0))[0]
+        if not cands.size:
+            return None
+        victim = int(min(cands, key=lambda s: self._score(p, int(s))))
+        layer, expert = divmod(int(self.owner[p][victim]), self.n_expert)
+        self._free(p, victim)
+        self.counters.evictions += 1
+        if p == 0:
+            # Higher planes are useless without the first: drop them too.
+            for q in range(1, len(self.planes)):
+                s = self.where.get((layer, expert, q))
+                idle = s is not None and self.pinned[q][s] == 0
+                if idle and self.state[q][s] == READY:
+                    self._free(q, s)
+        return victim
+
+    def _load(self, layer: int, expert: int, p: int, priority: tuple) -> bool:
+        slot = self._take_slot(p)
+        if slot is None:
+            return False
+        key = (layer, expert, p)
+        ref = self.manifest.experts[layer][expert][p]
+        shard = self.ckpt.root / self.manifest.shards[ref.shard].file
+        dest = [self.slabs[p][proj][slot] for proj in PROJS]
+        req = ReadRequest(
+            priority=priority,
+            seq=0,
+            key=key,
+            path=shard,
+            offset=ref.offset,
+            length=ref.length,
+            parts=ref.parts,
+            dest=dest,
+            crc32=ref.crc32 if self.verify and key not in self.verified else None,
+        )
+        self.where[key] = slot
+        self.owner[p][slot] = layer * self.n_expert + expert
+        self.state[p][slot] = LOADING
+        self.last[p][slot] = self.step
+        self.pending[key] = self.io.submit(req)
+        if self.tracing:
+            self.counters.trace.append(("submit", key, time.perf_counter()))
+        return True
+
+    def acquire(self, layer: int, heat: dict[int, list[float]]) -> dict[int, int]:
+        """Pin every wanted plane and queue the missing ones in HEBF order.
+
+        ``heat[e]`` lists, per plane e needs, the demand on it. Returns, per
+        expert, how many planes it can get (wanted, or fewer if the pool is
+        full of pinned planes: the caller computes in batches then).
+        """
+        self.current = layer
+        self.step += 1
+        granted = {e: 0 for e in heat}
+        order = hebf_order(heat)
+        for rank, (e, p) in enumerate(order):
+            if granted[e] < p:
+                continue  # a lower plane could not be placed
+            key = (layer, e, p)
+            slot = self.where.get(key)
+            if slot is not None:
+                self.counters.hits[p] += self.state[p][slot] == READY
+                self.counters.prefetch_hits += key in self.pending and (
+                    self.pending[key].priority[0] == PREFETCH
+                )
+            else:
+                self.counters.misses[p] += 1
+                if p > 0:
+                    self.counters.upgrades += 1
+                if not self._load(layer, e, p, (DEMAND, rank)):
+                    continue
+                slot = self.where[key]
+            self.pinned[p][slot] += 1
+            self.last[p][slot] = self.step
+            granted[e] = p + 1
+        for e, n in granted.items():
+            if n:
+                self.uses[layer, e] += 1
+        return granted
+
+    def release(self, layer: int, granted: dict[int, int]) -> None:
+        for e, n in granted.items():
+            for p in range(n):
+                slot = self.where.get((layer, e, p))
+                if slot is not None and self.pinned[p][slot] > 0:
+                    self.pinned[p][slot] -= 1
+
+    def prefetch(self, layer: int, experts: list[int], planes: int = 1) -> None:
+        """Start loading ``experts``' planes below ``planes`` for ``layer``, at
+        prefetch priority, into free slots or ones held by unpinned planes
+        (never the current layer's: those are pinned)."""
+        for e in experts:
+            for p in range(planes):
+                key = (layer, e, p)
+                if key in self.where:
+                    continue
+                if self._load(layer, e, p, (PREFETCH, self.io.new_seq())):
+                    self.counters.prefetches += 1
+                else:
+                    return
+
+    def preload_all(self) -> None:
+        """Load every plane of every expert (an in-memory model), synchronously."""
+        for layer in self.moe_layers:
+            for e in range(self.n_expert):
+                for p in range(len(self.planes)):
+                    if not self._load(layer, e, p, (DEMAND, self.io.new_seq())):
+                        raise RuntimeError("preload needs a slot per expert plane")
+        while self.pending:
+            self.poll()
+            if self.pending:
+                next(iter(self.pending.values())).done.wait(1.0)
+        self.counters = CacheCounters([0] * len(self.planes), [0] * len(self.planes))

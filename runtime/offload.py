@@ -1,0 +1,143 @@
+"""Setting up a converted model's routed experts: the budget split, the slot
+cache, the I/O queue and dual routing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgemoe.errors import ConfigError
+from edgemoe.runtime.budget import fmt_size, parse_size, plan_slots
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What the budget holds, in bytes."""
+
+    budget: int | None
+    backbone: int
+    kv_cache: int
+    scratch: int
+    experts: int
+    slots: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return self.backbone + self.kv_cache + self.scratch + self.experts
+
+
+def kv_bytes(spec, n_ctx: int) -> int:
+    return 2 * spec.n_layer * spec.n_head_kv * n_ctx * spec.head_dim * 4
+
+
+def scratch_bytes(spec, n_ctx: int, n_batch: int, ffn: int) -> int:
+    """Compute scratch for one prefill step of ``n_batch`` tokens: the routed
+    graph's intermediates, the workspace, attention scores, logits rows."""
+    t, k, d = n_batch, max(spec.n_expert_used, 1), spec.n_embd
+    routed = (3 * ffn * k + 3 * d * k + 2 * d) * t
+    attention = spec.n_head * t * n_ctx * 2
+    workspace = t * (8 * d + 4 * spec.n_head * spec.head_dim + 4 * k)
+    return 4 * (routed + attention + workspace + t * spec.n_vocab) + (8 << 20)
+
+
+def min_budget(ckpt, n_ctx: int, n_batch: int, force_level: int | None = None) -> int:
+    """The smallest budget that runs ``ckpt``: backbone, KV cache, scratch and
+    one token's experts (plus the zero slots)."""
+    m = ckpt.manifest
+    plane = _plane_bytes(ckpt)
+    fixed = _fixed(ckpt, n_ctx, n_batch)
+    need = 1 if force_level is None else m.plan.n_planes(force_level)
+    k = ckpt.spec.n_expert_used
+    return fixed + sum(plane) + k * sum(plane[:need])
+
+
+def _plane_bytes(ckpt) -> tuple[int, ...]:
+    shapes = ckpt.plane_shapes()
+    return tuple(
+        sum(bt.row_bytes(kk) * n for n, kk in shapes.values())
+        for bt in ckpt.manifest.plan.planes
+    )
+
+
+def _fixed(ckpt, n_ctx: int, n_batch: int) -> int:
+    spec = ckpt.spec
+    return (
+        ckpt.manifest.backbone.bytes
+        + kv_bytes(spec, n_ctx)
+        + scratch_bytes(spec, n_ctx, n_batch, ckpt.manifest.expert_ffn)
+    )
+
+
+def memory_plan(
+    ckpt, budget, n_ctx: int, n_batch: int, force_level: int | None
+) -> MemoryPlan:
+    """Slots per plane for ``budget`` (None: every expert plane resident)."""
+    m = ckpt.manifest
+    spec = ckpt.spec
+    plane = _plane_bytes(ckpt)
+    n_total = len(m.moe_layers) * spec.n_expert
+    fixed_parts = (
+        m.backbone.bytes,
+        kv_bytes(spec, n_ctx),
+        scratch_bytes(spec, n_ctx, n_batch, m.expert_ffn),
+    )
+    if budget is None:
+        slots = (n_total,) * len(plane)
+        total_budget = None
+    else:
+        total_budget = parse_size(budget)
+        need = 1 if force_level is None else m.plan.n_planes(force_level)
+        try:
+            slots = plan_slots(
+                total_budget, sum(fixed_parts), plane, n_total, spec.n_expert_used, need
+            )
+        except ValueError:
+            minimum = min_budget(ckpt, n_ctx, n_batch, force_level)
+            raise ConfigError(
+                f"budget {fmt_size(total_budget)} ({total_budget} bytes) is below "
+                f"the minimum {fmt_size(minimum)} ({minimum} bytes) for "
+                f"{ckpt.path} at a {n_ctx}-token context: backbone "
+                f"{fmt_size(fixed_parts[0])}, KV cache {fmt_size(fixed_parts[1])}, "
+                f"compute scratch {fmt_size(fixed_parts[2])}, and "
+                f"{spec.n_expert_used} experts per token"
+            ) from None
+    experts = sum((s + 1) * b for s, b in zip(slots, plane))
+    return MemoryPlan(total_budget, *fixed_parts, experts, slots)
+
+
+def setup(model, ckpt, options):
+    """The routed-experts machinery for a converted model; returns
+    (experts(layer) for build_layers, the CachedRouted, the MemoryPlan)."""
+    from edgemoe.runtime.dual_routing import LevelPolicy
+    from edgemoe.runtime.expert_cache import PlaneCache
+    from edgemoe.runtime.forward import to_f32
+    from edgemoe.runtime.io_queue import get_io_backend
+    from edgemoe.runtime.routed import CachedRouted
+
+    m = ckpt.manifest
+    policy = LevelPolicy.make(m.plan, m.protected, options.quality, options.force_level)
+    plan = memory_plan(
+        ckpt, options.budget, model.n_ctx, options.n_batch, options.force_level
+    )
+    cache_ref: list = []
+    io = get_io_backend(
+        options.io, options.io_threads, on_done=lambda req: cache_ref[0].notify(req)
+    )
+    cache = PlaneCache(ckpt, model.weights, plan.slots, io, verify=options.verify)
+    cache_ref.append(cache)
+    io.start()
+    routers = {}
+    if options.prefetch and options.budget is not None:
+        for layer in m.moe_layers:
+            routers[layer] = np.ascontiguousarray(
+                to_f32(ckpt.load(f"blk.{layer}.ffn_gate_inp.weight")).data
+            )
+    routed = CachedRouted(
+        cache,
+        policy,
+        routers,
+        m.shifts,
+        prefetch=options.prefetch and options.budget is not None,
+    )
+    return routed.experts_for, routed, plan
