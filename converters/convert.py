@@ -82,14 +82,12 @@ class _Backbone:
 
 def _vocab(ckpt) -> tuple[dict[str, Any], str]:
     """GGUF vocabulary fields for the backbone, and which tokenizer to use."""
-    from edgemoe.converters.llama_gguf import hf_vocab_fields
-
     if hasattr(ckpt, "tokenizer_fields"):
         return dict(ckpt.tokenizer_fields()), "gguf"
-    try:
-        return hf_vocab_fields(Path(ckpt.root), ckpt.spec.n_vocab), "hf"
-    except ConfigError:
-        return {}, "hf"  # not byte-level BPE: tokenizer.json is used as is
+    # tokenizer.json travels with the model; a copy in backbone.gguf would
+    # only cost memory when the backbone's metadata is read (~10 MB parsed
+    # for a 4k vocabulary).
+    return {}, "hf"
 
 
 def _expert_float(w: Weight, e: int, rows: int) -> np.ndarray:

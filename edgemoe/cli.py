@@ -57,6 +57,27 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="converted models: run every expert at this level (bits)",
     )
+    p.add_argument(
+        "--budget",
+        default=None,
+        help="converted models: memory budget (e.g. 3GiB); experts stream from disk",
+    )
+    p.add_argument(
+        "--quality",
+        default="balanced",
+        help="dual routing: max, high, balanced (default), fast, min, or T1,T2",
+    )
+    p.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="do not load the next layer's predicted experts ahead",
+    )
+    p.add_argument(
+        "--io",
+        default="pread",
+        choices=("pread", "direct"),
+        help="expert reads: buffered pread (default) or O_DIRECT",
+    )
 
 
 def _load(args: argparse.Namespace, **extra: Any):
@@ -69,8 +90,26 @@ def _load(args: argparse.Namespace, **extra: Any):
         n_batch=args.batch,
         device=args.device,
         force_level=args.level,
+        budget=args.budget,
+        quality=_quality(args.quality),
+        prefetch=not args.no_prefetch,
+        io=args.io,
         **extra,
     )
+
+
+def _quality(text: str):
+    """A preset name, or "T1,T2" thresholds."""
+    if "," in text:
+        try:
+            return tuple(float(x) for x in text.split(","))
+        except ValueError:
+            from edgemoe.errors import ConfigError
+
+            raise ConfigError(
+                f"--quality thresholds must be T1,T2, got {text!r}"
+            ) from None
+    return text
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

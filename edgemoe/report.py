@@ -79,8 +79,13 @@ def _edgemoe_report(ckpt, verify: bool) -> dict[str, Any]:
     spec = ckpt.spec
     level_bytes = ckpt.level_bytes()
     n_weights = 3 * spec.expert_ffn * spec.n_embd * spec.n_expert * len(m.moe_layers)
+    from edgemoe.runtime.offload import min_budget
+
+    n_ctx = min(spec.n_ctx_train, 4096)
     rep: dict[str, Any] = {
         "version": m.version,
+        "min_budget_bytes": min_budget(ckpt, n_ctx, 256),
+        "min_budget_context": n_ctx,
         "levels": list(m.levels),
         "plane_types": [p.name for p in m.plan.planes],
         "backbone_type": m.backbone_type,
@@ -142,6 +147,10 @@ def print_inspect(rep: dict[str, Any], tensors: bool = False) -> None:
         print(f"backbone     {rep['backbone_type']}, {mib(rep['backbone_bytes'])}")
         planes = " + ".join(rep["plane_types"])
         print(f"levels       {rep['levels']} bits, planes {planes}")
+        print(
+            f"min budget   {mib(rep['min_budget_bytes'])} at a "
+            f"{rep['min_budget_context']}-token context (--budget)"
+        )
         for lv, b in rep["expert_bytes"].items():
             bpw = rep["expert_bits_per_weight"][lv]
             print(f"  level {lv:>2}: all experts {mib(b)} ({bpw} bits per weight)")

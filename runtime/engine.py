@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgemoe.errors import ConfigError, ContextOverflowError
-from edgemoe.runtime.metrics import MemoryStats, memory_stats
+from edgemoe.runtime.metrics import MemoryStats, StepCounter, StepMetrics, memory_stats
 from edgemoe.runtime.sampling import Sampler, SamplingParams
 
 
@@ -45,6 +45,9 @@ class GenerationResponse:
     finish_reason: str | None = None
     """None while generating; "stop" (EOS or a stop string), "length"
     (max_tokens) or "context" (context full) on the last chunk."""
+    metrics: StepMetrics | None = None
+    """This step's compute, I/O, stalls and expert-cache traffic (the first
+    chunk's cover the prompt)."""
 
 
 class _Detokenizer:
@@ -176,6 +179,7 @@ def generate(
             f"{model.n_ctx} tokens ({hint})"
         )
     model.reset()
+    counter = StepCounter(model) if hasattr(model, "counters") else None
     logits = model.eval(ids)
     prompt_s = time.perf_counter() - t0
     eos = set(model.tokenizer.eos_ids) | set(model.spec.eos_token_ids)
@@ -193,7 +197,8 @@ def generate(
         timings = Timings(
             len(ids), prompt_s, n_gen, now - t_decode if n_gen else 0.0, ttft
         )
-        return GenerationResponse(text, token, timings, memory_stats(), reason)
+        metrics = counter.step() if counter is not None else None
+        return GenerationResponse(text, token, timings, memory_stats(), reason, metrics)
 
     for i in range(max_tokens):
         token = sampler(logits, history)

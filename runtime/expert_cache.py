@@ -90,7 +90,9 @@ class PlaneCache:
             for proj in PROJS:
                 n, k = shapes[proj]
                 slab = aligned_empty((slots[p] + 1, n, bt.row_bytes(k)), np.uint8)
-                slab[slots[p]] = 0  # the zero slot
+                # Zero it all: slot S_p is the zero slot, and committing every
+                # page now keeps memory flat instead of growing as slots fill.
+                slab.fill(0)
                 slabs[proj] = slab
             self.slabs.append(slabs)
             self.tensors.append(

@@ -141,7 +141,13 @@ class Forward:
 
     # -- graph construction ---------------------------------------------------
     def _graph(self, ws: Workspace, layer: int, stage: str, galloc=None) -> Graph:
-        g = Graph(self.device, galloc=galloc)
+        # A/B/C need a few dozen tensors; E about 3 x planes x 3 + 2 x K + 16.
+        size = (
+            64
+            if stage in "ABC"
+            else 9 * self.n_planes + 2 * self.spec.n_expert_used + 32
+        )
+        g = Graph(self.device, n_tensors=size, galloc=galloc)
         w = self.layers[layer]
         eps = self.spec.rms_eps
         if stage == "A":

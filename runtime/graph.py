@@ -296,17 +296,19 @@ class Graph:
     """One ggml graph for fixed shapes; build once with the op methods, then
     ``compute()`` as often as needed after rewriting the bound input arrays."""
 
-    GRAPH_SIZE = 512  # > n_tensors, so the context limit is hit before ggml's
+    MAX_TENSORS = 4096
 
-    def __init__(self, device: Device, n_tensors: int = 256, galloc: int | None = None):
+    def __init__(self, device: Device, n_tensors: int = 128, galloc: int | None = None):
         """``galloc``: a shared allocator (``Device.new_allocator``) for graphs
         that are built, run and freed one at a time; else the graph owns one."""
-        if not 0 < n_tensors < self.GRAPH_SIZE:
-            # Every tensor can become a node; ggml aborts past the graph size.
-            raise GGMLError(f"n_tensors must be in 1..{self.GRAPH_SIZE - 1}")
+        if not 0 < n_tensors <= self.MAX_TENSORS:
+            raise GGMLError(f"n_tensors must be in 1..{self.MAX_TENSORS}")
+        # Every tensor can become a node: the graph holds more nodes than the
+        # context holds tensors, so the context's limit is hit before ggml's.
+        self.graph_size = n_tensors + 16
         self.device = device
         self.g = device.g
-        self._ctx = _Context(device, n_tensors, self.GRAPH_SIZE)
+        self._ctx = _Context(device, n_tensors, self.graph_size)
         self._inputs: list[tuple[T, np.ndarray]] = []
         self._outputs: list[tuple[T, np.ndarray]] = []
         self._ids: list[tuple[np.ndarray, int]] = []
@@ -477,7 +479,7 @@ class Graph:
             raise GGMLError("build() on a freed or already built graph")
         if not self._outputs:
             raise GGMLError("a graph needs at least one output")
-        self._graph = g.ggml_new_graph_custom(self._ctx.ctx, self.GRAPH_SIZE, False)
+        self._graph = g.ggml_new_graph_custom(self._ctx.ctx, self.graph_size, False)
         if not self._graph:
             raise GGMLError("ggml_new_graph_custom failed")
         for t, _ in self._outputs:

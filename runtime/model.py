@@ -17,6 +17,7 @@ from edgemoe.errors import ConfigError, ContextOverflowError
 from edgemoe.runtime.engine import context_hint
 from edgemoe.runtime.forward import Forward, build_layers, to_f32
 from edgemoe.runtime.graph import Device, Graph, WeightSet
+from edgemoe.runtime.metrics import rss_bytes
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,11 @@ def load(path: str | Path, **options: Any) -> Model:
     if unknown:
         raise ConfigError(f"unknown load option(s) {unknown}; known: {sorted(known)}")
     opts = LoadOptions(**options)
+    rss_start = rss_bytes()
     ckpt = open_checkpoint(path)
     try:
         tokenizer = tokenizer_for(ckpt)
-        return Model(ckpt, tokenizer, opts)
+        return Model(ckpt, tokenizer, opts, rss_start=rss_start)
     except BaseException:
         ckpt.close()
         raise
@@ -93,7 +95,11 @@ def load(path: str | Path, **options: Any) -> Model:
 class Model:
     """A loaded model: ``logits`` for scoring, ``generate`` for text."""
 
-    def __init__(self, checkpoint, tokenizer, options: LoadOptions):
+    def __init__(
+        self, checkpoint, tokenizer, options: LoadOptions, rss_start: int | None = None
+    ):
+        """``rss_start``: the process RSS before the checkpoint was opened; a
+        budget then also covers what opening it and the tokenizer cost."""
         self.checkpoint = checkpoint
         self.tokenizer = tokenizer
         self.options = options
@@ -128,7 +134,9 @@ class Model:
         if manifest is not None:
             from edgemoe.runtime.offload import setup
 
-            experts, self.routed, self.memory = setup(self, checkpoint, options)
+            experts, self.routed, self.memory = setup(
+                self, checkpoint, options, rss_start
+            )
         elif options.force_level is not None or options.budget is not None:
             raise ConfigError(
                 f"{checkpoint.path}: force_level and budget apply to converted "
@@ -142,6 +150,11 @@ class Model:
         self._out = self.weights.add(out, base_of(out))
         self.weights.finalize()
         self.cache = KVCache(spec, self.n_ctx)
+        if options.budget is not None:
+            # Commit the KV pages now: under a budget memory use is flat and
+            # counted up front, not grown by the context as it fills.
+            self.cache.k.fill(0)
+            self.cache.v.fill(0)
         rope = RoPE(spec.head_dim, spec.rope_theta, self.n_ctx, spec.rope_interleaved)
         self.forward = Forward(
             spec, self.device, layers, Attention(spec, rope, self.cache)
@@ -293,6 +306,42 @@ class Model:
         return generate(self, prompt, **kwargs)
 
     # -- facts -------------------------------------------------------------------
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """Expert levels (bits) of a converted model; (0,) for plain ones."""
+        manifest = getattr(self.checkpoint, "manifest", None)
+        return manifest.levels if manifest is not None else (0,)
+
+    def counters(self) -> dict:
+        """Cumulative compute/I-O/cache counters (see runtime/metrics.py)."""
+        out = {
+            "compute_s": self.forward.compute_s,
+            "io_s": 0.0,
+            "stall_s": 0.0,
+            "bytes_read": 0,
+            "hits": [0] * len(self.levels),
+            "misses": [0] * len(self.levels),
+            "upgrades": 0,
+            "prefetches": 0,
+            "evictions": 0,
+            "resident": [0] * len(self.levels),
+        }
+        if self.routed is not None:
+            cache = self.routed.cache
+            c = cache.counters
+            out.update(
+                io_s=cache.io.busy_s,
+                stall_s=c.stall_s,
+                bytes_read=cache.io.bytes_read,
+                hits=list(c.hits),
+                misses=list(c.misses),
+                upgrades=c.upgrades,
+                prefetches=c.prefetches,
+                evictions=c.evictions,
+                resident=cache.resident_bytes(),
+            )
+        return out
+
     @property
     def weight_bytes(self) -> int:
         return self.weights.nbytes

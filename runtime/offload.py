@@ -19,12 +19,16 @@ class MemoryPlan:
     backbone: int
     kv_cache: int
     scratch: int
+    runtime: int
+    """Measured: what opening the checkpoint and tokenizer grew the process by."""
     experts: int
     slots: tuple[int, ...]
 
     @property
     def total(self) -> int:
-        return self.backbone + self.kv_cache + self.scratch + self.experts
+        return (
+            self.backbone + self.kv_cache + self.scratch + self.runtime + self.experts
+        )
 
 
 def kv_bytes(spec, n_ctx: int) -> int:
@@ -70,7 +74,7 @@ def _fixed(ckpt, n_ctx: int, n_batch: int) -> int:
 
 
 def memory_plan(
-    ckpt, budget, n_ctx: int, n_batch: int, force_level: int | None
+    ckpt, budget, n_ctx: int, n_batch: int, force_level: int | None, runtime: int = 0
 ) -> MemoryPlan:
     """Slots per plane for ``budget`` (None: every expert plane resident)."""
     m = ckpt.manifest
@@ -81,6 +85,7 @@ def memory_plan(
         m.backbone.bytes,
         kv_bytes(spec, n_ctx),
         scratch_bytes(spec, n_ctx, n_batch, m.expert_ffn),
+        runtime,
     )
     if budget is None:
         slots = (n_total,) * len(plane)
@@ -93,20 +98,20 @@ def memory_plan(
                 total_budget, sum(fixed_parts), plane, n_total, spec.n_expert_used, need
             )
         except ValueError:
-            minimum = min_budget(ckpt, n_ctx, n_batch, force_level)
+            minimum = min_budget(ckpt, n_ctx, n_batch, force_level) + runtime
             raise ConfigError(
                 f"budget {fmt_size(total_budget)} ({total_budget} bytes) is below "
                 f"the minimum {fmt_size(minimum)} ({minimum} bytes) for "
                 f"{ckpt.path} at a {n_ctx}-token context: backbone "
                 f"{fmt_size(fixed_parts[0])}, KV cache {fmt_size(fixed_parts[1])}, "
-                f"compute scratch {fmt_size(fixed_parts[2])}, and "
-                f"{spec.n_expert_used} experts per token"
+                f"compute scratch {fmt_size(fixed_parts[2])}, runtime "
+                f"{fmt_size(runtime)}, and {spec.n_expert_used} experts per token"
             ) from None
     experts = sum((s + 1) * b for s, b in zip(slots, plane))
     return MemoryPlan(total_budget, *fixed_parts, experts, slots)
 
 
-def setup(model, ckpt, options):
+def setup(model, ckpt, options, rss_start: int | None = None):
     """The routed-experts machinery for a converted model; returns
     (experts(layer) for build_layers, the CachedRouted, the MemoryPlan)."""
     from edgemoe.runtime.dual_routing import LevelPolicy

@@ -387,13 +387,16 @@ g.output(y, arr((4, 1, 8)))
 g.build()
 g.compute()
 """,
-    "more_nodes_than_graph_size": """
-g = Graph(dev, n_tensors=Graph.GRAPH_SIZE + 100)
+    "more_nodes_than_the_context_holds": """
+g = Graph(dev, n_tensors=64)
 x = g.input(arr((4, 32)))
-for _ in range(Graph.GRAPH_SIZE + 10):
+for _ in range(100):
     x = g.scale(x, 1.0)
 g.output(x, out)
 g.build()
+""",
+    "a context too large": """
+Graph(dev, n_tensors=Graph.MAX_TENSORS + 1)
 """,
 }
 

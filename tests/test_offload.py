@@ -1,0 +1,281 @@
+"""The offloading runtime: lossless under a budget, memory bounds, HEBF order,
+I/O-compute overlap, failures, dual routing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import edgemoe
+from edgemoe.converters.convert import ConvertOptions, convert
+from edgemoe.errors import ConfigError, ModelFileError
+from edgemoe.quant.types import NestedQuant
+from edgemoe.runtime.budget import parse_size
+from edgemoe.runtime.dual_routing import LevelPolicy
+from edgemoe.runtime.expert_cache import hebf_order
+from edgemoe.runtime.offload import min_budget
+
+SMALL = dict(n_ctx=256, n_batch=32)
+
+
+@pytest.fixture(scope="module")
+def converted(fixture_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("off") / "edge"
+    convert(fixture_dir, out, ConvertOptions(calib_tokens=1024))
+    return out
+
+
+def quarter_budget(path) -> int:
+    """A budget whose expert slots hold about a quarter of the experts, every
+    plane of them (all planes are needed at a forced level 8)."""
+    with edgemoe.load(path, **SMALL) as m:
+        plan = m.memory
+    per_expert = plan.experts // (plan.slots[0] + 1)
+    fixed = plan.backbone + plan.kv_cache + plan.scratch
+    return fixed + per_expert * (plan.slots[0] // 4 + 1) + 1
+
+
+def test_budget_cache_is_lossless(converted):
+    prompt = "def parse_args(argv):\n    parser = "
+    with edgemoe.load(converted, force_level=8, **SMALL) as m:
+        ids = m.tokenize(prompt)
+        expected_logits = m.logits(ids)
+        expected = [
+            r.token
+            for r in m.generate(ids, max_tokens=32, temperature=0, ignore_eos=True)
+        ]
+        n_total = m.memory.slots[0]
+    with edgemoe.load(
+        converted, force_level=8, budget=quarter_budget(converted), **SMALL
+    ) as m:
+        assert max(m.memory.slots) <= n_total // 4 + 1
+        assert np.array_equal(m.logits(ids), expected_logits)
+        got = [
+            r.token
+            for r in m.generate(ids, max_tokens=32, temperature=0, ignore_eos=True)
+        ]
+        assert m.routed.cache.counters.evictions > 0  # it really streamed
+    assert got == expected
+
+
+def test_budget_below_minimum_names_it(converted, cli):
+    minimum = min_budget(edgemoe.load(converted, **SMALL).checkpoint, 256, 32)
+    with pytest.raises(
+        ConfigError, match=f"below the minimum .* \\({minimum} bytes\\)"
+    ):
+        edgemoe.load(converted, budget=minimum - 4096, **SMALL)
+    edgemoe.load(converted, budget=minimum, **SMALL).close()
+    proc = cli("run", converted, "-p", "x", "--budget", "1MiB", "-c", 256, "-b", 32)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: budget 1.0 MiB") and "minimum" in proc.stderr
+    rep = json.loads(cli("inspect", converted, "--json").stdout)
+    assert rep["min_budget_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("3GiB", 3 << 30),
+        ("1.5 GB", 1_500_000_000),
+        ("800M", 800_000_000),
+        ("512 MiB", 512 << 20),
+        (4096, 4096),
+    ],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["3 parsecs", "-1GiB", "", 0, "GiB"])
+def test_parse_size_errors(bad):
+    with pytest.raises(ConfigError):
+        parse_size(bad)
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import json, sys, threading, time
+    import psutil
+    import edgemoe
+    path, budget, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    # Load once and close: library start-up is not the model's memory.
+    edgemoe.load(path, n_ctx=1024, n_batch=32, budget=budget).close()
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak, samples, stop = [base], [], threading.Event()
+    def sample():
+        while not stop.is_set():
+            peak.append(proc.memory_info().rss)
+            time.sleep(0.005)
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    m = edgemoe.load(path, n_ctx=1024, n_batch=32, budget=budget)
+    for i, r in enumerate(m.generate("def main():", max_tokens=tokens,
+                                     temperature=0.8, seed=1, ignore_eos=True)):
+        if i in (tokens // 4, tokens - 1):
+            samples.append(proc.memory_info().rss - base)
+    stop.set(); t.join()
+    print(json.dumps({"peak": max(peak) - base, "samples": samples,
+                      "plan": m.memory.total}))
+""")
+
+
+@pytest.mark.parametrize("tokens", [256, 1000], ids=["256", "soak-1000"])
+def test_rss_stays_within_budget(converted, tmp_path, tokens):
+    """RSS growth over the process's RSS before loading never exceeds the
+    budget + 10% (sampled every 5 ms), and stays flat through a long run."""
+    budget = 32 << 20
+    script = tmp_path / "rss.py"
+    script.write_text(RSS_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(converted), str(budget), str(tokens)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rep = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rep["plan"] <= budget
+    assert rep["peak"] <= 1.1 * budget, rep
+    early, late = rep["samples"]
+    assert late - early <= 2 << 20, rep  # flat: no growth after warm-up
+
+
+def test_hebf_order():
+    """D2MoE's example: A's planes carry demand (10, 8, 2), B's (9, 9, 1)."""
+    heat = {0: [10.0, 8.0, 2.0], 1: [9.0, 9.0, 1.0], 2: [3.0]}
+    assert hebf_order(heat) == [(0, 0), (1, 0), (1, 1), (0, 1), (2, 0), (0, 2), (1, 2)]
+
+
+def test_loads_are_queued_in_hebf_order(converted):
+    """On a cold cache, the I/O queue receives a layer's missing planes in
+    HEBF order: the hottest expert's most significant plane first."""
+    with edgemoe.load(
+        converted,
+        budget=quarter_budget(converted),
+        force_level=8,
+        prefetch=False,
+        **SMALL,
+    ) as m:
+        cache = m.routed.cache
+        submitted = []
+        real = cache.io.submit
+
+        def record(req):
+            submitted.append((req.key, req.priority))
+            return real(req)
+
+        cache.io.submit = record
+        heat = {3: [0.7, 0.7, 0.7], 5: [0.2, 0.2, 0.2], 1: [0.1, 0.1, 0.1]}
+        granted = cache.acquire(0, heat)
+        cache.release(0, granted)
+        keys = [k for k, _ in sorted(submitted, key=lambda s: s[1])]
+        assert keys == [(0, e, p) for e, p in hebf_order(heat)]
+
+
+def test_compute_starts_before_unrelated_loads_finish(converted, monkeypatch):
+    """With slow reads (30 ms each, one I/O thread) and two missing experts,
+    the first expert's compute starts before the second's planes are in."""
+    from edgemoe.runtime import io_queue
+
+    budget = quarter_budget(converted)
+    real = io_queue.PreadQueue.read
+
+    def slow(self, req):
+        time.sleep(0.03)
+        return real(self, req)
+
+    monkeypatch.setattr(io_queue.PreadQueue, "read", slow)
+    with edgemoe.load(
+        converted,
+        budget=budget,
+        force_level=8,
+        prefetch=False,
+        io_threads=1,
+        **SMALL,
+    ) as m:
+        cache = m.routed.cache
+        cache.tracing = True
+        m.eval(m.tokenize("import os"))
+        trace = cache.counters.trace
+    computes = [(t, key) for ev, key, t in trace if ev == "compute"]
+    loads = [(t, key) for ev, key, t in trace if ev == "loaded"]
+    overlapped = 0
+    for t, (layer, experts) in computes:
+        later = [
+            lt
+            for lt, key in loads
+            if key[0] == layer and key[1] not in experts and lt > t
+        ]
+        overlapped += bool(later)
+    assert overlapped >= 1, (computes, loads)
+
+
+def test_io_error_mid_generation_is_clean(converted, monkeypatch):
+    from edgemoe.runtime import io_queue
+
+    budget = quarter_budget(converted)
+    real = io_queue.PreadQueue.read
+    calls = {"n": 0}
+
+    def flaky(self, req):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise OSError(5, "Input/output error")
+        return real(self, req)
+
+    monkeypatch.setattr(io_queue.PreadQueue, "read", flaky)
+    with edgemoe.load(converted, budget=budget, **SMALL) as m:
+        with pytest.raises(ModelFileError, match="read failed .* Input/output error"):
+            for _ in m.generate(
+                "def main():", max_tokens=64, temperature=0, ignore_eos=True
+            ):
+                pass
+        # The process and the model stay usable.
+        out = list(
+            m.generate("import os", max_tokens=8, temperature=0, ignore_eos=True)
+        )
+        assert len(out) == 8
+
+
+def test_dual_routing_levels():
+    plan = NestedQuant((2, 4, 8))
+    ids = np.array([[3, 1, 7, 2]])
+    w = np.array([[0.5, 0.3, 0.15, 0.05]])
+    balanced = LevelPolicy.make(plan, ((),), "balanced")
+    # unimportance: 0, 0.5, 0.8, 0.95 -> top, top, middle, lowest
+    assert balanced.planes(0, ids, w).tolist() == [[3, 3, 2, 1]]
+    assert LevelPolicy.make(plan, ((),), "max").planes(0, ids, w).tolist() == [[3] * 4]
+    assert LevelPolicy.make(plan, ((),), "min").planes(0, ids, w).tolist() == [
+        [3, 1, 1, 1]
+    ]
+    protected = LevelPolicy.make(plan, ((2,),), "min")
+    assert protected.planes(0, ids, w).tolist() == [[3, 1, 1, 3]]
+    forced = LevelPolicy.make(plan, ((2,),), force_level=4)
+    assert forced.planes(0, ids, w).tolist() == [[2, 2, 2, 3]]
+    with pytest.raises(ConfigError, match="quality must be one of"):
+        LevelPolicy.make(plan, (), "best")
+
+
+def test_budget_run_reports_metrics_and_quality(converted, fixture_dir):
+    """Dual routing under a budget: per-token metrics, and perplexity within
+    3% of level 8 on the fixture."""
+    from edgemoe.runtime.perplexity import perplexity
+
+    text = (fixture_dir / "heldout.txt").read_text()[:8000]
+    with edgemoe.load(converted, force_level=8, n_ctx=256, n_batch=256) as m:
+        ref = perplexity(m, m.tokenize(text, add_special=False), 256).perplexity
+    budget = quarter_budget(converted) * 2
+    with edgemoe.load(converted, budget=budget, n_ctx=256, n_batch=256) as m:
+        got = perplexity(m, m.tokenize(text, add_special=False), 256).perplexity
+        chunks = list(m.generate("def main():", max_tokens=8, temperature=0))
+    assert got / ref - 1 < 0.03
+    mt = chunks[-1].metrics
+    assert set(mt.hits) == {2, 4, 8} and mt.rss_bytes > 0
+    assert chunks[0].metrics.bytes_read > 0 and chunks[0].metrics.compute_ms > 0
