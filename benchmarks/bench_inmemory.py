@@ -9,7 +9,14 @@ llama.cpp crashes on MoE GGUFs on AMX CPUs (shared/docs/engine.md).
     python benchmarks/bench_inmemory.py                 # OLMoE shape, 4 layers
     python benchmarks/bench_inmemory.py --types Q8_0 --threads 2 --runs 3
 
-Writes benchmarks/out/inmemory.json and prints a markdown table.
+With ``--converted DIR`` it compares a converted EdgeMoE model held in memory
+at each level against llama.cpp on that level exported by ``export-gguf``
+(``--levels 8:Q8_0,4:Q4_K``): the same weights, each engine in its own format.
+llama.cpp first runs with its defaults (AMX/repacked extra buffers); where that
+crashes the run is repeated with them off and the table says so.
+
+Writes benchmarks/out/inmemory.json (inmemory-levels.json) and prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -27,8 +34,16 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent / "out"
 
 
-def worker(engine: str, model: str, threads: int, n_prompt: int, n_gen: int) -> dict:
-    """One measurement in this process; returns the figures as a dict."""
+def worker(
+    engine: str,
+    model: str,
+    threads: int,
+    n_prompt: int,
+    n_gen: int,
+    options: dict | None = None,
+) -> dict:
+    """One measurement in this process; returns the figures as a dict.
+    ``options``: keyword arguments for ``edgemoe.load`` or ``LlamaCpp``."""
     import numpy as np
 
     from edgemoe.runtime.metrics import peak_rss_bytes
@@ -39,11 +54,15 @@ def worker(engine: str, model: str, threads: int, n_prompt: int, n_gen: int) -> 
     if engine == "edgemoe":
         import edgemoe
 
-        m = edgemoe.load(model, n_ctx=n_ctx, n_threads=threads, n_batch=512)
+        m = edgemoe.load(
+            model, n_ctx=n_ctx, n_threads=threads, n_batch=512, **(options or {})
+        )
     else:
         from edgemoe.runtime.llamacpp import LlamaCpp
 
-        m = LlamaCpp(model, n_ctx=n_ctx, n_threads=threads, n_batch=512)
+        m = LlamaCpp(
+            model, n_ctx=n_ctx, n_threads=threads, n_batch=512, **(options or {})
+        )
     load_s = time.perf_counter() - t0
     # Both expose reset() and eval(tokens) -> last logits.
     m.eval(prompt[:8])  # warm-up: page the weights in, build decode graphs
@@ -76,7 +95,9 @@ def ensure_model(preset: str, layers: int, qtype: str) -> Path:
     return path
 
 
-def run_worker(engine: str, model: Path, threads: int, args) -> dict:
+def run_worker(
+    engine: str, model: Path, threads: int, args, options: dict | None = None
+) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -90,14 +111,116 @@ def run_worker(engine: str, model: Path, threads: int, args) -> dict:
         str(args.prompt),
         "--gen",
         str(args.gen),
+        "--options",
+        json.dumps(options or {}),
     ]
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    env = dict(os.environ)
+    if engine == "llamacpp":
+        # libgomp's own default spin (llama.cpp sets none); EdgeMoE's workers
+        # keep edgemoe.env's setting.
+        env["GOMP_SPINCOUNT"] = "300000"
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env=env, cwd=OUT, timeout=1800
     )
+    if proc.returncode < 0:
+        raise WorkerCrashed(f"{engine} worker killed by signal {-proc.returncode}")
     if proc.returncode != 0:
         raise RuntimeError(f"{engine} worker failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class WorkerCrashed(RuntimeError):
+    """A worker died from a signal (a crash inside the engine's C code)."""
+
+
+_CRASHED: set[Path] = set()  # files where llama.cpp's defaults crashed
+
+
+def llamacpp_best(model: Path, threads: int, args) -> tuple[dict, str]:
+    """llama.cpp with its defaults, or with extra buffers off if those crash."""
+    if model not in _CRASHED:
+        try:
+            opts = {"extra_bufts": True}
+            return run_worker("llamacpp", model, threads, args, opts), "defaults"
+        except WorkerCrashed as e:
+            print(f"{model.name}: default llama.cpp crashed ({e})", file=sys.stderr)
+            _CRASHED.add(model)
+    res = run_worker("llamacpp", model, threads, args, {"extra_bufts": False})
+    return res, "extra buffers (AMX/repack) off: its defaults crashed"
+
+
+def export_level(model: Path, level: int, qtype: str) -> Path:
+    """``edgemoe export-gguf`` of one level, in a subprocess (peak RSS is
+    inherited by children, so this process never loads a model)."""
+    path = OUT / "models" / f"{model.name}-level{level}-{qtype}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"exporting {path.name} ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "edgemoe", "export-gguf", str(model)]
+        cmd += ["-o", str(path), "--level", str(level), "--type", qtype]
+        subprocess.run(cmd, check=True, cwd=OUT, stdout=subprocess.DEVNULL)
+    return path
+
+
+def compare_levels(args) -> int:
+    """Converted model in memory at each level vs llama.cpp on its export."""
+    model = Path(args.converted).resolve()
+    rows = []
+    for spec in args.levels.split(","):
+        level, qtype = int(spec.split(":")[0]), spec.split(":")[1]
+        gguf_path = export_level(model, level, qtype)
+        for threads in (int(t) for t in args.threads.split(",")):
+            runs: dict[str, list[dict]] = {"edgemoe": [], "llamacpp": []}
+            note = ""
+            for _ in range(args.runs):
+                res, note = llamacpp_best(gguf_path, threads, args)
+                runs["llamacpp"].append(res)
+                opts = {"force_level": level}
+                runs["edgemoe"].append(
+                    run_worker("edgemoe", model, threads, args, opts)
+                )
+            row = _row(runs, f"level {level} / {qtype}", threads, gguf_path)
+            row["note"] = note
+            rows.append(row)
+    report = {
+        "benchmark": "inmemory-levels",
+        "model": str(model),
+        "prompt": args.prompt,
+        "gen": args.gen,
+        "runs": args.runs,
+        "machine": _machine(),
+        "rows": rows,
+    }
+    (OUT / "inmemory-levels.json").write_text(json.dumps(report, indent=1))
+    print(markdown(report, f"{model.name} (converted)"))
+    return 0
+
+
+def _row(runs: dict, label: str, threads: int, model: Path) -> dict:
+    """Medians per engine and the EdgeMoE / llama.cpp ratios."""
+    med = {
+        e: {
+            k: statistics.median(r[k] for r in rs)
+            for k in ("prefill_tps", "decode_tps", "peak_rss_mib", "load_s")
+        }
+        for e, rs in runs.items()
+    }
+    row = {
+        "type": label,
+        "threads": threads,
+        "file_mib": model.stat().st_size / 2**20,
+        "edgemoe": med["edgemoe"],
+        "llamacpp": med["llamacpp"],
+        "decode_ratio": med["edgemoe"]["decode_tps"] / med["llamacpp"]["decode_tps"],
+        "prefill_ratio": med["edgemoe"]["prefill_tps"] / med["llamacpp"]["prefill_tps"],
+        "runs": runs,
+    }
+    print(
+        f"{label} T={threads}: decode {med['edgemoe']['decode_tps']:.1f} vs "
+        f"{med['llamacpp']['decode_tps']:.1f} t/s ({row['decode_ratio']:.2f}x)",
+        file=sys.stderr,
+    )
+    return row
 
 
 def main() -> int:
@@ -109,13 +232,25 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--converted", help="converted model: compare its levels")
+    ap.add_argument("--levels", default="8:Q8_0,4:Q4_K")
     ap.add_argument("--worker", choices=("edgemoe", "llamacpp"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        res = worker(args.worker, args.model, int(args.threads), args.prompt, args.gen)
+        res = worker(
+            args.worker,
+            args.model,
+            int(args.threads),
+            args.prompt,
+            args.gen,
+            json.loads(args.options),
+        )
         print(json.dumps(res))
         return 0
+    if args.converted:
+        return compare_levels(args)
 
     OUT.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -126,33 +261,7 @@ def main() -> int:
             for _ in range(args.runs):
                 for engine in ("llamacpp", "edgemoe"):
                     runs[engine].append(run_worker(engine, model, threads, args))
-            med = {
-                e: {
-                    k: statistics.median(r[k] for r in rs)
-                    for k in ("prefill_tps", "decode_tps", "peak_rss_mib", "load_s")
-                }
-                for e, rs in runs.items()
-            }
-            rows.append(
-                {
-                    "type": qtype,
-                    "threads": threads,
-                    "file_mib": model.stat().st_size / 2**20,
-                    "edgemoe": med["edgemoe"],
-                    "llamacpp": med["llamacpp"],
-                    "decode_ratio": med["edgemoe"]["decode_tps"]
-                    / med["llamacpp"]["decode_tps"],
-                    "prefill_ratio": med["edgemoe"]["prefill_tps"]
-                    / med["llamacpp"]["prefill_tps"],
-                    "runs": runs,
-                }
-            )
-            r = rows[-1]
-            print(
-                f"{qtype} T={threads}: decode {med['edgemoe']['decode_tps']:.1f} vs "
-                f"{med['llamacpp']['decode_tps']:.1f} t/s ({r['decode_ratio']:.2f}x)",
-                file=sys.stderr,
-            )
+            rows.append(_row(runs, qtype, threads, model))
 
     report = {
         "benchmark": "inmemory",
@@ -161,22 +270,18 @@ def main() -> int:
         "prompt": args.prompt,
         "gen": args.gen,
         "runs": args.runs,
-        "machine": {
-            "cpu": _cpu_name(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-        },
+        "machine": _machine(),
         "note": "llama.cpp with use_extra_bufts=False (AMX crash); medians of runs",
         "rows": rows,
     }
     (OUT / "inmemory.json").write_text(json.dumps(report, indent=1))
-    print(markdown(report))
+    print(markdown(report, f"{report['preset']} shape, {report['layers']} layers"))
     return 0
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict, model: str) -> str:
     lines = [
-        f"{report['preset']} shape, {report['layers']} layers, random weights; "
+        f"{model}, random weights; "
         f"{report['prompt']}-token prompt, {report['gen']} greedy tokens; "
         f"median of {report['runs']} runs",
         "",
@@ -195,7 +300,16 @@ def markdown(report: dict) -> str:
             f"| | | **ratio** | **{r['prefill_ratio']:.2f}x** | "
             f"**{r['decode_ratio']:.2f}x** | |"
         )
-    return "\n".join(lines)
+    notes = [f"{r['type']}: {r['note']}" for r in report["rows"] if r.get("note")]
+    return "\n".join(lines + ["", *(f"llama.cpp {n}." for n in dict.fromkeys(notes))])
+
+
+def _machine() -> dict:
+    return {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
 
 
 def _cpu_name() -> str:

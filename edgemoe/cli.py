@@ -160,12 +160,15 @@ def _stream(model, prompt, args, out=None, err=None, echo: str = ""):
     out = out or sys.stdout
     err = err or sys.stderr
     last = None
+    steps = []
     for r in model.generate(prompt, **_sampling(args)):
         if last is None:
             out.write(echo)
         out.write(r.text)
         out.flush()
         last = r
+        if r.metrics is not None:
+            steps.append(r.metrics)
     out.write("\n")
     out.flush()
     if last is not None:
@@ -179,7 +182,29 @@ def _stream(model, prompt, args, out=None, err=None, echo: str = ""):
         )
         peak = max(last.memory.peak_rss_bytes, last.memory.rss_bytes)
         print(f"peak memory: {_mib(peak)} RSS", file=err)
+        if getattr(model, "memory", None) is not None and model.options.budget:
+            print(offload_line(steps, model.memory.budget, t), file=err)
     return last
+
+
+def offload_line(steps, budget: int, timings) -> str:
+    """Expert streaming over a generation: reads, stall and hits by level."""
+    read = sum(m.bytes_read for m in steps)
+    stall = sum(m.stall_ms for m in steps) / 1e3
+    wall = timings.prompt_s + timings.generation_s
+    levels = sorted({lv for m in steps for lv in m.hits})
+    hits = {lv: sum(m.hits[lv] for m in steps) for lv in levels}
+    misses = {lv: sum(m.misses[lv] for m in steps) for lv in levels}
+    rate = sum(hits.values()) / max(sum(hits.values()) + sum(misses.values()), 1)
+    per = " ".join(
+        f"L{lv} {hits[lv] / max(hits[lv] + misses[lv], 1):.0%}" for lv in levels
+    )
+    tokens = max(timings.prompt_tokens + timings.generation_tokens, 1)
+    return (
+        f"experts: budget {_mib(budget)} · read {_mib(read)} "
+        f"({read / tokens / 2**20:.1f} MiB/token) · stall {stall / max(wall, 1e-9):.0%}"
+        f" · plane hits {rate:.0%} ({per})"
+    )
 
 
 # -- run ---------------------------------------------------------------------------
@@ -212,19 +237,73 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench -------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from edgemoe.runtime.bench import bench
+
+    text = _read_text(args.text) if args.text else None  # fail before loading
+    with _load(args) as model:
+        tokens = model.tokenize(text, add_special=False) if text else None
+        results = [
+            r.summary()
+            for r in bench(model, args.n_prompt, args.n_gen, args.reps, tokens=tokens)
+        ]
+        size = (
+            sum(f.stat().st_size for f in Path(args.model).glob("*"))
+            if Path(args.model).is_dir()
+            else Path(args.model).stat().st_size
+        )
+        budget = model.memory.budget if model.memory else None
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "bytes": size,
+                    "budget": budget,
+                    "threads": args.threads,
+                    "results": results,
+                },
+                indent=1,
+            )
+        )
+        return 0
+    budget_col = _mib(budget) if budget else "all"
+    print(
+        "| model | size | budget | threads | test | t/s | stall | MiB read/token "
+        "| hits |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {Path(args.model).name} | {_mib(size)} | {budget_col} | "
+            f"{args.threads or 'auto'} | {r['test']} | {r['tps']:.2f} ± "
+            f"{r['tps_sd']:.2f} | {r['stall_fraction']:.0%} | "
+            f"{r['read_per_token'] / 2**20:.1f} | {r['hit_rate']:.0%} |"
+        )
+    return 0
+
+
 # -- eval --------------------------------------------------------------------------
-def cmd_eval(args: argparse.Namespace) -> int:
+def _read_text(path: str) -> str:
     from pathlib import Path
 
     from edgemoe.errors import ModelFileError
-    from edgemoe.runtime.perplexity import perplexity
 
     try:
-        text = Path(args.text).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as e:
-        raise ModelFileError(args.text, f"cannot read: {e.strerror}") from None
+        raise ModelFileError(path, f"cannot read: {e.strerror}") from None
     except UnicodeDecodeError:
-        raise ModelFileError(args.text, "not UTF-8 text") from None
+        raise ModelFileError(path, "not UTF-8 text") from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from edgemoe.runtime.perplexity import perplexity
+
+    text = _read_text(args.text)
     with _load(args) as model:
         tokens = model.tokenize(text, add_special=False)
         if args.ctx and args.window > args.ctx:
@@ -465,6 +544,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-echo", action="store_true", help="do not print the prompt")
     _add_sampling_args(r)
     r.set_defaults(func=cmd_run)
+
+    bn = sub.add_parser("bench", help="prompt and generation speed (llama-bench style)")
+    _add_load_args(bn)
+    bn.add_argument("-p", "--n-prompt", type=int, default=128)
+    bn.add_argument("-n", "--n-gen", type=int, default=64)
+    bn.add_argument("-r", "--reps", type=int, default=2)
+    bn.add_argument(
+        "--text", help="UTF-8 file: evaluate its tokens instead of random ids"
+    )
+    bn.add_argument("--json", action="store_true")
+    bn.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("eval", help="perplexity over a text file")
     _add_load_args(e)

@@ -73,6 +73,7 @@ class PlaneCache:
         slots: tuple[int, ...],
         io: IOQueue,
         verify: bool = True,
+        eviction: str = "score",
     ):
         m = ckpt.manifest
         self.ckpt, self.manifest, self.io = ckpt, m, io
@@ -124,6 +125,8 @@ class PlaneCache:
         self.current = 0
         self.counters = CacheCounters([0] * len(self.planes), [0] * len(self.planes))
         self.tracing = False
+        self.eviction = eviction
+        """"score" (the default) or "lru" (least recently used: a baseline)."""
         self._cv = threading.Condition()
 
     # -- state ---------------------------------------------------------------
@@ -197,6 +200,8 @@ class PlaneCache:
 
     def _score(self, p: int, slot: int) -> float:
         """Keep-worthiness; the lowest is evicted first."""
+        if self.eviction == "lru":
+            return float(self.last[p][slot])
         layer, expert = divmod(int(self.owner[p][slot]), self.n_expert)
         n = max(len(self.moe_layers), 1)
         age = (self.step - self.last[p][slot]) / n

@@ -9,7 +9,11 @@ Each layer runs as graphs over one shared workspace of numpy arrays:
   E  hn, slot ids per plane, weights -> sum_k w_k expert_k(hn); x += it
 E may run several times per layer ("waves"): experts whose planes are in
 memory run at once while the I/O queue fetches the others
-(runtime/routed.py). Decode graphs (T = 1) are built once and re-run;
+(runtime/routed.py). An E graph is keyed by how many of each token's experts
+run each plane ("E8,5,2"): callers order a token's experts by planes, most
+first, so plane p runs on a prefix of them and no work goes to experts that
+do not run (a converted model's E graphs take the plane scales as inputs and
+are shared by all layers: "X8,5,2"). Decode graphs (T = 1) are built once and re-run;
 prefill graphs (T > 1) are built per chunk and share one scratch allocator,
 so prefill memory does not grow with the layer count.
 Legend: T tokens, D hidden, E experts, K experts per token, F expert FFN.
@@ -89,6 +93,7 @@ class Workspace:
             "ids": ((t, k), np.int32),
             "pids": ((n_planes, t, k), np.int32),
             "rw": ((t, k), np.float32),
+            "scales": ((n_planes, 3), np.float32),
             "eout": ((t, d), np.float32),
         }
         sizes = {n: -(-int(np.prod(s)) * 4 // 64) * 64 for n, (s, _) in fields.items()}
@@ -110,12 +115,18 @@ def to_f32(w: Weight) -> Weight:
     return Weight(w.name, GGML_F32, w.shape, out)
 
 
+def prefix(a: np.ndarray, t: int, k: int) -> np.ndarray:
+    """The start of workspace array ``a`` [T, K] as a contiguous [t, k] view
+    (E graphs running k < K experts per token bind this)."""
+    return a.reshape(-1)[: t * k].reshape(t, k)
+
+
 class StaticRouted:
     """Routed experts all in memory, one plane: a single E run per layer."""
 
     def run(self, fw: Forward, ws: Workspace, layer: int, w: LayerWeights) -> None:
         ws.pids[0] = ws.ids
-        fw.stage(ws, layer, "E1")
+        fw.stage(ws, layer, f"E{ws.ids.shape[1]}")
         ws.x += ws.eout
 
 
@@ -141,11 +152,11 @@ class Forward:
 
     # -- graph construction ---------------------------------------------------
     def _graph(self, ws: Workspace, layer: int, stage: str, galloc=None) -> Graph:
-        # A/B/C need a few dozen tensors; E about 3 x planes x 3 + 2 x K + 16.
+        # A/B/C need a few dozen tensors; E about 3 x 6 per plane + 2 x K + 32.
         size = (
             64
             if stage in "ABC"
-            else 9 * self.n_planes + 2 * self.spec.n_expert_used + 32
+            else 18 * self.n_planes + 2 * self.spec.n_expert_used + 32
         )
         g = Graph(self.device, n_tensors=size, galloc=galloc)
         w = self.layers[layer]
@@ -187,31 +198,53 @@ class Forward:
                 if w.gate_inp_shexp is not None:
                     ffn = g.mul(ffn, g.sigmoid(g.mul_mat(w.gate_inp_shexp, hn)))
             g.output(g.add(h, ffn), ws.x, ws.base)
-        else:  # "E<planes>": the routed experts over that many planes
-            self._routed_graph(g, ws, w.experts, int(stage[1:]))
+        else:  # "E8,5,2" / "X8,5,2": experts per token running each plane
+            counts = tuple(int(c) for c in stage[1:].split(","))
+            self._routed_graph(g, ws, w.experts, counts, stage[0] == "X")
         g.build()
         return g
 
-    def _routed_graph(self, g: Graph, ws: Workspace, ep: ExpertPlanes, planes: int):
-        s = self.spec
-        d, k, t = s.n_embd, s.n_expert_used, ws.t
+    def _routed_graph(
+        self, g: Graph, ws: Workspace, ep: ExpertPlanes, counts, scale_inputs: bool
+    ):
+        """``counts[p]`` experts per token run plane p: the first ones of
+        ``ws.pids[p]`` (bound as a [T, counts[p]] prefix); ``scale_inputs``
+        reads plane scales from ``ws.scales`` rather than baking them in."""
+        d, t = self.spec.n_embd, ws.t
+        k = counts[0]
         hn = g.input(ws.hn, ws.base)
-        ids = [g.ids(ws.pids[p], ep.n_slots[p], ws.base) for p in range(planes)]
-        rw = g.reshape(g.input(ws.rw, ws.base), 1, k, t)  # [1, K, T]
+        ids = [
+            g.ids(prefix(ws.pids[p], t, kp), ep.n_slots[p], ws.base)
+            for p, kp in enumerate(counts)
+        ]
+        rw = g.reshape(g.input(prefix(ws.rw, t, k), ws.base), 1, k, t)  # [1, K, T]
         x3 = g.reshape(hn, d, 1, t)  # [D, 1, T]
+        scales = [
+            [g.input(ws.scales[p, j : j + 1], ws.base) for j in range(3)]
+            for p in range(len(counts) if scale_inputs else 0)
+        ]
 
         def project(j: int, x: T) -> T:
             """Sum over the planes of projection j; [N, K, T]."""
             acc = None
-            for p in range(planes):
-                y = g.mul_mat_id(ep.tensors[p][j], x, ids[p])
-                if ep.shifts[p][j]:
+            for p, kp in enumerate(counts):
+                xin = x if x.ne[1] == 1 or kp == k else g.view_prefix(x, kp)
+                y = g.mul_mat_id(ep.tensors[p][j], xin, ids[p])  # [N, kp, T]
+                if scale_inputs:
+                    y = g.mul(y, scales[p][j])
+                elif ep.shifts[p][j]:
                     y = g.scale(y, 2.0 ** -ep.shifts[p][j])
-                acc = y if acc is None else g.add(acc, y)
+                if acc is None:
+                    acc = y
+                else:
+                    acc = g.add(acc, y) if kp == k else g.acc_prefix(acc, y)
             return acc
 
         act = g.swiglu(project(0, x3), project(1, x3))  # [F, K, T]
         down = g.mul(project(2, act), rw)  # [D, K, T]
+        if k == 1:  # a view is no output: bind the product itself
+            g.output(down, ws.eout.reshape(t, 1, d), ws.base)
+            return
         out = g.view_2d(down, d, t, d * k * 4, 0)
         for j in range(1, k):
             out = g.add(g.view_2d(down, d, t, d * k * 4, j * d * 4), out)
@@ -241,9 +274,10 @@ class Forward:
         """Run one graph: cached for the decode workspace, else built and freed."""
         t0 = time.perf_counter()
         if ws is self._decode_ws:
-            g = self._decode.get((il, stage))
+            key = (-1 if stage[0] == "X" else il, stage)  # X graphs: every layer
+            g = self._decode.get(key)
             if g is None:
-                g = self._decode[il, stage] = self._graph(ws, il, stage)
+                g = self._decode[key] = self._graph(ws, il, stage)
             g.compute()
         else:
             g = self._graph(ws, il, stage, self.prefill_allocator())

@@ -95,6 +95,12 @@ _SIGNATURES: list[tuple[str, object, list]] = [
     ("ggml_reshape_2d", P, [P, P, c_int64, c_int64]),
     ("ggml_reshape_3d", P, [P, P, c_int64, c_int64, c_int64]),
     ("ggml_view_2d", P, [P, P, c_int64, c_int64, c_size_t, c_size_t]),
+    (
+        "ggml_view_3d",
+        P,
+        [P, P, c_int64, c_int64, c_int64, c_size_t, c_size_t, c_size_t],
+    ),
+    ("ggml_acc", P, [P, P, P, c_size_t, c_size_t, c_size_t, c_size_t]),
     ("ggml_new_graph_custom", P, [P, c_size_t, c_bool]),
     ("ggml_build_forward_expand", None, [P, P]),
     ("ggml_graph_n_nodes", c_int, [P]),

@@ -68,6 +68,8 @@ class T:
     qtype: int
     ne: tuple[int, int, int, int]
     contiguous: bool = True
+    view: bool = False
+    """Shares another tensor's data (reshape, views): never a graph output."""
 
     @property
     def n(self) -> int:
@@ -353,7 +355,7 @@ class Graph:
                 f"output array {array.dtype}{list(array.shape)} does not match "
                 f"tensor ne {t.ne}"
             )
-        if not t.contiguous:
+        if t.view or not t.contiguous:
             raise GGMLError("a view cannot be a graph output")
         if t.ptr in self._bound:
             raise GGMLError("this tensor is already bound (an input or an output)")
@@ -452,7 +454,8 @@ class Graph:
             ptr = self.g.ggml_reshape_3d(self._ctx.ctx, a.ptr, *ne)
         else:
             raise GGMLError("reshape: 2 or 3 dims")
-        return self._new_op(ptr, a.qtype, tuple(ne) + (1,) * (4 - len(ne)))
+        t = self._new_op(ptr, a.qtype, tuple(ne) + (1,) * (4 - len(ne)))
+        return T(t.ptr, t.qtype, t.ne, view=True)
 
     def view_2d(self, a: T, ne0: int, ne1: int, nb1: int, offset: int) -> T:
         """Rows of ``ne0`` floats, ``nb1`` bytes apart, from byte ``offset``."""
@@ -469,7 +472,37 @@ class Graph:
             F32,
             (ne0, ne1, 1, 1),
             contiguous=nb1 == ne0 * 4,
+            view=True,
         )
+
+    def view_prefix(self, a: T, ne1: int) -> T:
+        """The first ``ne1`` rows of each matrix of ``a`` [n0, n1, n2]: a
+        strided view (contiguous when n2 == 1 or nothing is cut)."""
+        if a.qtype != F32 or not a.contiguous or a.ne[3] != 1:
+            raise GGMLError("view_prefix: contiguous 3-D float32 only")
+        if not 0 < ne1 <= a.ne[1]:
+            raise GGMLError(f"view_prefix: {ne1} rows of a tensor with {a.ne[1]}")
+        nb1, nb2 = a.ne[0] * 4, a.ne[0] * a.ne[1] * 4
+        ne = (a.ne[0], ne1, a.ne[2], 1)
+        ptr = self.g.ggml_view_3d(self._ctx.ctx, a.ptr, *ne[:3], nb1, nb2, 0)
+        return T(
+            self._new_op(ptr, F32, ne).ptr,
+            F32,
+            ne,
+            contiguous=ne1 == a.ne[1] or a.ne[2] == 1,
+            view=True,
+        )
+
+    def acc_prefix(self, a: T, b: T) -> T:
+        """``a`` [n0, n1, n2] with ``b`` [n0, m1, n2] (m1 <= n1) added to its
+        first m1 rows of each matrix (ggml_acc)."""
+        if a.qtype != F32 or b.qtype != F32 or not (a.contiguous and b.contiguous):
+            raise GGMLError("acc_prefix: contiguous float32 operands only")
+        if b.ne[0] != a.ne[0] or b.ne[1] > a.ne[1] or b.ne[2:] != a.ne[2:]:
+            raise GGMLError(f"acc_prefix: ne {b.ne} does not fit in {a.ne}")
+        nb1, nb2 = a.ne[0] * 4, a.ne[0] * a.ne[1] * 4
+        ptr = self.g.ggml_acc(self._ctx.ctx, a.ptr, b.ptr, nb1, nb2, nb2 * a.ne[2], 0)
+        return self._new_op(ptr, F32, a.ne)
 
     # -- build and run -------------------------------------------------------
     def build(self) -> None:

@@ -195,7 +195,7 @@ class DirectQueue(IOQueue):
         size = -(-(end - start) // self.PAGE) * self.PAGE
         buf = getattr(self._bounce, "buf", None)
         if buf is None or buf.nbytes < size:
-            buf = self._bounce.buf = aligned_empty((size,), np.uint8)
+            buf = self._bounce.buf = aligned_empty((size,), np.uint8, self.PAGE)
         view = memoryview(buf[:size])
         got = os.preadv(fd, [view], start)
         if got < end - start:

@@ -47,6 +47,9 @@ class StepMetrics:
     stall_ms: float
     """Time compute waited on I/O."""
     bytes_read: int
+    expert_bytes: int
+    """Expert weight bytes computed (each chosen expert's planes at the level
+    it ran); converted models only, 0 otherwise."""
     hits: dict[int, int]
     """Expert planes found in memory, by the level they complete (bits)."""
     misses: dict[int, int]
@@ -81,6 +84,7 @@ class StepCounter:
             io_ms=(now["io_s"] - last["io_s"]) * 1e3,
             stall_ms=(now["stall_s"] - last["stall_s"]) * 1e3,
             bytes_read=int(now["bytes_read"] - last["bytes_read"]),
+            expert_bytes=int(now["expert_bytes"] - last["expert_bytes"]),
             hits=by_level("hits"),
             misses=by_level("misses"),
             upgrades=int(now["upgrades"] - last["upgrades"]),

@@ -45,6 +45,12 @@ class LoadOptions:
     io_threads: int = 2
     verify: bool = True
     """Check each expert plane's CRC-32 the first time it is read."""
+    eviction: str = "score"
+    """Expert slot eviction: "score" (recency, use, hotness, layer distance)
+    or "lru" (a baseline)."""
+    pipeline: str = "waves"
+    """"waves" runs experts as their planes arrive; "sync" waits for all of a
+    layer's loads (a baseline)."""
 
     def __post_init__(self) -> None:
         for name in ("n_ctx", "n_threads", "n_batch", "force_level", "io_threads"):
@@ -54,6 +60,14 @@ class LoadOptions:
                 not isinstance(v, int) or isinstance(v, bool)
             ):
                 raise ConfigError(f"{name} must be an integer, got {v!r}")
+        if self.eviction not in ("score", "lru"):
+            raise ConfigError(
+                f"eviction must be 'score' or 'lru', got {self.eviction!r}"
+            )
+        if self.pipeline not in ("waves", "sync"):
+            raise ConfigError(
+                f"pipeline must be 'waves' or 'sync', got {self.pipeline!r}"
+            )
         if self.device not in ("cpu", "gpu", "auto"):
             raise ConfigError(
                 f"device must be 'cpu', 'gpu' or 'auto', got {self.device!r}"
@@ -325,6 +339,7 @@ class Model:
             "prefetches": 0,
             "evictions": 0,
             "resident": [0] * len(self.levels),
+            "expert_bytes": 0,
         }
         if self.routed is not None:
             cache = self.routed.cache
@@ -339,6 +354,7 @@ class Model:
                 prefetches=c.prefetches,
                 evictions=c.evictions,
                 resident=cache.resident_bytes(),
+                expert_bytes=self.routed.bytes_computed,
             )
         return out
 

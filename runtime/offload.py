@@ -129,7 +129,14 @@ def setup(model, ckpt, options, rss_start: int | None = None):
     io = get_io_backend(
         options.io, options.io_threads, on_done=lambda req: cache_ref[0].notify(req)
     )
-    cache = PlaneCache(ckpt, model.weights, plan.slots, io, verify=options.verify)
+    cache = PlaneCache(
+        ckpt,
+        model.weights,
+        plan.slots,
+        io,
+        verify=options.verify,
+        eviction=options.eviction,
+    )
     cache_ref.append(cache)
     io.start()
     routers = {}

@@ -18,7 +18,13 @@ import numpy as np
 
 from edgemoe.runtime.dual_routing import LevelPolicy
 from edgemoe.runtime.expert_cache import PlaneCache
-from edgemoe.runtime.forward import ExpertPlanes, Forward, LayerWeights, Workspace
+from edgemoe.runtime.forward import (
+    ExpertPlanes,
+    Forward,
+    LayerWeights,
+    Workspace,
+    prefix,
+)
 
 
 class CachedRouted:
@@ -29,6 +35,7 @@ class CachedRouted:
         routers: dict,
         shifts,
         prefetch: bool = True,
+        pipeline: str = "waves",
     ):
         self.cache = cache
         self.policy = policy
@@ -36,8 +43,14 @@ class CachedRouted:
         self.next_moe = {a: b for a, b in zip(cache.moe_layers, cache.moe_layers[1:])}
         self.prefetch_enabled = prefetch
         self.shifts = shifts
+        self.pipeline = pipeline
+        """"waves" overlaps compute with loads; "sync" waits for all of a
+        layer's loads first (the on-demand baseline)."""
         self.planes_run = np.zeros(len(cache.planes) + 1, dtype=np.int64)
         """How many (token, expert) pairs ran with n planes, n = 0..P."""
+        self._level_bytes = np.concatenate([[0], np.cumsum(cache.plane_bytes)])
+        self.bytes_computed = 0
+        """Expert weight bytes the computed planes span (memory traffic)."""
 
     def experts_for(self, layer: int) -> ExpertPlanes:
         c = self.cache
@@ -55,72 +68,100 @@ class CachedRouted:
         ids = ws.ids.astype(np.int64)  # [T, K]
         rw = ws.rw.copy()
         want = policy.planes(layer, ids, rw)  # [T, K] planes per (token, expert)
-        pending = sorted(int(e) for e in np.unique(ids))
+        # Per-expert bookkeeping in plain Python: decode sees K pairs a layer,
+        # where numpy's per-call cost would dominate.
+        top: dict[int, int] = {}
+        for e, n in zip(ids.ravel().tolist(), want.ravel().tolist()):
+            top[e] = max(top.get(e, 0), n)
+        cap = np.full(cache.n_expert, len(cache.planes), dtype=want.dtype)
         if policy.force_level is None:
             # Run at the resident level rather than stall on an upgrade,
             # and fetch the upgrade in the background for the next token.
-            for e in pending:
+            for e, target in top.items():
                 have = cache.resident_planes(layer, e)
-                mask = ids == e
-                target = int(want[mask].max())
                 if 0 < have < target:
-                    want[mask] = np.minimum(want[mask], have)
                     cache.prefetch(layer, [e], planes=target)
+                    cap[e] = top[e] = have
+            want = np.minimum(want, cap[ids])
         if ws.t == 1 and self.prefetch_enabled:
             self._predict_next(ws, layer)
+        pending = sorted(top)
         while pending:
-            heat = {e: self._heat(e, ids, rw, want) for e in pending}
-            granted = cache.acquire(layer, heat)
+            granted = cache.acquire(layer, self._heat(pending, ids, rw, want))
             batch = [e for e in pending if granted[e] >= 1]
             if not batch:
                 raise RuntimeError("expert cache has no free slot for plane 1")
             for e in batch:
-                mask = ids == e
-                want[mask] = np.minimum(want[mask], granted[e])
-            self._waves(fw, ws, layer, ids, rw, want, batch)
+                cap[e] = top[e] = min(top[e], granted[e])
+            want = np.minimum(want, cap[ids])
+            self._waves(fw, ws, layer, ids, rw, want, batch, top)
             cache.release(layer, granted)
             pending = [e for e in pending if e not in batch]
         ws.rw[...] = rw
-        for n, c in zip(*np.unique(want, return_counts=True)):
-            self.planes_run[n] += c
+        runs = np.bincount(want.ravel(), minlength=len(self.planes_run))
+        self.planes_run += runs
+        self.bytes_computed += int(runs @ self._level_bytes)
 
     @staticmethod
-    def _heat(e: int, ids, rw, want) -> list[float]:
-        mask = ids == e
-        top = int(want[mask].max())
-        return [float(rw[mask][want[mask] > p].sum()) + 1e-9 for p in range(top)]
+    def _heat(experts, ids, rw, want) -> dict[int, list[float]]:
+        """Per expert, the routing weight that needs each of its planes."""
+        heat: dict[int, list[float]] = {e: [] for e in experts}
+        flat = zip(ids.ravel().tolist(), rw.ravel().tolist(), want.ravel().tolist())
+        for e, w, n in flat:
+            h = heat.get(e)
+            if h is None:
+                continue
+            h.extend([0.0] * (n - len(h)))
+            for p in range(n):
+                h[p] += w
+        return {e: [x + 1e-9 for x in h] for e, h in heat.items()}
 
-    def _waves(self, fw, ws, layer, ids, rw, want, batch) -> None:
+    def _waves(self, fw, ws, layer, ids, rw, want, batch, top) -> None:
         cache = self.cache
         remaining = set(batch)
+        if self.pipeline == "sync":
+            while any(cache.resident_planes(layer, e) < top[e] for e in batch):
+                cache.poll()
+                cache.wait()
         while remaining:
             cache.poll()
-            ready = [
-                e
-                for e in remaining
-                if cache.resident_planes(layer, e) >= int(want[ids == e].max())
-            ]
+            ready = [e for e in remaining if cache.resident_planes(layer, e) >= top[e]]
             if not ready:
                 cache.wait()
                 continue
-            run = np.isin(ids, ready)
-            planes = int(want[run].max())
-            for p in range(planes):
-                slot = np.full(ids.shape, cache.zero[p], dtype=np.int32)
-                use = run & (want > p)
-                for e in ready:
-                    m = use & (ids == e)
-                    if m.any():
-                        slot[m] = cache.slot(layer, e, p)
-                ws.pids[p] = slot
-            ws.rw[...] = np.where(run, rw, 0.0)
+            stage = self._stage(ws, layer, ids, rw, want, ready)
             if cache.tracing:
                 cache.counters.trace.append(
                     ("compute", (layer, tuple(ready)), time.perf_counter())
                 )
-            fw.stage(ws, layer, f"E{planes}")
+            fw.stage(ws, layer, stage)
             ws.x += ws.eout
             remaining -= set(ready)
+
+    def _stage(self, ws, layer, ids, rw, want, ready) -> str:
+        """Fill the workspace for one wave (the ``ready`` experts) and name
+        its E graph: each token's running experts ordered by planes, most
+        first, so plane p runs on a prefix of counts[p] of them."""
+        cache = self.cache
+        t = ids.shape[0]
+        run = np.isin(ids, ready)
+        planes = np.where(run, want, 0)  # [T, K]
+        order = np.argsort(-planes, axis=1, kind="stable")
+        planes = np.take_along_axis(planes, order, axis=1)
+        experts = np.take_along_axis(ids, order, axis=1)
+        weights = np.take_along_axis(np.where(run, rw, 0.0), order, axis=1)
+        counts = [
+            int(c) for c in (planes[:, :, None] > np.arange(planes.max())).sum(1).max(0)
+        ]
+        for p, kp in enumerate(counts):
+            slots = np.full((t, kp), cache.zero[p], dtype=np.int32)
+            use = planes[:, :kp] > p
+            for e in np.unique(experts[:, :kp][use]):
+                slots[use & (experts[:, :kp] == e)] = cache.slot(layer, int(e), p)
+            prefix(ws.pids[p], t, kp)[...] = slots
+            ws.scales[p] = [2.0 ** -self.shifts[layer][j][p] for j in range(3)]
+        prefix(ws.rw, t, counts[0])[...] = weights[:, : counts[0]]
+        return "X" + ",".join(map(str, counts))
 
     def _predict_next(self, ws: Workspace, layer: int) -> None:
         nxt = self.next_moe.get(layer)

@@ -279,3 +279,149 @@ def test_budget_run_reports_metrics_and_quality(converted, fixture_dir):
     mt = chunks[-1].metrics
     assert set(mt.hits) == {2, 4, 8} and mt.rss_bytes > 0
     assert chunks[0].metrics.bytes_read > 0 and chunks[0].metrics.compute_ms > 0
+
+
+def test_direct_io_backend(converted):
+    """O_DIRECT reads (page-aligned bounce buffer) give the same model."""
+    prompt = "import os\nclass A:"
+    with edgemoe.load(
+        converted, force_level=8, budget=quarter_budget(converted), **SMALL
+    ) as m:
+        expected = m.logits(m.tokenize(prompt))
+    with edgemoe.load(
+        converted, force_level=8, budget=quarter_budget(converted), io="direct", **SMALL
+    ) as m:
+        assert np.array_equal(m.logits(m.tokenize(prompt)), expected)
+        assert m.routed.cache.io.bytes_read > 0
+
+
+def test_baselines_are_lossless_and_validated(converted):
+    """The benchmark's baselines (LRU eviction, synchronous loading) compute
+    the same model; bad option values are refused by name."""
+    prompt = "for i in range(10):"
+    with edgemoe.load(converted, force_level=8, **SMALL) as m:
+        ids = m.tokenize(prompt)
+        expected = m.logits(ids)
+    with edgemoe.load(
+        converted,
+        force_level=8,
+        budget=quarter_budget(converted),
+        eviction="lru",
+        pipeline="sync",
+        **SMALL,
+    ) as m:
+        assert np.array_equal(m.logits(ids), expected)
+        assert m.routed.cache.counters.evictions > 0
+    with pytest.raises(ConfigError, match="eviction must be"):
+        edgemoe.load(converted, eviction="fifo", **SMALL)
+    with pytest.raises(ConfigError, match="pipeline must be"):
+        edgemoe.load(converted, pipeline="async", **SMALL)
+
+
+def test_bench_counts_tokens_and_expert_bytes(converted, fixture_dir):
+    """At a forced level every chosen expert runs all its planes, so the
+    expert bytes per token are exactly layers x top-k x one expert's planes."""
+    from edgemoe.runtime.bench import bench
+
+    with edgemoe.load(
+        converted, force_level=8, budget=quarter_budget(converted), **SMALL
+    ) as m:
+        pp, tg = bench(m, n_prompt=16, n_gen=6, reps=2)
+        cache = m.routed.cache
+        per_token = (
+            len(cache.moe_layers) * m.spec.n_expert_used * sum(cache.plane_bytes)
+        )
+        assert (pp.test, tg.test) == ("pp16", "tg6")
+        assert len(pp.tps) == len(tg.tps) == 2 and min(pp.tps + tg.tps) > 0
+        assert tg.expert_bytes_per_token == [per_token, per_token]
+        assert 0 <= min(tg.hit_rate) and max(tg.hit_rate) <= 1
+        text = (fixture_dir / "heldout.txt").read_text()[:200]
+        ids = m.tokenize(text, add_special=False)
+        (tg,) = bench(m, n_prompt=0, n_gen=8, reps=1, tokens=ids)
+        assert tg.tps[0] > 0
+        with pytest.raises(ConfigError, match="bench text has 3 tokens"):
+            bench(m, n_prompt=0, n_gen=8, reps=1, tokens=ids[:3])
+        with pytest.raises(ConfigError, match="raise --ctx"):
+            bench(m, n_prompt=1000, n_gen=8)
+
+
+def test_bench_cli(converted, cli):
+    args = ("bench", converted, "-p", 16, "-n", 4, "-r", 1, "-c", 64, "-b", 16)
+    rep = json.loads(cli(*args, "--json").stdout)
+    assert [r["test"] for r in rep["results"]] == ["pp16", "tg4"]
+    assert all(r["tps"] > 0 for r in rep["results"]) and rep["budget"] is None
+    proc = cli(*args, "--budget", quarter_budget(converted))
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if "| tg4 |" in line]
+    assert len(rows) == 1 and "MiB" in rows[0]
+    proc = cli("run", converted, "-p", "def f(x):", "-n", 8, "--temp", 0, "-c", 64)
+    assert proc.returncode == 0 and "experts:" not in proc.stderr  # all resident
+    proc = cli(
+        *("run", converted, "-p", "def f(x):", "-n", 8, "--temp", 0, "-c", 64),
+        *("-b", 32, "--budget", quarter_budget(converted)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("experts:"))
+    assert "MiB/token" in line and "plane hits" in line and "L8" in line, line
+    proc = cli("bench", converted, "-n", 4, "--text", "/nonexistent.txt")
+    assert proc.returncode == 1 and "/nonexistent.txt" in proc.stderr
+
+
+def test_mixed_levels_match_dequantized_reference(converted):
+    """One wave with a level per (token, expert), some experts not ready: the
+    E graph (plane prefixes of different lengths, shared by all layers, plane
+    scales as inputs) equals float64 numpy over the dequantized planes."""
+    from refs import q8
+
+    from edgemoe.format.spec import PROJS
+    from edgemoe.quant.nested import dequantize_plane
+
+    with edgemoe.load(converted, **SMALL) as m:
+        routed, fw, ckpt = m.routed, m.forward, m.checkpoint
+        layer, t = routed.cache.moe_layers[1], 3
+        assert m.spec.n_expert_used == 2 and m.spec.n_expert == 8
+        ws = fw.workspace(t)
+        rng = np.random.default_rng(0)
+        ws.hn[...] = rng.standard_normal((t, m.spec.n_embd))
+        ids = np.array([[0, 3], [5, 1], [2, 7]])
+        rw = rng.uniform(0.2, 1.0, (t, 2)).astype(np.float32)
+        want = np.array([[3, 1], [2, 3], [1, 2]])
+        ready = [0, 1, 2, 3, 5]  # expert 7 still loading: not in this wave
+        stage = routed._stage(ws, layer, ids, rw, want, ready)
+        assert stage == "X2,2,1"
+        fw.stage(ws, layer, stage)
+        got = ws.eout.copy()
+        plan, shifts = ckpt.manifest.plan, ckpt.manifest.shifts[layer]
+
+        def level(e: int, n: int) -> list[np.ndarray]:
+            mats = []
+            for j, proj in enumerate(PROJS):
+                w = 0.0
+                for p in range(n):
+                    raw = ckpt.read_plane(layer, e, p)[j]
+                    rows = ckpt.plane_shapes()[proj][0]
+                    w = w + dequantize_plane(
+                        raw.reshape(rows, -1), plan.planes[p].name, shifts[j][p]
+                    ).astype(np.float64)
+                mats.append(w)
+            return mats
+
+        def reference(levels) -> np.ndarray:
+            out = np.zeros((t, m.spec.n_embd))
+            xq = q8(ws.hn.copy(), 256).astype(np.float64)
+            for i in range(t):
+                for e, w, n in zip(ids[i], rw[i], levels[i]):
+                    if e not in ready:
+                        continue
+                    gate, up, down = level(int(e), int(n))
+                    g, u = gate @ xq[i], up @ xq[i]
+                    act = (g / (1 + np.exp(-g)) * u).astype(np.float32)
+                    out[i] += w * (down @ q8(act[None], 256)[0].astype(np.float64))
+            return out
+
+        ref = reference(want)
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err < 1e-5, err
+        # The levels matter far more than that: all at the top level differs.
+        top = reference(np.full_like(want, 3))
+        assert np.abs(got - top).max() / np.abs(top).max() > 1e-3

@@ -15,12 +15,15 @@ ALIGNMENT = 64
 """Byte alignment of every array we hand to ggml (it needs 32)."""
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
-    """An uninitialised array whose data pointer is ``ALIGNMENT``-aligned."""
+def aligned_empty(
+    shape: tuple[int, ...], dtype: np.dtype | type, align: int = ALIGNMENT
+) -> np.ndarray:
+    """An uninitialised array whose data pointer is ``align``-aligned (4096
+    for O_DIRECT buffers)."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
-    start = -raw.ctypes.data % ALIGNMENT
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    start = -raw.ctypes.data % align
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 

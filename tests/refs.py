@@ -1,0 +1,24 @@
+"""Float references for what ggml computes (imported by tests, not a test)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def q8(x: np.ndarray, block: int) -> np.ndarray:
+    """ggml's activation quantization (Q8_K per 256 / Q8_0 per 32), dequantized."""
+    out = np.empty_like(x)
+    for r in range(x.shape[0]):
+        for b in range(0, x.shape[1], block):
+            v = x[r, b : b + block]
+            if block == 256:  # quantize_row_q8_K_ref: scale from the signed max
+                m = v[np.argmax(np.abs(v))]
+                iscale = np.float32(-127.0) / m
+                q = np.minimum(np.trunc(iscale * v + np.copysign(0.5, iscale * v)), 127)
+                out[r, b : b + block] = q * (np.float32(1.0) / iscale)
+            else:  # quantize_row_q8_0_ref
+                d = np.float32(np.abs(v).max() / 127.0)
+                d16 = np.float32(np.float16(d))
+                q = np.round(v / d) if d else np.zeros_like(v)
+                out[r, b : b + block] = q * d16
+    return out
