@@ -151,5 +151,6 @@ def setup(model, ckpt, options, rss_start: int | None = None):
         routers,
         m.shifts,
         prefetch=options.prefetch and options.budget is not None,
+        pipeline=options.pipeline,
     )
     return routed.experts_for, routed, plan
