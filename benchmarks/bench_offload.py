@@ -1,22 +1,27 @@
 """Offloading benchmark: EdgeMoE under memory budgets against on-demand
-baselines, and in memory against llama.cpp on the same weights.
+baselines, with each run's physical limit measured on the same machine.
 
     python benchmarks/bench_offload.py [--model DIR] [--budgets 0.75,0.5,0.3]
+    python benchmarks/bench_offload.py --model FIXTURE_DIR --text heldout.txt --ppl
 
 MODEL is a converted model (default: the OLMoE-shaped one bench_convert.py
-writes; run that first). For each budget (a fraction of the level-8 expert
-bytes, on top of backbone, KV cache and scratch) it runs, each in a fresh
-process with the expert shards dropped from the page cache:
+writes; run that first). A budget is a fraction of the level-8 expert bytes,
+in slots on top of backbone, KV cache, scratch and 32 MiB for the runtime. For
+each budget it runs, each in a fresh process with the expert shards dropped
+from the page cache:
 
 - ``lru-8``: synchronous on-demand loading, LRU eviction, every expert at 8 bits
 - ``lru-4``: the same at 4 bits
 - ``hebf``: HEBF + dual routing (balanced), no prefetch
 - ``full``: HEBF + dual routing + next-layer prefetch
 
-It reports decode tokens/s, stall fraction, bytes read per token, hit rate
-and peak RSS, and each run as a fraction of its physical limit: bytes touched
-per token / memory bandwidth and bytes read per token / cold disk bandwidth,
-both measured here. Writes benchmarks/out/offload.json; prints markdown.
+Decode is llama-bench's tg: one token at a time, random ids (or the tokens
+of --text). It reports tokens/s, stall fraction, bytes read per token, hit
+rate, peak RSS and (--ppl) perplexity over --text, and each run as a
+fraction of its physical limit: the larger of bytes touched per token /
+memory bandwidth and bytes read per token / cold disk bandwidth, both
+measured here. Writes benchmarks/out/offload.json (or --out); prints markdown.
+In-memory levels against llama.cpp: bench_inmemory.py --converted.
 """
 
 from __future__ import annotations
@@ -57,13 +62,18 @@ def worker(args) -> dict:
 
     opts = json.loads(args.options)
     drop_cache(Path(args.model))
-    n_ctx = max(args.prompt, args.gen) + 8
-    m = edgemoe.load(args.model, n_ctx=n_ctx, n_threads=args.threads, **opts)
+    m = edgemoe.load(args.model, n_ctx=_n_ctx(args), n_threads=args.threads, **opts)
     tokens = None
     if args.text:
         tokens = m.tokenize(Path(args.text).read_text(), add_special=False)
     pp, tg = (r.summary() for r in bench(m, args.prompt, args.gen, 1, tokens=tokens))
+    ppl = None
+    if args.ppl:
+        from edgemoe.runtime.perplexity import perplexity
+
+        ppl = perplexity(m, tokens, min(256, m.n_ctx)).perplexity
     return {
+        "perplexity": ppl,
         "prefill_tps": pp["tps"],
         "decode_tps": tg["tps"],
         "stall_fraction": tg["stall_fraction"],
@@ -74,6 +84,10 @@ def worker(args) -> dict:
         "slots": list(m.memory.slots) if m.memory else None,
         "plan_mib": m.memory.total / 2**20 if m.memory else None,
     }
+
+
+def _n_ctx(args) -> int:
+    return max(args.prompt, args.gen, 256 if args.ppl else 0) + 8
 
 
 def _dense_bytes(m) -> int:
@@ -128,6 +142,7 @@ def run(args, options: dict) -> dict:
         "--gen",
         str(args.gen),
         *(["--text", str(Path(args.text).resolve())] if args.text else []),
+        *(["--ppl"] if args.ppl else []),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=OUT, timeout=3600)
     if proc.returncode != 0:
@@ -141,9 +156,13 @@ def main() -> int:
     ap.add_argument("--budgets", default="0.75,0.5,0.3")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="offload.json", help="JSON file in benchmarks/out")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--text", help="evaluate this text's tokens (default random)")
+    ap.add_argument(
+        "--ppl", action="store_true", help="also report perplexity over --text"
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -161,7 +180,7 @@ def main() -> int:
     ckpt = EdgeCheckpoint(args.model)
     try:
         level8 = ckpt.level_bytes()[max(ckpt.manifest.levels)]
-        base = memory_plan(ckpt, None, args.prompt + args.gen + 8, 256, None)
+        base = memory_plan(ckpt, None, _n_ctx(args), 256, None)
         zero_slots = base.experts // (base.slots[0] + 1)  # one slot per plane
         fixed = base.backbone + base.kv_cache + base.scratch + zero_slots
     finally:
@@ -197,24 +216,26 @@ def main() -> int:
         "level8_expert_bytes": level8,
         "prompt": args.prompt,
         "gen": args.gen,
+        "tokens": f"text {Path(args.text).name}" if args.text else "random ids",
         "threads": args.threads,
         "rows": rows,
     }
-    (OUT / "offload.json").write_text(json.dumps(report, indent=1))
+    (OUT / args.out).write_text(json.dumps(report, indent=1))
     print(markdown(report))
     return 0
 
 
 def markdown(report: dict) -> str:
     bw = report["bandwidth"]
+    ppl = any(r.get("perplexity") for r in report["rows"])
     lines = [
         f"memory {bw['memory_bytes_s'] / 1e9:.1f} GB/s, cold disk "
-        f"{bw['disk_bytes_s'] / 1e9:.2f} GB/s (measured); {report['prompt']}-token "
-        f"prompt, {report['gen']} greedy tokens, {report['threads']} threads",
+        f"{bw['disk_bytes_s'] / 1e9:.2f} GB/s (measured); tg{report['gen']} "
+        f"(one token at a time, {report['tokens']}), {report['threads']} threads",
         "",
         "| budget | config | decode t/s | x lru-8 | stall | MiB read/token | hits "
-        "| peak RSS MiB | of limit |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS MiB | of limit |" + (" perplexity |" if ppl else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if ppl else ""),
     ]
     for frac in sorted({r["budget_fraction"] for r in report["rows"]}, reverse=True):
         group = [r for r in report["rows"] if r["budget_fraction"] == frac]
@@ -226,6 +247,7 @@ def markdown(report: dict) -> str:
                 f"{r['decode_tps']:.2f} | {speedup} | {r['stall_fraction']:.0%} | "
                 f"{r['read_per_token'] / 2**20:.1f} | {r['hit_rate']:.0%} | "
                 f"{r['peak_rss_mib']:,.0f} | {r['of_limit']:.0%} |"
+                + (f" {r['perplexity']:.3f} |" if ppl else "")
             )
     return "\n".join(lines)
 

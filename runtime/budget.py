@@ -79,22 +79,27 @@ def plan_slots(
     n_experts_total: int,
     min_slots: int,
     planes_required: int,
+    forced: bool = False,
+    protected: int = 0,
 ) -> tuple[int, ...]:
     """Expert slots per plane for ``budget - fixed`` bytes.
 
     Plane 1 (every expert needs it) gets half, up to one slot per expert of
     the model; the higher planes share the rest with equal slot counts, so
     any expert can be lifted to the top level. ``planes_required`` planes must
-    each hold ``min_slots`` (a forced level needs them all).
+    each hold ``min_slots``. With ``forced``, every expert runs exactly that
+    many planes: they share the room equally, and the planes above hold only
+    the ``protected`` experts (which always run at the top level).
     """
-    room = budget - fixed - sum(plane_bytes)  # the zero slots
+    p = len(plane_bytes)
+    above = protected * sum(plane_bytes[planes_required:]) if forced else 0
+    room = budget - fixed - sum(plane_bytes) - above  # and the zero slots
     need = min_slots * sum(plane_bytes[:planes_required])
     if room < need:
         raise ValueError(need - room)
-    p = len(plane_bytes)
-    if planes_required == p or p == 1:
-        s = min(n_experts_total, room // sum(plane_bytes))
-        return (s,) * p
+    if forced or planes_required == p or p == 1:
+        s = min(n_experts_total, room // sum(plane_bytes[:planes_required]))
+        return (s,) * planes_required + (protected,) * (p - planes_required)
     first = min(n_experts_total, max(min_slots, room // 2 // plane_bytes[0]))
     rest = (room - first * plane_bytes[0]) // sum(plane_bytes[1:])
     rest = min(n_experts_total, rest)

@@ -47,13 +47,17 @@ def scratch_bytes(spec, n_ctx: int, n_batch: int, ffn: int) -> int:
 
 def min_budget(ckpt, n_ctx: int, n_batch: int, force_level: int | None = None) -> int:
     """The smallest budget that runs ``ckpt``: backbone, KV cache, scratch and
-    one token's experts (plus the zero slots)."""
+    one token's experts (plus the zero slots, and at a forced level the
+    protected experts' planes above it)."""
     m = ckpt.manifest
     plane = _plane_bytes(ckpt)
     fixed = _fixed(ckpt, n_ctx, n_batch)
     need = 1 if force_level is None else m.plan.n_planes(force_level)
     k = ckpt.spec.n_expert_used
-    return fixed + sum(plane) + k * sum(plane[:need])
+    above = 0  # a forced level still runs protected experts at the top
+    if force_level is not None:
+        above = sum(len(e) for e in m.protected) * sum(plane[need:])
+    return fixed + sum(plane) + k * sum(plane[:need]) + above
 
 
 def _plane_bytes(ckpt) -> tuple[int, ...]:
@@ -95,7 +99,14 @@ def memory_plan(
         need = 1 if force_level is None else m.plan.n_planes(force_level)
         try:
             slots = plan_slots(
-                total_budget, sum(fixed_parts), plane, n_total, spec.n_expert_used, need
+                total_budget,
+                sum(fixed_parts),
+                plane,
+                n_total,
+                spec.n_expert_used,
+                need,
+                forced=force_level is not None,
+                protected=sum(len(e) for e in m.protected),
             )
         except ValueError:
             minimum = min_budget(ckpt, n_ctx, n_batch, force_level) + runtime

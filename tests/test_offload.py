@@ -147,6 +147,24 @@ def test_rss_stays_within_budget(converted, tmp_path, tokens):
     assert late - early <= 2 << 20, rep  # flat: no growth after warm-up
 
 
+def test_plan_slots_split():
+    from edgemoe.runtime.budget import plan_slots
+
+    planes = (100, 100, 200)  # bytes of one expert's plane 1, 2, 3
+    # Dual routing: plane 1 gets half of the room, the others share the rest.
+    assert plan_slots(10_400, 0, planes, 64, 2, 1) == (50, 16, 16)
+    # A forced level: its planes share the room; above it only the protected.
+    assert plan_slots(10_400, 0, planes, 64, 2, 2, forced=True) == (50, 50, 0)
+    assert plan_slots(10_400, 0, planes, 64, 2, 2, forced=True, protected=3) == (
+        47,
+        47,
+        3,
+    )
+    assert plan_slots(10**6, 0, planes, 64, 2, 3) == (64, 64, 64)  # capped
+    with pytest.raises(ValueError):
+        plan_slots(1_000, 0, planes, 64, 8, 1)
+
+
 def test_hebf_order():
     """D2MoE's example: A's planes carry demand (10, 8, 2), B's (9, 9, 1)."""
     heat = {0: [10.0, 8.0, 2.0], 1: [9.0, 9.0, 1.0], 2: [3.0]}
