@@ -63,6 +63,8 @@ def worker(args) -> dict:
     opts = json.loads(args.options)
     drop_cache(Path(args.model))
     m = edgemoe.load(args.model, n_ctx=_n_ctx(args), n_threads=args.threads, **opts)
+    if args.probe:
+        return {"runtime": m.memory.runtime}
     tokens = None
     if args.text:
         tokens = m.tokenize(Path(args.text).read_text(), add_special=False)
@@ -126,7 +128,7 @@ def measure_bandwidth(model: Path) -> dict:
     return {"memory_bytes_s": mem, "disk_bytes_s": disk}
 
 
-def run(args, options: dict) -> dict:
+def run(args, options: dict, probe: bool = False) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -143,6 +145,7 @@ def run(args, options: dict) -> dict:
         str(args.gen),
         *(["--text", str(Path(args.text).resolve())] if args.text else []),
         *(["--ppl"] if args.ppl else []),
+        *(["--probe"] if probe else []),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=OUT, timeout=3600)
     if proc.returncode != 0:
@@ -164,10 +167,11 @@ def main() -> int:
         "--ppl", action="store_true", help="also report perplexity over --text"
     )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.model = Path(args.model)
-    if args.worker:
+    args.model = Path(args.model).resolve()
+    if args.worker or args.probe:
         print(json.dumps(worker(args)))
         return 0
 
@@ -185,9 +189,13 @@ def main() -> int:
         fixed = base.backbone + base.kv_cache + base.scratch + zero_slots
     finally:
         ckpt.close()
+    # What loading adds besides the plan's parts (measured at load, in a
+    # child): with a roomy budget, so the budget does not depend on it.
+    roomy = fixed + level8 // 4 + (256 << 20)
+    runtime = run(args, {"budget": roomy}, probe=True)["runtime"]
     rows = []
     for frac in (float(f) for f in args.budgets.split(",")):
-        budget = int(fixed + frac * level8) + (32 << 20)  # + process overhead
+        budget = int(fixed + runtime + frac * level8)
         for name in args.configs.split(","):
             opts = dict(CONFIGS[name], budget=budget)
             res = run(args, opts)
