@@ -39,6 +39,7 @@ class CacheCounters:
     upgrades: int = 0
     prefetches: int = 0
     prefetch_hits: int = 0
+    """Prefetched planes that a layer then used (prefetch accuracy)."""
     evictions: int = 0
     stall_s: float = 0.0
     trace: list = field(default_factory=list)
@@ -117,6 +118,8 @@ class PlaneCache:
         self.last = [np.zeros(s, dtype=np.float64) for s in slots]
         self.pinned = [np.zeros(s, dtype=np.int32) for s in slots]
         self.pending: dict[tuple[int, int, int], ReadRequest] = {}
+        self.prefetched: set[tuple[int, int, int]] = set()
+        """Planes loaded by prefetch and not used yet."""
         self.verified: set[tuple[int, int, int]] = set()
         self.verify = verify
         self.uses: dict[tuple[int, int], int] = defaultdict(int)
@@ -194,6 +197,7 @@ class PlaneCache:
         if key >= 0:
             layer, expert = divmod(int(key), self.n_expert)
             self.where.pop((layer, expert, p), None)
+            self.prefetched.discard((layer, expert, p))
         self.owner[p][slot] = -1
         self.state[p][slot] = EMPTY
         self.pinned[p][slot] = 0
@@ -282,9 +286,9 @@ class PlaneCache:
             slot = self.where.get(key)
             if slot is not None:
                 self.counters.hits[p] += self.state[p][slot] == READY
-                self.counters.prefetch_hits += key in self.pending and (
-                    self.pending[key].priority[0] == PREFETCH
-                )
+                if key in self.prefetched:
+                    self.prefetched.discard(key)
+                    self.counters.prefetch_hits += 1
             else:
                 self.counters.misses[p] += 1
                 if p > 0:
@@ -318,6 +322,7 @@ class PlaneCache:
                     continue
                 if self._load(layer, e, p, (PREFETCH, self.io.new_seq())):
                     self.counters.prefetches += 1
+                    self.prefetched.add(key)
                 else:
                     return
 

@@ -449,3 +449,29 @@ def test_mixed_levels_match_dequantized_reference(converted):
         # The levels matter far more than that: all at the top level differs.
         top = reference(np.full_like(want, 3))
         assert np.abs(got - top).max() / np.abs(top).max() > 1e-3
+
+
+def test_prefetch_predicts_next_layer_and_changes_nothing(converted, fixture_dir):
+    """Next-layer prefetch (the next router on this layer's input) loads
+    experts that are then used, and never changes what is computed."""
+    text = (fixture_dir / "heldout.txt").read_text()[:1500]
+    results = {}
+    for prefetch in (False, True):
+        with edgemoe.load(
+            converted,
+            force_level=8,
+            budget=quarter_budget(converted),
+            prefetch=prefetch,
+            **SMALL,
+        ) as m:
+            ids = m.tokenize(text, add_special=False)[:96]
+            m.eval(ids[:8])
+            logits = [m.eval([t]) for t in ids[8:]]
+            c = m.routed.cache.counters
+            results[prefetch] = (np.stack(logits), c.prefetches, c.prefetch_hits)
+    assert np.array_equal(results[True][0], results[False][0])
+    assert results[False][1] == 0
+    _, fetched, used = results[True]
+    # On this small fixture about half the prefetched planes are used; a
+    # predictor no better than chance would hit 2 of 8 experts (25%).
+    assert fetched > 0 and used / fetched > 0.35, (fetched, used)
