@@ -127,7 +127,18 @@ class Model:
             )
         self.n_ctx = options.n_ctx or min(spec.n_ctx_train, 4096)
         self.path = checkpoint.path
-        self.device = Device(options.device, options.n_threads)
+        manifest = getattr(checkpoint, "manifest", None)
+        # Streamed experts are computed where the I/O threads write them.
+        kind = "cpu" if manifest is not None and options.device == "auto" else None
+        self.device = Device(kind or options.device, options.n_threads)
+        if manifest is not None and not self.device.is_host:
+            # Expert slots are host slabs the I/O threads refill in place; a
+            # device copy made once at load would compute stale planes.
+            raise ConfigError(
+                f"{checkpoint.path}: converted models run on the CPU only; "
+                f"device {options.device!r} is not supported for streamed "
+                "experts (export-gguf a level to run it on a GPU)"
+            )
         names = set(checkpoint.names())
         mmap = getattr(checkpoint, "mmap", None)
 
@@ -141,7 +152,6 @@ class Model:
             start, addr = mmap.ctypes.data, w.data.ctypes.data
             return mmap if start <= addr < start + mmap.nbytes else None
 
-        manifest = getattr(checkpoint, "manifest", None)
         n_planes = len(manifest.plan.planes) if manifest else 0
         self.weights = WeightSet(self.device, capacity=len(names) + 8 + 3 * n_planes)
         experts, self.routed, self.memory = None, None, None

@@ -475,3 +475,20 @@ def test_prefetch_predicts_next_layer_and_changes_nothing(converted, fixture_dir
     # On this small fixture about half the prefetched planes are used; a
     # predictor no better than chance would hit 2 of 8 experts (25%).
     assert fetched > 0 and used / fetched > 0.35, (fetched, used)
+
+
+def test_streamed_experts_refuse_a_gpu_device(converted, monkeypatch):
+    """Slots are host slabs refilled in place: a GPU copy would be stale, so a
+    converted model on a non-host device is refused before anything is loaded
+    (no GPU here: a stand-in device says it is not the host)."""
+    from edgemoe.runtime import model as model_mod
+
+    class FakeGpu:
+        is_host = False
+
+        def __init__(self, kind, n_threads=None):
+            self.kind = kind
+
+    monkeypatch.setattr(model_mod, "Device", FakeGpu)
+    with pytest.raises(ConfigError, match="CPU only.*'gpu'"):
+        edgemoe.load(converted, device="gpu", **SMALL)
