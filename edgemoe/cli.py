@@ -80,11 +80,12 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace, **extra: Any):
+def _load(args: argparse.Namespace, **overrides: Any):
+    """Load ``args.model`` with the command line's options; ``overrides`` (any
+    ``edgemoe.load`` option) win, e.g. chat's ``/set budget``."""
     from edgemoe.runtime.model import load
 
-    return load(
-        args.model,
+    options = dict(
         n_ctx=args.ctx,
         n_threads=args.threads,
         n_batch=args.batch,
@@ -94,8 +95,9 @@ def _load(args: argparse.Namespace, **extra: Any):
         quality=_quality(args.quality),
         prefetch=not args.no_prefetch,
         io=args.io,
-        **extra,
     )
+    options.update(overrides)
+    return load(args.model, **options)
 
 
 def _quality(text: str):

@@ -368,6 +368,34 @@ class Model:
             )
         return out
 
+    def residency(self) -> list[tuple[int, np.ndarray]]:
+        """Per MoE layer, the level (bits) each expert is resident at now; 0
+        where not even plane 1 is in. Plain models: every expert at level 0."""
+        if self.routed is None:
+            return []
+        cache = self.routed.cache
+        levels = np.array((0, *self.levels), dtype=np.int64)
+        out = []
+        for layer in cache.moe_layers:
+            n = [cache.resident_planes(layer, e) for e in range(cache.n_expert)]
+            out.append((layer, levels[np.asarray(n, dtype=np.int64)]))  # [E]
+        return out
+
+    def set_quality(self, quality) -> None:
+        """Change dual routing's thresholds (a preset or (T1, T2)) from the next
+        step on; ``--level`` models keep their forced level."""
+        if self.routed is None:
+            raise ConfigError(
+                f"{self.path}: quality applies to converted models (edgemoe convert)"
+            )
+        from edgemoe.runtime.dual_routing import LevelPolicy
+
+        old = self.routed.policy
+        self.routed.policy = LevelPolicy.make(
+            old.plan, old.protected, quality, old.force_level
+        )
+        self.options = dataclasses.replace(self.options, quality=quality)
+
     @property
     def weight_bytes(self) -> int:
         return self.weights.nbytes

@@ -492,3 +492,23 @@ def test_streamed_experts_refuse_a_gpu_device(converted, monkeypatch):
     monkeypatch.setattr(model_mod, "Device", FakeGpu)
     with pytest.raises(ConfigError, match="CPU only.*'gpu'"):
         edgemoe.load(converted, device="gpu", **SMALL)
+
+
+def test_residency_map_and_quality_switch(converted):
+    """The UI's per-layer map: levels match what the cache holds, and a quality
+    change takes effect on the next step."""
+    with edgemoe.load(converted, budget=quarter_budget(converted), **SMALL) as m:
+        assert all((lv == 0).all() for _, lv in m.residency())
+        list(m.generate("def f(x):", max_tokens=4, temperature=0, ignore_eos=True))
+        res = m.residency()
+        assert [layer for layer, _ in res] == list(m.routed.cache.moe_layers)
+        cache = m.routed.cache
+        for layer, lv in res:
+            for e, level in enumerate(lv):
+                n = cache.resident_planes(layer, e)
+                assert level == (m.levels[n - 1] if n else 0)
+        assert any((lv > 0).any() for _, lv in res)
+        m.set_quality("min")
+        assert m.routed.policy.thresholds == (-1.0, -1.0)
+        with pytest.raises(ConfigError, match="quality"):
+            m.set_quality("best")
