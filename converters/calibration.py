@@ -66,6 +66,10 @@ def read_text(path: str | Path) -> str:
         raise ModelFileError(path, f"cannot read: {e.strerror}") from None
 
 
+RANK_SAMPLE = 256
+"""Tokens per layer whose sorted routing weights the manifest keeps."""
+
+
 @dataclass
 class ExpertStats:
     """What calibration saw of one MoE layer's experts."""
@@ -75,6 +79,9 @@ class ExpertStats:
     in_sq: np.ndarray  # [E, D] summed squared gate/up input per column
     peak: np.ndarray  # [E] largest |output| of the expert
     tokens: int
+    ranked: np.ndarray | None = None
+    """[S, K] routing weights of a token sample, largest first: lets a cost
+    model work out how many experts each dual-routing setting lifts."""
 
     def imatrix(self, e: int, prior: float = 8.0) -> np.ndarray:
         """Mean squared gate/up input per column for expert ``e``, shrunk
@@ -149,6 +156,9 @@ class LayerRunner:
             in_sq=np.zeros((e_count, d)),
             peak=np.zeros(e_count),
             tokens=n,
+            ranked=-np.sort(
+                -weights[:: max(1, n // RANK_SAMPLE)][:RANK_SAMPLE], axis=1
+            ),
         )
         out = np.zeros_like(hn)
         for e in range(e_count):

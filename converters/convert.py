@@ -279,7 +279,13 @@ def _convert(
             backbone_type=opts.backbone_type,
             hotness=tuple(hotness),
             protected=tuple(protected),
-            calibration=calib_source,
+            calibration=dict(
+                calib_source,
+                rank_weights=[
+                    np.round(st.ranked, 4).tolist() if st is not None else []
+                    for st in all_stats
+                ],
+            ),
             tokenizer=tokenizer_kind,
             chat_template=_chat_template(ckpt, vocab),
             source={"format": source_format, "path": str(ckpt.path)},

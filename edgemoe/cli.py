@@ -78,6 +78,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
         choices=("pread", "direct"),
         help="expert reads: buffered pread (default) or O_DIRECT",
     )
+    from edgemoe.profile_cli import add_load_args
+
+    add_load_args(p)
 
 
 def _load(args: argparse.Namespace, **overrides: Any):
@@ -96,6 +99,9 @@ def _load(args: argparse.Namespace, **overrides: Any):
         prefetch=not args.no_prefetch,
         io=args.io,
     )
+    from edgemoe.profile_cli import load_overrides
+
+    options.update(load_overrides(args))
     options.update(overrides)
     return load(args.model, **options)
 
@@ -239,8 +245,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- chat --------------------------------------------------------------------------
+def cmd_chat(args: argparse.Namespace) -> int:
+    from edgemoe.ui.session import ChatSession, Sampling
+
+    sampling = Sampling(**_sampling(args))  # bad values fail before loading
+    session = ChatSession(lambda **o: _load(args, **o), sampling, args.system)
+    try:
+        # Pipes and ssh without a terminal get the line REPL (no Textual import).
+        if args.plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
+            from edgemoe.ui.repl import run_repl
+
+            return run_repl(session, interactive=sys.stdin.isatty())
+        from edgemoe.ui.app import run_app
+
+        return run_app(session)
+    finally:
+        summary = session.summary()
+        session.close()
+        print(summary, file=sys.stderr)
+
+
 # -- bench -------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
+    import dataclasses
     from pathlib import Path
 
     from edgemoe.runtime.bench import bench
@@ -258,6 +286,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             else Path(args.model).stat().st_size
         )
         budget = model.memory.budget if model.memory else None
+        plan = dataclasses.asdict(model.memory) if model.memory else None
     if args.json:
         print(
             json.dumps(
@@ -265,6 +294,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     "model": args.model,
                     "bytes": size,
                     "budget": budget,
+                    "memory": plan,
                     "threads": args.threads,
                     "results": results,
                 },
@@ -547,6 +577,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(r)
     r.set_defaults(func=cmd_run)
 
+    ch = sub.add_parser("chat", help="interactive chat with live memory/latency panels")
+    _add_load_args(ch)
+    ch.add_argument("--system", help="system message")
+    ch.add_argument(
+        "--plain",
+        action="store_true",
+        help="line REPL instead of the full-screen app (default without a terminal)",
+    )
+    _add_sampling_args(ch)
+    ch.set_defaults(func=cmd_chat, n_predict=512)
+
     bn = sub.add_parser("bench", help="prompt and generation speed (llama-bench style)")
     _add_load_args(bn)
     bn.add_argument("-p", "--n-prompt", type=int, default=128)
@@ -630,6 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--seed", type=int, default=0)
     y.add_argument("--force", action="store_true")
     y.set_defaults(func=cmd_synth)
+
+    from edgemoe.profile_cli import add_parser as add_profile
+
+    add_profile(sub)
 
     d = sub.add_parser("demo", help="synthesise a small random MoE and run it")
     d.add_argument("-t", "--threads", type=int, default=None)

@@ -167,6 +167,19 @@ def print_inspect(rep: dict[str, Any], tensors: bool = False) -> None:
             print(f"  {t['name']:<40} {t['type']:<8} {shape:<22} {t['bytes']:>12,}")
 
 
+def _profiles() -> list[tuple[str, int]]:
+    """(name, usable bytes) of the packaged device profiles."""
+    from edgemoe.profile import load_profile, profile_names
+
+    return [(n, load_profile(n).memory_usable) for n in profile_names(user=False)]
+
+
+def _which(names: list[str], n_all: int) -> str:
+    if len(names) == n_all:
+        return f"all {n_all} device profiles"
+    return ", ".join(names) or "no device profile"
+
+
 def print_convert_summary(report) -> None:
     """The table ``edgemoe convert`` ends with: bytes per level, bits per
     weight, and the memory each level needs with every expert resident."""
@@ -179,12 +192,16 @@ def print_convert_summary(report) -> None:
     table = Table(title=f"{report.out} ({report.seconds:.1f} s)")
     for col in ("level", "experts", "bits/weight", "backbone + experts"):
         table.add_column(col, justify="right")
+    table.add_column("every expert resident on", justify="left")
+    profiles = _profiles()
     for lv, b in report.level_bytes.items():
+        need = b + report.backbone_bytes
         table.add_row(
             f"{lv}-bit",
             mib(b),
             f"{8 * b / n_weights:.2f}",
-            mib(b + report.backbone_bytes),
+            mib(need),
+            _which([n for n, usable in profiles if usable >= need], len(profiles)),
         )
     console = Console()
     console.print(table)
@@ -197,3 +214,18 @@ def print_convert_summary(report) -> None:
     prot = [f"layer {i}: {list(r)}" for i, r in enumerate(m.protected) if r]
     if prot:
         console.print("protected (super) experts, always top level: " + "; ".join(prot))
+    from edgemoe.format.reader import EdgeCheckpoint
+    from edgemoe.runtime.offload import min_budget
+
+    ckpt = EdgeCheckpoint(report.out)
+    try:
+        n_ctx = min(spec.n_ctx_train, 4096)
+        low = min_budget(ckpt, n_ctx, 256)
+    finally:
+        ckpt.close()
+    fits = _which([n for n, usable in profiles if usable >= low], len(profiles))
+    console.print(
+        f"streaming experts (--budget, at least {mib(low)} for {n_ctx} tokens of "
+        f"context) fits: {fits}; edgemoe profile -m {report.out} plans it",
+        soft_wrap=True,
+    )

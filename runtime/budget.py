@@ -3,51 +3,9 @@ backbone, the KV cache, compute scratch and the expert plane slots."""
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 
-from edgemoe.errors import ConfigError
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "kib": 1 << 10,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "mib": 1 << 20,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "gib": 1 << 30,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "tib": 1 << 40,
-}
-
-
-def parse_size(value: str | int | float) -> int:
-    """``"3GiB"``, ``"1.5 GB"``, ``"800M"`` or a byte count -> bytes."""
-    if isinstance(value, bool):
-        raise ConfigError(f"a memory size must be bytes or like '3GiB', got {value!r}")
-    if isinstance(value, (int, float)):
-        if value <= 0 or not math.isfinite(value):
-            raise ConfigError(f"a memory size must be positive, got {value!r}")
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(
-            f"cannot read memory size {value!r}; use e.g. 3GiB, 1500MiB, 2.5GB or bytes"
-        )
-    n = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if n <= 0:
-        raise ConfigError(f"a memory size must be positive, got {value!r}")
-    return int(n)
-
-
-def fmt_size(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+from edgemoe.units import fmt_size, parse_size  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,12 @@ class ReadRequest:
 class IOQueue(ABC):
     """A priority queue of plane reads served by worker threads."""
 
-    def __init__(self, threads: int = 2, on_done=None):
+    def __init__(self, threads: int = 2, on_done=None, throttle=None):
+        """``throttle``: (bytes/s, latency s) of an emulated slower storage;
+        reads then finish no sooner than such a device, one at a time, would
+        serve them (``--emulate``)."""
+        self._throttle = throttle
+        self._disk_free = 0.0
         self._heap: list[ReadRequest] = []
         self._cv = threading.Condition()
         self._stop = threading.Event()
@@ -119,6 +124,8 @@ class IOQueue(ABC):
                     f"read failed for layer {req.key[0]} expert "
                     f"{req.key[1]} plane {req.key[2]}: {e.strerror or e}",
                 )
+            if self._throttle is not None:
+                self._emulate(req)
             req.finished = time.perf_counter()
             with self._cv:
                 self.busy_s += req.finished - req.started
@@ -127,6 +134,17 @@ class IOQueue(ABC):
             req.done.set()
             if self._on_done is not None:
                 self._on_done(req)
+
+    def _emulate(self, req: ReadRequest) -> None:
+        """Hold a finished read until the emulated device would have served it."""
+        rate, latency = self._throttle
+        with self._cv:
+            start = max(req.started, self._disk_free)
+            self._disk_free = start + latency + req.length / rate
+            until = self._disk_free
+        delay = until - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
 
     def fd(self, path: Path, flags: int = os.O_RDONLY) -> int:
         with self._fd_lock:
@@ -184,8 +202,8 @@ class DirectQueue(IOQueue):
 
     PAGE = 4096
 
-    def __init__(self, threads: int = 2, on_done=None):
-        super().__init__(threads, on_done)
+    def __init__(self, threads: int = 2, on_done=None, throttle=None):
+        super().__init__(threads, on_done, throttle)
         self._bounce = threading.local()
 
     def read(self, req: ReadRequest) -> None:
@@ -207,12 +225,15 @@ class DirectQueue(IOQueue):
             dest[...] = buf[base + off : base + off + n].reshape(dest.shape)
 
 
-def get_io_backend(kind: str = "pread", threads: int = 2, on_done=None) -> IOQueue:
-    """The I/O queue for ``kind``: "pread" (default) or "direct" (O_DIRECT)."""
+def get_io_backend(
+    kind: str = "pread", threads: int = 2, on_done=None, throttle=None
+) -> IOQueue:
+    """The I/O queue for ``kind``: "pread" (default) or "direct" (O_DIRECT);
+    ``throttle`` (bytes/s, latency s) emulates slower storage."""
     if kind == "pread":
-        return PreadQueue(threads, on_done)
+        return PreadQueue(threads, on_done, throttle)
     if kind == "direct":
         if not hasattr(os, "O_DIRECT"):
             raise ConfigError("O_DIRECT is not available on this platform")
-        return DirectQueue(threads, on_done)
+        return DirectQueue(threads, on_done, throttle)
     raise ConfigError(f"io backend must be 'pread' or 'direct', got {kind!r}")

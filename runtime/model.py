@@ -51,6 +51,9 @@ class LoadOptions:
     pipeline: str = "waves"
     """"waves" runs experts as their planes arrive; "sync" waits for all of a
     layer's loads (a baseline)."""
+    throttle: tuple[float, float] | None = None
+    """Emulated storage (bytes/s, latency s): expert reads finish no sooner
+    than that device would serve them (``--emulate``)."""
 
     def __post_init__(self) -> None:
         for name in ("n_ctx", "n_threads", "n_batch", "force_level", "io_threads"):
@@ -72,6 +75,16 @@ class LoadOptions:
             raise ConfigError(
                 f"device must be 'cpu', 'gpu' or 'auto', got {self.device!r}"
             )
+        if self.throttle is not None:
+            try:
+                rate, latency = (float(x) for x in self.throttle)
+            except (TypeError, ValueError):
+                rate = latency = -1.0
+            if not (rate > 0 and latency >= 0):
+                raise ConfigError(
+                    f"throttle must be (bytes/s > 0, latency s >= 0), "
+                    f"got {self.throttle!r}"
+                )
         if self.n_ctx < 0:
             raise ConfigError(f"n_ctx must be >= 0, got {self.n_ctx}")
         if self.n_batch < 1:

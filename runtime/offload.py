@@ -138,7 +138,10 @@ def setup(model, ckpt, options, rss_start: int | None = None):
     )
     cache_ref: list = []
     io = get_io_backend(
-        options.io, options.io_threads, on_done=lambda req: cache_ref[0].notify(req)
+        options.io,
+        options.io_threads,
+        on_done=lambda req: cache_ref[0].notify(req),
+        throttle=options.throttle,
     )
     cache = PlaneCache(
         ckpt,

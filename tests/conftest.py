@@ -134,6 +134,17 @@ def fixture_dir() -> Path:
     return CODE_MIXTRAL
 
 
+@pytest.fixture(scope="session")
+def converted_fixture(fixture_dir, tmp_path_factory) -> Path:
+    """The trained fixture converted (levels 2,4,8; 1,024 calibration tokens),
+    once per session: offload, UI and profile tests share it."""
+    from edgemoe.converters.convert import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("converted") / "code-mixtral-edge"
+    convert(fixture_dir, out, ConvertOptions(calib_tokens=1024))
+    return out
+
+
 @pytest.fixture
 def cli(tmp_path):
     """``cli(*args)`` runs ``python -m edgemoe ARGS`` in a subprocess."""

@@ -291,6 +291,10 @@ def test_convert_cli_summary(fixture_dir, tmp_path, cli):
         "5.25",
         "9.75",
         "Q2_K + Q2_K + Q4_K",
+        # The fixture is tiny: every packaged device holds it.
+        "all 8 device profiles",
+        "streaming experts (--budget, at least",
+        "fits: all 8 device profiles; edgemoe profile -m",
     ):
         assert needle in proc.stdout
     proc = cli("inspect", tmp_path / "m", "--json", "--verify")

@@ -21,6 +21,11 @@ CORE = [
     "edgemoe.checkpoint.hf",
     "edgemoe.checkpoint.gguf_file",
     "edgemoe.errors",
+    "edgemoe.units",
+    "edgemoe.profile",
+    "edgemoe.profiler",
+    "edgemoe.profile_cli",
+    "edgemoe.cli",
 ]
 FORBIDDEN = [
     "edgemoe.runtime",

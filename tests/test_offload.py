@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import edgemoe
-from edgemoe.converters.convert import ConvertOptions, convert
 from edgemoe.errors import ConfigError, ModelFileError
 from edgemoe.quant.types import NestedQuant
 from edgemoe.runtime.budget import parse_size
@@ -25,10 +24,8 @@ SMALL = dict(n_ctx=256, n_batch=32)
 
 
 @pytest.fixture(scope="module")
-def converted(fixture_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("off") / "edge"
-    convert(fixture_dir, out, ConvertOptions(calib_tokens=1024))
-    return out
+def converted(converted_fixture):
+    return converted_fixture
 
 
 def quarter_budget(path) -> int:

@@ -1,0 +1,150 @@
+"""The cost model against ``edgemoe bench``: predicted vs measured decode t/s.
+
+    python benchmarks/bench_costmodel.py [--profile local.toml] [--budgets 0.75,0.5,0.3]
+
+Measures this machine (``edgemoe profile --measure``, storage read from the
+synthetic model's shard) unless ``--profile`` is given, then for the trained
+fixture and the synthetic OLMoE-shaped model at each budget (a fraction of the
+level-8 expert bytes on top of the fixed parts) runs ``edgemoe bench --json``
+in a fresh process (expert shards dropped from the page cache) and compares
+its ``tg`` tokens/s with the cost model's prediction for the same memory plan.
+Writes benchmarks/out/costmodel.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench_offload import drop_cache  # the script's own folder is on sys.path
+
+OUT = Path(__file__).resolve().parent / "out"
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "code-mixtral"
+
+
+def ensure_fixture() -> Path:
+    """The fixture converted with routing samples in its manifest."""
+    from edgemoe.converters.convert import ConvertOptions, convert
+
+    out = OUT / "convert" / "fixture-costmodel"
+    if not (out / "manifest.json").exists():
+        convert(FIXTURE, out, ConvertOptions(calib_tokens=1024))
+    return out
+
+
+def bench(model: Path, budget: int, threads: int, gen: int, text: str | None) -> dict:
+    drop_cache(model)
+    cmd = [
+        sys.executable, "-m", "edgemoe", "bench", str(model), "--budget", str(budget),
+        "-p", "0", "-n", str(gen), "-r", "2", "-t", str(threads), "-c", "512", "--json",
+    ]  # fmt: skip
+    if text:
+        cmd += ["--text", text]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=OUT, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", help="profile name or TOML (default: measure now)")
+    ap.add_argument("--budgets", default="0.75,0.5,0.3")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--synthetic", default=str(OUT / "convert" / "edge"))
+    ap.add_argument("--models", default="fixture,synthetic")
+    ap.add_argument("--out", default="costmodel.json")
+    args = ap.parse_args()
+
+    from edgemoe.format.reader import EdgeCheckpoint
+    from edgemoe.profile import load_profile
+    from edgemoe.profiler import measure, write_profile
+    from edgemoe.runtime.costmodel import predict
+    from edgemoe.runtime.dual_routing import LevelPolicy
+    from edgemoe.runtime.offload import memory_plan
+
+    synthetic = Path(args.synthetic).resolve()
+    if args.profile:
+        profile = load_profile(args.profile)
+    else:
+        shard = sorted(synthetic.glob("experts-*.gguf"))[0]
+        profile = measure(OUT, args.threads, lambda m: print("measuring", m), shard)
+        write_profile(profile, OUT / "profile-local.toml")
+    print(profile.to_toml())
+    wanted = args.models.split(",")
+    models = [
+        (name, path(), text)
+        for name, path, text in (
+            ("fixture", ensure_fixture, str(FIXTURE / "heldout.txt")),
+            ("synthetic", lambda: synthetic, None),
+        )
+        if name in wanted
+    ]
+    rows = []
+    for name, model, text in models:
+        ckpt = EdgeCheckpoint(model)
+        try:
+            full = memory_plan(ckpt, None, 512, 256, None)
+            m = ckpt.manifest
+            policy = LevelPolicy.make(m.plan, m.protected)
+            fixed = full.backbone + full.kv_cache + full.scratch
+            # What loading adds beyond the plan (measured at load): one short
+            # run with every expert resident tells it, so each budget's expert
+            # share is the fraction asked for.
+            probe = bench(model, fixed + full.experts + (256 << 20), 1, 1, text)
+            runtime = probe["memory"]["runtime"]
+            for frac in (float(x) for x in args.budgets.split(",")):
+                budget = int(fixed + runtime + frac * full.experts)
+                res = bench(model, budget, args.threads, args.gen, text)
+                plan = res["memory"]
+                pred = predict(ckpt, profile, policy, tuple(plan["slots"]))
+                tg = next(r for r in res["results"] if r["test"].startswith("tg"))
+                row = {
+                    "model": name,
+                    "fraction": frac,
+                    "budget": budget,
+                    "slots": plan["slots"],
+                    "measured_tps": tg["tps"],
+                    "predicted_tps": pred.tokens_per_s,
+                    "ratio": pred.tokens_per_s / tg["tps"],
+                    "measured_read_per_token": tg["read_per_token"],
+                    "predicted_read_per_token": pred.read_per_token,
+                    "measured_hit_rate": tg["hit_rate"],
+                    "predicted_hit_rate": pred.hit_rate,
+                    "prediction": pred.__dict__,
+                }
+                rows.append(row)
+                print(
+                    f"{name} {frac:.0%}: measured {tg['tps']:.1f} t/s, predicted "
+                    f"{pred.tokens_per_s:.1f} ({row['ratio']:.2f}x)",
+                    flush=True,
+                )
+        finally:
+            ckpt.close()
+    report = {"profile": profile.to_toml(), "rows": rows}
+    (OUT / args.out).write_text(json.dumps(report, indent=1))
+    print()
+    print(
+        "| model | budget | measured t/s | predicted t/s | predicted/measured "
+        "| MiB read/token (meas/pred) | hits (meas/pred) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['fraction']:.0%} ({r['budget'] / 2**20:,.0f} MiB) "
+            f"| {r['measured_tps']:.1f} | {r['predicted_tps']:.1f} | {r['ratio']:.2f}x "
+            f"| {r['measured_read_per_token'] / 2**20:.2f} / "
+            f"{r['predicted_read_per_token'] / 2**20:.2f} "
+            f"| {r['measured_hit_rate']:.0%} / {r['predicted_hit_rate']:.0%} |"
+        )
+    worst = max(abs(r["ratio"] - 1) for r in rows)
+    print(f"\nlargest error: {worst:.0%} (target: within 25%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Textual chat app and its plain REPL fallback (``edgemoe chat`` only)."""
