@@ -66,8 +66,19 @@ def read_text(path: str | Path) -> str:
         raise ModelFileError(path, f"cannot read: {e.strerror}") from None
 
 
-RANK_SAMPLE = 256
-"""Tokens per layer whose sorted routing weights the manifest keeps."""
+TRACE_TOKENS = 256
+"""Tokens per layer whose routing the manifest keeps."""
+TRACE_CHUNKS = 4
+
+
+def trace_rows(n: int) -> np.ndarray:
+    """Rows of the trace: TRACE_CHUNKS runs of consecutive tokens spread over
+    the calibration text (one run from its start would be a file header)."""
+    run = TRACE_TOKENS // TRACE_CHUNKS
+    if n <= TRACE_TOKENS:
+        return np.arange(n)
+    starts = np.linspace(0, n - run, TRACE_CHUNKS).astype(np.int64)
+    return (starts[:, None] + np.arange(run)).reshape(-1)
 
 
 @dataclass
@@ -79,9 +90,11 @@ class ExpertStats:
     in_sq: np.ndarray  # [E, D] summed squared gate/up input per column
     peak: np.ndarray  # [E] largest |output| of the expert
     tokens: int
-    ranked: np.ndarray | None = None
-    """[S, K] routing weights of a token sample, largest first: lets a cost
-    model work out how many experts each dual-routing setting lifts."""
+    trace_ids: np.ndarray | None = None
+    """[S, K] experts that sampled tokens (runs of consecutive ones) picked,
+    and their ``trace_weights``: a cost model replays them to see how often
+    each dual-routing setting lifts an expert and how a cache fares."""
+    trace_weights: np.ndarray | None = None
 
     def imatrix(self, e: int, prior: float = 8.0) -> np.ndarray:
         """Mean squared gate/up input per column for expert ``e``, shrunk
@@ -156,9 +169,8 @@ class LayerRunner:
             in_sq=np.zeros((e_count, d)),
             peak=np.zeros(e_count),
             tokens=n,
-            ranked=-np.sort(
-                -weights[:: max(1, n // RANK_SAMPLE)][:RANK_SAMPLE], axis=1
-            ),
+            trace_ids=ids[trace_rows(n)],
+            trace_weights=weights[trace_rows(n)],
         )
         out = np.zeros_like(hn)
         for e in range(e_count):

@@ -281,8 +281,13 @@ def _convert(
             protected=tuple(protected),
             calibration=dict(
                 calib_source,
-                rank_weights=[
-                    np.round(st.ranked, 4).tolist() if st is not None else []
+                routing=[
+                    {
+                        "ids": st.trace_ids.tolist(),
+                        "weights": np.round(st.trace_weights, 4).tolist(),
+                    }
+                    if st is not None
+                    else {}
                     for st in all_stats
                 ],
             ),

@@ -53,7 +53,10 @@ class DeviceProfile:
     """GB/s of weights a decode matvec streams, per ggml type (MATMUL_TYPES)."""
     layer_overhead_ms: float
     """EdgeMoE's fixed cost per layer and token: graph launches, attention and
-    routing glue, cache bookkeeping."""
+    routing glue."""
+    plane_overhead_ms: float
+    """EdgeMoE's cost per expert plane run, beyond its bytes: cache lookups,
+    staging, and the plane's ops in the expert graph."""
     measured: bool = False
     """True for ``edgemoe profile --measure`` output."""
     datasheet: tuple[str, ...] = ()
@@ -88,7 +91,8 @@ class DeviceProfile:
             f"rand_read_mbs = {self.storage_rand_read:.1f}\n"
             f"latency_ms = {self.storage_latency_ms:.3f}\n\n"
             "[compute]\n"
-            f"layer_overhead_ms = {self.layer_overhead_ms:.4f}\n\n"
+            f"layer_overhead_ms = {self.layer_overhead_ms:.4f}\n"
+            f"plane_overhead_ms = {self.plane_overhead_ms:.4f}\n\n"
             "[compute.matmul_gbs]\n"
             f"{matmul}\n\n"
             "[meta]\n"
@@ -113,6 +117,7 @@ _FIELDS: dict[tuple[str, str], tuple[str, str]] = {
     ("storage", "rand_read_mbs"): ("num", "MB/s, a positive number"),
     ("storage", "latency_ms"): ("num", "milliseconds, a positive number"),
     ("compute", "layer_overhead_ms"): ("num", "milliseconds, a positive number"),
+    ("compute", "plane_overhead_ms"): ("num", "milliseconds, a positive number"),
     ("compute", "matmul_gbs"): (
         "matmul",
         "a table of GB/s for " + ", ".join(MATMUL_TYPES),
@@ -214,6 +219,7 @@ def parse_profile(text: str, path: str = "<profile>") -> DeviceProfile:
         storage_latency_ms=v["storage.latency_ms"],
         matmul=v["compute.matmul_gbs"],
         layer_overhead_ms=v["compute.layer_overhead_ms"],
+        plane_overhead_ms=v["compute.plane_overhead_ms"],
         measured=v["meta.measured"],
         datasheet=v["meta.datasheet"],
         estimated=v["meta.estimated"],

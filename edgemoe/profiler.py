@@ -162,9 +162,9 @@ def storage(directory: Path, size: int = 256 * MiB) -> dict[str, float]:
 
 
 def storage_file(path: Path) -> dict[str, float]:
-    """Cold reads of an existing file (read only): sequential MB/s, 2 MiB
-    random-read MB/s and 4 KiB read latency (ms), with O_DIRECT where the file
-    system allows it (else buffered reads after dropping the pages)."""
+    """Cold reads of an existing file (read only): sequential MB/s (O_DIRECT
+    where the file system allows it), and the random-read MB/s and per-read
+    latency (ms) of the runtime's own I/O queue."""
     from edgemoe.checkpoint.base import aligned_empty
 
     size = min(path.stat().st_size, 512 * MiB) // (8 * MiB) * (8 * MiB)
@@ -189,19 +189,17 @@ def storage_file(path: Path) -> dict[str, float]:
             except OSError as e:
                 raise ConfigError(f"{path}: read failed: {e.strerror}") from None
 
-        rng = np.random.default_rng(1)
+        from edgemoe.runtime.measure import queue_reads
+
         cold()
-        lat = []
-        for off in rng.integers(0, size // 4096, 64) * 4096:
-            t = time.perf_counter()
-            read(int(off), 4096)
-            lat.append(time.perf_counter() - t)
-        cold()
-        offs = rng.integers(0, size // (2 * MiB), 48) * 2 * MiB
-        t = time.perf_counter()
-        for off in offs:
-            read(int(off), 2 * MiB)
-        rand = len(offs) * 2 * MiB / (time.perf_counter() - t) / 1e6
+        # Random reads through the runtime's own I/O queue (buffered pread,
+        # pages dropped after): a small and a plane-sized read give the
+        # per-read cost and the rate.
+        small, big = 64 << 10, 2 * MiB
+        t_small = queue_reads(path, small, 48, seed=1)
+        t_big = queue_reads(path, big, 32, seed=2)
+        rand = (big - small) / max(t_big - t_small, 1e-9) / 1e6
+        lat = max(t_small - small / (rand * 1e6), 1e-6)
         cold()
         t = time.perf_counter()
         for off in range(0, size, 8 * MiB):
@@ -212,31 +210,54 @@ def storage_file(path: Path) -> dict[str, float]:
     return {
         "seq_read_mbs": seq,
         "rand_read_mbs": rand,
-        "latency_ms": float(np.median(lat)) * 1e3,
+        "latency_ms": lat * 1e3,
         "direct": float(direct),
     }
 
 
-def layer_overhead(profile: DeviceProfile, threads: int, workdir: Path) -> float:
-    """ms per layer and token that the runtime spends beyond streaming
-    weights: decode a small converted model (random weights, every expert
-    resident) and take away what its bytes cost at the measured rates."""
+def overheads(
+    profile: DeviceProfile, threads: int, workdir: Path
+) -> tuple[float, float]:
+    """(ms per layer, ms per expert plane run) that the runtime spends beyond
+    moving bytes. Three small converted models with random weights (top-2 of
+    8, top-4 of 32 and top-8 of 64 experts) decode text under a budget holding
+    half their expert planes, as streamed models run (dual routing, waves,
+    background reads, prefetch). What the cost model charges for their weights
+    and reads at the measured rates is taken away; a least-squares fit splits
+    the rest into a per-layer and a per-plane part."""
+    from edgemoe.converters.calibration import default_text
     from edgemoe.converters.convert import ConvertOptions, convert
     from edgemoe.converters.synth import preset_config, write_hf
     from edgemoe.runtime.bench import bench
     from edgemoe.runtime.costmodel import predict
     from edgemoe.runtime.model import load
 
-    hf = write_hf(preset_config("demo"), workdir / "hf", force=True)
-    edge = workdir / "edge"
-    convert(hf, edge, ConvertOptions(calib_tokens=512, calib_window=256))
-    with load(edge, n_threads=threads, n_ctx=512) as model:
-        (tg,) = bench(model, n_prompt=0, n_gen=48, reps=3)
-        ms = 1e3 / float(np.median(tg.tps))
-        zero = replace(profile, layer_overhead_ms=1e-9)
-        pred = predict(model.checkpoint, zero, model.routed.policy, None)
-        n_layer = model.spec.n_layer
-    return max((ms - pred.ms_per_token) / n_layer, 0.001)
+    zero = replace(profile, layer_overhead_ms=1e-9, plane_overhead_ms=1e-9)
+    text = default_text()[:20000]
+    points = []
+    for name, experts, used in (("small", 8, 2), ("mid", 32, 4), ("wide", 64, 8)):
+        cfg = preset_config("demo", num_local_experts=experts, num_experts_per_tok=used)
+        hf = write_hf(cfg, workdir / f"{name}-hf", force=True)
+        edge = workdir / f"{name}-edge"
+        convert(hf, edge, ConvertOptions(calib_tokens=512, calib_window=256))
+        with load(edge, n_threads=threads, n_ctx=512) as model:
+            mp = model.memory
+        budget = mp.backbone + mp.kv_cache + mp.scratch + mp.experts // 2 + (16 << 20)
+        with load(edge, n_threads=threads, n_ctx=512, budget=budget) as model:
+            tokens = model.tokenize(text, add_special=False)
+            (tg,) = bench(model, n_prompt=0, n_gen=64, reps=5, tokens=tokens)
+            ms = 1e3 / float(np.median(tg.tps[1:]))  # warm repetitions
+            pred = predict(
+                model.checkpoint, zero, model.routed.policy, model.memory.slots
+            )
+            runs = pred.plane_runs
+            n_layer = model.spec.n_layer
+        points.append((n_layer, runs, max(ms - pred.ms_per_token, 0.0)))
+    # Least squares: overhead = per_layer * layers + per_plane * plane runs.
+    a = np.array([[n_layer, runs] for n_layer, runs, _ in points], dtype=np.float64)
+    y = np.array([o for _, _, o in points])
+    (per_layer, per_plane), *_ = np.linalg.lstsq(a, y, rcond=None)
+    return max(float(per_layer), 0.001), max(float(per_plane), 0.0001)
 
 
 def measure(
@@ -280,6 +301,7 @@ def measure(
         storage_latency_ms=st["latency_ms"],
         matmul=rates,
         layer_overhead_ms=1.0,
+        plane_overhead_ms=0.05,
         measured=True,
         notes=(
             f"measured {time.strftime('%Y-%m-%d %H:%M')} by edgemoe profile --measure",
@@ -289,10 +311,10 @@ def measure(
             f"matmul: one-row mul_mat_id over 64 experts, {threads} threads",
         ),
     )
-    progress("runtime overhead (small converted model)")
+    progress("runtime overheads (two small converted models, streamed)")
     with tempfile.TemporaryDirectory(prefix="edgemoe-measure-") as tmp:
-        ovh = layer_overhead(prof, threads, Path(tmp))
-    return replace(prof, layer_overhead_ms=ovh)
+        per_layer, per_plane = overheads(prof, threads, Path(tmp))
+    return replace(prof, layer_overhead_ms=per_layer, plane_overhead_ms=per_plane)
 
 
 def write_profile(prof: DeviceProfile, path: Path) -> None:

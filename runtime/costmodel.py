@@ -1,14 +1,16 @@
 """Predicting decode speed of a converted model on a device profile.
 
 Per token, the compute thread does a fixed amount of work per layer (graphs,
-attention and routing glue: the profile's ``layer_overhead_ms``), streams the
+attention and routing glue: the profile's ``layer_overhead_ms``) and per
+expert plane it runs (``plane_overhead_ms``), streams the
 backbone's matrices and the chosen experts' planes through ggml matvecs (the
-profile's GB/s per type), and reads the planes it misses from storage. The
-planes each chosen expert runs come from dual routing applied to the sorted
-routing weights the converter sampled; which planes miss comes from a static
-hot set: a plane pool of S slots holds the S (layer, expert) planes with the
-most demand (calibration hotness). HEBF overlaps reads with expert compute;
-the synchronous baseline does not.
+profile's GB/s per type), and reads the planes it misses from storage. Which
+experts run, at which level, and which planes miss comes from replaying the
+routing the converter recorded (consecutive calibration tokens) through the
+plane pools. Reads are charged their full time: the I/O threads share the
+cores with ggml's threads, whose barriers make any delayed thread hold up the
+graph, so reads hide little behind compute (measured on this project's
+2-core machine: process CPU 1.9 of 2 cores while streaming).
 
 It predicts decode (``tg``) only: prefill is batched and compute-bound.
 """
@@ -31,16 +33,17 @@ class Prediction:
     tokens_per_s: float
     ms_per_token: float
     fixed_ms: float
+    """Runtime overhead: per layer and per expert plane run."""
     backbone_ms: float
     experts_ms: float
     io_ms: float
-    """Storage time per token, before overlap."""
-    exposed_io_ms: float
-    """The part of io_ms that compute could not hide."""
+    """Storage time per token (reads: latency + bytes / random-read rate)."""
     read_per_token: int
     """Bytes read from storage per token."""
     expert_bytes_per_token: float
     """Expert plane bytes computed per token."""
+    plane_runs: float
+    """Expert planes computed per token."""
     hit_rate: float
     """Expected plane hit rate."""
     planes_mix: tuple[float, ...]
@@ -77,54 +80,193 @@ def backbone_cost(ckpt, profile: DeviceProfile) -> tuple[float, int]:
     return ms, nbytes
 
 
-def level_mix(ckpt, policy) -> np.ndarray:
-    """[L, P+1] fraction of each MoE layer's chosen experts that run n planes
-    (column n), from the converter's sample of sorted routing weights."""
+def routing_trace(ckpt) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per MoE layer, (ids [S, K], weights [S, K]) of consecutive calibration
+    tokens, as the converter recorded them. Models converted before it did get
+    a stand-in drawn from the hotness (no locality, equal weights)."""
     m = ckpt.manifest
     k = ckpt.spec.n_expert_used
-    top = len(m.plan.planes)
-    ranked_all = m.calibration.get("rank_weights") or []
+    recorded = m.calibration.get("routing") or []
+    rng = np.random.default_rng(0)
     out = []
-    for i, layer in enumerate(m.moe_layers):
-        ranked = np.asarray(ranked_all[layer] if layer < len(ranked_all) else [])
-        if ranked.ndim != 2 or ranked.shape[1] != k or ranked.shape[0] == 0:
-            # No sample (converted before it was recorded): equal weights.
-            ranked = np.full((1, k), 1.0 / k)
-        ids = np.full(ranked.shape, -1, dtype=np.int64)  # protected: below
-        planes = policy.planes(layer, ids, ranked)  # [S, K]
-        mix = np.bincount(planes.reshape(-1), minlength=top + 1) / planes.size
-        # Protected experts always run every plane: move their share to the top.
-        hot = m.hotness[layer]
-        prot = sum(hot[e].freq for e in m.protected[layer]) / k if hot else 0.0
-        mix = mix * (1 - prot)
-        mix[top] += prot
-        out.append(mix)
+    for layer in m.moe_layers:
+        rec = recorded[layer] if layer < len(recorded) else {}
+        ids = np.asarray(rec.get("ids", []), dtype=np.int64)
+        w = np.asarray(rec.get("weights", []), dtype=np.float64)
+        if ids.ndim != 2 or ids.shape[1:] != (k,) or ids.shape != w.shape:
+            freq = np.array([h.freq for h in m.hotness[layer]]) + 1e-6
+            ids = np.stack(
+                [rng.choice(freq.size, k, replace=False, p=freq / freq.sum())
+                 for _ in range(256)]
+            )  # fmt: skip
+            w = np.full(ids.shape, 1.0 / k)
+        out.append((ids, w))
+    return out
+
+
+def level_mix(ckpt, policy) -> np.ndarray:
+    """[L, P+1] fraction of each MoE layer's chosen experts that dual routing
+    gives n planes (column n), over the routing trace."""
+    top = len(ckpt.manifest.plan.planes)
+    out = []
+    for layer, (ids, w) in zip(ckpt.manifest.moe_layers, routing_trace(ckpt)):
+        planes = policy.planes(layer, ids, w)  # [S, K]
+        out.append(np.bincount(planes.reshape(-1), minlength=top + 1) / planes.size)
     return np.asarray(out)
 
 
-def _hit_rates(ckpt, need: np.ndarray, slots: tuple[int, ...] | None) -> np.ndarray:
-    """[L, P] expected hit rate of plane p in layer l: the pool of plane p
-    holds the planes with the most demand (freq x share needing plane p)."""
+@dataclass(frozen=True)
+class Replay:
+    """Per-token averages of replaying the trace through the plane pools."""
+
+    reads: np.ndarray
+    """[P] plane reads per token."""
+    runs: np.ndarray
+    """[P] plane computes per token (an expert runs planes 1..n)."""
+    wanted: np.ndarray
+    """[P] planes dual routing asked for per token."""
+
+
+def replay(ckpt, policy, slots: tuple[int, ...] | None) -> Replay:
+    """Replay the routing trace through the plane pools as the runtime's cache
+    keeps them (``expert_cache.PlaneCache``): one pool of ``slots[p]`` slots
+    per plane, the same eviction score (recency, use, hotness, layers until
+    the next use), the current layer's planes pinned, and losing plane 1
+    drops the planes above it. An expert without plane 1 (or at a forced
+    level) has its wanted planes read and waited for; one with plane 1 runs at
+    its resident level while a missing upgrade is read for next time."""
     m = ckpt.manifest
-    n_l, n_p = need.shape
+    n_p = len(m.plan.planes)
+    trace = routing_trace(ckpt)
+    forced = policy.force_level is not None
+    wants = [
+        policy.planes(layer, ids, w) for layer, (ids, w) in zip(m.moe_layers, trace)
+    ]  # [S, K] planes per (token, expert)
+    n_tok = min(len(ids) for ids, _ in trace)
+    reads, runs, wanted = np.zeros(n_p), np.zeros(n_p), np.zeros(n_p)
     if slots is None:
-        return np.ones((n_l, n_p))
-    freq = np.array(
-        [[h.freq for h in m.hotness[layer]] for layer in m.moe_layers]
-    )  # [L, E]
-    hits = np.zeros((n_l, n_p))
-    for p in range(n_p):
-        demand = freq * need[:, p : p + 1]  # [L, E]
-        flat = demand.reshape(-1)
-        total = flat.sum()
-        if total <= 0:
-            hits[:, p] = 1.0
-            continue
-        keep = np.zeros(flat.size, dtype=bool)
-        keep[np.argsort(-flat, kind="stable")[: slots[p]]] = True
-        kept = (demand * keep.reshape(demand.shape)).sum(axis=1)
-        hits[:, p] = np.where(demand.sum(axis=1) > 0, kept / demand.sum(axis=1), 1.0)
-    return hits
+        for w in wants:
+            for p in range(n_p):
+                wanted[p] += (w > p).sum() / len(w)
+        return Replay(reads, wanted.copy(), wanted)
+    pools = _Pools(m, slots)
+    # A pool with a slot for every expert never misses once warm, whatever
+    # the trace's first half happened to touch.
+    n_e = ckpt.spec.n_expert
+    for p, s in enumerate(slots):
+        if s >= len(m.moe_layers) * n_e:
+            for layer in m.moe_layers:
+                for e in range(n_e):
+                    pools.load(p, layer, e)
+    # Warm the pools on the first half, count the second: replaying the same
+    # tokens twice would find exactly what the first pass left behind.
+    half = n_tok // 2
+    for counted, span in ((False, range(half)), (True, range(half, n_tok))):
+        for t in span:
+            for li, layer in enumerate(m.moe_layers):
+                ids = trace[li][0][t].tolist()
+                pools.begin(layer, ids)
+                for e, n in zip(ids, wants[li][t].tolist()):
+                    ran = 0
+                    # Without plane 1 every wanted plane is loaded and waited
+                    # for; with it, upgrades load in the background.
+                    wait = forced or pools.where[0].get((layer, e)) is None
+                    for p in range(n):
+                        hit = pools.use(p, layer, e)
+                        if not hit:
+                            if slots[p] == 0:
+                                break
+                            reads[p] += counted
+                            pools.load(p, layer, e)
+                        if ran == p and (hit or wait):
+                            ran += 1
+                    if counted:
+                        wanted[:n] += 1
+                        runs[:ran] += 1
+    n = n_tok - half
+    return Replay(reads / n, runs / n, wanted / n)
+
+
+class _Pools:
+    """The runtime cache's slot bookkeeping, without the bytes."""
+
+    def __init__(self, manifest, slots: tuple[int, ...]):
+        self.layers = list(manifest.moe_layers)
+        self.index = {layer: i for i, layer in enumerate(self.layers)}
+        self.hot = {
+            layer: [h.freq for h in manifest.hotness[layer]] for layer in self.layers
+        }
+        self.slots = slots
+        self.where: list[dict[tuple[int, int], int]] = [{} for _ in slots]
+        self.owner: list[list] = [[None] * s for s in slots]
+        self.last = [np.zeros(s) for s in slots]
+        self.uses: dict[tuple[int, int], int] = {}
+        self.step = 0
+        self.current = 0
+        self.pinned: set[tuple[int, int]] = set()
+
+    def begin(self, layer: int, ids: list[int]) -> None:
+        self.current, self.step = layer, self.step + 1
+        self.pinned = {(layer, e) for e in ids}
+        for e in ids:
+            self.uses[layer, e] = self.uses.get((layer, e), 0) + 1
+
+    def use(self, p: int, layer: int, e: int) -> bool:
+        slot = self.where[p].get((layer, e))
+        if slot is None:
+            return False
+        self.last[p][slot] = self.step
+        return True
+
+    def load(self, p: int, layer: int, e: int) -> None:
+        owner = self.owner[p]
+        try:
+            slot = owner.index(None)
+        except ValueError:
+            slot = self._victim(p)
+            if slot is None:
+                return
+            self._free(p, slot)
+        owner[slot] = (layer, e)
+        self.where[p][layer, e] = slot
+        self.last[p][slot] = self.step
+
+    def _free(self, p: int, slot: int) -> None:
+        key = self.owner[p][slot]
+        del self.where[p][key]
+        self.owner[p][slot] = None
+        if p == 0:  # higher planes are useless without the first
+            for q in range(1, len(self.slots)):
+                s = self.where[q].get(key)
+                if s is not None:
+                    del self.where[q][key]
+                    self.owner[q][s] = None
+
+    def _victim(self, p: int) -> int | None:
+        """The lowest-scoring unpinned slot (expert_cache.PlaneCache._score)."""
+        n = max(len(self.layers), 1)
+        cur = self.index.get(self.current, 0)
+        best, best_score = None, np.inf
+        for slot, key in enumerate(self.owner[p]):
+            if key is None or key in self.pinned:
+                continue
+            layer, e = key
+            age = (self.step - self.last[p][slot]) / n
+            ahead = (self.index[layer] - cur - 1) % n
+            score = (
+                -0.4 * age
+                + 0.3 * np.log1p(self.uses.get(key, 0))
+                + 0.2 * self.hot[layer][e]
+                - 0.3 * ahead / n
+            )
+            if score < best_score:
+                best, best_score = slot, score
+        return best
+
+
+PREFETCH_EXTRA = 0.10
+"""Extra reads next-layer prefetch adds (measured 3-17% on the synthetic
+model: most of its guesses are planes the layer then asks for anyway)."""
 
 
 def predict(
@@ -132,61 +274,36 @@ def predict(
     profile: DeviceProfile,
     policy,
     slots: tuple[int, ...] | None,
-    pipeline: str = "waves",
     prefetch: bool = True,
 ) -> Prediction:
     """Decode cost per token of ``ckpt`` on ``profile`` with dual-routing
     ``policy`` and ``slots`` expert slots per plane (None: all resident)."""
     m = ckpt.manifest
-    spec = ckpt.spec
-    k = spec.n_expert_used
     planes = m.plan.planes
-    n_p = len(planes)
     shapes = ckpt.plane_shapes()
     plane_bytes = np.array(
         [sum(bt.row_bytes(kk) * n for n, kk in shapes.values()) for bt in planes]
     )
-    plane_ms = np.array(
-        [
-            b / (_type_rate(profile, bt.name) * 1e9) * 1e3
-            for b, bt in zip(plane_bytes, planes)
-        ]
-    )
-    mix = level_mix(ckpt, policy)  # [L, P+1]
-    # Share of chosen experts that need plane p: those running more than p planes.
-    need = np.stack([mix[:, p + 1 :].sum(axis=1) for p in range(n_p)], axis=1)
-    hits = _hit_rates(ckpt, need, slots)  # [L, P]
-    forced = policy.force_level is not None
-    # Dual routing runs a missing upper plane's expert at its resident level
-    # and fetches the plane for later; plane 1 (or a forced level) must wait.
-    ran = need.copy()
-    if not forced:
-        ran[:, 1:] = need[:, 1:] * np.cumprod(hits, axis=1)[:, 1:]
-    reads = need * (1 - hits) * k  # [L, P] plane reads per layer and token
-    if prefetch and slots is not None:
-        # Prefetch guesses the next layer's plane-1 experts; about half the
-        # guesses are used (measured 50-56%), so it reads about as much again.
-        reads[:, 0] *= 2.0
-    n_reads = float(reads.sum())
+    plane_ms = plane_bytes / np.array(
+        [_type_rate(profile, bt.name) * 1e9 for bt in planes]
+    ) * 1e3  # fmt: skip
+    r = replay(ckpt, policy, slots)
+    reads = r.reads * (1 + PREFETCH_EXTRA if prefetch and slots is not None else 1)
     read_bytes = float((reads * plane_bytes).sum())
-    expert_ms = float((ran * k * plane_ms).sum())
-    expert_bytes = float((ran * k * plane_bytes).sum())
+    expert_ms = float((r.runs * plane_ms).sum())
     backbone_ms, _ = backbone_cost(ckpt, profile)
-    fixed_ms = spec.n_layer * profile.layer_overhead_ms
+    fixed_ms = (
+        ckpt.spec.n_layer * profile.layer_overhead_ms
+        + float(r.runs.sum()) * profile.plane_overhead_ms
+    )
     io_ms = (
-        n_reads * profile.storage_latency_ms
+        float(reads.sum()) * profile.storage_latency_ms
         + read_bytes / (profile.storage_rand_read * 1e6) * 1e3
     )
-    overlap = expert_ms if pipeline == "waves" else 0.0
-    exposed = max(0.0, io_ms - overlap)
-    total = fixed_ms + backbone_ms + expert_ms + exposed
-    demand = float((need * k).sum())
-    hit = float((need * k * hits).sum() / demand) if demand else 1.0
-    parts = {
-        "overhead": fixed_ms,
-        "compute": backbone_ms + expert_ms,
-        "storage": exposed,
-    }
+    total = fixed_ms + backbone_ms + expert_ms + io_ms
+    parts = {"overhead": fixed_ms, "compute": backbone_ms + expert_ms, "storage": io_ms}
+    wanted = float(r.wanted.sum())
+    mix = level_mix(ckpt, policy).mean(axis=0)[1:]
     return Prediction(
         tokens_per_s=1e3 / total,
         ms_per_token=total,
@@ -194,10 +311,10 @@ def predict(
         backbone_ms=backbone_ms,
         experts_ms=expert_ms,
         io_ms=io_ms,
-        exposed_io_ms=exposed,
         read_per_token=int(read_bytes),
-        expert_bytes_per_token=expert_bytes,
-        hit_rate=hit,
-        planes_mix=tuple(float(x) for x in mix.mean(axis=0)[1:]),
+        expert_bytes_per_token=float((r.runs * plane_bytes).sum()),
+        plane_runs=float(r.runs.sum()),
+        hit_rate=1.0 - float(r.reads.sum()) / wanted if wanted else 1.0,
+        planes_mix=tuple(float(x) for x in mix),
         bound=max(parts, key=parts.get),
     )

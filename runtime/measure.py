@@ -20,31 +20,44 @@ from edgemoe.runtime.graph import Device, Graph, WeightSet
 def matmul_rate(
     type_name: str,
     n_threads: int | None = None,
-    rows: int = 1024,
-    k: int = 2048,
+    ffn: int = 1024,
+    dim: int = 2048,
     experts: int = 64,
     used: int = 8,
     seconds: float = 0.6,
 ) -> float:
-    """GB/s of ``type_name`` weights one-row ``mul_mat_id`` streams."""
+    """GB/s of ``type_name`` expert weights that one token's expert FFN graph
+    streams: gate and up ``mul_mat_id``, SwiGLU, down ``mul_mat_id``, the
+    shape of a decode step's routed experts."""
     bt = BLOCK_TYPES[type_name]
     rng = np.random.default_rng(0)
-    one = codec(type_name).quantize(
-        rng.standard_normal((rows, k)).astype(np.float32)
-    )  # [rows, row bytes]
-    slab = aligned_empty((experts, rows, bt.row_bytes(k)), np.uint8)
-    slab[:] = one  # the same valid blocks in every expert: only bytes matter
     device = Device("cpu", n_threads)
-    ws = WeightSet(device, capacity=2)
-    g = Graph(device, n_tensors=16)
+    ws = WeightSet(device, capacity=4)
+    g = Graph(device, n_tensors=32)
     try:
-        w = ws.add(Weight("bench", bt.ggml, (experts, rows, k), slab))
+        mats = {}
+        for name, (n, k) in {
+            "gate": (ffn, dim),
+            "up": (ffn, dim),
+            "down": (dim, ffn),
+        }.items():
+            one = codec(type_name).quantize(
+                rng.standard_normal((n, k)).astype(np.float32)
+            )  # [n, row bytes]
+            slab = aligned_empty((experts, n, bt.row_bytes(k)), np.uint8)
+            slab[:] = one  # the same valid blocks in every expert: only bytes matter
+            mats[name] = ws.add(Weight(f"bench.{name}", bt.ggml, (experts, n, k), slab))
         ws.finalize()
-        x = aligned_empty((1, 1, k), np.float32)
-        x[:] = rng.standard_normal(k)
+        x = aligned_empty((1, 1, dim), np.float32)
+        x[:] = rng.standard_normal(dim)
         ids = aligned_empty((1, used), np.int32)
-        out = aligned_empty((1, used, rows), np.float32)
-        g.output(g.mul_mat_id(w, g.input(x), g.ids(ids, experts)), out)
+        out = aligned_empty((1, used, dim), np.float32)
+        tid = g.ids(ids, experts)
+        xin = g.input(x)
+        act = g.swiglu(
+            g.mul_mat_id(mats["gate"], xin, tid), g.mul_mat_id(mats["up"], xin, tid)
+        )  # [1, U, F]
+        g.output(g.mul_mat_id(mats["down"], act, tid), out)
         g.build()
         step = 0
 
@@ -64,8 +77,38 @@ def matmul_rate(
             times.append(time.perf_counter() - t)
         # The median, as a decode step sees it: cold weights, waking threads.
         median = float(np.median(times))
-        return used * rows * bt.row_bytes(k) / median / 1e9
+        per_expert = 2 * ffn * bt.row_bytes(dim) + dim * bt.row_bytes(ffn)
+        return used * per_expert / median / 1e9
     finally:
         g.free()
         ws.free()
         device.close()
+
+
+def queue_reads(path, size: int, count: int = 24, seed: int = 0) -> float:
+    """Median seconds for one ``size``-byte read of ``path`` at a random
+    offset through the runtime's own I/O queue (buffered pread, pages dropped
+    after), one at a time: what a plane miss costs before its bytes are in."""
+    import os
+
+    from edgemoe.runtime.io_queue import ReadRequest, get_io_backend
+
+    total = os.path.getsize(path)
+    rng = np.random.default_rng(seed)
+    dest = aligned_empty((size,), np.uint8)
+    q = get_io_backend("pread", threads=1)
+    q.start()
+    times = []
+    try:
+        for i in range(count):
+            off = int(rng.integers(0, max(total - size, 1) // 4096)) * 4096
+            req = ReadRequest((0,), 0, (0, 0, i), path, off, size, ((0, size),), [dest])
+            t = time.perf_counter()
+            q.submit(req)
+            req.done.wait()
+            times.append(time.perf_counter() - t)
+            if req.error is not None:
+                raise req.error
+    finally:
+        q.close()
+    return float(np.median(times))
