@@ -218,13 +218,13 @@ def storage_file(path: Path) -> dict[str, float]:
 def overheads(
     profile: DeviceProfile, threads: int, workdir: Path
 ) -> tuple[float, float]:
-    """(ms per layer, ms per expert plane run) that the runtime spends beyond
-    moving bytes. Three small converted models with random weights (top-2 of
-    8, top-4 of 32 and top-8 of 64 experts) decode text under a budget holding
-    half their expert planes, as streamed models run (dual routing, waves,
-    background reads, prefetch). What the cost model charges for their weights
-    and reads at the measured rates is taken away; a least-squares fit splits
-    the rest into a per-layer and a per-plane part."""
+    """(ms per layer, per expert plane run) that the runtime spends beyond
+    moving bytes. Three small converted models with random
+    weights (top-2 of 8, top-4 of 32 and top-8 of 64 experts) decode text
+    under two budgets each, one holding every plane and one half of them, as
+    streamed models run (dual routing, waves, background reads, prefetch).
+    What the cost model charges for their weights and reads at the measured
+    rates is taken away; a least-squares fit splits the rest."""
     from edgemoe.converters.calibration import default_text
     from edgemoe.converters.convert import ConvertOptions, convert
     from edgemoe.converters.synth import preset_config, write_hf
@@ -233,31 +233,45 @@ def overheads(
     from edgemoe.runtime.model import load
 
     zero = replace(profile, layer_overhead_ms=1e-9, plane_overhead_ms=1e-9)
-    text = default_text()[:20000]
-    points = []
-    for name, experts, used in (("small", 8, 2), ("mid", 32, 4), ("wide", 64, 8)):
-        cfg = preset_config("demo", num_local_experts=experts, num_experts_per_tok=used)
-        hf = write_hf(cfg, workdir / f"{name}-hf", force=True)
-        edge = workdir / f"{name}-edge"
-        convert(hf, edge, ConvertOptions(calib_tokens=512, calib_window=256))
-        with load(edge, n_threads=threads, n_ctx=512) as model:
-            mp = model.memory
-        budget = mp.backbone + mp.kv_cache + mp.scratch + mp.experts // 2 + (16 << 20)
-        with load(edge, n_threads=threads, n_ctx=512, budget=budget) as model:
-            tokens = model.tokenize(text, add_special=False)
-            (tg,) = bench(model, n_prompt=0, n_gen=64, reps=5, tokens=tokens)
-            ms = 1e3 / float(np.median(tg.tps[1:]))  # warm repetitions
-            pred = predict(
-                model.checkpoint, zero, model.routed.policy, model.memory.slots
+    text = default_text()[:40000]
+    models = []
+    try:
+        for name, experts, used in (("small", 8, 2), ("mid", 32, 4), ("wide", 64, 8)):
+            cfg = preset_config(
+                "demo", num_local_experts=experts, num_experts_per_tok=used
             )
-            runs = pred.plane_runs
-            n_layer = model.spec.n_layer
-        points.append((n_layer, runs, max(ms - pred.ms_per_token, 0.0)))
+            hf = write_hf(cfg, workdir / f"{name}-hf", force=True)
+            edge = workdir / f"{name}-edge"
+            convert(hf, edge, ConvertOptions(calib_tokens=512, calib_window=256))
+            with load(edge, n_threads=threads, n_ctx=512) as model:
+                mp = model.memory
+            fixed = mp.backbone + mp.kv_cache + mp.scratch + (16 << 20)
+            for share in (1.0, 0.5):
+                budget = fixed + int(share * mp.experts)
+                models.append(load(edge, n_threads=threads, n_ctx=512, budget=budget))
+        # Round robin, so that the machine's drift hits every model alike;
+        # each round decodes a fresh stretch of text on a warm cache.
+        samples: list[list[float]] = [[] for _ in models]
+        streams = [m.tokenize(text, add_special=False) for m in models]
+        for r in range(3):
+            for model, tokens, out in zip(models, streams, samples):
+                part = tokens[r * 128 : (r + 1) * 128]
+                (tg,) = bench(model, n_prompt=0, n_gen=64, reps=2, tokens=part)
+                out.append(tg.tps[-1])
+        rows, rest = [], []
+        for model, out in zip(models, samples):
+            ms = 1e3 / float(np.median(out))
+            slots = model.memory.slots
+            pred = predict(model.checkpoint, zero, model.routed.policy, slots)
+            rows.append((model.spec.n_layer, pred.plane_runs))
+            rest.append(max(ms - pred.ms_per_token, 0.0))
+    finally:
+        for model in models:
+            model.close()
     # Least squares: overhead = per_layer * layers + per_plane * plane runs.
-    a = np.array([[n_layer, runs] for n_layer, runs, _ in points], dtype=np.float64)
-    y = np.array([o for _, _, o in points])
-    (per_layer, per_plane), *_ = np.linalg.lstsq(a, y, rcond=None)
-    return max(float(per_layer), 0.001), max(float(per_plane), 0.0001)
+    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(rest), rcond=None)
+    per_layer, per_plane = (float(c) for c in coef)
+    return max(per_layer, 0.001), max(per_plane, 0.0001)
 
 
 def measure(

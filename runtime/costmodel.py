@@ -40,6 +40,8 @@ class Prediction:
     """Storage time per token (reads: latency + bytes / random-read rate)."""
     read_per_token: int
     """Bytes read from storage per token."""
+    reads_per_token: float
+    """Plane reads per token."""
     expert_bytes_per_token: float
     """Expert plane bytes computed per token."""
     plane_runs: float
@@ -312,6 +314,7 @@ def predict(
         experts_ms=expert_ms,
         io_ms=io_ms,
         read_per_token=int(read_bytes),
+        reads_per_token=float(reads.sum()),
         expert_bytes_per_token=float((r.runs * plane_bytes).sum()),
         plane_runs=float(r.runs.sum()),
         hit_rate=1.0 - float(r.reads.sum()) / wanted if wanted else 1.0,
