@@ -43,7 +43,7 @@ def bench(model: Path, budget: int, threads: int, gen: int, text: str | None) ->
     drop_cache(model)
     cmd = [
         sys.executable, "-m", "edgemoe", "bench", str(model), "--budget", str(budget),
-        "-p", "0", "-n", str(gen), "-r", "3", "-t", str(threads), "-c", "512", "--json",
+        "-p", "0", "-n", str(gen), "-r", "4", "-t", str(threads), "-c", "512", "--json",
     ]  # fmt: skip
     if text:
         cmd += ["--text", text]
@@ -58,7 +58,7 @@ def main() -> int:
     ap.add_argument("--profile", help="profile name or TOML (default: measure now)")
     ap.add_argument("--budgets", default="0.75,0.5,0.3")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--synthetic", default=str(OUT / "convert" / "edge"))
     ap.add_argument("--models", default="fixture,synthetic")
     ap.add_argument("--out", default="costmodel.json")
