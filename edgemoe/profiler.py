@@ -136,7 +136,9 @@ def memory_bandwidth(size: int = 256 * MiB, reps: int = 4) -> float:
     return 2 * a.nbytes / float(np.median(times)) / 1e9
 
 
-def storage(directory: Path, size: int = 256 * MiB) -> dict[str, float]:
+def storage(
+    directory: Path, size: int = 256 * MiB, threads: int | None = None
+) -> dict[str, float]:
     """Cold reads of a scratch file written in ``directory`` (see
     ``storage_file``). A virtual machine's host may still cache what was just
     written: probing a model's existing shards (``-m``) is more honest."""
@@ -156,12 +158,12 @@ def storage(directory: Path, size: int = 256 * MiB) -> dict[str, float]:
             ) from None
         finally:
             os.close(fd_w)
-        return storage_file(path)
+        return storage_file(path, threads)
     finally:
         path.unlink(missing_ok=True)
 
 
-def storage_file(path: Path) -> dict[str, float]:
+def storage_file(path: Path, threads: int | None = None) -> dict[str, float]:
     """Cold reads of an existing file (read only): sequential MB/s (O_DIRECT
     where the file system allows it), and the random-read MB/s and per-read
     latency (ms) of the runtime's own I/O queue."""
@@ -189,15 +191,17 @@ def storage_file(path: Path) -> dict[str, float]:
             except OSError as e:
                 raise ConfigError(f"{path}: read failed: {e.strerror}") from None
 
-        from edgemoe.runtime.measure import queue_reads
+        from edgemoe.runtime.measure import BusyCompute, queue_reads
 
         cold()
         # Random reads through the runtime's own I/O queue (buffered pread,
         # pages dropped after): a small and a plane-sized read give the
-        # per-read cost and the rate.
+        # per-read cost and the rate, timed while ggml computes on every
+        # thread, as during a decode (the I/O thread then waits for a core).
         small, big = 64 << 10, 2 * MiB
-        t_small = queue_reads(path, small, 48, seed=1)
-        t_big = queue_reads(path, big, 32, seed=2)
+        with BusyCompute(threads):
+            t_small = queue_reads(path, small, 48, seed=1)
+            t_big = queue_reads(path, big, 32, seed=2)
         rand = (big - small) / max(t_big - t_small, 1e-9) / 1e6
         lat = max(t_small - small / (rand * 1e6), 1e-6)
         cold()
@@ -290,11 +294,11 @@ def measure(
     bw = memory_bandwidth()
     if probe_file is not None:
         progress(f"storage: reading {probe_file}")
-        st = storage_file(probe_file)
+        st = storage_file(probe_file, threads)
         where = f"reading {probe_file}"
     else:
         progress(f"storage: a scratch file in {directory}")
-        st = storage(directory)
+        st = storage(directory, threads=threads)
         where = f"a scratch file in {directory}"
     rates = {}
     for name, t in (("q8_0", "Q8_0"), ("q4_k", "Q4_K"), ("q2_k", "Q2_K")):

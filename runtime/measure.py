@@ -112,3 +112,50 @@ def queue_reads(path, size: int, count: int = 24, seed: int = 0) -> float:
     finally:
         q.close()
     return float(np.median(times))
+
+
+class BusyCompute:
+    """Runs a decode-sized ggml graph on ``n_threads`` in a loop, in the
+    background, so that reads are timed against compute as in a real decode
+    (the I/O threads then wait for a core)."""
+
+    def __init__(self, n_threads: int | None = None):
+        import threading
+
+        self.n_threads = n_threads
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        rng = np.random.default_rng(0)
+        bt = BLOCK_TYPES["Q8_0"]
+        device = Device("cpu", self.n_threads)
+        ws = WeightSet(device, capacity=2)
+        g = Graph(device, n_tensors=8)
+        try:
+            rows, k = 2048, 2048
+            w = aligned_empty((rows, bt.row_bytes(k)), np.uint8)
+            w[:] = codec("Q8_0").quantize(
+                rng.standard_normal((rows, k)).astype(np.float32)
+            )
+            t = ws.add(Weight("busy", bt.ggml, (rows, k), w))
+            ws.finalize()
+            x = aligned_empty((1, k), np.float32)
+            out = aligned_empty((1, rows), np.float32)
+            g.output(g.mul_mat(t, g.input(x)), out)
+            g.build()
+            while not self._stop.is_set():
+                g.compute()
+        finally:
+            g.free()
+            ws.free()
+            device.close()
+
+    def __enter__(self) -> BusyCompute:
+        self._thread.start()
+        time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
