@@ -12,10 +12,7 @@ import sys
 from typing import Any
 
 from edgemoe import __version__
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:,.0f} MiB"
+from edgemoe.units import mib as _mib
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:

@@ -10,10 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemoe.errors import ConfigError
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:,.0f} MiB"
+from edgemoe.units import mib as _mib
 
 
 def resolve(name: str):
@@ -59,8 +56,8 @@ def load_overrides(args: argparse.Namespace) -> dict[str, Any]:
         return out
     if args.budget is None:
         out["budget"] = prof.memory_usable
-    line = f"profile {prof.name}: budget {_mib(out.get('budget') or 0)}"
-    if args.budget is not None:
+        line = f"profile {prof.name}: budget {_mib(prof.memory_usable)}"
+    else:
         line = f"profile {prof.name}: budget {args.budget} (--budget)"
     if getattr(args, "emulate", None):
         out["throttle"] = (prof.storage_rand_read * 1e6, prof.storage_latency_ms / 1e3)

@@ -109,17 +109,13 @@ def auto_profile(root: str = "/") -> tuple[DeviceProfile, Detected]:
         avail = int(info["MemAvailable"] * 0.9)
         if not prof.measured and found.profile == "generic-cpu":
             total = info.get("MemTotal", prof.memory_total)
+            from edgemoe.runtime.graph import default_threads
+
             prof = replace(
-                prof, memory_total=total, memory_usable=total, threads=_physical_cores()
+                prof, memory_total=total, memory_usable=total, threads=default_threads()
             )
         prof = replace(prof, memory_usable=min(prof.memory_usable, avail))
     return prof, found
-
-
-def _physical_cores() -> int:
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 # -- measuring ------------------------------------------------------------------
@@ -289,7 +285,9 @@ def measure(
     from edgemoe.runtime.measure import matmul_rate
 
     base, found = auto_profile()
-    threads = threads or _physical_cores()
+    from edgemoe.runtime.graph import default_threads
+
+    threads = threads or default_threads()
     progress("memory bandwidth")
     bw = memory_bandwidth()
     if probe_file is not None:

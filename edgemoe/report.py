@@ -8,10 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemoe.errors import ModelFileError
-
-
-def mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+from edgemoe.units import fmt_size as mib
 
 
 def inspect_report(path: str, verify: bool = False) -> dict[str, Any]:

@@ -44,5 +44,10 @@ def parse_size(value: str | int | float) -> int:
     return int(n)
 
 
+def mib(n: float) -> str:
+    """Whole MiB, as the command line prints sizes: "1,335 MiB"."""
+    return f"{n / 2**20:,.0f} MiB"
+
+
 def fmt_size(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgemoe.profile import DeviceProfile
+from edgemoe.runtime.expert_cache import keep_score
 
 MiB = 1 << 20
 
@@ -66,10 +67,10 @@ def _type_rate(profile: DeviceProfile, ggml_type: str) -> float:
     return profile.matmul["q8_0"]
 
 
-def backbone_cost(ckpt, profile: DeviceProfile) -> tuple[float, int]:
-    """(ms, bytes) of the backbone matrices one token streams: every weight but
-    the embedding table, which is a row lookup (unless the head shares it)."""
-    ms, nbytes = 0.0, 0
+def backbone_ms(ckpt, profile: DeviceProfile) -> float:
+    """Time for the backbone matrices one token streams: every weight but the
+    embedding table, which is a row lookup (unless the head shares it)."""
+    ms = 0.0
     tied = ckpt.spec.tie_embeddings
     for name in ckpt.names():
         if name == "token_embd.weight" and not tied:
@@ -78,8 +79,7 @@ def backbone_cost(ckpt, profile: DeviceProfile) -> tuple[float, int]:
         if len(shape) < 2:
             continue  # norms and biases: negligible
         ms += n / (_type_rate(profile, ggml_type) * 1e9) * 1e3
-        nbytes += n
-    return ms, nbytes
+    return ms
 
 
 def routing_trace(ckpt) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -245,7 +245,7 @@ class _Pools:
                     self.owner[q][s] = None
 
     def _victim(self, p: int) -> int | None:
-        """The lowest-scoring unpinned slot (expert_cache.PlaneCache._score)."""
+        """The lowest-scoring unpinned slot, as ``PlaneCache._take_slot``."""
         n = max(len(self.layers), 1)
         cur = self.index.get(self.current, 0)
         best, best_score = None, np.inf
@@ -255,12 +255,7 @@ class _Pools:
             layer, e = key
             age = (self.step - self.last[p][slot]) / n
             ahead = (self.index[layer] - cur - 1) % n
-            score = (
-                -0.4 * age
-                + 0.3 * np.log1p(self.uses.get(key, 0))
-                + 0.2 * self.hot[layer][e]
-                - 0.3 * ahead / n
-            )
+            score = keep_score(age, self.uses.get(key, 0), self.hot[layer][e], ahead, n)
             if score < best_score:
                 best, best_score = slot, score
         return best
@@ -293,7 +288,7 @@ def predict(
     reads = r.reads * (1 + PREFETCH_EXTRA if prefetch and slots is not None else 1)
     read_bytes = float((reads * plane_bytes).sum())
     expert_ms = float((r.runs * plane_ms).sum())
-    backbone_ms, _ = backbone_cost(ckpt, profile)
+    bb_ms = backbone_ms(ckpt, profile)
     fixed_ms = (
         ckpt.spec.n_layer * profile.layer_overhead_ms
         + float(r.runs.sum()) * profile.plane_overhead_ms
@@ -302,15 +297,15 @@ def predict(
         float(reads.sum()) * profile.storage_latency_ms
         + read_bytes / (profile.storage_rand_read * 1e6) * 1e3
     )
-    total = fixed_ms + backbone_ms + expert_ms + io_ms
-    parts = {"overhead": fixed_ms, "compute": backbone_ms + expert_ms, "storage": io_ms}
+    total = fixed_ms + bb_ms + expert_ms + io_ms
+    parts = {"overhead": fixed_ms, "compute": bb_ms + expert_ms, "storage": io_ms}
     wanted = float(r.wanted.sum())
     mix = level_mix(ckpt, policy).mean(axis=0)[1:]
     return Prediction(
         tokens_per_s=1e3 / total,
         ms_per_token=total,
         fixed_ms=fixed_ms,
-        backbone_ms=backbone_ms,
+        backbone_ms=bb_ms,
         experts_ms=expert_ms,
         io_ms=io_ms,
         read_per_token=int(read_bytes),

@@ -45,6 +45,15 @@ class CacheCounters:
     """(event, key, time) when tracing is on: "load", "compute" ..."""
 
 
+def keep_score(age, uses, hot, ahead, n: int):
+    """How much a resident plane is worth keeping; the lowest is evicted.
+    ``age``: layer steps since its last use over the ``n`` MoE layers;
+    ``uses``: its expert's runs in this sequence; ``hot``: its calibration
+    frequency; ``ahead``: layers until its layer runs again. Scalars or
+    arrays."""
+    return -0.4 * age + 0.3 * np.log1p(uses) + 0.2 * hot - 0.3 * ahead / n
+
+
 def hebf_order(heat: dict[int, list[float]]) -> list[tuple[int, int]]:
     """D2MoE's hottest-expert-bits-first order.
 
@@ -220,11 +229,8 @@ class PlaneCache:
         age = (self.step - self.last[p][slots]) / n
         cur = self._moe_index.get(self.current, 0)
         ahead = (self._pos[layer] - cur - 1) % n  # layers until it runs again
-        return (
-            -0.4 * age
-            + 0.3 * np.log1p(self.uses[layer, expert])
-            + 0.2 * self.hot[layer, expert]
-            - 0.3 * ahead / n
+        return keep_score(
+            age, self.uses[layer, expert], self.hot[layer, expert], ahead, n
         )
 
     def _take_slot(self, p: int) -> int | None:

@@ -9,12 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgemoe.units import fmt_size as mib
+
 SPARK_TOKENS = 120
 """Per-token latencies kept for the sparkline."""
-
-
-def mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
 
 
 @dataclass(frozen=True)
