@@ -138,8 +138,13 @@ def storage(
     """Cold reads of a scratch file written in ``directory`` (see
     ``storage_file``). A virtual machine's host may still cache what was just
     written: probing a model's existing shards (``-m``) is more honest."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd_w, name = tempfile.mkstemp(prefix=".edgemoe-probe-", dir=directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd_w, name = tempfile.mkstemp(prefix=".edgemoe-probe-", dir=directory)
+    except OSError as e:
+        raise ConfigError(
+            f"{directory}: cannot create a storage probe file there: {e.strerror or e}"
+        ) from None
     path = Path(name)
     try:
         chunk = np.random.default_rng(0).integers(0, 255, 8 * MiB, dtype=np.uint8)

@@ -9,8 +9,7 @@ experts run, at which level, and which planes miss comes from replaying the
 routing the converter recorded (consecutive calibration tokens) through the
 plane pools. Reads are charged their full time: the I/O threads share the
 cores with ggml's threads, whose barriers make any delayed thread hold up the
-graph, so reads hide little behind compute (measured on this project's
-2-core machine: process CPU 1.9 of 2 cores while streaming).
+graph, so reads hide little behind compute.
 
 It predicts decode (``tg``) only: prefill is batched and compute-bound.
 """
@@ -262,8 +261,9 @@ class _Pools:
 
 
 PREFETCH_EXTRA = 0.10
-"""Extra reads next-layer prefetch adds (measured 3-17% on the synthetic
-model: most of its guesses are planes the layer then asks for anyway)."""
+"""Extra reads next-layer prefetch adds: an estimate. bench_offload's cold
+runs on the synthetic model read 22-42% more with prefetch; warm runs should
+add less, as most guesses are planes the layer asks for anyway."""
 
 
 def predict(

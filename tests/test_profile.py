@@ -286,6 +286,9 @@ def test_profile_plan_cli(converted_fixture, cli):
     assert bad.returncode == 1 and "not a converted model" in bad.stderr
     bad = cli("profile", "--device", "nope")
     assert bad.returncode == 1 and "no device profile 'nope'" in bad.stderr
+    bad = cli("profile", "--device", "rpi5-8gb", "-m", converted_fixture, "-c", 99999)
+    assert bad.returncode == 1 and "larger than the model's context" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_profile_measure_writes_a_loadable_profile(cli, tmp_path):
@@ -298,6 +301,10 @@ def test_profile_measure_writes_a_loadable_profile(cli, tmp_path):
     assert all(v > 0.05 for v in prof.matmul.values())
     assert 0 < prof.layer_overhead_ms < 100
     assert not list(tmp_path.glob(".edgemoe-probe-*"))  # the probe file is gone
+    (tmp_path / "a-file").write_text("x")
+    bad = cli("profile", "--measure", "-o", out, "--probe-dir", tmp_path / "a-file")
+    assert bad.returncode == 1 and "cannot create a storage probe file" in bad.stderr
+    assert "Traceback" not in bad.stderr and load_profile(out).measured  # kept
 
 
 def test_emulated_storage_throttles_reads(converted_fixture):
