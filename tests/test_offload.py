@@ -282,6 +282,28 @@ def test_dual_routing_levels():
     assert forced.planes(0, ids, w).tolist() == [[2, 2, 2, 3]]
     with pytest.raises(ConfigError, match="quality must be one of"):
         LevelPolicy.make(plan, (), "best")
+    # The batched path (prefill, the cost model) gives the same levels.
+    many = np.vstack([ids, ids])
+    assert balanced.planes(0, many, np.vstack([w, w])).tolist() == [[3, 3, 2, 1]] * 2
+
+
+def test_dual_routing_one_token_matches_batched():
+    """Decode's plain-Python path and the numpy path pick the same levels,
+    including ties and weights that land exactly on a threshold."""
+    plan = NestedQuant((2, 4, 8))
+    rng = np.random.default_rng(3)
+    w = rng.dirichlet(np.full(8, 0.7), size=400).astype(np.float32)  # [S, 8]
+    w[:40] = np.float32(0.125)  # all tied
+    w[40:80] = [0.4, 0.2, 0.2, 0.1, 0.1, 0.0, 0.0, 0.0]  # sums hit 0.6 and 0.9
+    w[80:90] = 0.0  # no weight at all
+    ids = np.tile(np.arange(8), (len(w), 1))  # [S, 8]
+    for quality in ("balanced", "fast", "high", "min", (0.2, 0.5)):
+        policy = LevelPolicy.make(plan, ((5,),), quality)
+        batched = policy.planes(0, ids, w)  # [S, 8]
+        one = np.vstack(
+            [policy.planes(0, ids[i : i + 1], w[i : i + 1]) for i in range(len(w))]
+        )
+        assert (batched == one).all(), quality
 
 
 def test_budget_run_reports_metrics_and_quality(converted, fixture_dir):
