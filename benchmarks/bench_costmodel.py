@@ -34,7 +34,7 @@ def ensure_fixture() -> Path:
 
     out = OUT / "convert" / "fixture-costmodel"
     manifest = out / "manifest.json"
-    if not manifest.exists() or "routing" not in manifest.read_text():
+    if not manifest.exists() or '"next"' not in manifest.read_text():
         convert(FIXTURE, out, ConvertOptions(calib_tokens=1024, force=True))
     return out
 
@@ -122,6 +122,7 @@ def main() -> int:
                     "budget": budget,
                     "slots": plan["slots"],
                     "measured_tps": tg["tps"],
+                    "measured_tps_runs": tg["tps_runs"],
                     "predicted_tps": pred.tokens_per_s,
                     "ratio": pred.tokens_per_s / tg["tps"],
                     "measured_read_per_token": tg["read_per_token"],

@@ -95,6 +95,10 @@ class ExpertStats:
     and their ``trace_weights``: a cost model replays them to see how often
     each dual-routing setting lifts an expert and how a cache fares."""
     trace_weights: np.ndarray | None = None
+    trace_next: np.ndarray | None = None
+    """[S, K] for the same tokens: the next MoE layer's router applied to this
+    layer's input, the guess the runtime prefetches by (HOBBIT's predictor),
+    so a cost model can replay its reads too."""
 
     def imatrix(self, e: int, prior: float = 8.0) -> np.ndarray:
         """Mean squared gate/up input per column for expert ``e``, shrunk

@@ -28,6 +28,7 @@ from edgemoe.converters.calibration import (
     default_text,
     dense_mlp,
     read_text,
+    trace_rows,
 )
 from edgemoe.errors import ConfigError
 from edgemoe.format.spec import Hotness, Manifest
@@ -256,6 +257,7 @@ def _convert(
                 )
             )
             protected.append(tuple(stats.super_experts(opts.super_ratio)))
+            stats.trace_next = _next_layer_guess(ckpt, layer, hn, names)
             all_stats.append(stats)
         else:
             ffn = dense_mlp(hn, f32("ffn_gate"), f32("ffn_up"), f32("ffn_down"))
@@ -286,6 +288,11 @@ def _convert(
                         "ids": st.trace_ids.tolist(),
                         "weights": np.round(st.trace_weights, 4).tolist(),
                     }
+                    | (
+                        {"next": st.trace_next.tolist()}
+                        if st.trace_next is not None
+                        else {}
+                    )
                     if st is not None
                     else {}
                     for st in all_stats
@@ -332,6 +339,19 @@ def _chat_template(ckpt, vocab: dict) -> str | None:
         except Exception:
             return None
     return None
+
+
+def _next_layer_guess(ckpt, layer: int, hn: np.ndarray, names) -> np.ndarray | None:
+    """[S, K] experts the runtime's prefetch would guess for the next MoE
+    layer at the traced tokens: its router on this layer's input, best first."""
+    spec = ckpt.spec
+    later = [i for i in range(layer + 1, spec.n_layer) if spec.moe_layers[i]]
+    name = f"blk.{later[0]}.ffn_gate_inp.weight" if later else None
+    if name is None or name not in names:
+        return None
+    router = ckpt.load(name).to_float32()  # [E, D]
+    logits = hn[trace_rows(len(hn))] @ router.T  # [S, E]
+    return np.argsort(-logits, axis=1, kind="stable")[:, : spec.n_expert_used]
 
 
 def _moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step):

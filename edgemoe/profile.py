@@ -48,9 +48,14 @@ class DeviceProfile:
     storage_rand_read: float
     """MB/s, 2 MiB reads at random offsets, cold, one at a time."""
     storage_latency_ms: float
-    """Time to first byte of a cold read."""
+    """Cost of one cold read beyond its bytes at ``storage_rand_read``: the
+    device's latency; in a measured profile, as a streamed decode sees it
+    (wake-ups and core sharing included)."""
     matmul: Mapping[str, float]
     """GB/s of weights a decode matvec streams, per ggml type (MATMUL_TYPES)."""
+    token_overhead_ms: float
+    """EdgeMoE's fixed cost per token whatever the depth: embedding, output
+    head glue, sampling and the generation loop."""
     layer_overhead_ms: float
     """EdgeMoE's fixed cost per layer and token: graph launches, attention and
     routing glue."""
@@ -91,6 +96,7 @@ class DeviceProfile:
             f"rand_read_mbs = {self.storage_rand_read:.1f}\n"
             f"latency_ms = {self.storage_latency_ms:.3f}\n\n"
             "[compute]\n"
+            f"token_overhead_ms = {self.token_overhead_ms:.4f}\n"
             f"layer_overhead_ms = {self.layer_overhead_ms:.4f}\n"
             f"plane_overhead_ms = {self.plane_overhead_ms:.4f}\n\n"
             "[compute.matmul_gbs]\n"
@@ -116,6 +122,7 @@ _FIELDS: dict[tuple[str, str], tuple[str, str]] = {
     ("storage", "seq_read_mbs"): ("num", "MB/s, a positive number"),
     ("storage", "rand_read_mbs"): ("num", "MB/s, a positive number"),
     ("storage", "latency_ms"): ("num", "milliseconds, a positive number"),
+    ("compute", "token_overhead_ms"): ("num", "milliseconds, a positive number"),
     ("compute", "layer_overhead_ms"): ("num", "milliseconds, a positive number"),
     ("compute", "plane_overhead_ms"): ("num", "milliseconds, a positive number"),
     ("compute", "matmul_gbs"): (
@@ -218,6 +225,7 @@ def parse_profile(text: str, path: str = "<profile>") -> DeviceProfile:
         storage_rand_read=v["storage.rand_read_mbs"],
         storage_latency_ms=v["storage.latency_ms"],
         matmul=v["compute.matmul_gbs"],
+        token_overhead_ms=v["compute.token_overhead_ms"],
         layer_overhead_ms=v["compute.layer_overhead_ms"],
         plane_overhead_ms=v["compute.plane_overhead_ms"],
         measured=v["meta.measured"],

@@ -221,7 +221,8 @@ def _print_profile(prof, detected) -> None:
     rates = ", ".join(f"{k.upper()} {v:.1f}" for k, v in prof.matmul.items())
     print(
         f"compute: {prof.backend}, {prof.threads} threads · matvec GB/s: {rates} · "
-        f"overhead {prof.layer_overhead_ms:.2f} ms/layer"
+        f"overhead {prof.token_overhead_ms:.2f} ms/token + "
+        f"{prof.layer_overhead_ms:.2f} ms/layer + {prof.plane_overhead_ms:.3f} ms/plane"
     )
     marked = [*prof.datasheet, *prof.estimated]
     if marked:

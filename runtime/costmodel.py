@@ -1,8 +1,9 @@
 """Predicting decode speed of a converted model on a device profile.
 
-Per token, the compute thread does a fixed amount of work per layer (graphs,
-attention and routing glue: the profile's ``layer_overhead_ms``) and per
-expert plane it runs (``plane_overhead_ms``), streams the
+Per token, the compute thread does a fixed amount of work (sampling, the
+generation loop: the profile's ``token_overhead_ms``), more per layer (graphs,
+attention and routing glue: ``layer_overhead_ms``) and per expert plane it
+runs (``plane_overhead_ms``), streams the
 backbone's matrices and the chosen experts' planes through ggml matvecs (the
 profile's GB/s per type), and reads the planes it misses from storage. Which
 experts run, at which level, and which planes miss comes from replaying the
@@ -33,7 +34,7 @@ class Prediction:
     tokens_per_s: float
     ms_per_token: float
     fixed_ms: float
-    """Runtime overhead: per layer and per expert plane run."""
+    """Runtime overhead: per token, per layer and per expert plane run."""
     backbone_ms: float
     experts_ms: float
     io_ms: float
@@ -105,6 +106,19 @@ def routing_trace(ckpt) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def prefetch_trace(ckpt) -> list[np.ndarray | None]:
+    """Per MoE layer, [S, K] experts the runtime's prefetch guesses for the
+    next MoE layer at the traced tokens (recorded by the converter), or None
+    where the manifest has none (the last layer; older conversions)."""
+    recorded = ckpt.manifest.calibration.get("routing") or []
+    out = []
+    for layer in ckpt.manifest.moe_layers:
+        rec = recorded[layer] if layer < len(recorded) else {}
+        nxt = np.asarray(rec.get("next", []), dtype=np.int64)
+        out.append(nxt if nxt.ndim == 2 and len(nxt) else None)
+    return out
+
+
 def level_mix(ckpt, policy) -> np.ndarray:
     """[L, P+1] fraction of each MoE layer's chosen experts that dual routing
     gives n planes (column n), over the routing trace."""
@@ -126,16 +140,22 @@ class Replay:
     """[P] plane computes per token (an expert runs planes 1..n)."""
     wanted: np.ndarray
     """[P] planes dual routing asked for per token."""
+    prefetched: float = 0.0
+    """First planes read per token on a prefetch guess (not in ``reads``)."""
 
 
-def replay(ckpt, policy, slots: tuple[int, ...] | None) -> Replay:
+def replay(
+    ckpt, policy, slots: tuple[int, ...] | None, prefetch: bool = False
+) -> Replay:
     """Replay the routing trace through the plane pools as the runtime's cache
     keeps them (``expert_cache.PlaneCache``): one pool of ``slots[p]`` slots
     per plane, the same eviction score (recency, use, hotness, layers until
     the next use), the current layer's planes pinned, and losing plane 1
     drops the planes above it. An expert without plane 1 (or at a forced
     level) has its wanted planes read and waited for; one with plane 1 runs at
-    its resident level while a missing upgrade is read for next time."""
+    its resident level while a missing upgrade is read for next time. With
+    ``prefetch``, each layer first loads the first plane of the experts the
+    converter recorded as the runtime's guess for the next MoE layer."""
     m = ckpt.manifest
     n_p = len(m.plan.planes)
     trace = routing_trace(ckpt)
@@ -144,6 +164,8 @@ def replay(ckpt, policy, slots: tuple[int, ...] | None) -> Replay:
         policy.planes(layer, ids, w) for layer, (ids, w) in zip(m.moe_layers, trace)
     ]  # [S, K] planes per (token, expert)
     n_tok = min(len(ids) for ids, _ in trace)
+    guesses = prefetch_trace(ckpt) if prefetch else [None] * len(trace)
+    after = dict(zip(m.moe_layers, m.moe_layers[1:]))
     reads, runs, wanted = np.zeros(n_p), np.zeros(n_p), np.zeros(n_p)
     if slots is None:
         for w in wants:
@@ -162,11 +184,20 @@ def replay(ckpt, policy, slots: tuple[int, ...] | None) -> Replay:
     # Warm the pools on the first half, count the second: replaying the same
     # tokens twice would find exactly what the first pass left behind.
     half = n_tok // 2
+    fetched = 0
     for counted, span in ((False, range(half)), (True, range(half, n_tok))):
         for t in span:
             for li, layer in enumerate(m.moe_layers):
                 ids = trace[li][0][t].tolist()
                 pools.begin(layer, ids)
+                guess = guesses[li]
+                if guess is not None and t < len(guess):
+                    nxt = after[layer]
+                    for e in guess[t].tolist():
+                        if pools.where[0].get((nxt, e)) is None:
+                            if not pools.load(0, nxt, e):
+                                break
+                            fetched += counted
                 for e, n in zip(ids, wants[li][t].tolist()):
                     ran = 0
                     # Without plane 1 every wanted plane is loaded and waited
@@ -185,7 +216,7 @@ def replay(ckpt, policy, slots: tuple[int, ...] | None) -> Replay:
                         wanted[:n] += 1
                         runs[:ran] += 1
     n = n_tok - half
-    return Replay(reads / n, runs / n, wanted / n)
+    return Replay(reads / n, runs / n, wanted / n, fetched / n)
 
 
 class _Pools:
@@ -219,18 +250,19 @@ class _Pools:
         self.last[p][slot] = self.step
         return True
 
-    def load(self, p: int, layer: int, e: int) -> None:
+    def load(self, p: int, layer: int, e: int) -> bool:
         owner = self.owner[p]
         try:
             slot = owner.index(None)
         except ValueError:
             slot = self._victim(p)
             if slot is None:
-                return
+                return False
             self._free(p, slot)
         owner[slot] = (layer, e)
         self.where[p][layer, e] = slot
         self.last[p][slot] = self.step
+        return True
 
     def _free(self, p: int, slot: int) -> None:
         key = self.owner[p][slot]
@@ -261,9 +293,10 @@ class _Pools:
 
 
 PREFETCH_EXTRA = 0.10
-"""Extra reads next-layer prefetch adds: an estimate. bench_offload's cold
-runs on the synthetic model read 22-42% more with prefetch; warm runs should
-add less, as most guesses are planes the layer asks for anyway."""
+"""Extra reads next-layer prefetch adds, for models converted before the
+converter recorded the prefetch guesses: an estimate (bench_offload's cold
+runs on the synthetic model read 22-42% more with prefetch; warm runs add
+less, as most guesses are planes the layer asks for anyway)."""
 
 
 def predict(
@@ -284,13 +317,17 @@ def predict(
     plane_ms = plane_bytes / np.array(
         [_type_rate(profile, bt.name) * 1e9 for bt in planes]
     ) * 1e3  # fmt: skip
-    r = replay(ckpt, policy, slots)
-    reads = r.reads * (1 + PREFETCH_EXTRA if prefetch and slots is not None else 1)
+    recorded = any(g is not None for g in prefetch_trace(ckpt))
+    r = replay(ckpt, policy, slots, prefetch=prefetch and recorded)
+    guessed = prefetch and not recorded and slots is not None
+    reads = r.reads * (1 + PREFETCH_EXTRA if guessed else 1)
+    reads[0] += r.prefetched
     read_bytes = float((reads * plane_bytes).sum())
     expert_ms = float((r.runs * plane_ms).sum())
     bb_ms = backbone_ms(ckpt, profile)
     fixed_ms = (
-        ckpt.spec.n_layer * profile.layer_overhead_ms
+        profile.token_overhead_ms
+        + ckpt.spec.n_layer * profile.layer_overhead_ms
         + float(r.runs.sum()) * profile.plane_overhead_ms
     )
     io_ms = (

@@ -46,7 +46,7 @@ def test_packaged_profiles_load_and_are_consistent(name):
     assert not p.measured and p.sources and p.notes
     fields = {"memory.total", "memory.usable", "memory.bandwidth_gbs"}
     fields |= {f"storage.{k}" for k in ("seq_read_mbs", "rand_read_mbs", "latency_ms")}
-    fields |= {"compute.layer_overhead_ms", "compute.plane_overhead_ms"}
+    fields |= {f"compute.{k}_overhead_ms" for k in ("token", "layer", "plane")}
     fields |= {"compute.matmul_gbs"}
     assert set(p.datasheet + p.estimated) <= fields
     # Round trip through the writer --measure uses.
@@ -77,9 +77,10 @@ def sub(old: str, new: str):
         (sub("[memory]", "[memory"), "not valid TOML"),
         (sub("usable = ", "usable = 1e15 # "), "more than memory.total"),
         (sub("latency_ms = ", 'latency_ms = "fast" # '), "storage.latency_ms"),
+        (sub("token_overhead_ms = ", "# "), "missing field compute.token_overhead_ms"),
     ],
     ids=["missing", "missing-matmul", "backend", "threads", "size", "unknown",
-         "toml", "usable>total", "type"],
+         "toml", "usable>total", "type", "missing-overhead"],
 )  # fmt: skip
 def test_bad_profiles_name_the_field(tmp_path, edit, match):
     f = tmp_path / "bad.toml"
@@ -185,6 +186,13 @@ def test_prediction_responds_to_budget_and_storage(converted_fixture):
             preds.append(predict(ckpt, prof, policy, slots))
         resident = predict(ckpt, prof, policy, None)
         assert resident.read_per_token == 0 and resident.hit_rate == 1.0
+        n_layer = ckpt.spec.n_layer
+        assert resident.fixed_ms == pytest.approx(
+            prof.token_overhead_ms
+            + n_layer * prof.layer_overhead_ms
+            + resident.plane_runs * prof.plane_overhead_ms
+        )
+        assert n_layer * 2 <= resident.plane_runs <= n_layer * 2 * 3  # top-2, 3 planes
         reads = [p.read_per_token for p in preds]
         hits = [p.hit_rate for p in preds]
         assert reads[0] < reads[1] < reads[2] and hits[0] > hits[1] > hits[2]
@@ -197,16 +205,19 @@ def test_prediction_responds_to_budget_and_storage(converted_fixture):
         ckpt.close()
 
 
-def test_replay_matches_the_runtime_cache(converted_fixture, fixture_dir):
-    """The cost model's replay, fed the routing the runtime saw, reads what
-    the runtime's cache read: same pools, eviction, pinning and upgrades."""
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_replay_matches_the_runtime_cache(converted_fixture, fixture_dir, prefetch):
+    """The cost model's replay, fed the routing the runtime saw (and, with
+    prefetch, its next-layer guesses), reads what the runtime's cache read:
+    same pools, eviction, pinning, upgrades and prefetches."""
     from types import SimpleNamespace
 
     from edgemoe.runtime import routed
     from edgemoe.runtime.costmodel import replay
 
     seen: dict[int, tuple[list, list]] = {}
-    inner = routed.CachedRouted.run
+    guessed: dict[int, list] = {}
+    inner, inner_guess = routed.CachedRouted.run, routed.CachedRouted._predict_next
 
     def run(self, fw, ws, layer, w):
         ids, rw = seen.setdefault(layer, ([], []))
@@ -214,15 +225,29 @@ def test_replay_matches_the_runtime_cache(converted_fixture, fixture_dir):
         rw.append(ws.rw[0].tolist())
         return inner(self, fw, ws, layer, w)
 
+    def predict_next(self, ws, layer):
+        real = self.cache.prefetch
+
+        def record(at, experts, planes=1):
+            guessed.setdefault(layer, []).append(list(experts))
+            return real(at, experts, planes)
+
+        self.cache.prefetch = record
+        try:
+            inner_guess(self, ws, layer)
+        finally:
+            del self.cache.prefetch  # the class's method again
+
     text = (fixture_dir / "heldout.txt").read_text()[:4000]
     with edgemoe.load(converted_fixture, n_ctx=512, n_batch=32) as m:
         mp = m.memory
     fixed = mp.backbone + mp.kv_cache + mp.scratch + mp.runtime
     budget = fixed + int(0.15 * mp.experts) + (1 << 20)
     with edgemoe.load(
-        converted_fixture, n_ctx=512, n_batch=32, budget=budget, prefetch=False
+        converted_fixture, n_ctx=512, n_batch=32, budget=budget, prefetch=prefetch
     ) as m:
         routed.CachedRouted.run = run
+        routed.CachedRouted._predict_next = predict_next
         try:
             tokens = m.tokenize(text, add_special=False)[:160]
             m.reset()
@@ -233,6 +258,7 @@ def test_replay_matches_the_runtime_cache(converted_fixture, fixture_dir):
             after = m.counters()
         finally:
             routed.CachedRouted.run = inner
+            routed.CachedRouted._predict_next = inner_guess
         misses = np.array(after["misses"]) - np.array(before["misses"])
         read = after["bytes_read"] - before["bytes_read"]
         plane_bytes = np.array(m.routed.cache.plane_bytes)
@@ -240,6 +266,8 @@ def test_replay_matches_the_runtime_cache(converted_fixture, fixture_dir):
         routing = [{} for _ in range(m.spec.n_layer)]
         for layer, (ids, rw) in seen.items():
             routing[layer] = {"ids": ids, "weights": rw}
+            if prefetch and layer in guessed:
+                routing[layer]["next"] = guessed[layer]
         fake = SimpleNamespace(
             manifest=SimpleNamespace(
                 plan=man.plan,
@@ -249,13 +277,15 @@ def test_replay_matches_the_runtime_cache(converted_fixture, fixture_dir):
             ),
             spec=m.spec,
         )
-        r = replay(fake, m.routed.policy, m.memory.slots)
+        r = replay(fake, m.routed.policy, m.memory.slots, prefetch=prefetch)
+    assert (r.prefetched > 0) == prefetch
     got = r.reads * 80  # per token over the counted half -> total
     assert misses[0] > 20  # the budget makes the cache work
-    # Plane-1 misses are demand reads; upgrades load as background reads, so
-    # all planes compare by bytes read.
+    # Plane-1 misses are demand reads; upgrades and prefetches load in the
+    # background, so all reads compare by bytes.
     assert got[0] == pytest.approx(misses[0], rel=0.25)
-    assert (got * plane_bytes).sum() == pytest.approx(read, rel=0.25)
+    total = (got * plane_bytes).sum() + r.prefetched * 80 * plane_bytes[0]
+    assert total == pytest.approx(read, rel=0.25)
 
 
 def dataclasses_replace(obj, **kw):
@@ -299,7 +329,8 @@ def test_profile_measure_writes_a_loadable_profile(cli, tmp_path):
     assert prof.measured and prof.threads == 1
     assert prof.memory_bandwidth > 0.5 and prof.storage_rand_read > 1
     assert all(v > 0.05 for v in prof.matmul.values())
-    assert 0 < prof.layer_overhead_ms < 100
+    assert 0 < prof.token_overhead_ms < 100 and 0 < prof.layer_overhead_ms < 100
+    assert 0 < prof.plane_overhead_ms < prof.layer_overhead_ms
     assert not list(tmp_path.glob(".edgemoe-probe-*"))  # the probe file is gone
     (tmp_path / "a-file").write_text("x")
     bad = cli("profile", "--measure", "-o", out, "--probe-dir", tmp_path / "a-file")
