@@ -180,7 +180,9 @@ def _stream(model, prompt, args, out=None, err=None, echo: str = ""):
         t = last.timings
         print(stats_line(t), file=err)
         print(
-            f"prompt {t.prompt_tokens} tokens in {t.prompt_s * 1e3:.0f} ms · "
+            f"prompt {t.prompt_tokens} tokens in {t.prompt_s * 1e3:.0f} ms"
+            + (f" ({t.cached_tokens} cached)" if t.cached_tokens else "")
+            + " · "
             f"generated {t.generation_tokens} in {t.generation_s * 1e3:.0f} ms · "
             f"TTFT {t.ttft_s * 1e3:.0f} ms · finish: {last.finish_reason}",
             file=err,

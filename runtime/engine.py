@@ -18,10 +18,14 @@ from edgemoe.runtime.sampling import Sampler, SamplingParams
 @dataclass(frozen=True)
 class Timings:
     prompt_tokens: int
+    """Prompt tokens evaluated (not counting ``cached_tokens``)."""
     prompt_s: float
     generation_tokens: int
     generation_s: float
     ttft_s: float
+    cached_tokens: int = 0
+    """Prompt tokens whose keys and values the previous call left in the
+    cache (the common prefix, as llama.cpp's prompt cache): not evaluated."""
 
     @property
     def prompt_tps(self) -> float:
@@ -157,6 +161,10 @@ def generate(
 
     Yields:
         ``GenerationResponse`` per token; the last has ``finish_reason`` set.
+
+    The prompt's longest common prefix with what the model's cache holds from
+    the previous call is kept, not evaluated again (``Timings.cached_tokens``):
+    a chat turn resends the whole conversation.
     """
     if max_tokens < 0:
         raise ConfigError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -178,9 +186,12 @@ def generate(
             f"prompt of {len(ids)} tokens is longer than the context of "
             f"{model.n_ctx} tokens ({hint})"
         )
-    model.reset()
+    # A chat turn resends the conversation: keep the prefix the cache holds.
+    cached = model.reuse_prefix(ids) if hasattr(model, "reuse_prefix") else 0
+    if not cached:
+        model.reset()
     counter = StepCounter(model) if hasattr(model, "counters") else None
-    logits = model.eval(ids)
+    logits = model.eval(ids[cached:])
     prompt_s = time.perf_counter() - t0
     eos = set(model.tokenizer.eos_ids) | set(model.spec.eos_token_ids)
     detok = _Detokenizer(model.tokenizer)
@@ -195,7 +206,12 @@ def generate(
     ) -> GenerationResponse:
         now = time.perf_counter()
         timings = Timings(
-            len(ids), prompt_s, n_gen, now - t_decode if n_gen else 0.0, ttft
+            len(ids) - cached,
+            prompt_s,
+            n_gen,
+            now - t_decode if n_gen else 0.0,
+            ttft,
+            cached,
         )
         metrics = counter.step() if counter is not None else None
         return GenerationResponse(text, token, timings, memory_stats(), reason, metrics)

@@ -202,6 +202,8 @@ class Model:
                 self.routed.cache.preload_all()
         self._head1: tuple[Graph, np.ndarray, np.ndarray] | None = None
         self.n_past = 0
+        self._tokens: list[int] = []
+        """The token ids whose keys and values the cache holds, in order."""
 
     # -- tokens ----------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
@@ -264,6 +266,23 @@ class Model:
     def reset(self) -> None:
         """Forget the cached sequence."""
         self.n_past = 0
+        self._tokens = []
+
+    def reuse_prefix(self, token_ids) -> int:
+        """Keep the longest prefix of the cached sequence that ``token_ids``
+        starts with, short of its last token (whose logits a caller needs),
+        and drop the rest: later positions are overwritten, and attention
+        reads only up to ``n_past``. Returns how many tokens are kept."""
+        cached = self._tokens[: self.n_past]
+        ids = [int(t) for t in token_ids]
+        n = 0
+        for a, b in zip(cached, ids[:-1]):
+            if a != b:
+                break
+            n += 1
+        self.n_past = n
+        self._tokens = cached[:n]
+        return n
 
     def eval(self, token_ids, all_logits: bool = False) -> np.ndarray:
         """Append ``token_ids`` to the cached sequence.
@@ -291,6 +310,7 @@ class Model:
                 ws, self.n_past, last_only=last and not all_logits
             )
             self.n_past += chunk.size
+            self._tokens.extend(chunk.tolist())
             if all_logits:
                 outs.append(self._head(hidden))
             elif last:

@@ -410,6 +410,33 @@ def test_prompt_longer_than_n_batch(fixture_dir, full_logits):
         np.testing.assert_allclose(m.eval(IDS), full_logits[-1], rtol=0, atol=1e-4)
 
 
+def test_cached_prefix_is_kept_and_matches_a_fresh_pass(model, full_logits):
+    """A prompt that extends, repeats or diverges from the cached sequence
+    evaluates only what differs, with the logits of a fresh pass."""
+    model.reset()
+    model.eval(IDS[:9])
+    assert model.reuse_prefix(IDS) == 9 and model.n_past == 9
+    np.testing.assert_allclose(model.eval(IDS[9:]), full_logits[-1], atol=1e-4)
+    # The same prompt again: all but its last token are kept.
+    assert model.reuse_prefix(IDS) == len(IDS) - 1
+    np.testing.assert_allclose(model.eval(IDS[-1:]), full_logits[-1], atol=1e-4)
+    # A prompt that differs at position 5 keeps 5 tokens.
+    other = [*IDS[:5], (IDS[5] + 1) % 4096, *IDS[6:]]
+    assert model.reuse_prefix(other) == 5
+    reused = model.eval(other[5:])
+    np.testing.assert_allclose(reused, model.logits(other)[-1], atol=1e-4)
+    model.reset()
+    assert model.reuse_prefix(IDS) == 0
+
+
+def test_generate_reports_cached_prompt_tokens(model):
+    model.reset()
+    (first,) = list(model.generate(IDS[:9], max_tokens=1, temperature=0))
+    assert (first.timings.cached_tokens, first.timings.prompt_tokens) == (0, 9)
+    *_, last = model.generate(IDS, max_tokens=2, temperature=0)
+    assert (last.timings.cached_tokens, last.timings.prompt_tokens) == (9, 12)
+
+
 def test_stop_string_on_real_model_output(model):
     prompt = "def main("
     free = list(model.generate(prompt, max_tokens=16, temperature=0, ignore_eos=True))

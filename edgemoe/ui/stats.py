@@ -52,6 +52,9 @@ class LiveStats:
     """One turn's figures so far (or the idle model's memory before any turn)."""
 
     prompt_tokens: int = 0
+    """Prompt tokens evaluated this turn."""
+    cached_tokens: int = 0
+    """Prompt tokens the previous turn left in the KV cache (not evaluated)."""
     generation_tokens: int = 0
     ttft_s: float = 0.0
     prompt_tps: float = 0.0
@@ -138,6 +141,7 @@ class StatsTracker:
         rss = self.rss or r.memory.rss_bytes
         return LiveStats(
             prompt_tokens=t.prompt_tokens,
+            cached_tokens=t.cached_tokens,
             generation_tokens=t.generation_tokens,
             ttft_s=t.ttft_s,
             prompt_tps=t.prompt_tps,

@@ -156,7 +156,9 @@ def latency_text(info: ModelInfo, live: LiveStats) -> Text:
     last = f"{live.token_ms[-1]:.1f} ms" if live.token_ms else "-"
     return Text(
         f"TTFT        {live.ttft_s * 1e3:.0f} ms\n"
-        f"prompt      {live.prompt_tps:.1f} t/s ({live.prompt_tokens} tokens)\n"
+        f"prompt      {live.prompt_tps:.1f} t/s ({live.prompt_tokens} tokens"
+        + (f", {live.cached_tokens} cached" if live.cached_tokens else "")
+        + ")\n"
         f"generation  {live.generation_tps:.1f} t/s ({live.generation_tokens} tokens)\n"
         f"I/O stall   {live.stall_fraction:.0%}\n"
         f"hits        {hits_text(live, info)}\n"
