@@ -92,67 +92,71 @@ def main() -> int:
         if name in wanted
     ]
     configs = []  # (name, model, text, checkpoint, policy, fraction, budget)
-    for name, model, text in models:
-        ckpt = EdgeCheckpoint(model)
-        full = memory_plan(ckpt, None, 512, 256, None)
-        m = ckpt.manifest
-        policy = LevelPolicy.make(m.plan, m.protected)
-        fixed = full.backbone + full.kv_cache + full.scratch
-        # What loading adds beyond the plan (measured at load): one short
-        # run with every expert resident tells it, so each budget's expert
-        # share is the fraction asked for.
-        probe = bench(model, fixed + full.experts + (256 << 20), 1, 1, text)
-        runtime = probe["memory"]["runtime"]
-        for frac in (float(x) for x in args.budgets.split(",")):
-            budget = int(fixed + runtime + frac * full.experts)
-            configs.append((name, model, text, ckpt, policy, frac, budget))
-    # Passes over every configuration in turn: the host's slow spells last
-    # minutes, so repeating a configuration back to back would not average
-    # them out.
-    runs: list[dict[str, list]] = [{} for _ in configs]
-    plans = [None] * len(configs)
-    for n in range(args.passes):
-        for i, (name, model, text, _, _, frac, budget) in enumerate(configs):
-            # Short runs of a fast model are mostly host noise: give the
-            # fixture (~250 t/s) as many seconds as the synthetic model.
-            gen = args.gen * 4 if name == "fixture" else args.gen
-            res = bench(model, budget, args.threads, gen, text)
-            plans[i] = res["memory"]
-            tg = next(r for r in res["results"] if r["test"].startswith("tg"))
-            # The model predicts a warm cache: the first repetition also
-            # fills the slots from cold, so it is left out.
-            for key in ("tps", "read_per_token", "hit_rate"):
-                runs[i].setdefault(key, []).extend(tg[f"{key}_runs"][1:])
-            print(
-                f"pass {n + 1}: {name} {frac:.0%}: "
-                f"{sum(tg['tps_runs'][1:]) / max(len(tg['tps_runs']) - 1, 1):.1f} t/s",
-                flush=True,
+    ckpts = []
+    try:
+        for name, model, text in models:
+            ckpt = EdgeCheckpoint(model)
+            ckpts.append(ckpt)
+            full = memory_plan(ckpt, None, 512, 256, None)
+            m = ckpt.manifest
+            policy = LevelPolicy.make(m.plan, m.protected)
+            fixed = full.backbone + full.kv_cache + full.scratch
+            # What loading adds beyond the plan (measured at load): one short
+            # run with every expert resident tells it, so each budget's expert
+            # share is the fraction asked for.
+            probe = bench(model, fixed + full.experts + (256 << 20), 1, 1, text)
+            runtime = probe["memory"]["runtime"]
+            for frac in (float(x) for x in args.budgets.split(",")):
+                budget = int(fixed + runtime + frac * full.experts)
+                configs.append((name, model, text, ckpt, policy, frac, budget))
+        # Passes over every configuration in turn: the host's slow spells last
+        # minutes, so repeating a configuration back to back would not average
+        # them out.
+        runs: list[dict[str, list]] = [{} for _ in configs]
+        plans = [None] * len(configs)
+        for n in range(args.passes):
+            for i, (name, model, text, _, _, frac, budget) in enumerate(configs):
+                # Short runs of a fast model are mostly host noise: give the
+                # fixture (~250 t/s) as many seconds as the synthetic model.
+                gen = args.gen * 4 if name == "fixture" else args.gen
+                res = bench(model, budget, args.threads, gen, text)
+                plans[i] = res["memory"]
+                tg = next(r for r in res["results"] if r["test"].startswith("tg"))
+                # The model predicts a warm cache: the first repetition also
+                # fills the slots from cold, so it is left out.
+                for key in ("tps", "read_per_token", "hit_rate"):
+                    runs[i].setdefault(key, []).extend(tg[f"{key}_runs"][1:])
+                warm = tg["tps_runs"][1:]
+                print(
+                    f"pass {n + 1}: {name} {frac:.0%}: {sum(warm) / len(warm):.1f} t/s",
+                    flush=True,
+                )
+        rows = []
+        for (name, _, _, ckpt, policy, frac, budget), got, plan in zip(
+            configs, runs, plans
+        ):
+            pred = predict(ckpt, profile, policy, tuple(plan["slots"]))
+            mean = {k: sum(v) / len(v) for k, v in got.items()}
+            rows.append(
+                {
+                    "model": name,
+                    "fraction": frac,
+                    "budget": budget,
+                    "slots": plan["slots"],
+                    "measured_tps": mean["tps"],
+                    "measured_tps_runs": got["tps"],
+                    "predicted_tps": pred.tokens_per_s,
+                    "ratio": pred.tokens_per_s / mean["tps"],
+                    "measured_read_per_token": mean["read_per_token"],
+                    "predicted_read_per_token": pred.read_per_token,
+                    "measured_hit_rate": mean["hit_rate"],
+                    "predicted_hit_rate": pred.hit_rate,
+                    "prediction": pred.__dict__,
+                }
             )
-    rows = []
-    for (name, _, _, ckpt, policy, frac, budget), got, plan in zip(
-        configs, runs, plans
-    ):
-        pred = predict(ckpt, profile, policy, tuple(plan["slots"]))
-        mean = {k: sum(v) / len(v) for k, v in got.items()}
-        rows.append(
-            {
-                "model": name,
-                "fraction": frac,
-                "budget": budget,
-                "slots": plan["slots"],
-                "measured_tps": mean["tps"],
-                "measured_tps_runs": got["tps"],
-                "predicted_tps": pred.tokens_per_s,
-                "ratio": pred.tokens_per_s / mean["tps"],
-                "measured_read_per_token": mean["read_per_token"],
-                "predicted_read_per_token": pred.read_per_token,
-                "measured_hit_rate": mean["hit_rate"],
-                "predicted_hit_rate": pred.hit_rate,
-                "prediction": pred.__dict__,
-            }
-        )
-    for ckpt in {id(c[3]): c[3] for c in configs}.values():
-        ckpt.close()
+    finally:
+        for ckpt in ckpts:
+            ckpt.close()
     report = {"profile": profile.to_toml(), "rows": rows}
     (OUT / args.out).write_text(json.dumps(report, indent=1))
     print()

@@ -47,12 +47,10 @@ CONFIGS = {
 
 def drop_cache(model: Path) -> None:
     """Evict the model's expert shards from the page cache (cold reads)."""
+    from edgemoe.runtime.io_queue import drop_cached
+
     for f in model.glob("experts-*.gguf"):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        drop_cached(f)
 
 
 def worker(args) -> dict:

@@ -100,6 +100,16 @@ class ExpertStats:
     layer's input, the guess the runtime prefetches by (HOBBIT's predictor),
     so a cost model can replay its reads too."""
 
+    def trace(self) -> dict:
+        """The manifest's record of the trace (``calibration.routing``)."""
+        out = {
+            "ids": self.trace_ids.tolist(),
+            "weights": np.round(self.trace_weights, 4).tolist(),
+        }
+        if self.trace_next is not None:
+            out["next"] = self.trace_next.tolist()
+        return out
+
     def imatrix(self, e: int, prior: float = 8.0) -> np.ndarray:
         """Mean squared gate/up input per column for expert ``e``, shrunk
         towards the layer's mean so rarely routed experts get sane weights."""
@@ -167,14 +177,15 @@ class LayerRunner:
         n, d = hn.shape
         ids, weights = route(s, hn @ router.T)  # [N, K]
         e_count = s.n_expert
+        traced = trace_rows(n)
         stats = ExpertStats(
             count=np.zeros(e_count),
             weight=np.zeros(e_count),
             in_sq=np.zeros((e_count, d)),
             peak=np.zeros(e_count),
             tokens=n,
-            trace_ids=ids[trace_rows(n)],
-            trace_weights=weights[trace_rows(n)],
+            trace_ids=ids[traced],
+            trace_weights=weights[traced],
         )
         out = np.zeros_like(hn)
         for e in range(e_count):

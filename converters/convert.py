@@ -283,20 +283,7 @@ def _convert(
             protected=tuple(protected),
             calibration=dict(
                 calib_source,
-                routing=[
-                    {
-                        "ids": st.trace_ids.tolist(),
-                        "weights": np.round(st.trace_weights, 4).tolist(),
-                    }
-                    | (
-                        {"next": st.trace_next.tolist()}
-                        if st.trace_next is not None
-                        else {}
-                    )
-                    if st is not None
-                    else {}
-                    for st in all_stats
-                ],
+                routing=[st.trace() if st is not None else {} for st in all_stats],
             ),
             tokenizer=tokenizer_kind,
             chat_template=_chat_template(ckpt, vocab),
@@ -345,9 +332,9 @@ def _next_layer_guess(ckpt, layer: int, hn: np.ndarray, names) -> np.ndarray | N
     """[S, K] experts the runtime's prefetch would guess for the next MoE
     layer at the traced tokens: its router on this layer's input, best first."""
     spec = ckpt.spec
-    later = [i for i in range(layer + 1, spec.n_layer) if spec.moe_layers[i]]
-    name = f"blk.{later[0]}.ffn_gate_inp.weight" if later else None
-    if name is None or name not in names:
+    nxt = next((i for i in range(layer + 1, spec.n_layer) if spec.moe_layers[i]), None)
+    name = f"blk.{nxt}.ffn_gate_inp.weight"
+    if nxt is None or name not in names:
         return None
     router = ckpt.load(name).to_float32()  # [E, D]
     logits = hn[trace_rows(len(hn))] @ router.T  # [S, E]

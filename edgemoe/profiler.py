@@ -180,11 +180,10 @@ def storage_file(path: Path, threads: int | None = None) -> dict[str, float]:
         direct = False
         fd = os.open(path, os.O_RDONLY)
     buf = aligned_empty((8 * MiB,), np.uint8, 4096)
-    try:
+    from edgemoe.runtime.io_queue import drop_cached
+    from edgemoe.runtime.measure import BusyCompute, queue_reads
 
-        def cold() -> None:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    try:
 
         def read(offset: int, n: int) -> None:
             try:
@@ -192,9 +191,7 @@ def storage_file(path: Path, threads: int | None = None) -> dict[str, float]:
             except OSError as e:
                 raise ConfigError(f"{path}: read failed: {e.strerror}") from None
 
-        from edgemoe.runtime.measure import BusyCompute, queue_reads
-
-        cold()
+        drop_cached(path)
         # Random reads through the runtime's own I/O queue (buffered pread,
         # pages dropped after): a small and a plane-sized read give the
         # per-read cost and the rate, timed while ggml computes on every
@@ -205,7 +202,7 @@ def storage_file(path: Path, threads: int | None = None) -> dict[str, float]:
             t_big = queue_reads(path, big, 32, seed=2)
         rand = (big - small) / max(t_big - t_small, 1e-9) / 1e6
         lat = max(t_small - small / (rand * 1e6), 1e-6)
-        cold()
+        drop_cached(path)
         t = time.perf_counter()
         for off in range(0, size, 8 * MiB):
             read(off, 8 * MiB)
@@ -250,6 +247,7 @@ def overheads(
     from edgemoe.converters.synth import preset_config, write_hf
     from edgemoe.runtime.bench import bench
     from edgemoe.runtime.costmodel import predict
+    from edgemoe.runtime.io_queue import drop_cached
     from edgemoe.runtime.model import load
 
     zero = replace(
@@ -284,7 +282,7 @@ def overheads(
                 fixed = mp.backbone + mp.kv_cache + mp.scratch + mp.runtime
                 budget = fixed + mp.experts // 3
                 for f in edge.glob("experts-*.gguf"):
-                    _drop_cached(f)
+                    drop_cached(f)
                 streamed = load(edge, n_threads=threads, n_ctx=512, budget=budget)
         runs = [*models, streamed]
         # Round robin, so that the machine's drift hits every model alike;
@@ -327,17 +325,6 @@ def overheads(
             if model is not None:
                 model.close()
     return RuntimeCosts(token, layer, plane, max(read, 1e-3))
-
-
-def _drop_cached(path: Path) -> None:
-    """Evict ``path`` from the page cache, so its first reads are cold."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def measure(

@@ -97,10 +97,7 @@ class LevelPolicy:
         """One token's levels by HOBBIT's rule, in plain Python."""
         top, (t1, t2) = self.top, self.thresholds
         order = sorted(range(len(weights)), key=lambda j: -weights[j])  # stable
-        cum = 0.0
-        for j in order:
-            cum += weights[j]
-        total = max(cum, 1e-30)
+        total = max(sum(weights[j] for j in order), 1e-30)  # in order, as cumsum
         out = [0] * len(weights)
         cum = 0.0
         for rank, j in enumerate(order):

@@ -187,8 +187,10 @@ def generate(
             f"{model.n_ctx} tokens ({hint})"
         )
     # A chat turn resends the conversation: keep the prefix the cache holds.
-    cached = model.reuse_prefix(ids) if hasattr(model, "reuse_prefix") else 0
-    if not cached:
+    if hasattr(model, "reuse_prefix"):
+        cached = model.reuse_prefix(ids)
+    else:
+        cached = 0
         model.reset()
     counter = StepCounter(model) if hasattr(model, "counters") else None
     logits = model.eval(ids[cached:])

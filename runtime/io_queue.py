@@ -32,6 +32,18 @@ from edgemoe.errors import ConfigError, ModelFileError
 DEMAND, PREFETCH = 0, 1
 
 
+def drop_cached(path) -> None:
+    """Evict ``path`` from the page cache, so that its next reads are cold
+    (where the platform has ``posix_fadvise``)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 @dataclass(order=True)
 class ReadRequest:
     """One expert plane to read; ``done`` is set when it is in (or failed)."""
