@@ -55,6 +55,17 @@ def bench(model: Path, budget: int, threads: int, gen: int, text: str | None) ->
     return json.loads(proc.stdout)
 
 
+def _passes(value: str) -> int:
+    """--passes: a whole number of at least 1 (argparse reports the error)."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+    return n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", help="profile name or TOML (default: measure now)")
@@ -64,7 +75,9 @@ def main() -> int:
     ap.add_argument("--synthetic", default=str(OUT / "convert" / "edge"))
     ap.add_argument("--models", default="fixture,synthetic")
     ap.add_argument("--out", default="costmodel.json")
-    ap.add_argument("--passes", type=int, default=2, help="runs of every configuration")
+    ap.add_argument(
+        "--passes", type=_passes, default=2, help="runs of every configuration"
+    )
     args = ap.parse_args()
 
     from edgemoe.format.reader import EdgeCheckpoint

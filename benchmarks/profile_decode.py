@@ -1,6 +1,6 @@
 """Where a decode step's time goes: ggml graphs vs the numpy glue between them.
 
-    python benchmarks/profile_decode.py MODEL.gguf [--threads 2] [--tokens 32]
+    python benchmarks/profile_decode.py MODEL [--level 4] [--threads 2] [--tokens 32]
 
 Times each part with a wrapper around it (the wrappers cost ~1 us per call):
 ggml graph computes, numpy attention, routing, and the rest (embedding
@@ -24,6 +24,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--level", type=int, help="a converted model's forced level")
     args = ap.parse_args()
 
     import numpy as np
@@ -32,7 +33,10 @@ def main() -> int:
     from edgemoe.runtime import forward, graph
 
     model = edgemoe.load(
-        args.model, n_ctx=args.prompt + args.tokens + 8, n_threads=args.threads
+        args.model,
+        n_ctx=args.prompt + args.tokens + 8,
+        n_threads=args.threads,
+        force_level=args.level,
     )
     prompt = np.random.default_rng(0).integers(10, 5000, args.prompt).tolist()
     model.eval(prompt)
@@ -60,13 +64,19 @@ def main() -> int:
     per_token = {k: v / args.tokens * 1e3 for k, v in spent.items()}
     per_token["other"] = total / args.tokens * 1e3 - sum(per_token.values())
     per_token["total"] = total / args.tokens * 1e3
-    print(f"{Path(args.model).name}, {args.threads} threads, ms per decoded token:")
+    at = f", level {args.level}" if args.level else ""
+    print(f"{Path(args.model).name}{at}, {args.threads} threads, ms per decoded token:")
     for k, v in per_token.items():
         print(f"  {k:<16} {v:7.2f}")
     OUT.mkdir(exist_ok=True)
     (OUT / "profile_decode.json").write_text(
         json.dumps(
-            {"model": args.model, "threads": args.threads, "ms_per_token": per_token},
+            {
+                "model": args.model,
+                "level": args.level,
+                "threads": args.threads,
+                "ms_per_token": per_token,
+            },
             indent=1,
         )
     )

@@ -273,8 +273,8 @@ class Model:
         starts with, short of its last token (whose logits a caller needs),
         and drop the rest: later positions are overwritten, and attention
         reads only up to ``n_past``. Returns how many tokens are kept."""
+        ids = self._as_ids(token_ids).tolist()  # a ConfigError for bad ids
         cached = self._tokens[: self.n_past]
-        ids = [int(t) for t in token_ids]
         n = 0
         for a, b in zip(cached, ids[:-1]):
             if a != b:

@@ -427,6 +427,12 @@ def test_cached_prefix_is_kept_and_matches_a_fresh_pass(model, full_logits):
     np.testing.assert_allclose(reused, model.logits(other)[-1], atol=1e-4)
     model.reset()
     assert model.reuse_prefix(IDS) == 0
+    model.eval(IDS[:4])
+    with pytest.raises(
+        ConfigError, match=r"token ids must be integers, got 'a' at index 1"
+    ):
+        model.reuse_prefix([IDS[0], "a"])
+    assert model.n_past == 4  # a bad prompt leaves the cache as it was
 
 
 def test_generate_reports_cached_prompt_tokens(model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -319,6 +320,24 @@ def test_profile_plan_cli(converted_fixture, cli):
     bad = cli("profile", "--device", "rpi5-8gb", "-m", converted_fixture, "-c", 99999)
     assert bad.returncode == 1 and "larger than the model's context" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_bench_costmodel_rejects_a_bad_pass_count():
+    """The benchmark script fails on its arguments before measuring anything."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_costmodel.py"
+    for bad in ("0", "two"):
+        r = subprocess.run(
+            [sys.executable, str(script), "--passes", bad],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 2
+        assert f"--passes: must be a whole number >= 1, got '{bad}'" in r.stderr
+        assert "Traceback" not in r.stderr
 
 
 def test_profile_measure_writes_a_loadable_profile(cli, tmp_path):
