@@ -286,6 +286,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         budget = model.memory.budget if model.memory else None
         plan = dataclasses.asdict(model.memory) if model.memory else None
+        thread_use = model.device.tuner.summary()
+    # Tuned per graph: say which counts ran how much of the time.
+    threads = args.threads or "auto: " + ", ".join(
+        f"{n} ({share:.0%})"
+        for n, share in sorted(thread_use.items(), reverse=True)
+        if share >= 0.005
+    )
     if args.json:
         print(
             json.dumps(
@@ -295,6 +302,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     "budget": budget,
                     "memory": plan,
                     "threads": args.threads,
+                    "thread_use": thread_use,
                     "results": results,
                 },
                 indent=1,
@@ -310,7 +318,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for r in results:
         print(
             f"| {Path(args.model).name} | {_mib(size)} | {budget_col} | "
-            f"{args.threads or 'auto'} | {r['test']} | {r['tps']:.2f} ± "
+            f"{threads} | {r['test']} | {r['tps']:.2f} ± "
             f"{r['tps_sd']:.2f} | {r['stall_fraction']:.0%} | "
             f"{r['read_per_token'] / 2**20:.1f} | {r['hit_rate']:.0%} |"
         )

@@ -13,6 +13,7 @@ machines this project is developed on and is untested.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,7 +103,9 @@ class Device:
     """
 
     def __init__(self, kind: str = "cpu", n_threads: int | None = None):
-        from edgemoe.runtime.threads import limit_blas_threads
+        """``n_threads``: compute threads; None tunes them per graph between
+        the physical core count and 1 (runtime/threads.py)."""
+        from edgemoe.runtime.threads import ThreadTuner, limit_blas_threads
 
         limit_blas_threads(1)
         self.g = gb.lib()
@@ -124,10 +127,17 @@ class Device:
         if not self.backend:
             raise GGMLError(f"could not start the ggml {self.name} backend")
         self.n_threads = n_threads or default_threads()
-        set_threads = self.g.set_n_threads_fn(self.dev)
-        if set_threads is not None:
-            set_threads(self.backend, self.n_threads)
+        self._set_threads = self.g.set_n_threads_fn(self.dev)
+        self._threads_now = 0
+        self.set_threads(self.n_threads)
+        fixed = n_threads is not None or self._set_threads is None
+        self.tuner = ThreadTuner(self.n_threads, fixed)
         self.buffer_type = self.g.ggml_backend_get_default_buffer_type(self.backend)
+
+    def set_threads(self, n: int) -> None:
+        if n != self._threads_now and self._set_threads is not None:
+            self._set_threads(self.backend, n)
+            self._threads_now = n
 
     def new_allocator(self) -> int:
         """A ggml graph allocator for intermediates; graphs run one after the
@@ -320,6 +330,7 @@ class Graph:
         self._freed = False
         self._shared_galloc = galloc
         self._galloc = None
+        self._tune = device.tuner.new_state()
 
     # -- inputs and outputs -------------------------------------------------
     def input(self, array: np.ndarray, base: np.ndarray | None = None) -> T:
@@ -547,7 +558,11 @@ class Graph:
         if not self.device.is_host:
             for t, a in self._inputs:
                 g.ggml_backend_tensor_set(t.ptr, a.ctypes.data, 0, a.nbytes)
+        tuner = self.device.tuner
+        self.device.set_threads(tuner.threads)
+        t0 = time.perf_counter()
         status = g.ggml_backend_graph_compute(self.device.backend, self._graph)
+        tuner.record(self._tune, time.perf_counter() - t0)
         if status != 0:
             raise GGMLError(f"ggml graph compute failed (status {status})")
         if not self.device.is_host:

@@ -306,6 +306,10 @@ class Model:
                 else self.forward.workspace(chunk.size)
             )
             ws.x[...] = self.embed.rows(chunk)
+            # Decode steps tune the thread count (runtime/threads.py).
+            tuner = self.device.tuner if chunk.size == 1 else None
+            if tuner is not None:
+                tuner.begin_step()
             hidden = self.forward.run(
                 ws, self.n_past, last_only=last and not all_logits
             )
@@ -315,6 +319,8 @@ class Model:
                 outs.append(self._head(hidden))
             elif last:
                 outs.append(self._head(hidden[-1:])[0])
+            if tuner is not None:
+                tuner.end_step()
         return np.concatenate(outs) if all_logits else outs[0]
 
     def _head(self, x: np.ndarray) -> np.ndarray:
