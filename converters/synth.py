@@ -115,8 +115,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def preset_config(preset: str, layers: int | None = None, **overrides: Any) -> dict:
-    """An HF ``config.json`` dict for a preset, optionally with fewer layers."""
+def preset_config(
+    preset: str, layers: int | None = None, routing=None, **overrides: Any
+) -> dict:
+    """An HF ``config.json`` dict for a preset, optionally with fewer layers
+    and a designed routing (``synth_routing.TopicRouting``)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     cfg = dict(PRESETS[preset])
@@ -125,6 +128,8 @@ def preset_config(preset: str, layers: int | None = None, **overrides: Any) -> d
             raise ConfigError(f"layers must be >= 1, got {layers}")
         cfg["num_hidden_layers"] = layers
     cfg.update(overrides)
+    if routing is not None:
+        cfg["edgemoe_routing"] = routing.to_dict()
     cfg.update(
         bos_token_id=0,
         eos_token_id=0,
@@ -206,6 +211,15 @@ class SyntheticCheckpoint:
         self._pool = (rng.standard_normal(self.POOL) * 0.02).astype(np.float32)
         self._qtype = qtype
         self._qpool: np.ndarray | None = None
+        self._design = None
+        if "edgemoe_routing" in config:
+            from edgemoe.converters.synth_routing import RoutingDesign, TopicRouting
+
+            routing = TopicRouting.from_dict(config["edgemoe_routing"])
+            self._design = RoutingDesign(routing, self.spec)
+        self._last: Weight | None = None
+        """The last tensor loaded: HF writing asks for a stacked expert
+        tensor once per expert."""
 
     def names(self) -> list[str]:
         return [n for n, (_, required) in self._layout.items() if required]
@@ -215,8 +229,19 @@ class SyntheticCheckpoint:
         return np.resize(np.roll(self._pool, -start), n)
 
     def load(self, name: str) -> Weight:
+        if self._last is None or self._last.name != name:
+            self._last = self._load(name)
+        return self._last
+
+    def _load(self, name: str) -> Weight:
         shape = self._layout[name][0]
         n = int(np.prod(shape))
+        if self._design is not None:
+            data = self._design.tensor(
+                name, shape, lambda: self._floats(name, n).reshape(shape)
+            )
+            if data is not None:
+                return Weight(name, GGML_F32, shape, data)
         if len(shape) == 1:
             # Norm weights near 1 keep activations in a realistic range.
             data = 1.0 + self._floats(name, n)

@@ -1,0 +1,489 @@
+"""Head-to-head under a device-sized memory limit: EdgeMoE against llama.cpp,
+each in a fresh process inside one memory cgroup that counts page cache.
+
+    python benchmarks/bench_pressure.py                  # the routed benchmark model
+    python benchmarks/bench_pressure.py --model fixture  # the trained fixture
+    python benchmarks/bench_pressure.py --limits 0.5 --runs 1 \
+        --engines edgemoe,llama-mmap:q4km
+
+A device's memory holds a process's own pages and the file pages it maps or
+reads; so does a cgroup's limit (benchmarks/cgroup.py). The limit of a row is
+a fraction of the llama.cpp Q4_K_M GGUF's size plus the baseline (the peak of
+a process that imports both engines and loads nothing). Before every run the
+model files are dropped from the page cache. Engines:
+
+- ``llama-default`` / ``llama-mmap``: llama.cpp (llama-cpp-python) with its
+  defaults (extra buffer types on: weights repacked into anonymous memory)
+  and with them off (``use_extra_bufts=False``: weights stay file-backed in
+  its mmap), on llama.cpp's own Q4_K_M of the same source (``q4km``) and on
+  ``edgemoe export-gguf --level 4 --type Q4_K`` of the converted model
+  (``l4``): the same weights EdgeMoE's level 4 runs;
+- ``edgemoe`` (its defaults: dual routing, prefetch), ``edgemoe-l4``,
+  ``edgemoe-l8`` (forced levels), with ``--budget`` = the limit minus the
+  process's RSS just before loading.
+
+Each run: load, a ``--prompt`` token prefill (TTFT), then ``--gen`` tokens one
+at a time, teacher-forced from the token stream, so both engines see the same
+routing. Per run: decode t/s, TTFT, peak cgroup memory, major faults, bytes
+read from storage, OOM kills. Rows give the median over ``--runs`` with the
+range; ratios are EdgeMoE's median over llama.cpp's best configuration's
+median, and over llama.cpp's defaults on Q4_K_M. Writes
+benchmarks/out/pressure.json (``--out``) and prints markdown, with the
+routing statistics of the token stream (edgemoe/locality.py).
+
+The routed benchmark model is the OLMoE-1B-7B shape with 8 layers and
+random weights whose routing is designed (converters/synth_routing.py);
+its stream is that design's topic runs. The fixture's stream is its
+held-out text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+FIXTURE = HERE.parent.parent / "shared" / "fixtures" / "code-mixtral"
+sys.path.insert(0, str(HERE))
+
+LIMITS = "1.5,0.75,0.5,0.3,0.2"
+ENGINES = {
+    "llama-default:q4km": ("llama", "q4km", {"extra_bufts": True}),
+    "llama-mmap:q4km": ("llama", "q4km", {"extra_bufts": False}),
+    "llama-default:l4": ("llama", "l4", {"extra_bufts": True}),
+    "llama-mmap:l4": ("llama", "l4", {"extra_bufts": False}),
+    "edgemoe": ("edgemoe", "edge", {}),
+    "edgemoe-l4": ("edgemoe", "edge", {"force_level": 4}),
+    "edgemoe-l8": ("edgemoe", "edge", {"force_level": 8}),
+    # Fixed thread counts, against the default's tuning (runtime/threads.py).
+    "edgemoe-t1": ("edgemoe", "edge", {"n_threads": 1}),
+    "edgemoe-t2": ("edgemoe", "edge", {"n_threads": 2}),
+}
+DEFAULT_ENGINES = [n for n in ENGINES if not n.endswith(("-t1", "-t2"))]
+LAYERS = 8
+
+
+# -- models ---------------------------------------------------------------------
+def _edgemoe(*args: str) -> None:
+    cmd = [sys.executable, "-m", "edgemoe", *args]
+    print("$ edgemoe " + " ".join(args), file=sys.stderr)
+    subprocess.run(cmd, check=True, cwd=OUT, stdout=subprocess.DEVNULL)
+
+
+def _q4km(src_hf: Path, dst: Path) -> None:
+    """llama.cpp's own Q4_K_M: our F16 export of the source, quantized by
+    llama.cpp (in a child: it holds the whole model)."""
+    f16 = dst.with_suffix(".f16.gguf")
+    _edgemoe("export-gguf", str(src_hf), "-o", str(f16), "--type", "F16", "--force")
+    code = (
+        "import llama_cpp as L, sys\n"
+        "p = L.llama_model_quantize_default_params()\n"
+        "p.ftype = L.LLAMA_FTYPE_MOSTLY_Q4_K_M\n"
+        "src, dst = (a.encode() for a in sys.argv[1:])\n"
+        "sys.exit(L.llama_model_quantize(src, dst, p))"
+    )
+    subprocess.run([sys.executable, "-c", code, str(f16), str(dst)], check=True)
+    f16.unlink()
+
+
+def prepare(name: str) -> dict:
+    """Paths of the model's files, made where missing."""
+    from edgemoe.converters import synth
+    from edgemoe.converters.synth_routing import TopicRouting
+
+    work = OUT / "pressure" / name
+    work.mkdir(parents=True, exist_ok=True)
+    if name == "fixture":
+        hf = FIXTURE
+    else:
+        hf = work / "hf"
+        if not (hf / "config.json").exists():
+            print(f"synthesising {hf} ...", file=sys.stderr)
+            cfg = synth.preset_config(
+                "olmoe-1b-7b", layers=LAYERS, routing=TopicRouting()
+            )
+            synth.write_hf(cfg, hf, force=True)
+    paths = {
+        "hf": hf,
+        "edge": work / "edge",
+        "l4": work / "level4-Q4_K.gguf",
+        "q4km": work / "Q4_K_M.gguf",
+    }
+    if not (paths["edge"] / "manifest.json").exists():
+        _edgemoe("convert", str(hf), "-o", str(paths["edge"]), "--force")
+    if not paths["l4"].exists():
+        _edgemoe(
+            "export-gguf", str(paths["edge"]), "-o", str(paths["l4"]),
+            "--level", "4", "--type", "Q4_K",
+        )  # fmt: skip
+    if not paths["q4km"].exists():
+        _q4km(hf, paths["q4km"])
+    return paths
+
+
+def token_stream(name: str, paths: dict, n: int) -> list[int]:
+    if name == "fixture":
+        from edgemoe.checkpoint import open_checkpoint, tokenizer_for
+
+        ckpt = open_checkpoint(paths["edge"])
+        try:
+            text = (FIXTURE / "heldout.txt").read_text()
+            ids = tokenizer_for(ckpt).encode(text, False)
+        finally:
+            ckpt.close()
+        return (ids * (n // len(ids) + 1))[:n]
+    from edgemoe.converters.synth_routing import TopicRouting
+
+    cfg = json.loads((paths["hf"] / "config.json").read_text())
+    routing = TopicRouting.from_dict(cfg["edgemoe_routing"])
+    return routing.stream(n, cfg["vocab_size"])
+
+
+def model_files(path: Path) -> list[Path]:
+    return sorted(path.iterdir()) if path.is_dir() else [path]
+
+
+def drop_cache(paths: list[Path]) -> None:
+    from edgemoe.runtime.io_queue import drop_cached
+
+    for p in paths:
+        for f in model_files(p):
+            drop_cached(f)
+
+
+# -- the worker (runs inside the cgroup) -----------------------------------------
+def worker(args) -> dict:
+    from edgemoe.env import prepare_environment
+
+    prepare_environment()
+    import llama_cpp  # noqa: F401  (both engines' libraries, as in the baseline)
+
+    import edgemoe
+    from edgemoe.runtime.metrics import peak_rss_bytes, rss_bytes
+
+    if args.engine == "baseline":
+        return {"peak_rss": peak_rss_bytes()}
+    tokens = json.loads(Path(args.tokens).read_text())
+    prompt, gen = tokens[: args.prompt], tokens[args.prompt : args.prompt + args.gen]
+    n_ctx = args.prompt + args.gen + 8
+    opts = json.loads(args.options)
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
+    if args.engine == "edgemoe":
+        budget = args.limit - rss0
+        m = edgemoe.load(args.path, n_ctx=n_ctx, budget=budget, **opts)
+    else:
+        from edgemoe.runtime.llamacpp import LlamaCpp
+
+        m = LlamaCpp(args.path, n_ctx=n_ctx, n_threads=_threads(), **opts)
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    m.eval(prompt)
+    ttft = time.perf_counter() - t1
+    step = []
+    for tok in gen:
+        t = time.perf_counter()
+        m.eval([tok])
+        step.append(time.perf_counter() - t)
+    out = {
+        "rss_before_load": rss0,
+        "load_s": load_s,
+        "ttft_s": ttft,
+        "decode_tps": len(gen) / sum(step),
+        "median_token_ms": statistics.median(step) * 1e3,
+        "peak_rss": peak_rss_bytes(),
+        "io_read_bytes": _proc_io("read_bytes"),
+    }
+    if args.engine == "edgemoe":
+        c = m.counters()
+        out.update(
+            budget=budget,
+            thread_use=m.device.tuner.summary(),
+            expert_bytes_read=c["bytes_read"],
+            stall_s=c["stall_s"],
+        )
+    else:
+        out["threads"] = _threads()
+    return out
+
+
+def _threads() -> int:
+    """llama.cpp's own default (llama-cli, llama-server): the physical cores."""
+    from edgemoe.runtime.graph import default_threads
+
+    return default_threads()
+
+
+def _proc_io(key: str) -> int:
+    with open("/proc/self/io") as fh:
+        for line in fh:
+            k, _, v = line.partition(":")
+            if k == key:
+                return int(v)
+    return 0
+
+
+# -- the parent -------------------------------------------------------------------
+def run_one(args, group_name: str, limit: int, engine: str, path: Path, options):
+    from cgroup import Cgroup
+
+    cmd = [
+        sys.executable, __file__, "--worker", engine, "--path", str(path),
+        "--limit", str(limit), "--options", json.dumps(options),
+        "--tokens", str(args.tokens_file), "--prompt", str(args.prompt),
+        "--gen", str(args.gen),
+    ]  # fmt: skip
+    group = Cgroup.create(group_name, limit)
+    try:
+        res = group.run(cmd, timeout=args.timeout, cwd=OUT)
+    finally:
+        group.remove()
+    row = {
+        "returncode": res.returncode,
+        "seconds": res.seconds,
+        "peak_cgroup": res.peak_bytes,
+        "oom_kills": res.oom_kills,
+        "major_faults": res.major_faults,
+        "read_bytes": res.read_bytes,
+        "timed_out": res.timed_out,
+    }
+    if res.returncode == 0:
+        row.update(json.loads(res.stdout.strip().splitlines()[-1]))
+        row["status"] = "ok"
+    else:
+        tail = res.stderr.strip().splitlines()[-1:] or [""]
+        row["status"] = (
+            "OOM-killed"
+            if res.oom_kills
+            else "timeout"
+            if res.timed_out
+            else f"failed ({res.returncode}): {tail[0][:160]}"
+        )
+    return row
+
+
+def routing_trace(path: Path, tokens: list[int]) -> tuple[list, int]:
+    """Each MoE layer's expert ids [T, K] over ``tokens``, from EdgeMoE's own
+    router (in memory at level 8), and their locality summary."""
+    import numpy as np
+
+    import edgemoe
+    import edgemoe.runtime.forward as forward
+    from edgemoe.locality import layer_locality
+
+    seen: list = []
+    route = forward.route
+
+    def recording(spec, logits):
+        ids, w = route(spec, logits)
+        seen.append(np.array(ids))
+        return ids, w
+
+    forward.route = recording
+    try:
+        m = edgemoe.load(path, n_ctx=len(tokens) + 8, force_level=8)
+        m.eval(tokens, all_logits=True)  # every layer routes every token
+        n_moe = sum(m.spec.moe_layers)
+        n_expert = m.spec.n_expert
+    finally:
+        forward.route = route
+    # Prefill visits layer by layer, chunk by chunk (n_batch tokens).
+    per_layer = [np.concatenate(seen[i::n_moe]) for i in range(n_moe)]
+    fracs = (0.25, 0.4, 0.5, 0.75)  # 40%: the published reference point
+    return [layer_locality(ids, n_expert, fracs) for ids in per_layer], n_expert
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="routed", choices=["routed", "fixture"])
+    ap.add_argument("--limits", default=LIMITS)
+    ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES))
+    ap.add_argument(
+        "--busy",
+        action="store_true",
+        help="run a CPU-bound process on the side for the whole benchmark",
+    )
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--trace-tokens", type=int, default=2048)
+    ap.add_argument("--timeout", type=float, default=1200)
+    ap.add_argument("--out", default="pressure.json")
+    ap.add_argument("--prepare-only", action="store_true")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--limit", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--options", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--tokens", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        args.engine = args.worker
+        print(json.dumps(worker(args)))
+        return 0
+    if args.runs < 1 or args.gen < 64 or args.prompt < 1:
+        ap.error("--runs >= 1, --gen >= 64 and --prompt >= 1")
+    engines = args.engines.split(",")
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown:
+        ap.error(f"unknown engine(s) {unknown}; known: {', '.join(ENGINES)}")
+    try:
+        limits = [float(x) for x in args.limits.split(",")]
+    except ValueError:
+        ap.error(f"--limits must be fractions like 0.5,0.3; got {args.limits!r}")
+
+    from cgroup import Cgroup, CgroupError
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    try:  # before hours of preparation: can we limit memory at all?
+        Cgroup.create(f"edgemoe-bench-{os.getpid()}", 1 << 30).remove()
+    except CgroupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    paths = prepare(args.model)
+    if args.prepare_only:
+        return 0
+    need = args.prompt + args.gen
+    stream = token_stream(args.model, paths, max(need, args.trace_tokens))
+    args.tokens_file = OUT / "pressure" / args.model / "tokens.json"
+    args.tokens_file.write_text(json.dumps(stream[:need]))
+    gguf = paths["q4km"].stat().st_size
+    print("measuring the baseline ...", file=sys.stderr)
+    base = run_one(args, f"edgemoe-base-{os.getpid()}", 8 << 30, "baseline",
+                   paths["edge"], {})  # fmt: skip
+    if base["status"] != "ok":
+        print(f"error: baseline run failed: {base['status']}", file=sys.stderr)
+        return 1
+    baseline = base["peak_cgroup"]
+    spinner = None
+    if args.busy:  # outside the cgroup: another program on the device
+        spin = "import time\nend = time.time() + 86400\nwhile time.time() < end: pass"
+        spinner = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        return _run_all(args, engines, limits, paths, stream, baseline, gguf)
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
+
+
+def _run_all(args, engines, limits, paths, stream, baseline, gguf) -> int:
+    report = {
+        "model": args.model,
+        "busy": args.busy,
+        "gguf_bytes": gguf,
+        "baseline_bytes": baseline,
+        "prompt": args.prompt,
+        "gen": args.gen,
+        "runs": args.runs,
+        "files": {k: str(v) for k, v in paths.items()},
+        "rows": [],
+    }
+    for frac in limits:
+        limit = int(frac * gguf + baseline)
+        for rep in range(args.runs):
+            # Rotate the order so that no engine always runs first.
+            order = engines[rep % len(engines) :] + engines[: rep % len(engines)]
+            for name in order:
+                kind, key, opts = ENGINES[name]
+                drop_cache([paths["edge"], paths["l4"], paths["q4km"]])
+                row = run_one(args, f"edgemoe-bench-{os.getpid()}", limit, kind,
+                              paths[key], opts)  # fmt: skip
+                row.update(engine=name, fraction=frac, limit=limit, rep=rep)
+                report["rows"].append(row)
+                print(_progress(row), file=sys.stderr)
+                (OUT / args.out).write_text(json.dumps(report, indent=1))
+    print("routing statistics ...", file=sys.stderr)
+    layers, n_expert = routing_trace(paths["edge"], stream[: args.trace_tokens])
+    report["routing"] = [
+        vars(x) | {"lru_hits": {str(k): v for k, v in x.lru_hits.items()}}
+        for x in layers
+    ]
+    (OUT / args.out).write_text(json.dumps(report, indent=1))
+    from edgemoe.locality import markdown as routing_md
+
+    print(markdown(report))
+    print()
+    print(routing_md(layers, n_expert))
+    return 0
+
+
+def _progress(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['fraction']:.0%} {row['engine']}: {row['status']}"
+    return (
+        f"{row['fraction']:.0%} {row['engine']}: {row['decode_tps']:.2f} t/s, "
+        f"TTFT {row['ttft_s']:.2f} s, peak {row['peak_cgroup'] / 2**20:,.0f} MiB, "
+        f"read {row['read_bytes'] / 2**20:,.0f} MiB"
+    )
+
+
+def _summary(rows: list[dict]) -> dict:
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return {"status": rows[0]["status"] if rows else "-"}
+    tps = [r["decode_tps"] for r in ok]
+    return {
+        "status": "ok" if len(ok) == len(rows) else f"{len(rows) - len(ok)} failed",
+        "tps": statistics.median(tps),
+        "lo": min(tps),
+        "hi": max(tps),
+        "ttft": statistics.median(r["ttft_s"] for r in ok),
+        "peak": max(r["peak_cgroup"] for r in ok),
+        "faults": statistics.median(r["major_faults"] for r in ok),
+        "read": statistics.median(r["read_bytes"] for r in ok),
+        "oom": sum(r["oom_kills"] for r in rows),
+    }
+
+
+def markdown(report: dict) -> str:
+    gib = report["gguf_bytes"] / 2**30
+    busy = ", with a CPU-bound process running" if report.get("busy") else ""
+    lines = [
+        f"model {report['model']}{busy}; limit = fraction x Q4_K_M GGUF "
+        f"({gib:.2f} GiB) + baseline ({report['baseline_bytes'] / 2**20:,.0f} "
+        f"MiB); prompt {report['prompt']}, decode {report['gen']} tokens; median of "
+        f"{report['runs']} runs [range]",
+        "",
+        "| limit | engine | decode t/s [range] | x llama.cpp best | x llama.cpp "
+        "defaults | TTFT s | peak MiB | major faults | read MiB | OOM kills |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = report["rows"]
+    for frac in sorted({r["fraction"] for r in rows}, reverse=True):
+        group = [r for r in rows if r["fraction"] == frac]
+        names = list(dict.fromkeys(r["engine"] for r in group))
+        summ = {n: _summary([r for r in group if r["engine"] == n]) for n in names}
+        llama = [
+            s["tps"] for n, s in summ.items() if n.startswith("llama") and "tps" in s
+        ]
+        best = max(llama) if llama else None
+        default = summ.get("llama-default:q4km", {}).get("tps")
+        limit = group[0]["limit"] / 2**20
+        for n in names:
+            s = summ[n]
+            if "tps" not in s:
+                lines.append(f"| {frac:.0%} ({limit:,.0f} MiB) | {n} | {s['status']} "
+                             "| | | | | | | |")  # fmt: skip
+                continue
+            is_edge = n.startswith("edgemoe")
+            r_best = f"{s['tps'] / best:.2f}x" if is_edge and best else ""
+            r_def = f"{s['tps'] / default:.2f}x" if is_edge and default else ""
+            note = "" if s["status"] == "ok" else f" ({s['status']})"
+            lines.append(
+                f"| {frac:.0%} ({limit:,.0f} MiB) | {n}{note} | {s['tps']:.2f} "
+                f"[{s['lo']:.2f}-{s['hi']:.2f}] | {r_best} | {r_def} | "
+                f"{s['ttft']:.2f} | {s['peak'] / 2**20:,.0f} | {s['faults']:,.0f} | "
+                f"{s['read'] / 2**20:,.0f} | {s['oom']} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
