@@ -259,6 +259,9 @@ def run_one(args, group_name: str, limit: int, engine: str, path: Path, options)
         row["status"] = "ok"
     else:
         tail = res.stderr.strip().splitlines()[-1:] or [""]
+        if "is below the minimum" in tail[0]:  # EdgeMoE's own refusal
+            need = tail[0].split("the minimum ")[1].split(" (")[0]
+            tail = [f"refused: the minimum budget is {need}"]
         row["status"] = (
             "OOM-killed"
             if res.oom_kills
@@ -464,7 +467,7 @@ def markdown(report: dict) -> str:
             s["tps"] for n, s in summ.items() if n.startswith("llama") and "tps" in s
         ]
         best = max(llama) if llama else None
-        default = summ.get("llama-default:q4km", {}).get("tps")
+        default = summ.get("llama-default:q4km", {})
         limit = group[0]["limit"] / 2**20
         for n in names:
             s = summ[n]
@@ -474,7 +477,11 @@ def markdown(report: dict) -> str:
                 continue
             is_edge = n.startswith("edgemoe")
             r_best = f"{s['tps'] / best:.2f}x" if is_edge and best else ""
-            r_def = f"{s['tps'] / default:.2f}x" if is_edge and default else ""
+            r_def = ""
+            if is_edge and "tps" in default:
+                r_def = f"{s['tps'] / default['tps']:.2f}x"
+            elif is_edge and default:
+                r_def = f"(llama.cpp {default['status']})"
             note = "" if s["status"] == "ok" else f" ({s['status']})"
             lines.append(
                 f"| {frac:.0%} ({limit:,.0f} MiB) | {n}{note} | {s['tps']:.2f} "

@@ -36,9 +36,10 @@ def kv_bytes(spec, n_ctx: int) -> int:
 
 
 def scratch_bytes(spec, n_ctx: int, n_batch: int, ffn: int) -> int:
-    """Compute scratch for one prefill step of ``n_batch`` tokens: the routed
-    graph's intermediates, the workspace, attention scores, logits rows."""
-    t, k, d = n_batch, max(spec.n_expert_used, 1), spec.n_embd
+    """Compute scratch for one prefill step of ``n_batch`` tokens (no more
+    than the context holds): the routed graph's intermediates, the
+    workspace, attention scores, logits rows."""
+    t, k, d = min(n_batch, n_ctx), max(spec.n_expert_used, 1), spec.n_embd
     routed = (3 * ffn * k + 3 * d * k + 2 * d) * t
     attention = spec.n_head * t * n_ctx * 2
     workspace = t * (8 * d + 4 * spec.n_head * spec.head_dim + 4 * k)
@@ -60,6 +61,24 @@ def min_budget(ckpt, n_ctx: int, n_batch: int, force_level: int | None = None) -
     return fixed + sum(plane) + k * sum(plane[:need]) + above
 
 
+PAGE = 4096
+
+
+def backbone_bytes(ckpt, n_ctx: int) -> int:
+    """Backbone bytes a sequence keeps in memory: all of the mapped file but
+    the token embedding table, which is read one row per token. Rows never
+    read are never paged in, and read ones are clean file pages the kernel
+    can evict, so the table counts the pages ``n_ctx`` rows can touch; a
+    table that is also the output head is read whole every token."""
+    total = ckpt.manifest.backbone.bytes
+    if ckpt.spec.tie_embeddings:
+        return total
+    _, shape, size = ckpt.info("token_embd.weight")[:3]
+    row = size // shape[0]
+    touched = n_ctx * (-(-row // PAGE) + 1) * PAGE  # a row may straddle a page
+    return total - size + min(size, touched)
+
+
 def _plane_bytes(ckpt) -> tuple[int, ...]:
     shapes = ckpt.plane_shapes()
     return tuple(
@@ -71,7 +90,7 @@ def _plane_bytes(ckpt) -> tuple[int, ...]:
 def _fixed(ckpt, n_ctx: int, n_batch: int) -> int:
     spec = ckpt.spec
     return (
-        ckpt.manifest.backbone.bytes
+        backbone_bytes(ckpt, n_ctx)
         + kv_bytes(spec, n_ctx)
         + scratch_bytes(spec, n_ctx, n_batch, ckpt.manifest.expert_ffn)
     )
@@ -86,7 +105,7 @@ def memory_plan(
     plane = _plane_bytes(ckpt)
     n_total = len(m.moe_layers) * spec.n_expert
     fixed_parts = (
-        m.backbone.bytes,
+        backbone_bytes(ckpt, n_ctx),
         kv_bytes(spec, n_ctx),
         scratch_bytes(spec, n_ctx, n_batch, m.expert_ffn),
         runtime,
