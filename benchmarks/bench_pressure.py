@@ -19,8 +19,10 @@ model files are dropped from the page cache. Engines:
   ``edgemoe export-gguf --level 4 --type Q4_K`` of the converted model
   (``l4``): the same weights EdgeMoE's level 4 runs;
 - ``edgemoe`` (its defaults: dual routing, prefetch), ``edgemoe-l4``,
-  ``edgemoe-l8`` (forced levels), with ``--budget`` = the limit minus the
-  process's RSS just before loading.
+  ``edgemoe-l8`` (forced levels), with ``--budget`` = the limit minus what
+  the cgroup charges the process just before loading (not its RSS, which
+  also counts shared libraries' pages charged elsewhere: about 20 MiB
+  more).
 
 Each run: load, a ``--prompt`` token prefill (TTFT), then ``--gen`` tokens one
 at a time, teacher-forced from the token stream, so both engines see the same
@@ -28,8 +30,9 @@ routing. Per run: decode t/s, TTFT, peak cgroup memory, major faults, bytes
 read from storage, OOM kills. Rows give the median over ``--runs`` with the
 range; ratios are EdgeMoE's median over llama.cpp's best configuration's
 median, and over llama.cpp's defaults on Q4_K_M. Writes
-benchmarks/out/pressure.json (``--out``) and prints markdown, with the
-routing statistics of the token stream (edgemoe/locality.py).
+benchmarks/out/pressure.json (``--out``, rewritten after every run) and
+prints markdown (benchmarks/pressure_report.py, which also merges files),
+with the routing statistics of the token stream (edgemoe/locality.py).
 
 The routed benchmark model is the OLMoE-1B-7B shape with 8 layers and
 random weights whose routing is designed (converters/synth_routing.py);
@@ -42,6 +45,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,6 +57,8 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 FIXTURE = HERE.parent.parent / "shared" / "fixtures" / "code-mixtral"
 sys.path.insert(0, str(HERE))
+
+import pressure_report  # noqa: E402
 
 LIMITS = "1.5,0.75,0.5,0.3,0.2"
 ENGINES = {
@@ -177,7 +184,12 @@ def worker(args) -> dict:
     rss0 = rss_bytes()
     t0 = time.perf_counter()
     if args.engine == "edgemoe":
-        budget = args.limit - rss0
+        from cgroup import Cgroup, find_parent
+
+        # What the limit counts is this group's charge, not the RSS (shared
+        # libraries' pages are charged where they were first read).
+        charge0 = Cgroup(*find_parent()).usage()
+        budget = args.limit - charge0
         m = edgemoe.load(args.path, n_ctx=n_ctx, budget=budget, **opts)
     else:
         from edgemoe.runtime.llamacpp import LlamaCpp
@@ -205,6 +217,7 @@ def worker(args) -> dict:
         c = m.counters()
         out.update(
             budget=budget,
+            charge_before_load=charge0,
             thread_use=m.device.tuner.summary(),
             expert_bytes_read=c["bytes_read"],
             stall_s=c["stall_s"],
@@ -231,6 +244,18 @@ def _proc_io(key: str) -> int:
 
 
 # -- the parent -------------------------------------------------------------------
+def settle(busy: bool, wait: float = 30.0) -> None:
+    """Wait until the last run's exit and write-back are over: no runnable
+    task other than this one (and the spinner with ``--busy``), two seconds
+    in a row, or ``wait`` seconds."""
+    quiet, end = 0, time.monotonic() + wait
+    while quiet < 4 and time.monotonic() < end:
+        with open("/proc/loadavg") as fh:
+            running = int(fh.read().split()[3].split("/")[0])
+        quiet = quiet + 1 if running <= 1 + busy else 0
+        time.sleep(0.5)
+
+
 def run_one(args, group_name: str, limit: int, engine: str, path: Path, options):
     from cgroup import Cgroup
 
@@ -291,8 +316,11 @@ def routing_trace(path: Path, tokens: list[int]) -> tuple[list, int]:
 
     forward.route = recording
     try:
-        m = edgemoe.load(path, n_ctx=len(tokens) + 8, force_level=8)
-        m.eval(tokens, all_logits=True)  # every layer routes every token
+        m = edgemoe.load(path, force_level=8)
+        # Windows of the model's context (n_ctx=0: min(training, 4096)).
+        for i in range(0, len(tokens), m.n_ctx):
+            m.reset()
+            m.eval(tokens[i : i + m.n_ctx], all_logits=True)  # every layer routes
         n_moe = sum(m.spec.moe_layers)
         n_expert = m.spec.n_expert
     finally:
@@ -343,6 +371,8 @@ def main() -> int:
 
     from cgroup import Cgroup, CgroupError
 
+    # A kill runs the cleanup too: no cgroup or spinner is left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     OUT.mkdir(parents=True, exist_ok=True)
     try:  # before hours of preparation: can we limit memory at all?
         Cgroup.create(f"edgemoe-bench-{os.getpid()}", 1 << 30).remove()
@@ -391,19 +421,23 @@ def _run_all(args, engines, limits, paths, stream, baseline, gguf) -> int:
     for frac in limits:
         limit = int(frac * gguf + baseline)
         for rep in range(args.runs):
-            # Rotate the order so that no engine always runs first.
-            order = engines[rep % len(engines) :] + engines[: rep % len(engines)]
+            # A new order each time: no engine always runs first, or always
+            # after the same engine (whose reads or exit may still be settling).
+            order = list(engines)
+            random.Random(f"{frac}/{rep}").shuffle(order)
             for name in order:
                 kind, key, opts = ENGINES[name]
                 drop_cache([paths["edge"], paths["l4"], paths["q4km"]])
+                settle(busy=args.busy)
                 row = run_one(args, f"edgemoe-bench-{os.getpid()}", limit, kind,
                               paths[key], opts)  # fmt: skip
                 row.update(engine=name, fraction=frac, limit=limit, rep=rep)
                 report["rows"].append(row)
-                print(_progress(row), file=sys.stderr)
+                print(pressure_report.progress(row), file=sys.stderr)
                 (OUT / args.out).write_text(json.dumps(report, indent=1))
     print("routing statistics ...", file=sys.stderr)
     layers, n_expert = routing_trace(paths["edge"], stream[: args.trace_tokens])
+    report["n_expert"] = n_expert
     report["routing"] = [
         vars(x) | {"lru_hits": {str(k): v for k, v in x.lru_hits.items()}}
         for x in layers
@@ -411,85 +445,10 @@ def _run_all(args, engines, limits, paths, stream, baseline, gguf) -> int:
     (OUT / args.out).write_text(json.dumps(report, indent=1))
     from edgemoe.locality import markdown as routing_md
 
-    print(markdown(report))
+    print(pressure_report.markdown(report))
     print()
     print(routing_md(layers, n_expert))
     return 0
-
-
-def _progress(row: dict) -> str:
-    if row["status"] != "ok":
-        return f"{row['fraction']:.0%} {row['engine']}: {row['status']}"
-    return (
-        f"{row['fraction']:.0%} {row['engine']}: {row['decode_tps']:.2f} t/s, "
-        f"TTFT {row['ttft_s']:.2f} s, peak {row['peak_cgroup'] / 2**20:,.0f} MiB, "
-        f"read {row['read_bytes'] / 2**20:,.0f} MiB"
-    )
-
-
-def _summary(rows: list[dict]) -> dict:
-    ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
-        return {"status": rows[0]["status"] if rows else "-"}
-    tps = [r["decode_tps"] for r in ok]
-    return {
-        "status": "ok" if len(ok) == len(rows) else f"{len(rows) - len(ok)} failed",
-        "tps": statistics.median(tps),
-        "lo": min(tps),
-        "hi": max(tps),
-        "ttft": statistics.median(r["ttft_s"] for r in ok),
-        "peak": max(r["peak_cgroup"] for r in ok),
-        "faults": statistics.median(r["major_faults"] for r in ok),
-        "read": statistics.median(r["read_bytes"] for r in ok),
-        "oom": sum(r["oom_kills"] for r in rows),
-    }
-
-
-def markdown(report: dict) -> str:
-    gib = report["gguf_bytes"] / 2**30
-    busy = ", with a CPU-bound process running" if report.get("busy") else ""
-    lines = [
-        f"model {report['model']}{busy}; limit = fraction x Q4_K_M GGUF "
-        f"({gib:.2f} GiB) + baseline ({report['baseline_bytes'] / 2**20:,.0f} "
-        f"MiB); prompt {report['prompt']}, decode {report['gen']} tokens; median of "
-        f"{report['runs']} runs [range]",
-        "",
-        "| limit | engine | decode t/s [range] | x llama.cpp best | x llama.cpp "
-        "defaults | TTFT s | peak MiB | major faults | read MiB | OOM kills |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    rows = report["rows"]
-    for frac in sorted({r["fraction"] for r in rows}, reverse=True):
-        group = [r for r in rows if r["fraction"] == frac]
-        names = list(dict.fromkeys(r["engine"] for r in group))
-        summ = {n: _summary([r for r in group if r["engine"] == n]) for n in names}
-        llama = [
-            s["tps"] for n, s in summ.items() if n.startswith("llama") and "tps" in s
-        ]
-        best = max(llama) if llama else None
-        default = summ.get("llama-default:q4km", {})
-        limit = group[0]["limit"] / 2**20
-        for n in names:
-            s = summ[n]
-            if "tps" not in s:
-                lines.append(f"| {frac:.0%} ({limit:,.0f} MiB) | {n} | {s['status']} "
-                             "| | | | | | | |")  # fmt: skip
-                continue
-            is_edge = n.startswith("edgemoe")
-            r_best = f"{s['tps'] / best:.2f}x" if is_edge and best else ""
-            r_def = ""
-            if is_edge and "tps" in default:
-                r_def = f"{s['tps'] / default['tps']:.2f}x"
-            elif is_edge and default:
-                r_def = f"(llama.cpp {default['status']})"
-            note = "" if s["status"] == "ok" else f" ({s['status']})"
-            lines.append(
-                f"| {frac:.0%} ({limit:,.0f} MiB) | {n}{note} | {s['tps']:.2f} "
-                f"[{s['lo']:.2f}-{s['hi']:.2f}] | {r_best} | {r_def} | "
-                f"{s['ttft']:.2f} | {s['peak'] / 2**20:,.0f} | {s['faults']:,.0f} | "
-                f"{s['read'] / 2**20:,.0f} | {s['oom']} |"
-            )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
