@@ -2,7 +2,7 @@
 the defaults a user gets against fixed thread and spin settings, on a quiet
 machine and with a competing CPU-bound process.
 
-    python benchmarks/bench_stability.py MODEL [--budget 1GiB] [--runs 5]
+    python benchmarks/bench_stability.py MODEL [--budget 1GiB] [--level 4] [--runs 5]
 
 For each condition (``quiet``; ``busy``: one other process spinning on a
 core for the whole run) and each setting, ``--runs`` fresh processes run
@@ -45,6 +45,8 @@ def bench_once(args, extra: list[str], env_extra: dict) -> float:
     cmd += ["-n", str(args.gen), "-r", "1", "--json", *extra]
     if args.budget:
         cmd += ["--budget", args.budget]
+    if args.level:
+        cmd += ["--level", str(args.level)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
@@ -56,6 +58,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
     ap.add_argument("--budget")
+    ap.add_argument("--level", type=int)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--conditions", default="quiet,busy")
@@ -67,7 +70,13 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown setting(s) {unknown}; known: {', '.join(SETTINGS)}")
     OUT.mkdir(parents=True, exist_ok=True)
-    report = {"model": args.model, "budget": args.budget, "gen": args.gen, "rows": []}
+    report = {
+        "model": args.model,
+        "budget": args.budget,
+        "level": args.level,
+        "gen": args.gen,
+        "rows": [],
+    }
     for cond in args.conditions.split(","):
         spinner = None
         if cond == "busy":
@@ -93,7 +102,8 @@ def main() -> int:
 def markdown(report: dict) -> str:
     lines = [
         f"`{Path(report['model']).name}`, budget {report['budget'] or 'none'}, "
-        f"tg{report['gen']}, one fresh process per run",
+        f"level {report.get('level') or 'dual routing'}, tg{report['gen']}, "
+        "one fresh process per run",
         "",
         "| condition | setting | median t/s | range | spread | default / this |",
         "|---|---|---|---|---|---|",

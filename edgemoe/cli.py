@@ -33,7 +33,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="compute threads (default: physical cores)",
+        help="compute threads (default: tuned while running, physical cores to 1)",
     )
     p.add_argument(
         "-b",

@@ -25,7 +25,8 @@ class LoadOptions:
     n_ctx: int = 0
     """Context length in tokens; 0 means min(training context, 4096)."""
     n_threads: int | None = None
-    """Compute threads; None means the physical core count."""
+    """Compute threads; None tunes them while running, from the physical core
+    count down to 1 (runtime/threads.py)."""
     n_batch: int = 256
     """Prompt tokens per prefill step (bounds prefill scratch memory)."""
     device: str = "cpu"

@@ -54,8 +54,9 @@ class ThreadTuner:
     ggml's CPU threads meet at a spinning barrier after every node. When
     other work holds a core (another process, our own I/O threads), one of
     them is descheduled and the others spin until the scheduler brings it
-    back: on a busy 2-core machine a 2-thread decode graph measured 100-600x
-    slower than on one thread; on a quiet one two threads are faster. No
+    back: on a busy 2-core machine 2-thread decoding measured 8-9x slower
+    than 1 thread (benchmarks/bench_stability.py); on a quiet one two
+    threads are faster. No
     fixed count suits both, and the load changes while a model runs.
 
     So a decode step (one token, every graph of it) runs with one count;
