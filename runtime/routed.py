@@ -90,6 +90,13 @@ class CachedRouted:
             granted = cache.acquire(layer, self._heat(pending, ids, rw, want))
             batch = [e for e in pending if granted[e] >= 1]
             if not batch:
+                if cache.pending:
+                    # Every free plane-1 slot is taken by reads in flight
+                    # (prefetches, upgrades), which cannot be evicted while
+                    # the I/O threads write them: once done they can be.
+                    cache.poll()
+                    cache.wait()
+                    continue
                 raise RuntimeError("expert cache has no free slot for plane 1")
             for e in batch:
                 cap[e] = top[e] = min(top[e], granted[e])
