@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemoe.checkpoint.chat_template import render_chat
+from edgemoe.checkpoint.files import MAX_JSON_BYTES, read_json, read_regular
 from edgemoe.errors import ModelFileError
 
 
@@ -67,26 +68,40 @@ class HFTokenizer(Tokenizer):
         path = root / "tokenizer.json"
         if not path.exists():
             raise ModelFileError(path, "file not found (EdgeMoE reads tokenizer.json)")
+        # Read by us, not by path: a FIFO must not block, and the bytes are
+        # size-capped before the Rust parser sees them.
+        raw = read_regular(path, MAX_JSON_BYTES)
         try:
-            self._tok = _Tok.from_file(str(path))
+            self._tok = _Tok.from_str(raw.decode("utf-8"))
         except Exception as e:
             raise ModelFileError(path, f"cannot load tokenizer: {e}") from None
         self.origin = str(root)
         cfg: dict[str, Any] = {}
         cfg_path = root / "tokenizer_config.json"
         if cfg_path.exists():
-            from edgemoe.checkpoint.hf import read_json
-
             cfg = read_json(cfg_path)
+            if not isinstance(cfg, dict):
+                raise ModelFileError(cfg_path, "expected a JSON object")
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take "default"
-            named = {t.get("name"): t.get("template") for t in template}
+            if not all(
+                isinstance(t, dict) and isinstance(t.get("template"), str)
+                for t in template
+            ):
+                raise ModelFileError(
+                    cfg_path, "chat_template: a list must hold {name, template} objects"
+                )
+            named = {t.get("name"): t["template"] for t in template}
             template = named.get("default") or next(iter(named.values()), None)
+        if template is not None and not isinstance(template, str):
+            kind = type(template).__name__
+            problem = f"chat_template must be a string, not {kind}"
+            raise ModelFileError(cfg_path, problem)
         jinja_path = root / "chat_template.jinja"
         if template is None and jinja_path.exists():
             try:
-                template = jinja_path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
+                template = read_regular(jinja_path, 1 << 20).decode("utf-8")
+            except UnicodeDecodeError as e:
                 raise ModelFileError(jinja_path, f"cannot read: {e}") from None
         self.chat_template = template
         self.bos_token = _token_text(cfg.get("bos_token"))

@@ -7,7 +7,6 @@ is reported by file, layer, expert and plane the moment it is read.
 
 from __future__ import annotations
 
-import json
 import os
 import zlib
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from edgemoe.arch import family_for_gguf, family_for_hf
 from edgemoe.checkpoint.base import Weight
+from edgemoe.checkpoint.files import member, read_json
 from edgemoe.errors import ModelFileError
 from edgemoe.format.spec import BACKBONE, MANIFEST, PROJS, Manifest, PlaneRef
 
@@ -26,13 +26,8 @@ def is_model_dir(path: str | Path) -> bool:
 
 def read_manifest(root: Path) -> Manifest:
     path = root / MANIFEST
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelFileError(path, "file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(path, f"not valid JSON: {e}") from None
-    return Manifest.from_json(data, str(path))
+    member(root, MANIFEST, "the manifest")
+    return Manifest.from_json(read_json(path), str(path))
 
 
 class EdgeCheckpoint:
@@ -44,11 +39,16 @@ class EdgeCheckpoint:
         self.root = Path(path)
         self.path = str(path)
         self.manifest = m = read_manifest(self.root)
+        if m.backbone.file != BACKBONE:
+            raise ModelFileError(
+                self.root / MANIFEST,
+                f"the backbone must be {BACKBONE!r}, got {m.backbone.file!r}",
+            )
         for ref in (m.backbone, *m.shards):
             f = self.root / ref.file
-            if not f.is_file():
-                raise ModelFileError(f, "missing (listed in manifest.json)")
-            size = f.stat().st_size
+            # A plain name, a regular file, no symlink out of the directory:
+            # reads below may then open root / name.
+            size = member(self.root, ref.file, "listed in manifest.json").st_size
             if size != ref.bytes:
                 raise ModelFileError(
                     f,

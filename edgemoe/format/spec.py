@@ -14,10 +14,12 @@ loading it is one contiguous read; ``PlaneRef`` says where, and its CRC-32.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgemoe.arch.base import ModelSpec
+from edgemoe.checkpoint.files import plain_name
 from edgemoe.errors import ModelFileError
 from edgemoe.quant.types import BLOCK_TYPES, NestedQuant
 
@@ -111,6 +113,9 @@ class Manifest:
         return _parse(d, path)
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def _fail(path: str, problem: str) -> ModelFileError:
     return ModelFileError(path, f"invalid manifest: {problem}")
 
@@ -125,10 +130,16 @@ def _get(d: dict, key: str, kind: type | tuple, path: str) -> Any:
 
 
 def _file_ref(d: Any, path: str, what: str) -> FileRef:
-    try:
-        return FileRef(str(d["file"]), int(d["bytes"]), str(d["sha256"]))
-    except (TypeError, KeyError, ValueError):
-        raise _fail(path, f"{what} needs file, bytes and sha256") from None
+    if not isinstance(d, dict) or not {"file", "bytes", "sha256"} <= d.keys():
+        raise _fail(path, f"{what} needs file, bytes and sha256")
+    name, size, digest = d["file"], d["bytes"], d["sha256"]
+    # Opened as root / name: an absolute name or "../" would leave the model.
+    plain_name(name, f"{what}'s file", path)
+    if type(size) is not int or not 0 <= size < 1 << 50:
+        raise _fail(path, f"{what}'s bytes must be an integer >= 0, got {size!r}")
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        raise _fail(path, f"{what}'s sha256 must be 64 hex digits, got {digest!r}")
+    return FileRef(name, size, digest)
 
 
 def _parse(d: Any, path: str) -> Manifest:
