@@ -187,11 +187,43 @@ def test_loads_are_queued_in_hebf_order(converted):
             return real(req)
 
         cache.io.submit = record
-        heat = {3: [0.7, 0.7, 0.7], 5: [0.2, 0.2, 0.2], 1: [0.1, 0.1, 0.1]}
+        # A case where HEBF differs from both expert-major order (all of
+        # expert 3 first) and plane-major order (every plane 1 first). The
+        # expected order is written out by hand, not taken from hebf_order.
+        heat = {3: [0.7, 0.2, 0.1], 5: [0.6, 0.5, 0.4], 1: [0.3, 0.3, 0.3]}
         granted = cache.acquire(0, heat)
         cache.release(0, granted)
         keys = [k for k, _ in sorted(submitted, key=lambda s: s[1])]
-        assert keys == [(0, e, p) for e, p in hebf_order(heat)]
+        expected = [
+            (3, 0),
+            (5, 0),
+            (5, 1),
+            (5, 2),
+            (1, 0),
+            (1, 1),
+            (1, 2),
+            (3, 1),
+            (3, 2),
+        ]
+        assert keys == [(0, e, p) for e, p in expected]
+
+
+def test_heat_sums_the_routing_weight_each_plane_serves():
+    """Per expert and plane, the routing weight of the (token, expert) pairs
+    that need that plane: what HEBF ranks loads by."""
+    from edgemoe.runtime.routed import CachedRouted
+
+    ids = np.array([[0, 1], [1, 2]])
+    rw = np.array([[0.6, 0.4], [0.7, 0.3]])
+    want = np.array([[3, 1], [2, 1]])  # planes each pair runs with
+    heat = CachedRouted._heat([0, 1, 2], ids, rw, want)
+    assert heat.keys() == {0, 1, 2}
+    np.testing.assert_allclose(heat[0], [0.6, 0.6, 0.6], atol=1e-6)
+    np.testing.assert_allclose(heat[1], [1.1, 0.7], atol=1e-6)
+    np.testing.assert_allclose(heat[2], [0.3], atol=1e-6)
+    only = CachedRouted._heat([1], ids, rw, want)  # experts not asked: left out
+    assert list(only) == [1]
+    np.testing.assert_allclose(only[1], [1.1, 0.7], atol=1e-6)
 
 
 @pytest.mark.parametrize("pipeline", ["waves", "sync"])
