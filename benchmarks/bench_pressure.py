@@ -72,8 +72,10 @@ ENGINES = {
     # Fixed thread counts, against the default's tuning (runtime/threads.py).
     "edgemoe-t1": ("edgemoe", "edge", {"n_threads": 1}),
     "edgemoe-t2": ("edgemoe", "edge", {"n_threads": 2}),
+    # What CRC-checking every plane read costs (verify=False: none).
+    "edgemoe-noverify": ("edgemoe", "edge", {"verify": False}),
 }
-DEFAULT_ENGINES = [n for n in ENGINES if not n.endswith(("-t1", "-t2"))]
+DEFAULT_ENGINES = [n for n in ENGINES if not n.endswith(("-t1", "-t2", "noverify"))]
 LAYERS = 8
 
 

@@ -128,8 +128,9 @@ class PlaneCache:
         self.pending: dict[tuple[int, int, int], ReadRequest] = {}
         self.prefetched: set[tuple[int, int, int]] = set()
         """Planes loaded by prefetch and not used yet."""
-        self.verified: set[tuple[int, int, int]] = set()
         self.verify = verify
+        """CRC-check every read, re-reads after eviction included: a shard
+        changed under a running model is caught at its next read."""
         n_layer = ckpt.spec.n_layer
         self.uses = np.zeros((n_layer, self.n_expert), dtype=np.int64)
         """Times each (layer, expert) ran in this sequence."""
@@ -193,8 +194,6 @@ class PlaneCache:
                 continue
             if slot is not None:
                 self.state[p][slot] = READY
-                if req.crc32 is not None:
-                    self.verified.add(key)
             if self.tracing:
                 self.counters.trace.append(("loaded", key, req.finished))
         if failed is not None:
@@ -270,7 +269,7 @@ class PlaneCache:
             length=ref.length,
             parts=ref.parts,
             dest=dest,
-            crc32=ref.crc32 if self.verify and key not in self.verified else None,
+            crc32=ref.crc32 if self.verify else None,
         )
         self.where[key] = slot
         self.owner[p][slot] = layer * self.n_expert + expert

@@ -4,6 +4,7 @@ I/O-compute overlap, failures, dual routing."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -563,3 +564,39 @@ def test_residency_map_and_quality_switch(converted):
         assert m.routed.policy.thresholds == (-1.0, -1.0)
         with pytest.raises(ConfigError, match="quality"):
             m.set_quality("best")
+
+
+def test_shard_changed_under_a_running_model_is_caught(
+    converted, fixture_dir, tmp_path
+):
+    """Every read is CRC-checked, re-reads after eviction too: a shard zeroed
+    while a model runs ends generation with a typed error at the next read
+    (before, planes were checked on their first read only, and the zeros
+    were computed with)."""
+    model = tmp_path / "model"
+    shutil.copytree(converted, model)
+    text = (fixture_dir / "heldout.txt").read_text()
+    opts = dict(SMALL, force_level=8, prefetch=False)
+    with edgemoe.load(model, budget=quarter_budget(model), **opts) as m:
+        cache = m.routed.cache
+        read = set()
+        submit = cache.io.submit
+
+        def record(req):
+            read.add(req.key)
+            return submit(req)
+
+        cache.io.submit = record
+        tokens = m.tokenize(text)[:200]
+        m.eval(tokens)
+        assert m.counters()["evictions"] > 0
+        # Zero exactly the planes read so far: only a re-read can meet them.
+        manifest = m.checkpoint.manifest
+        for layer, e, p in read:
+            ref = manifest.experts[layer][e][p]
+            with open(model / manifest.shards[ref.shard].file, "r+b") as fh:
+                fh.seek(ref.offset)
+                fh.write(bytes(ref.length))
+        m.reset()
+        with pytest.raises(ModelFileError, match="checksum mismatch"):
+            m.eval(tokens[:64])
