@@ -46,6 +46,8 @@ def tokenizer_for(ckpt):
         return HFTokenizer(root, spec.eos_token_ids, spec.bos_token_id)
     from edgemoe.checkpoint.llama_vocab import LlamaVocab
 
-    gguf_path = ckpt.backbone.path if manifest is not None else ckpt.path
+    gguf = ckpt.backbone if manifest is not None else ckpt
     template = manifest.chat_template if manifest is not None else None
-    return LlamaVocab(gguf_path, chat_template=template)
+    return LlamaVocab(
+        gguf.path, template, fields=gguf.tokenizer_fields(), n_vocab=spec.n_vocab
+    )

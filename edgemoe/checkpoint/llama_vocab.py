@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
+from typing import Any
 
 from edgemoe.checkpoint.tokenizer import Tokenizer
 from edgemoe.env import prepare_environment
@@ -25,10 +26,59 @@ def quiet_llama(llama_cpp) -> None:
         llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
 
 
+# tokenizer.ggml.model values llama.cpp's vocab loader knows (0.3.x).
+KNOWN_MODELS = ("no_vocab", "none", "llama", "bert", "gpt2", "t5", "rwkv", "plamo2")
+
+
+def check_vocab(fields: dict[str, Any], n_vocab: int, path: str | Path) -> None:
+    """Refuse what llama.cpp's vocab loader asserts on (an abort that takes
+    the process down) or reads past: duplicate token strings, an unknown
+    tokenizer model, parallel arrays of other lengths, fewer tokens than
+    the model has logits (a sampled id llama.cpp could not look up)."""
+
+    def bad(problem: str) -> ModelFileError:
+        return ModelFileError(path, f"GGUF vocabulary: {problem}")
+
+    model = fields.get("tokenizer.ggml.model")
+    if model not in KNOWN_MODELS:
+        raise bad(f"tokenizer.ggml.model {model!r} is not one of {KNOWN_MODELS}")
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if model in ("no_vocab", "none"):
+        raise bad("the GGUF has no vocabulary to tokenize with")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise bad("tokenizer.ggml.tokens must be a list of strings")
+    if len(set(tokens)) != len(tokens):
+        seen: set[str] = set()
+        dup = next(t for t in tokens if t in seen or seen.add(t))
+        raise bad(f"token {dup!r} appears more than once in tokenizer.ggml.tokens")
+    if len(tokens) < n_vocab:
+        raise bad(f"{len(tokens)} tokens for a model with {n_vocab} logits")
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        arr = fields.get(key)
+        if arr is not None and (not isinstance(arr, list) or len(arr) != len(tokens)):
+            n = len(arr) if isinstance(arr, list) else type(arr).__name__
+            raise bad(f"{key} has {n} entries for {len(tokens)} tokens")
+    merges = fields.get("tokenizer.ggml.merges")
+    if merges is not None and not (
+        isinstance(merges, list) and all(isinstance(m, str) for m in merges)
+    ):
+        raise bad("tokenizer.ggml.merges must be a list of strings")
+
+
 class LlamaVocab(Tokenizer):
     """The tokenizer stored in a GGUF file, run by llama.cpp."""
 
-    def __init__(self, path: str | Path, chat_template: str | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        chat_template: str | None = None,
+        fields: dict[str, Any] | None = None,
+        n_vocab: int = 0,
+    ):
+        """``fields``: the GGUF's ``tokenizer.*`` metadata, checked (see
+        ``check_vocab``) before llama.cpp's loader sees the file."""
+        if fields is not None:
+            check_vocab(fields, n_vocab, path)
         prepare_environment()
         import llama_cpp
 
