@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -22,3 +24,25 @@ def q8(x: np.ndarray, block: int) -> np.ndarray:
                 q = np.round(v / d) if d else np.zeros_like(v)
                 out[r, b : b + block] = q * d16
     return out
+
+
+def transformers_perplexity(path, text_path, window=256):
+    """The same windows as edgemoe.runtime.perplexity, computed by transformers."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+
+    ids = (
+        Tokenizer.from_file(str(path / "tokenizer.json"))
+        .encode(text_path.read_text(encoding="utf-8"), add_special_tokens=False)
+        .ids
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = torch.tensor([ids[start : start + window]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=chunk).logits[0].double(), -1)
+        total -= logp[:-1].gather(1, chunk[0, 1:, None]).sum().item()
+        count += chunk.shape[1] - 1
+    return math.exp(total / count), count

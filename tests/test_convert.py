@@ -45,9 +45,11 @@ def test_quality_per_level(fixture_dir, converted):
     base = ppl(fixture_dir, text)
     got = {lv: ppl(converted, text, force_level=lv) for lv in (8, 4, 2)}
     sliced = fake_quant_ppl(fixture_dir, text, lambda w: sliced_int8(w, 2))
-    assert got[8] / base - 1 < 0.005
-    assert got[4] / base - 1 < 0.01
-    assert got[2] / base - 1 < 0.035
+    # Two-sided: a perplexity that drops is as wrong as one that rises
+    # (quantization noise cannot make a model notably better).
+    assert -0.005 < got[8] / base - 1 < 0.005
+    assert -0.005 < got[4] / base - 1 < 0.01
+    assert -0.005 < got[2] / base - 1 < 0.035
     assert got[2] < sliced
 
 
@@ -321,6 +323,6 @@ def test_gguf_source_converts(fixture_dir, tmp_path):
     assert manifest["tokenizer"] == "gguf" and manifest["source"]["format"] == "gguf"
     assert not (out / "tokenizer.json").exists()
     text = (fixture_dir / "heldout.txt").read_text()[:6000]
-    assert ppl(out, text, force_level=8) / ppl(src, text) - 1 < 0.005
+    assert abs(ppl(out, text, force_level=8) / ppl(src, text) - 1) < 0.005
     with edgemoe.load(out) as m, edgemoe.load(src) as g:
         assert m.tokenize(text[:500]) == g.tokenize(text[:500])

@@ -383,7 +383,7 @@ def test_budget_run_reports_metrics_and_quality(converted, fixture_dir):
     with edgemoe.load(converted, budget=budget, n_ctx=256, n_batch=256) as m:
         got = perplexity(m, m.tokenize(text, add_special=False), 256).perplexity
         chunks = list(m.generate("def main():", max_tokens=8, temperature=0))
-    assert got / ref - 1 < 0.03
+    assert -0.005 < got / ref - 1 < 0.03  # lower levels cannot beat level 8
     mt = chunks[-1].metrics
     assert set(mt.hits) == {2, 4, 8} and mt.rss_bytes > 0
     assert chunks[0].metrics.bytes_read > 0 and chunks[0].metrics.compute_ms > 0
