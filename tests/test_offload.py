@@ -127,12 +127,18 @@ RSS_SCRIPT = textwrap.dedent("""
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     m = edgemoe.load(path, budget=budget, **opts)
-    out = m.generate("def main():", max_tokens=tokens, temperature=0.8, seed=1,
-                     ignore_eos=True)
-    for i, r in enumerate(out):
-        if i in (tokens // 4, tokens - 1):
-            samples.append({"rss": proc.memory_info().rss - base,
-                            "threads": proc.num_threads(), "fds": proc.num_fds()})
+    done, seed = 0, 0
+    while done < tokens:  # sequences of up to 1,000 tokens (the context)
+        seed += 1
+        n = min(1000, tokens - done)
+        out = m.generate("def main():", max_tokens=n, temperature=0.8, seed=seed,
+                         ignore_eos=True)
+        for r in out:
+            done += 1
+            if done in (tokens // 4, tokens):
+                samples.append({"rss": proc.memory_info().rss - base,
+                                "threads": proc.num_threads(),
+                                "fds": proc.num_fds()})
     stop.set(); t.join()
     print(json.dumps({"peak": max(peak) - base, "samples": samples,
                       "budget": budget, "plan": m.memory.total,
