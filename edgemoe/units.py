@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 
 from edgemoe.errors import ConfigError
@@ -25,23 +24,35 @@ _UNITS = {
 }
 
 
+MAX_SIZE = 2**60
+"""An exbibyte: larger is a typo, and would overflow C sizes downstream."""
+
+
+_BAD_SIZE = "a memory size must be positive and below 2**60 bytes, got "
+
+
 def parse_size(value: str | int | float) -> int:
     """``"3GiB"``, ``"1.5 GB"``, ``"800M"`` or a byte count -> bytes."""
     if isinstance(value, bool):
         raise ConfigError(f"a memory size must be bytes or like '3GiB', got {value!r}")
     if isinstance(value, (int, float)):
-        if value <= 0 or not math.isfinite(value):
-            raise ConfigError(f"a memory size must be positive, got {value!r}")
+        if not (0 < value < MAX_SIZE):  # also False for NaN
+            raise ConfigError(_BAD_SIZE + _short(value))
         return int(value)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if not m or m.group(2).lower() not in _UNITS:
         raise ConfigError(
             f"cannot read memory size {value!r}; use e.g. 3GiB, 1500MiB, 2.5GB or bytes"
         )
-    n = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if n <= 0:
-        raise ConfigError(f"a memory size must be positive, got {value!r}")
+    n = float(m.group(1)) * _UNITS[m.group(2).lower()]  # 400 digits: inf
+    if not (0 < n < MAX_SIZE):
+        raise ConfigError(_BAD_SIZE + _short(value))
     return int(n)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def mib(n: float) -> str:

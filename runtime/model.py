@@ -208,6 +208,16 @@ class Model:
 
     # -- tokens ----------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise ConfigError(
+                f"text to tokenize must be a str, got {type(text).__name__}"
+            )
+        try:  # lone surrogates: bytes that were not UTF-8 (argv, a file read raw)
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConfigError(
+                f"text is not valid UTF-8 (at character {e.start}): {text[:40]!r}"
+            ) from None
         return self.tokenizer.encode(text, add_special)
 
     def detokenize(self, ids: list[int]) -> str:

@@ -32,6 +32,9 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        seed = self.seed
+        if seed is not None and (type(seed) is not int or not 0 <= seed < 2**64):
+            raise ConfigError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
         # Written so that NaN fails every check (comparisons with NaN are False).
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ConfigError(
