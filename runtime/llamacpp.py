@@ -47,6 +47,9 @@ class LlamaCpp:
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         mp.use_extra_bufts = extra_bufts
+        from edgemoe.checkpoint.gguf_header import check_header
+
+        check_header(path)  # llama.cpp trusts the header's counts
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise ModelFileError(path, "llama.cpp could not load this GGUF")

@@ -13,6 +13,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from edgemoe.arch.validate import (
+    FLOATS,
+    MAX_EOS,
+    check_float,
+    check_hf_value,
+    check_kind,
+    check_spec,
+)
 from edgemoe.errors import ConfigError
 
 
@@ -60,28 +68,10 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if len(self.moe_layers) != self.n_layer:
-            raise ConfigError(
-                f"moe_layers has {len(self.moe_layers)} entries for "
-                f"{self.n_layer} layers"
-            )
-        for name in ("n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.n_head % self.n_head_kv:
-            raise ConfigError(
-                f"n_head {self.n_head} is not a multiple of n_head_kv {self.n_head_kv}"
-            )
-        if any(self.moe_layers):
-            if not 0 < self.n_expert_used <= self.n_expert:
-                raise ConfigError(
-                    f"experts per token {self.n_expert_used} must be in "
-                    f"1..{self.n_expert} (the expert count)"
-                )
-            if self.expert_ffn <= 0:
-                raise ConfigError("expert FFN size must be positive")
-        if not all(self.moe_layers) and self.dense_ffn <= 0:
-            raise ConfigError("a dense layer needs a positive intermediate size")
+        # Every source ends here, so a manifest cannot skip what config.json and
+        # GGUF metadata are held to (edgemoe/arch/validate.py has the rules).
+        for name, value in check_spec(self).items():
+            object.__setattr__(self, name, value)  # int -> float, still frozen
 
 
 @dataclass
@@ -96,9 +86,20 @@ class HFConfig:
     def from_dict(cls, d: dict[str, Any]) -> HFConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kept = {k: v for k, v in d.items() if k in names}
+        keys = {k: k for k in kept}  # the spelling the file used, for errors
         for alias, name in cls.aliases.items():
             if alias in d and name not in kept:
-                kept[name] = d[alias]
+                kept[name], keys[name] = d[alias], alias
+        # Type and range of every value before the family computes with it
+        # (hidden // heads, (True,) * layers): one ConfigError naming the key.
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        try:
+            kept = {
+                k: check_hf_value(keys[k], types[k], v, kind_of=k)
+                for k, v in kept.items()
+            }
+        except ConfigError as e:
+            raise ConfigError(f"config.json: {e}") from None
         try:
             cfg = cls(**kept)
         except TypeError as e:
@@ -114,15 +115,24 @@ def rope_theta_of(d: dict[str, Any], default: float = 10000.0) -> float:
     if rope_type not in ("default", None):
         raise ConfigError(f"config.json: rope_type {rope_type!r} is not supported")
     theta = params.get("rope_theta", d.get("rope_theta", default))
-    return float(theta)
+    try:
+        return check_float("rope_theta", theta, FLOATS["rope_theta"])
+    except ConfigError as e:
+        raise ConfigError(f"config.json: {e}") from None
 
 
 def eos_tuple(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    return (int(value),)
+    """``eos_token_id``: null, one id or a list (range against the vocabulary
+    is ModelSpec's check)."""
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if len(ids) > MAX_EOS:
+        raise ConfigError(
+            f"config.json: eos_token_id lists {len(ids)} ids, at most {MAX_EOS}"
+        )
+    try:
+        return tuple(check_kind("eos_token_id", v, "token_id") for v in ids)
+    except ConfigError as e:
+        raise ConfigError(f"config.json: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -232,34 +242,64 @@ class GGUFMeta:
             raise ConfigError(f"{self.source}: GGUF metadata key {full!r} is missing")
         return default
 
+    def get_int(self, key: str, kind: str, default: Any = ...) -> int:
+        """``{arch}.key`` checked against the range of ``kind`` (validate.INTS)."""
+        return self._int(f"{self.arch}.{key}", self.get(key, default), kind)
+
+    def get_float(self, key: str, field: str, default: Any = ...) -> float:
+        """``{arch}.key`` as a finite float in ModelSpec ``field``'s range."""
+        value = self.get(key, default)
+        try:
+            return check_float(f"{self.arch}.{key}", value, FLOATS[field])
+        except ConfigError as e:
+            raise ConfigError(f"{self.source}: {e}") from None
+
+    def _int(self, full_key: str, value: Any, kind: str) -> int:
+        try:
+            return check_kind(full_key, value, kind)
+        except ConfigError as e:
+            raise ConfigError(f"{self.source}: {e}") from None
+
+    def make_spec(self, **fields: Any) -> ModelSpec:
+        """``ModelSpec(**fields)`` with a failed check naming this file."""
+        try:
+            return ModelSpec(**fields)
+        except ConfigError as e:
+            raise ConfigError(f"{self.source}: {e}") from None
+
     def common_spec(self, family: str, **extra: Any) -> dict[str, Any]:
-        """The fields every GQA family reads the same way from llama.cpp metadata."""
-        n_embd = int(self.get("embedding_length"))
-        n_head = int(self.get("attention.head_count"))
-        n_layer = int(self.get("block_count"))
-        n_vocab = self.get("vocab_size", None)
-        if n_vocab is None:
+        """The fields every GQA family reads the same way from llama.cpp metadata,
+        each checked before it is used (``n_embd // n_head``, per-layer tuples)."""
+        n_embd = self.get_int("embedding_length", "n_embd")
+        n_head = self.get_int("attention.head_count", "n_head")
+        n_layer = self.get_int("block_count", "n_layer")
+        if f"{self.arch}.vocab_size" in self.fields:
+            n_vocab = self.get_int("vocab_size", "n_vocab")
+        else:
             tokens = self.fields.get("tokenizer.ggml.tokens")
             if tokens is None:
                 raise ConfigError(f"{self.source}: no vocab_size and no token list")
-            n_vocab = len(tokens)
-        eos = self.fields.get("tokenizer.ggml.eos_token_id")
-        eot = self.fields.get("tokenizer.ggml.eot_token_id")
+            n_vocab = self._int("tokenizer.ggml.tokens (count)", len(tokens), "n_vocab")
+        ids = {}
+        for k in ("bos", "eos", "eot"):
+            key = f"tokenizer.ggml.{k}_token_id"
+            if self.fields.get(key) is not None:
+                ids[k] = self._int(key, self.fields[key], "token_id")
         spec = dict(
             family=family,
-            n_vocab=int(n_vocab),
+            n_vocab=n_vocab,
             n_embd=n_embd,
             n_layer=n_layer,
             n_head=n_head,
-            n_head_kv=int(self.get("attention.head_count_kv", n_head)),
-            head_dim=int(self.get("attention.key_length", n_embd // n_head)),
-            n_ctx_train=int(self.get("context_length", 4096)),
-            rms_eps=float(self.get("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(self.get("rope.freq_base", 10000.0)),
-            n_expert=int(self.get("expert_count", 0)),
-            n_expert_used=int(self.get("expert_used_count", 0)),
-            bos_token_id=self.fields.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=tuple(int(t) for t in (eos, eot) if t is not None),
+            n_head_kv=self.get_int("attention.head_count_kv", "n_head_kv", n_head),
+            head_dim=self.get_int("attention.key_length", "head_dim", n_embd // n_head),
+            n_ctx_train=self.get_int("context_length", "n_ctx_train", 4096),
+            rms_eps=self.get_float("attention.layer_norm_rms_epsilon", "rms_eps"),
+            rope_theta=self.get_float("rope.freq_base", "rope_theta", 10000.0),
+            n_expert=self.get_int("expert_count", "n_expert", 0),
+            n_expert_used=self.get_int("expert_used_count", "n_expert_used", 0),
+            bos_token_id=ids.get("bos"),
+            eos_token_ids=tuple(ids[k] for k in ("eos", "eot") if k in ids),
         )
         spec.update(extra)
         return spec

@@ -107,7 +107,7 @@ class Mixtral(Family):
             n_ctx_train=c.max_position_embeddings,
             rms_eps=c.rms_norm_eps,
             rope_theta=rope_theta_of(config, 1e6),
-            sliding_window=c.sliding_window,
+            sliding_window=c.sliding_window or None,  # transformers: 0 is off
             n_expert=c.num_local_experts,
             n_expert_used=c.num_experts_per_tok,
             expert_ffn=c.intermediate_size,
@@ -121,9 +121,9 @@ class Mixtral(Family):
     @classmethod
     def spec_from_gguf(cls, meta: GGUFMeta) -> ModelSpec:
         common = meta.common_spec(cls.name)
-        n_ff = int(meta.get("feed_forward_length"))
+        n_ff = meta.get_int("feed_forward_length", "ffn")
         moe = common["n_expert"] > 0
-        return ModelSpec(
+        return meta.make_spec(
             **common,
             rope_interleaved=True,
             expert_ffn=n_ff if moe else 0,

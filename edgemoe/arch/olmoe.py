@@ -89,10 +89,10 @@ class Olmoe(Family):
     def spec_from_gguf(cls, meta: GGUFMeta) -> ModelSpec:
         common = meta.common_spec(cls.name)
         # llama.cpp's olmoe graph never renormalises the top-k weights.
-        return ModelSpec(
+        return meta.make_spec(
             **common,
             qk_norm="full",
-            expert_ffn=int(meta.get("feed_forward_length")),
+            expert_ffn=meta.get_int("feed_forward_length", "ffn"),
             norm_topk_prob=False,
             moe_layers=(True,) * common["n_layer"],
         )

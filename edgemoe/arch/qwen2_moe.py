@@ -90,7 +90,8 @@ class Qwen2Moe(Family):
             n_ctx_train=c.max_position_embeddings,
             rms_eps=c.rms_norm_eps,
             rope_theta=rope_theta_of(config, 10000.0),
-            sliding_window=c.sliding_window if c.use_sliding_window else None,
+            # transformers writes sliding_window 0 for "no window".
+            sliding_window=(c.sliding_window or None) if c.use_sliding_window else None,
             n_expert=c.num_experts,
             n_expert_used=c.num_experts_per_tok,
             expert_ffn=c.moe_intermediate_size,
@@ -113,11 +114,13 @@ class Qwen2Moe(Family):
     def spec_from_gguf(cls, meta: GGUFMeta) -> ModelSpec:
         common = meta.common_spec(cls.name)
         # llama.cpp's qwen2moe graph never renormalises the top-k weights.
-        return ModelSpec(
+        return meta.make_spec(
             **common,
-            expert_ffn=int(meta.get("expert_feed_forward_length")),
+            expert_ffn=meta.get_int("expert_feed_forward_length", "ffn"),
             norm_topk_prob=False,
-            shared_expert_ffn=int(meta.get("expert_shared_feed_forward_length", 0)),
+            shared_expert_ffn=meta.get_int(
+                "expert_shared_feed_forward_length", "shared_expert_ffn", 0
+            ),
             shared_expert_gated=True,
             moe_layers=(True,) * common["n_layer"],
         )

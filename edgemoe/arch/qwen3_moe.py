@@ -105,7 +105,8 @@ class Qwen3Moe(Family):
             rms_eps=c.rms_norm_eps,
             rope_theta=rope_theta_of(config, 10000.0),
             qk_norm="head",
-            sliding_window=c.sliding_window if c.use_sliding_window else None,
+            # transformers writes sliding_window 0 for "no window".
+            sliding_window=(c.sliding_window or None) if c.use_sliding_window else None,
             n_expert=c.num_experts,
             n_expert_used=c.num_experts_per_tok,
             expert_ffn=c.moe_intermediate_size,
@@ -126,10 +127,10 @@ class Qwen3Moe(Family):
     def spec_from_gguf(cls, meta: GGUFMeta) -> ModelSpec:
         common = meta.common_spec(cls.name)
         # llama.cpp's qwen3moe graph always renormalises the top-k weights.
-        return ModelSpec(
+        return meta.make_spec(
             **common,
             qk_norm="head",
-            expert_ffn=int(meta.get("expert_feed_forward_length")),
+            expert_ffn=meta.get_int("expert_feed_forward_length", "ffn"),
             norm_topk_prob=True,
             moe_layers=(True,) * common["n_layer"],
         )

@@ -18,7 +18,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from edgemoe.arch import family_for_gguf
 from edgemoe.arch.base import GGUFMeta, ModelSpec
 from edgemoe.checkpoint.base import Weight, aligned_empty, tensor_layout
-from edgemoe.errors import ModelFileError
+from edgemoe.checkpoint.gguf_header import check_header
+from edgemoe.errors import ConfigError, ModelFileError
 
 GGUF_MAGIC = b"GGUF"
 
@@ -108,6 +109,8 @@ class GGUFCheckpoint:
             raise ModelFileError(p, "file not found")
         if p.is_dir():
             raise ModelFileError(p, "is a directory, expected a .gguf file")
+        if not p.is_file():  # a FIFO would block the open below forever
+            raise ModelFileError(p, "not a regular file, expected a .gguf file")
         try:
             with open(p, "rb") as fh:
                 magic = fh.read(4)
@@ -117,6 +120,9 @@ class GGUFCheckpoint:
             raise ModelFileError(
                 p, f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})"
             )
+        # Counts the file cannot hold are refused before gguf-py allocates
+        # arrays for them (a FIFO or device was refused by is_dir/open above).
+        check_header(p)
         try:
             self.reader = _CheckedReader(p, "r")
         except _BadGGUF as e:
@@ -159,6 +165,13 @@ class GGUFCheckpoint:
                 spec = self.family.spec_from_gguf(
                     GGUFMeta(self.architecture, fields, self.path)
                 )
+        except ConfigError as e:
+            # A value the shared checks refuse (edgemoe/arch/validate.py); a
+            # ModelFileError like every other fault in a GGUF's metadata.
+            msg = str(e).removeprefix(f"{self.path}: ")
+            raise ModelFileError(
+                p, f"bad {self.architecture}.* metadata: {msg}"
+            ) from None
         except (TypeError, ValueError, ArithmeticError, AttributeError) as e:
             # A metadata value of the wrong type or zero (head_count = 0 ...).
             raise ModelFileError(

@@ -20,7 +20,7 @@ from typing import Any
 
 from edgemoe.arch.base import ModelSpec
 from edgemoe.checkpoint.files import plain_name
-from edgemoe.errors import ModelFileError
+from edgemoe.errors import ConfigError, ModelFileError
 from edgemoe.quant.types import BLOCK_TYPES, NestedQuant
 
 FORMAT = "edgemoe"
@@ -162,6 +162,8 @@ def _parse(d: Any, path: str) -> Manifest:
         spec = ModelSpec(**spec_d)
     except (TypeError, KeyError) as e:
         raise _fail(path, f"spec: {e}") from None
+    except ConfigError as e:  # a value ModelSpec's checks refuse, by field name
+        raise ConfigError(f"{path}: spec: {e}") from None
     try:
         plan = NestedQuant(tuple(_get(d, "levels", list, path)))
     except Exception as e:  # ConfigError with the reason
