@@ -194,6 +194,7 @@ def _convert(
             vocab=vocab,
             check_llamacpp=False,
             force=True,
+            lock=False,  # inside the writer's partial directory, under its lock
         )
     )
     if tokenizer_kind == "hf":

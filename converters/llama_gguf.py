@@ -3,7 +3,8 @@
 Used to hand our models to llama.cpp (interop, and the reference in tests and
 benchmarks). Tensors are streamed: one is in memory at a time. The file is
 written under a temporary name and renamed at the end, so a failed export
-never leaves a half-written file under the requested name.
+never leaves a half-written file under the requested name; a lock on the name
+keeps a second export of it from racing the first.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from edgemoe.arch.base import GGUFMeta, ModelSpec
 from edgemoe.checkpoint.base import GGML_F16, GGML_F32, Weight
 from edgemoe.errors import ConfigError, ModelFileError
+from edgemoe.format.lock import OutputLock
 
 # Types gguf-py can quantize in numpy, by the names llama.cpp's tools use.
 EXPORT_TYPES = {
@@ -189,6 +191,7 @@ def write_gguf(
     force: bool = False,
     check_llamacpp: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
+    lock: bool = True,
 ) -> Path:
     """Write ``ckpt`` as a GGUF llama.cpp loads.
 
@@ -201,6 +204,8 @@ def write_gguf(
         check_llamacpp: refuse models llama.cpp would compute differently (off
             for an EdgeMoE backbone, which only EdgeMoE computes).
         progress: called as ``progress(tensor_name, index, total)``.
+        lock: hold ``OutputLock(out)`` while writing; off only for a file in a
+            folder no other process writes (``convert``'s partial directory).
     """
     import gguf
 
@@ -222,7 +227,8 @@ def write_gguf(
 
     names = ckpt.names()
     tmp = out.with_name(f".{out.name}.partial")
-    writer = gguf.GGUFWriter(tmp, arch)
+    guard = _lock_output(out, force) if lock else None
+    writer = gguf.GGUFWriter(tmp, arch)  # opens nothing yet
     try:
         writer.add_name(name or Path(ckpt.path).name)
         writer.add_file_type(_file_type(qtype))
@@ -271,7 +277,23 @@ def write_gguf(
         if isinstance(e, OSError):  # disk full, permissions: not a bug of ours
             raise ModelFileError(out, f"cannot write: {e.strerror or e}") from None
         raise
+    finally:
+        if guard is not None:
+            guard.release()
     return out
+
+
+def _lock_output(out: Path, force: bool) -> OutputLock:
+    """The lock on ``out`` (see edgemoe.format.lock), with ``out`` checked again
+    under it and what a killed export left removed."""
+    guard = OutputLock(out)
+    try:
+        check_output_file(out, force)
+        guard.remove_stale()
+    except BaseException:
+        guard.release()
+        raise
+    return guard
 
 
 def check_output_file(out: Path, force: bool) -> None:

@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 
 from edgemoe.arch import family_for_hf
+from edgemoe.arch.validate import check_int, check_kind
 from edgemoe.checkpoint.base import GGML_F32, Weight, tensor_layout
 from edgemoe.errors import ConfigError, ModelFileError
+from edgemoe.format.lock import OutputLock
 
 LABEL = "EdgeMoE synthetic model: RANDOM WEIGHTS, for demos and benchmarks only"
 
@@ -124,9 +126,7 @@ def preset_config(
         raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     cfg = dict(PRESETS[preset])
     if layers is not None:
-        if layers < 1:
-            raise ConfigError(f"layers must be >= 1, got {layers}")
-        cfg["num_hidden_layers"] = layers
+        cfg["num_hidden_layers"] = check_kind("layers", layers, "n_layer")
     cfg.update(overrides)
     if routing is not None:
         cfg["edgemoe_routing"] = routing.to_dict()
@@ -137,6 +137,13 @@ def preset_config(
         torch_dtype="bfloat16",
         edgemoe_synthetic=LABEL,
     )
+    # The same checks as a config.json read from disk, before anything is sized
+    # from these numbers (a 10**6-layer tensor table, a 10**9-row pool).
+    try:
+        family_for_hf(cfg["architectures"][0]).spec_from_hf(cfg)
+    except ConfigError as e:
+        msg = str(e).removeprefix("config.json: ")
+        raise ConfigError(f"synth preset {preset!r}: {msg}") from None
     return cfg
 
 
@@ -200,6 +207,8 @@ class SyntheticCheckpoint:
     POOL = 1 << 20
 
     def __init__(self, config: dict, seed: int = 0, qtype: int | None = None):
+        # numpy refuses a negative seed with a bare ValueError.
+        check_int("seed", seed, 0, 2**63 - 1, "")
         self.config = config
         self.architecture = config["architectures"][0]
         self.family = family_for_hf(self.architecture)
@@ -281,18 +290,34 @@ def hash_name(name: str) -> int:
 
 def write_hf(config: dict, out: str | Path, seed: int = 0, force: bool = False) -> Path:
     """A Hugging Face checkpoint directory (bf16 safetensors) with random weights."""
-    from edgemoe.checkpoint.safetensors import write_safetensors
-
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ModelFileError(out, "is a file; an HF checkpoint is a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ModelFileError(out, "already exists and is not empty (use --force)")
+
+    def check() -> None:
+        if out.exists() and not out.is_dir():
+            raise ModelFileError(out, "is a file; an HF checkpoint is a directory")
+        if out.exists() and any(out.iterdir()) and not force:
+            raise ModelFileError(out, "already exists and is not empty (use --force)")
+
+    check()
     ckpt = SyntheticCheckpoint(config, seed)  # a bad config fails before mkdir
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ModelFileError(out, f"cannot create: {e.strerror or e}") from None
+    # Files are written in place, so a second synth of ``out`` must not
+    # interleave with this one: one writer per output (edgemoe.format.lock).
+    with OutputLock(out):
+        check()
+        try:
+            out.mkdir(exist_ok=True)
+        except OSError as e:
+            raise ModelFileError(out, f"cannot create: {e.strerror or e}") from None
+        return _write_hf(ckpt, config, out)
+
+
+def _write_hf(ckpt: SyntheticCheckpoint, config: dict, out: Path) -> Path:
+    from edgemoe.checkpoint.safetensors import write_safetensors
+
     tmap = ckpt.family.tensor_map
     entries = []
     for name in ckpt.names():

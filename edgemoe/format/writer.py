@@ -4,7 +4,8 @@ Everything goes into a hidden sibling directory; ``finish`` writes the
 manifest last and renames the directory into place. A failed or interrupted
 run leaves no directory that loads as a model, and never touches an existing
 output unless ``force`` (then it is replaced only once the new one is whole).
-Calls out of order raise, as gguf's own writer does.
+One writer per output at a time (``edgemoe.format.lock``); each removes what
+killed ones left. Calls out of order raise, as gguf's own writer does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import zlib
 from collections.abc import Callable
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgemoe.errors import ConfigError, ModelFileError
+from edgemoe.format.lock import OutputLock, pid_alive
 from edgemoe.format.spec import (
     ALIGNMENT,
     BACKBONE,
@@ -78,20 +81,29 @@ class ModelWriter:
 
     def __init__(self, out: str | Path, force: bool = False):
         self.out = Path(out)
-        if self.out.exists() and not force:
-            raise ModelFileError(self.out, "already exists (use --force to replace it)")
-        if self.out.exists() and not self.out.is_dir():
-            raise ModelFileError(self.out, "exists and is not a directory")
         parent = self.out.parent
         if not parent.is_dir():
             raise ModelFileError(parent, "output's parent directory does not exist")
-        self.tmp = parent / f".{self.out.name}.partial-{os.getpid()}"
+        # Held until ``finish`` or ``abort``: the checks below and the final
+        # rename must not interleave with another writer's.
+        self.lock = OutputLock(self.out)
         try:
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp)
-            self.tmp.mkdir()
-        except OSError as e:
-            raise _disk_error(self.tmp, e) from None
+            self._recover_old()
+            if self.out.exists() and not force:
+                raise ModelFileError(
+                    self.out, "already exists (use --force to replace it)"
+                )
+            if self.out.exists() and not self.out.is_dir():
+                raise ModelFileError(self.out, "exists and is not a directory")
+            self.lock.remove_stale()
+            self.tmp = parent / f".{self.out.name}.partial-{os.getpid()}"
+            try:
+                self.tmp.mkdir()
+            except OSError as e:
+                raise _disk_error(self.tmp, e) from None
+        except BaseException:
+            self.lock.release()
+            raise
         self.state = WriterState.NEW
         self.backbone: FileRef | None = None
         self._shards: list[dict[str, Any]] = []
@@ -259,6 +271,7 @@ class ModelWriter:
         except OSError as e:
             raise _disk_error(self.tmp, e) from None
         self.state = WriterState.DONE
+        self.lock.release()
         return manifest
 
     def _index(self) -> tuple[tuple[FileRef, ...], dict]:
@@ -291,12 +304,41 @@ class ModelWriter:
             layers.setdefault(slot.layer, {}).setdefault(slot.expert, []).append(ref)
         return tuple(refs), layers
 
+    def _recover_old(self) -> None:
+        """A writer killed inside ``_move_into_place`` left ``.{name}.old-{pid}``:
+        the previous model, which goes back to ``out`` if the new one never
+        arrived, and is removed if it did."""
+        pattern = re.compile(re.escape(f".{self.out.name}.old-") + r"(\d+)")
+        try:
+            names = sorted(os.listdir(self.out.parent))
+        except OSError:
+            return
+        for name in names:
+            m = pattern.fullmatch(name)
+            old = self.out.parent / name
+            if m is None or old.is_symlink() or not old.is_dir():
+                continue
+            if not self.lock.held and pid_alive(int(m[1])):
+                continue  # unlocked (no flock here): it may still be in use
+            try:
+                if os.path.lexists(self.out):
+                    shutil.rmtree(old)
+                else:
+                    os.replace(old, self.out)
+            except OSError as e:
+                raise _disk_error(old, e) from None
+
     def _move_into_place(self) -> None:
         old = None
         if self.out.exists():
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
             os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
+        try:
+            os.replace(self.tmp, self.out)
+        except OSError:
+            if old is not None:  # the previous model goes back where it was
+                os.replace(old, self.out)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -309,11 +351,13 @@ class ModelWriter:
             except Exception:
                 pass
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self.lock.release()
         self.state = WriterState.FAILED
 
     def __enter__(self) -> ModelWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
+        # Also on a normal exit that never reached ``finish``: no half-built
+        # directory outlives the run, and the lock goes with it.
+        self.abort()

@@ -21,7 +21,7 @@ from edgemoe.ui.messages import (
     TurnFinished,
     WorkFailed,
 )
-from edgemoe.ui.session import ChatSession, Turn, help_lines
+from edgemoe.ui.session import ChatSession, FatalChatError, Turn, help_lines
 from edgemoe.ui.stats import LiveStats
 from edgemoe.ui.widgets import (
     KEYS,
@@ -56,6 +56,8 @@ class ChatApp(App[int]):
         """How the last reply ended ("stop", "length", "context", "stopped")."""
         self.info = session.info()
         """The model's facts, re-read when a command reloads or re-tunes it."""
+        self.fatal: str | None = None
+        """The error that ended the app (``run_app`` raises it once it is gone)."""
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -134,6 +136,8 @@ class ChatApp(App[int]):
             for _ in turn:
                 self.post_message(MetricsUpdate(turn_id, turn.text, turn.stats()))
             self.post_message(TurnFinished(turn_id, turn.result()))
+        except FatalChatError as e:
+            self.post_message(WorkFailed(str(e), fatal=True))
         except EdgeMoEError as e:
             self.post_message(WorkFailed(str(e)))
         except Exception as e:  # never a traceback over the chat
@@ -143,6 +147,8 @@ class ChatApp(App[int]):
     def run_command(self, line: str) -> None:
         try:
             self.post_message(CommandDone(self.session.execute(line)))
+        except FatalChatError as e:
+            self.post_message(WorkFailed(str(e), fatal=True))
         except EdgeMoEError as e:
             self.post_message(WorkFailed(str(e)))
         except Exception as e:
@@ -187,6 +193,10 @@ class ChatApp(App[int]):
             self.show_stats(self.session.idle_stats(), latency=False)
 
     def on_work_failed(self, message: WorkFailed) -> None:
+        if message.fatal:  # printed on the terminal once the screen is restored
+            self.fatal = message.error
+            self.exit(1)
+            return
         if self.reply is not None and not str(self.reply.content):
             self.reply.remove()
         self.reply = None
@@ -198,4 +208,9 @@ class ChatApp(App[int]):
 
 
 def run_app(session: ChatSession) -> int:
-    return ChatApp(session).run() or 0
+    """The exit status of a chat that ended normally; raises ``FatalChatError``."""
+    app = ChatApp(session)
+    status = app.run() or 0
+    if app.fatal is not None:
+        raise FatalChatError(app.fatal)
+    return status

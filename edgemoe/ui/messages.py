@@ -46,8 +46,10 @@ class CommandDone(Message):
 
 
 class WorkFailed(Message):
-    """A reply or command failed; ``error`` is one line for the log."""
+    """A reply or command failed; ``error`` is one line for the log. ``fatal``:
+    it was a ``FatalChatError``, and the app ends with it."""
 
-    def __init__(self, error: str) -> None:
+    def __init__(self, error: str, fatal: bool = False) -> None:
         super().__init__()
         self.error = error
+        self.fatal = fatal

@@ -1,6 +1,7 @@
 """``edgemoe chat --plain``: a line REPL for ssh sessions and pipes. Each line is
 a user turn or a slash command; replies and ``[ Prompt | Generation ]`` lines
-go to stdout, errors to stderr. Never imports Textual."""
+go to stdout, errors to stderr. A ``FatalChatError`` ends the REPL: ``main``
+prints it and exits 1. Never imports Textual."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import threading
 from typing import TextIO
 
 from edgemoe.errors import EdgeMoEError
-from edgemoe.ui.session import ChatSession, help_lines
+from edgemoe.ui.session import ChatSession, FatalChatError, help_lines
 
 KEYS = (
     ("Ctrl+C", "stop the reply (twice: quit)"),
@@ -26,7 +27,7 @@ def run_repl(
     err: TextIO | None = None,
 ) -> int:
     """Read turns until EOF or ``/bye``; 0. ``interactive`` shows a ``>>>``
-    prompt with line editing."""
+    prompt with line editing. Raises ``FatalChatError``."""
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     if interactive:
         try:
@@ -53,6 +54,8 @@ def run_repl(
         elif text.startswith("/"):
             try:
                 result = session.execute(text)
+            except FatalChatError:
+                raise
             except EdgeMoEError as e:
                 print(f"error: {e}", file=err, flush=True)
                 continue
@@ -74,6 +77,8 @@ def _reply(session: ChatSession, text: str, out: TextIO, err: TextIO) -> None:
         for r in turn:
             out.write(r.text)
             out.flush()
+    except FatalChatError:
+        raise
     except EdgeMoEError as e:
         print(f"error: {e}", file=err, flush=True)
         return

@@ -1,5 +1,10 @@
 """One chat conversation: history, sampling settings, slash commands and model
-reloads. The Textual app and the line REPL both drive it; no Textual here."""
+reloads. The Textual app and the line REPL both drive it; no Textual here.
+
+Most errors cost one turn or command and the chat goes on; a
+``FatalChatError`` ends it (exit status 1): the chat template fails on the
+conversation, which every later turn resends, or no model is left loaded.
+"""
 
 from __future__ import annotations
 
@@ -48,6 +53,15 @@ _SET_KEYS = {
 _INT_FIELDS = {"top_k", "max_tokens", "repeat_last_n"}
 _BOOLS = {"on": True, "true": True, "yes": True, "1": True}
 _BOOLS.update({"off": False, "false": False, "no": False, "0": False})
+
+
+class FatalChatError(ConfigError):
+    """The chat cannot go on; the UIs end with it and ``main`` prints it."""
+
+
+# The next user message when the template is tried on a conversation before it
+# is sent: at the start, and before /set system changes it.
+_PROBE = {"role": "user", "content": "hello"}
 
 
 @dataclass(frozen=True)
@@ -134,6 +148,10 @@ class Turn:
         s = self.session
         with s.lock:
             model = s.require_model()
+            try:  # generate() renders it again: a template is cheap next to a turn
+                s.render(model, self.prompt)
+            except ConfigError as e:
+                raise FatalChatError(str(e)) from None
             self.tracker = StatsTracker(model)
             gen = model.generate(self.prompt, **s.sampling.kwargs())
             try:
@@ -194,6 +212,11 @@ class ChatSession:
         self.model = loader()
         self.last: LiveStats | None = None
         """The last finished turn's figures."""
+        try:  # a template that fails on the first turn fails before the chat
+            self.render(self.model, [*self.messages(), _PROBE])
+        except ConfigError as e:
+            self.close()
+            raise FatalChatError(str(e)) from None
 
     # -- conversation ------------------------------------------------------------------
     def messages(self) -> list[dict[str, str]]:
@@ -206,8 +229,13 @@ class ChatSession:
 
     def require_model(self):
         if self.model is None:
-            raise ConfigError("no model is loaded (a reload failed); /bye and restart")
+            raise FatalChatError("no model is loaded (a reload failed)")
         return self.model
+
+    @staticmethod
+    def render(model, messages: list[dict[str, str]]) -> str:
+        """The prompt text of ``messages``; the template's ConfigError if not."""
+        return model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def info(self) -> ModelInfo:
         return ModelInfo.of(self.require_model())
@@ -263,6 +291,14 @@ class ChatSession:
         key, _, value = rest.partition(" ")
         key, value = key.lower().replace("_", "-"), value.strip()
         if key == "system":
+            messages = [{"role": "system", "content": value}] if value else []
+            messages += [*self.history, _PROBE]
+            try:  # refused here, the chat goes on with the old one
+                self.render(self.require_model(), messages)
+            except FatalChatError:
+                raise
+            except ConfigError as e:
+                raise ConfigError(f"{e}; kept the previous system message") from None
             self.system = value or None
             return CommandResult((f"system message {'set' if value else 'cleared'}",))
         if not value:
@@ -296,7 +332,12 @@ class ChatSession:
             try:
                 self.model = self.loader(budget=budget, quality=quality)
             except EdgeMoEError as e:
-                self.model = self.loader(budget=old, quality=quality)
+                try:
+                    self.model = self.loader(budget=old, quality=quality)
+                except EdgeMoEError as again:
+                    raise FatalChatError(
+                        f"{e}; reloading with the previous budget failed too: {again}"
+                    ) from None
                 raise ConfigError(f"{e}; kept the previous budget") from None
         shown = mib(budget) if budget else "none (all experts resident)"
         return CommandResult((f"reloaded with budget {shown}",), model_changed=True)
