@@ -37,6 +37,10 @@ class UnsupportedArchitectureError(EdgeMoEError, NotImplementedError):
         )
 
 
+class ModelOutputError(EdgeMoEError):
+    """The model computed something no token can be drawn from (NaN logits)."""
+
+
 class ContextOverflowError(EdgeMoEError):
     """The prompt (plus what is asked to be generated) does not fit the context."""
 

@@ -19,6 +19,8 @@ from edgemoe.runtime.forward import Forward, build_layers, to_f32
 from edgemoe.runtime.graph import Device, Graph, WeightSet
 from edgemoe.runtime.metrics import rss_bytes
 
+MAX_THREADS = 512
+
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -90,8 +92,11 @@ class LoadOptions:
             raise ConfigError(f"n_ctx must be >= 0, got {self.n_ctx}")
         if self.n_batch < 1:
             raise ConfigError(f"n_batch must be >= 1, got {self.n_batch}")
-        if self.n_threads is not None and self.n_threads < 1:
-            raise ConfigError(f"n_threads must be >= 1, got {self.n_threads}")
+        if self.n_threads is not None and not 1 <= self.n_threads <= MAX_THREADS:
+            # libgomp exits the process from C when it cannot start them all.
+            raise ConfigError(
+                f"n_threads must be in 1..{MAX_THREADS}, got {self.n_threads}"
+            )
 
 
 def load(path: str | Path, **options: Any) -> Model:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgemoe.errors import ConfigError
+from edgemoe.errors import ConfigError, ModelOutputError
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,23 @@ class Sampler:
         """Pick the next token from ``logits`` [V] given the tokens so far."""
         p = self.p
         logits = logits.astype(np.float64, copy=True)
+        if not np.isfinite(logits).all():
+            # Corrupt weights (a damaged file that still parses) give NaN or
+            # infinity; no distribution can be sampled from them.
+            bad = int((~np.isfinite(logits)).sum())
+            raise ModelOutputError(
+                f"the model's output has {bad} non-finite logits (NaN or "
+                "infinity): its weights are probably corrupt"
+            )
         if p.repeat_penalty != 1.0 and history and p.repeat_last_n != 0:
             window = history if p.repeat_last_n < 0 else history[-p.repeat_last_n :]
             recent = np.unique(np.asarray(window, dtype=np.int64))
             vals = logits[recent]
-            logits[recent] = np.where(
-                vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty
-            )
+            with np.errstate(over="ignore"):  # a tiny penalty: +-inf, clipped
+                logits[recent] = np.where(
+                    vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty
+                )
+            np.clip(logits, -1e300, 1e300, out=logits)
         if p.temperature == 0:
             return int(np.argmax(logits))
         order = np.argsort(-logits, kind="stable")

@@ -246,3 +246,25 @@ def test_invalid_params_raise_config_error(kw):
 def test_valid_edge_params_are_accepted(kw):
     s = Sampler(SamplingParams(**kw))
     assert 0 <= s(random_logits(0), [1, 2, 3]) < V
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_non_finite_logits_are_a_typed_error(bad, temperature):
+    """Corrupt weights give NaN logits; the sampler used to fail with an
+    IndexError (a fuzzer's finding) or pick the NaN's index greedily."""
+    from edgemoe.errors import ModelOutputError
+
+    logits = np.zeros(8, np.float32)
+    logits[3] = bad
+    s = sampler(temperature=temperature, top_k=0, top_p=1.0, min_p=0.05, seed=0)
+    with pytest.raises(ModelOutputError, match="non-finite logits"):
+        s(logits, [])
+
+
+def test_a_tiny_repeat_penalty_still_samples():
+    """--repeat-penalty 1e-320 divides positive logits into infinity."""
+    logits = np.array([1.0, 2.0, -1.0, 0.5], np.float32)
+    s = sampler(temperature=0.8, repeat_penalty=1e-320, seed=0)
+    for _ in range(20):
+        assert s(logits, [1, 3]) in range(4)

@@ -98,11 +98,18 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def read_json(path: str | Path, limit: int = MAX_JSON_BYTES) -> Any:
-    """Strict JSON: UTF-8, no NaN/Infinity, at most ``MAX_JSON_DEPTH`` deep."""
-    raw = read_regular(path, limit)
+def read_json(path: str | Path, limit: int = MAX_JSON_BYTES, nan: bool = False) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity (unless ``nan``: a config.json's
+    NaN is then refused by the field's own check, which names it), at most
+    ``MAX_JSON_DEPTH`` deep."""
+    return parse_json(read_regular(path, limit), path, nan)
+
+
+def parse_json(raw: bytes, path: str | Path, nan: bool = False) -> Any:
+    """``read_json`` for bytes already read (a safetensors header)."""
+    constant = (lambda c: float(c)) if nan else _reject_constant
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        data = json.loads(raw.decode("utf-8"), parse_constant=constant)
     except RecursionError:
         raise ModelFileError(path, "not valid JSON: nested too deeply") from None
     except UnicodeDecodeError:

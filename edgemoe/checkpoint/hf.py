@@ -8,7 +8,6 @@ per-expert tensors are written straight into their slot of the stacked array.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgemoe.arch import family_for_hf
+from edgemoe.checkpoint import files
 from edgemoe.checkpoint.base import GGML_F32, Weight, aligned_empty, tensor_layout
 from edgemoe.checkpoint.safetensors import SafetensorsFile
 from edgemoe.errors import ConfigError, ModelFileError
@@ -46,13 +46,9 @@ _NUMBERS = ("rms_norm_eps", "rope_theta")
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise ModelFileError(path, "file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(path, f"not valid JSON: {e}") from None
+    # Regular file, size and depth capped (a 100,000-deep array was a
+    # RecursionError); NaN passes to the field checks, which name the field.
+    data = files.read_json(path, nan=True)
     if not isinstance(data, dict):
         raise ModelFileError(path, "expected a JSON object")
     return data

@@ -8,6 +8,7 @@ names to ``{dtype, shape, data_offsets}``, then the raw bytes. ``safe_open`` wit
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemoe.checkpoint.files import parse_json
 from edgemoe.errors import ModelFileError
 
 # numpy dtype per safetensors dtype; BF16 is read as uint16 and widened.
@@ -48,6 +50,10 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
+def _index(x: object) -> bool:
+    return type(x) is int and 0 <= x < 1 << 48
+
+
 class SafetensorsFile:
     """One ``.safetensors`` file, memory-mapped; tensors are read one at a time."""
 
@@ -71,11 +77,11 @@ class SafetensorsFile:
                     f"not a safetensors file or truncated: header length {hlen} "
                     f"but file is {size} bytes",
                 )
-            try:
-                header = json.loads(fh.read(hlen))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            try:  # depth-capped: a 100,000-deep array was a RecursionError
+                header = parse_json(fh.read(hlen), self.path)
+            except ModelFileError as e:
                 raise ModelFileError(
-                    self.path, f"corrupt safetensors header: {e}"
+                    self.path, f"corrupt safetensors header: {e.problem}"
                 ) from None
             self._mm = (
                 mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
@@ -90,18 +96,26 @@ class SafetensorsFile:
 
     def _check(self, name: str, info: object, start: int, size: int) -> TensorInfo:
         try:
-            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
-            b, e = (int(x) for x in info["data_offsets"])
-        except (TypeError, KeyError, ValueError, OverflowError):
+            dtype, shape = info["dtype"], tuple(info["shape"])
+            b, e = info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
             raise ModelFileError(
                 self.path, f"tensor {name!r}: malformed header entry"
             ) from None
-        if dtype not in _DTYPES:
+        # Plain non-negative ints only: int() would take 1.5, True and "3",
+        # and numpy's product of huge dims wraps around to a size that fits.
+        if not all(_index(x) for x in (*shape, b, e)) or len(shape) > 8:
             raise ModelFileError(
-                self.path, f"tensor {name!r}: unsupported dtype {dtype}"
+                self.path,
+                f"tensor {name!r}: shape and data_offsets must be integers "
+                f"in 0..2**48, got {str(info)[:80]}",
+            )
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise ModelFileError(
+                self.path, f"tensor {name!r}: unsupported dtype {str(dtype)[:40]}"
             )
         itemsize = np.dtype(_DTYPES[dtype]).itemsize
-        if e - b != int(np.prod(shape, dtype=np.int64)) * itemsize or not 0 <= b <= e:
+        if e - b != math.prod(shape) * itemsize or not 0 <= b <= e:
             raise ModelFileError(
                 self.path,
                 f"tensor {name!r}: {e - b} bytes do not hold {dtype}{list(shape)}",

@@ -152,7 +152,12 @@ _BINOPS = {
 def _width_filter(env, name: str, arg: int):
     """Filter ``name`` with its width-like argument (position ``arg``)
     capped: ``center(10**9)`` would allocate a gigabyte."""
+    import functools
+
     base = env.filters[name]
+    # Filters that take jinja's context (tojson) get it as a first argument;
+    # update_wrapper copies the marker that tells jinja to pass it.
+    arg += hasattr(base, "jinja_pass_arg")
 
     def checked(*args: Any, **kwargs: Any) -> Any:
         if len(args) > arg:
@@ -161,7 +166,7 @@ def _width_filter(env, name: str, arg: int):
             _check_width(v, f"{name} width")
         return base(*args, **kwargs)
 
-    return checked
+    return functools.update_wrapper(checked, base)
 
 
 def sandbox_class():
@@ -178,8 +183,23 @@ def sandbox_class():
             super().__init__(**kwargs)
             self.budget = budget
             self.globals["range"] = lambda *a: TimedRange(budget, *a)
-            for name, arg in (("center", 1), ("indent", 1), ("wordwrap", 1)):
+            for name, arg in (
+                ("center", 1),
+                ("indent", 1),
+                ("wordwrap", 1),
+                ("tojson", 1),  # indent=10**9 built gigabytes
+            ):
                 self.filters[name] = _width_filter(self, name, arg)
+            lipsum = self.globals["lipsum"]
+
+            def limited_lipsum(n: int = 5, *args: Any, **kwargs: Any) -> Any:
+                # lipsum(10**9) generated paragraphs for minutes.
+                _check_width(n * 100, "lipsum paragraphs x 100")
+                for v in (*args, *kwargs.values()):
+                    _check_width(v, "lipsum size")
+                return lipsum(n, *args, **kwargs)
+
+            self.globals["lipsum"] = limited_lipsum
             fmt = self.filters["format"]
 
             def format_filter(value: Any, *args: Any, **kwargs: Any) -> Any:

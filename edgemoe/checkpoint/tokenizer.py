@@ -53,8 +53,13 @@ class Tokenizer(ABC):
 def _token_text(value: Any) -> str:
     # tokenizer_config.json stores special tokens as strings or AddedToken dicts.
     if isinstance(value, dict):
-        return str(value.get("content", ""))
-    return str(value) if value is not None else ""
+        value = value.get("content", "")
+    text = value if isinstance(value, str) else ""
+    try:  # a lone surrogate ("\udcff") makes the tokenizers library raise
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return ""
+    return text
 
 
 class HFTokenizer(Tokenizer):
@@ -73,7 +78,11 @@ class HFTokenizer(Tokenizer):
         raw = read_regular(path, MAX_JSON_BYTES)
         try:
             self._tok = _Tok.from_str(raw.decode("utf-8"))
-        except Exception as e:
+        except BaseException as e:  # noqa: BLE001
+            # A Rust panic in tokenizers arrives as pyo3's PanicException,
+            # a BaseException: a bad file, not a reason to die.
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
             raise ModelFileError(path, f"cannot load tokenizer: {e}") from None
         self.origin = str(root)
         cfg: dict[str, Any] = {}

@@ -116,6 +116,17 @@ class Manifest:
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def _uint(x: Any, limit: int = 1 << 50) -> int:
+    """A plain int in 0..limit-1 (int() would take 1.5, True, "3" or inf)."""
+    if type(x) is not int or not 0 <= x < limit:
+        raise ValueError(x)
+    return x
+
+
+def _count(x: Any) -> str:
+    return str(len(x)) if isinstance(x, list) else f"a {type(x).__name__}, not"
+
+
 def _fail(path: str, problem: str) -> ModelFileError:
     return ModelFileError(path, f"invalid manifest: {problem}")
 
@@ -189,9 +200,8 @@ def _parse(d: Any, path: str) -> Manifest:
     for layer, per_layer in enumerate(experts_d):
         want = spec.n_expert if layer in moe else 0
         if not isinstance(per_layer, list) or len(per_layer) != want:
-            raise _fail(
-                path, f"layer {layer} lists {len(per_layer)} experts, expected {want}"
-            )
+            n = _count(per_layer)
+            raise _fail(path, f"layer {layer} lists {n} experts, expected {want}")
         rows = []
         for e, planes in enumerate(per_layer):
             if not isinstance(planes, list) or len(planes) != n_planes:
@@ -202,11 +212,11 @@ def _parse(d: Any, path: str) -> Manifest:
             for p, r in enumerate(planes):
                 try:
                     ref = PlaneRef(
-                        int(r["shard"]),
-                        int(r["offset"]),
-                        int(r["length"]),
-                        int(r["crc32"]),
-                        tuple((int(o), int(n)) for o, n in r["parts"]),  # type: ignore[arg-type]
+                        _uint(r["shard"]),
+                        _uint(r["offset"]),
+                        _uint(r["length"]),
+                        _uint(r["crc32"], 1 << 32),
+                        tuple((_uint(o), _uint(n)) for o, n in r["parts"]),  # type: ignore[arg-type]
                     )
                 except (TypeError, KeyError, ValueError):
                     raise _fail(
@@ -232,11 +242,18 @@ def _parse(d: Any, path: str) -> Manifest:
             rows.append(tuple(refs))
         experts.append(tuple(rows))
     shifts = _get(d, "shifts", list, path)
-    if len(shifts) != spec.n_layer or any(
-        (len(s) != 3 or any(len(pp) != n_planes for pp in s)) if i in moe else s
-        for i, s in enumerate(shifts)
-    ):
-        raise _fail(path, "shifts must be [layer][3 projections][planes]")
+    try:
+        shifts = tuple(
+            tuple(tuple(_uint(x, 64) for x in pp) for pp in s) for s in shifts
+        )
+        bad = len(shifts) != spec.n_layer or any(
+            (len(s) != 3 or any(len(pp) != n_planes for pp in s)) if i in moe else s
+            for i, s in enumerate(shifts)
+        )
+    except (TypeError, ValueError):
+        bad = True
+    if bad:
+        raise _fail(path, "shifts must be [layer][3 projections][planes] of 0..63")
     hot = _get(d, "hotness", list, path)
     protected = _get(d, "protected", list, path)
     if len(hot) != spec.n_layer or len(protected) != spec.n_layer:
@@ -253,6 +270,16 @@ def _parse(d: Any, path: str) -> Manifest:
         raise _fail(path, "protected lists an expert outside the model")
     if backbone_type not in BLOCK_TYPES and backbone_type not in ("F16", "F32", "Q4_0"):
         raise _fail(path, f"backbone_type {backbone_type!r}")
+    source = d.get("source") or {}
+    template = d.get("chat_template")
+    if not isinstance(source, dict):
+        raise _fail(path, f"source must be an object, got {type(source).__name__}")
+    if template is not None and not isinstance(template, str):
+        raise _fail(path, "chat_template must be a string")
+    expert_ffn = _get(d, "expert_ffn", int, path)
+    # The stored FFN is the spec's padded up to whole quant blocks.
+    if not spec.expert_ffn <= expert_ffn <= 1 << 20:
+        raise _fail(path, f"expert_ffn {expert_ffn} for a model of {spec.expert_ffn}")
     tokenizer = _get(d, "tokenizer", str, path)
     if tokenizer not in ("hf", "gguf"):
         raise _fail(path, f"tokenizer must be 'hf' or 'gguf', got {tokenizer!r}")
@@ -260,8 +287,8 @@ def _parse(d: Any, path: str) -> Manifest:
         architecture=_get(d, "architecture", str, path),
         spec=spec,
         levels=plan.levels,
-        expert_ffn=_get(d, "expert_ffn", int, path),
-        shifts=tuple(tuple(tuple(int(x) for x in pp) for pp in s) for s in shifts),
+        expert_ffn=expert_ffn,
+        shifts=shifts,
         backbone=_file_ref(_get(d, "backbone", dict, path), path, "backbone"),
         backbone_type=backbone_type,
         shards=shards,
@@ -270,7 +297,7 @@ def _parse(d: Any, path: str) -> Manifest:
         protected=prot,
         calibration=_get(d, "calibration", dict, path),
         tokenizer=tokenizer,
-        chat_template=d.get("chat_template"),
+        chat_template=template,
         version=version,
-        source=d.get("source") or {},
+        source=source,
     )

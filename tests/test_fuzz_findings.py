@@ -1,0 +1,115 @@
+"""Each finding of the fuzzer's first long run (fuzz/run.py, 1,000 cases per
+reader), as a regression test: a typed one-line error, or a correct run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+
+from edgemoe.checkpoint.chat_template import render_chat
+from edgemoe.errors import ConfigError
+
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+def one_error_line(proc, needle: str) -> None:
+    assert proc.returncode == 1, proc.stderr[-1500:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-1500:]
+    assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def hf(tiny_model, tmp_path):
+    dst = tmp_path / "hf"
+    shutil.copytree(tiny_model("mixtral"), dst)
+    return dst
+
+
+def rewrite_safetensors_header(path, change) -> None:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    blob = change(header)
+    if not isinstance(blob, bytes):
+        blob = json.dumps(blob).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n :])
+
+
+def first_tensor(header: dict) -> str:
+    return next(k for k in header if k != "__metadata__")
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda h: b"[" * 100_000 + b"]" * 100_000, "nested"),
+        (lambda h: h[first_tensor(h)].update(dtype=["F32"]) or h, "unsupported dtype"),
+        (lambda h: h[first_tensor(h)].update(dtype={"a": 1}) or h, "unsupported dtype"),
+        (lambda h: h[first_tensor(h)].update(shape=[1.5, 2]) or h, "must be integers"),
+        (lambda h: h[first_tensor(h)].update(shape=[2**32, 2**32]) or h, "do not hold"),
+    ],
+    ids=["deep", "dtype-list", "dtype-dict", "shape-float", "shape-wraps"],
+)
+def test_safetensors_header(hf, cli, change, needle):
+    path = next(hf.glob("*.safetensors"))
+    rewrite_safetensors_header(path, change)
+    one_error_line(cli("inspect", hf), needle)
+
+
+def test_deep_config_json(hf, cli):
+    (hf / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    one_error_line(cli("inspect", hf), "nested")
+
+
+def test_surrogate_special_token_is_ignored(hf, cli):
+    path = hf / "tokenizer_config.json"
+    cfg = json.loads(path.read_text()) if path.exists() else {}
+    cfg["eos_token"] = "\udcff"
+    path.write_text(json.dumps(cfg))
+    proc = cli("run", hf, "--chat", "-p", "hi", "-n", "1")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+
+
+def test_thread_count_is_bounded(hf, cli):
+    one_error_line(cli("run", hf, "-p", "hi", "-n", "1", "-t", "100000"), "1..512")
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["{{ lipsum(1000000000) }}", "{{ messages|tojson(indent=1000000000) }}"],
+)
+def test_template_size_arguments(template):
+    with pytest.raises(ConfigError, match="refused"):
+        render_chat(template, MSGS)
+
+
+def test_ordinary_lipsum_and_tojson_still_work():
+    assert render_chat("{{ messages|tojson(indent=2) }}", MSGS).startswith("[")
+    assert len(render_chat("{{ lipsum(1, html=False, min=5, max=10) }}", MSGS)) > 5
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda d: d.update(source=7), "source must be an object"),
+        (lambda d: d["experts"].__setitem__(0, 3), "not experts"),
+        (lambda d: d["experts"][0][0][0].update(crc32=1e400), "bad entry"),
+        (lambda d: d["experts"][0][0][0].update(offset=1.5), "bad entry"),
+        (lambda d: d["experts"][0][0][0].update(crc32=2**32), "bad entry"),
+        (lambda d: d.update(chat_template=[1]), "chat_template must be a string"),
+        (lambda d: d.update(shifts=7), "shifts"),
+    ],
+    ids=["source", "experts", "crc-inf", "offset-float", "crc-33bit", "tpl", "shifts"],
+)
+def test_manifest_entries(converted_fixture, tmp_path, cli, edit, needle):
+    model = tmp_path / "m"
+    shutil.copytree(converted_fixture, model)
+    path = model / "manifest.json"
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d).replace("Infinity", "1e400"))
+    one_error_line(cli("inspect", model), needle)
