@@ -516,7 +516,7 @@ def test_token_ids_out_of_vocabulary(tiny_loaded):
         (dict(n_ctx="16"), ("n_ctx must be an integer, got '16'",)),
         (dict(n_ctx=10**9), ("n_ctx 1000000000", "context of 512 tokens")),
         (dict(n_batch=0), ("n_batch must be >= 1, got 0",)),
-        (dict(n_threads=0), ("n_threads must be >= 1, got 0",)),
+        (dict(n_threads=0), ("n_threads must be in 1..512, got 0",)),
         (dict(device="tpu"), ("device must be", "'tpu'")),
         (dict(n_ctxx=16), ("unknown load option(s) ['n_ctxx']", "'n_ctx'")),
     ],
@@ -537,7 +537,7 @@ def test_bad_generate_option(tiny_loaded):
     "argv, needle",
     [
         (["-c", "-1"], "n_ctx must be >= 0, got -1"),
-        (["-t", "0"], "n_threads must be >= 1, got 0"),
+        (["-t", "0"], "n_threads must be in 1..512, got 0"),
         (["-n", "-1"], "max_tokens must be >= 0, got -1"),
         (["--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
     ],
