@@ -102,8 +102,9 @@ def test_ordinary_lipsum_and_tojson_still_work():
         (lambda d: d["experts"][0][0][0].update(crc32=2**32), "bad entry"),
         (lambda d: d.update(chat_template=[1]), "chat_template must be a string"),
         (lambda d: d.update(shifts=7), "shifts"),
+        (lambda d: d["hotness"][0][0].update(weight=10**400), "hotness"),
     ],
-    ids=["source", "experts", "crc-inf", "offset-float", "crc-33bit", "tpl", "shifts"],
+    ids=["source", "experts", "crc-inf", "offset", "crc-33", "tpl", "shifts", "hot"],
 )
 def test_manifest_entries(converted_fixture, tmp_path, cli, edit, needle):
     model = tmp_path / "m"

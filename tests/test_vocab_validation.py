@@ -35,6 +35,10 @@ def types(v):
     v["tokenizer.ggml.token_type"] = v["tokenizer.ggml.token_type"][:-1]
 
 
+def nul(v):
+    v["tokenizer.ggml.tokens"][7] = v["tokenizer.ggml.tokens"][7][:1] + "\0x"
+
+
 def model(v):
     v["tokenizer.ggml.model"] = "sentencepiece-ish"
 
@@ -45,6 +49,7 @@ def model(v):
         (dup, "appears more than once"),
         (short, "tokens for a model with"),
         (types, "token_type has"),
+        (nul, "contains a NUL byte"),
         (model, "tokenizer.ggml.model 'sentencepiece-ish'"),
     ],
 )

@@ -47,6 +47,11 @@ def check_vocab(fields: dict[str, Any], n_vocab: int, path: str | Path) -> None:
         raise bad("the GGUF has no vocabulary to tokenize with")
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         raise bad("tokenizer.ggml.tokens must be a list of strings")
+    # llama.cpp reads token strings as C strings: "a\0b" is "a" to it, and
+    # then a duplicate (its assert) though distinct here.
+    if any("\0" in t for t in tokens):
+        i = next(i for i, t in enumerate(tokens) if "\0" in t)
+        raise bad(f"token {i} contains a NUL byte")
     if len(set(tokens)) != len(tokens):
         seen: set[str] = set()
         dup = next(t for t in tokens if t in seen or seen.add(t))

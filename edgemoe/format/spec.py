@@ -264,7 +264,7 @@ def _parse(d: Any, path: str) -> Manifest:
             for row in hot
         )
         prot = tuple(tuple(int(e) for e in row) for row in protected)
-    except (TypeError, KeyError, ValueError):
+    except (TypeError, KeyError, ValueError, OverflowError):  # 10**39 -> float
         raise _fail(path, "hotness entries need freq and weight") from None
     if any(e < 0 or e >= spec.n_expert for row in prot for e in row):
         raise _fail(path, "protected lists an expert outside the model")
