@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -33,34 +32,7 @@ LONG_TEXT = "def parse(line):\n    return line.split(',')\n" * 20
 
 
 # -- helpers -----------------------------------------------------------------------
-
-
-def error_line(stderr: str) -> str:
-    """The one line of an EdgeMoE error on stderr, checked for form."""
-    assert "Traceback" not in stderr, stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: "), stderr
-    return lines[0]
-
-
-def assert_cli_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 1, (proc.returncode, proc.stderr)
-    line = error_line(proc.stderr)
-    for n in needles:
-        assert n in line, (n, line)
-    return line
-
-
-def assert_main_error(capsys, argv: list, *needles: str) -> str:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert rc == 1, err
-    line = error_line(err)
-    for n in needles:
-        assert n in line, (n, line)
-    return line
+from expect import assert_cli_error, assert_main_error  # noqa: E402
 
 
 def raises(exc_type, fn, *needles: str) -> EdgeMoEError:

@@ -8,18 +8,12 @@ import shutil
 import struct
 
 import pytest
+from expect import assert_cli_error
 
 from edgemoe.checkpoint.chat_template import render_chat
 from edgemoe.errors import ConfigError
 
 MSGS = [{"role": "user", "content": "hi"}]
-
-
-def one_error_line(proc, needle: str) -> None:
-    assert proc.returncode == 1, proc.stderr[-1500:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-1500:]
-    assert needle in lines[0], lines[0]
 
 
 @pytest.fixture
@@ -57,12 +51,12 @@ def first_tensor(header: dict) -> str:
 def test_safetensors_header(hf, cli, change, needle):
     path = next(hf.glob("*.safetensors"))
     rewrite_safetensors_header(path, change)
-    one_error_line(cli("inspect", hf), needle)
+    assert_cli_error(cli("inspect", hf), needle)
 
 
 def test_deep_config_json(hf, cli):
     (hf / "config.json").write_text("[" * 100_000 + "]" * 100_000)
-    one_error_line(cli("inspect", hf), "nested")
+    assert_cli_error(cli("inspect", hf), "nested")
 
 
 def test_surrogate_special_token_is_ignored(hf, cli):
@@ -75,7 +69,7 @@ def test_surrogate_special_token_is_ignored(hf, cli):
 
 
 def test_thread_count_is_bounded(hf, cli):
-    one_error_line(cli("run", hf, "-p", "hi", "-n", "1", "-t", "100000"), "1..512")
+    assert_cli_error(cli("run", hf, "-p", "hi", "-n", "1", "-t", "100000"), "1..512")
 
 
 @pytest.mark.parametrize(
@@ -113,4 +107,4 @@ def test_manifest_entries(converted_fixture, tmp_path, cli, edit, needle):
     d = json.loads(path.read_text())
     edit(d)
     path.write_text(json.dumps(d).replace("Infinity", "1e400"))
-    one_error_line(cli("inspect", model), needle)
+    assert_cli_error(cli("inspect", model), needle)

@@ -8,6 +8,7 @@ import os
 import shutil
 
 import pytest
+from expect import assert_cli_error
 
 import edgemoe
 from edgemoe.errors import ModelFileError
@@ -27,15 +28,6 @@ def edit_manifest(model, change) -> None:
     path.write_text(json.dumps(data))
 
 
-def one_error_line(proc, *needles: str) -> str:
-    assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
 @pytest.mark.parametrize(
     "name", ["/etc/passwd", "../model/experts-00001.gguf", "a/b", "..", "", 7, None]
 )
@@ -45,7 +37,7 @@ def test_manifest_file_names_are_plain(model, cli, name):
 
     edit_manifest(model, change)
     for cmd in (("inspect", model, "--verify"), ("run", model, "-p", "x", "-n", "1")):
-        line = one_error_line(cli(*cmd), "plain file name")
+        line = assert_cli_error(cli(*cmd), "plain file name")
         assert "passwd" not in line or name == "/etc/passwd"
     with pytest.raises(ModelFileError, match="plain file name"):
         edgemoe.load(model)
@@ -58,7 +50,7 @@ def test_backbone_must_be_the_backbone(model, cli):
         d["backbone"]["file"] = shard
 
     edit_manifest(model, change)
-    one_error_line(cli("inspect", model), "backbone must be")
+    assert_cli_error(cli("inspect", model), "backbone must be")
 
 
 def test_symlink_out_of_the_directory_is_refused(model, tmp_path, cli):
@@ -66,8 +58,8 @@ def test_symlink_out_of_the_directory_is_refused(model, tmp_path, cli):
     outside = tmp_path / "elsewhere.gguf"
     shutil.move(model / shard, outside)  # same bytes: only the place differs
     os.symlink(outside, model / shard)
-    one_error_line(cli("inspect", model, "--verify"), "symlink out of the model")
-    one_error_line(cli("run", model, "-p", "x", "-n", "1"), "symlink out")
+    assert_cli_error(cli("inspect", model, "--verify"), "symlink out of the model")
+    assert_cli_error(cli("run", model, "-p", "x", "-n", "1"), "symlink out")
 
 
 def test_symlink_inside_the_directory_is_fine(model, cli):
@@ -81,14 +73,14 @@ def test_symlink_inside_the_directory_is_fine(model, cli):
 def test_manifest_fifo_does_not_hang(model, cli):
     (model / "manifest.json").unlink()
     os.mkfifo(model / "manifest.json")
-    one_error_line(cli("inspect", model, timeout=30), "not a regular file")
+    assert_cli_error(cli("inspect", model, timeout=30), "not a regular file")
 
 
 def test_shard_that_is_a_directory(model, cli):
     shard = json.loads((model / "manifest.json").read_text())["shards"][0]["file"]
     (model / shard).unlink()
     (model / shard).mkdir()
-    one_error_line(cli("inspect", model), "not a regular file")
+    assert_cli_error(cli("inspect", model), "not a regular file")
 
 
 @pytest.mark.parametrize(
@@ -108,7 +100,7 @@ def test_hostile_manifest_json(model, cli, text, needle):
         path.write_bytes(text)
     else:
         path.write_text(text)
-    one_error_line(cli("inspect", model, timeout=60), needle)
+    assert_cli_error(cli("inspect", model, timeout=60), needle)
 
 
 @pytest.mark.parametrize(
@@ -127,13 +119,13 @@ def test_file_ref_fields(model, cli, key, value, needle):
         d["shards"][0][key] = value
 
     edit_manifest(model, change)
-    one_error_line(cli("inspect", model), needle)
+    assert_cli_error(cli("inspect", model), needle)
 
 
 def test_tokenizer_fifo_does_not_hang(model, cli):
     (model / "tokenizer.json").unlink()
     os.mkfifo(model / "tokenizer.json")
-    one_error_line(cli("run", model, "-p", "x", "-n", "1", timeout=60), "regular")
+    assert_cli_error(cli("run", model, "-p", "x", "-n", "1", timeout=60), "regular")
 
 
 @pytest.mark.parametrize(
@@ -145,4 +137,4 @@ def test_tokenizer_config_template_types(model, cli, template, needle):
     cfg = json.loads(path.read_text()) if path.exists() else {}
     cfg["chat_template"] = template
     path.write_text(json.dumps(cfg))
-    one_error_line(cli("run", model, "-p", "x", "-n", "1"), needle)
+    assert_cli_error(cli("run", model, "-p", "x", "-n", "1"), needle)

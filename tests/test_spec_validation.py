@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 from conftest import VOCAB, build_tiny
+from expect import assert_cli_error, assert_main_error, error_line
 
 import edgemoe
 from edgemoe.arch.validate import MAX_EXPERT, MAX_FFN, MAX_LAYER, MAX_VOCAB
-from edgemoe.cli import main
 from edgemoe.errors import ConfigError, EdgeMoEError, ModelFileError
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -121,14 +121,6 @@ CASES = [
 # -- helpers ---------------------------------------------------------------------
 
 
-def error_line(stderr: str) -> str:
-    assert "Traceback" not in stderr, stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: "), stderr
-    return lines[0]
-
-
 def check_api(path: Path, exc: type, *needles: str) -> str:
     with pytest.raises(EdgeMoEError) as info:
         edgemoe.load(path)
@@ -142,22 +134,12 @@ def check_api(path: Path, exc: type, *needles: str) -> str:
 
 def check_main(capsys, path: Path, *needles: str) -> None:
     for argv in (["inspect", path], ["run", path, "-p", "hi", "-n", "1"]):
-        capsys.readouterr()
-        rc = main([str(a) for a in argv])
-        err = capsys.readouterr().err
-        assert rc == 1, err
-        line = error_line(err)
-        for n in needles:
-            assert n in line, (n, line)
+        assert_main_error(capsys, argv, *needles)
 
 
 def check_cli(cli, path: Path, *needles: str) -> None:
     for argv in (["inspect", path], ["run", path, "-p", "hi", "-n", "1"]):
-        proc = cli(*argv)
-        assert proc.returncode == 1, (argv, proc.returncode, proc.stderr)
-        line = error_line(proc.stderr)
-        for n in needles:
-            assert n in line, (n, line)
+        assert_cli_error(cli(*argv), *needles)
 
 
 def with_config(src: Path, dst: Path, key: str, value) -> Path:
