@@ -270,6 +270,8 @@ class WeightSet:
                 f"tensor {w.name!r}: {w.nbytes} bytes do not hold "
                 f"{g.ggml_type_name(w.qtype).decode()}{list(w.shape)}"
             )
+        if w.data.nbytes != w.nbytes:
+            raise GGMLError(f"tensor {w.name!r} is not in memory (read per row)")
         t = self._ctx.new(w.qtype, ne)
         data = w.data if w.data.flags.c_contiguous else np.ascontiguousarray(w.data)
         if self.device.is_host:

@@ -116,7 +116,7 @@ def load(path: str | Path, **options: Any) -> Model:
         raise ConfigError(f"unknown load option(s) {unknown}; known: {sorted(known)}")
     opts = LoadOptions(**options)
     rss_start = rss_bytes()
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, in_memory=True)
     try:
         tokenizer = tokenizer_for(ckpt)
         return Model(ckpt, tokenizer, opts, rss_start=rss_start)

@@ -65,11 +65,11 @@ PAGE = 4096
 
 
 def backbone_bytes(ckpt, n_ctx: int) -> int:
-    """Backbone bytes a sequence keeps in memory: all of the mapped file but
-    the token embedding table, which is read one row per token. Rows never
-    read are never paged in, and read ones are clean file pages the kernel
-    can evict, so the table counts the pages ``n_ctx`` rows can touch; a
-    table that is also the output head is read whole every token."""
+    """Backbone bytes a sequence keeps in memory: all of the file, read at
+    load, but the token embedding table, whose rows are read from the file
+    one per token. Read rows are clean page-cache pages the kernel can evict,
+    so the table counts the pages ``n_ctx`` rows can touch; a table that is
+    also the output head is loaded and read whole every token."""
     total = ckpt.manifest.backbone.bytes
     if ckpt.spec.tie_embeddings:
         return total

@@ -94,3 +94,29 @@ def test_cli_refuses_a_fifo_where_a_gguf_belongs(tmp_path, cli):
     os.mkfifo(path)
     proc = cli("inspect", path, timeout=60)
     assert proc.returncode == 1 and "not a regular file" in proc.stderr, proc.stderr
+
+
+def test_tensor_ranges_of_a_header_larger_than_the_first_read(tmp_path):
+    """The walk reads a growing prefix: a 3 MiB vocabulary (more than the
+    first 1 MiB read) still yields every tensor's place, as gguf-py finds it."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFWriter
+
+    path = tmp_path / "big.gguf"
+    w = GGUFWriter(path, "llama")
+    w.add_array(
+        "tokenizer.ggml.tokens", [f"token-{i:07d}-" + "x" * 20 for i in range(100_000)]
+    )
+    w.add_custom_alignment(64)
+    w.add_tensor("a", np.arange(10, dtype=np.float32))
+    w.add_tensor("b", np.ones((3, 64), dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert path.stat().st_size > 3 << 20
+    found = check_header(path).tensors
+    want = {
+        t.name: (int(t.data_offset), int(t.n_bytes)) for t in GGUFReader(path).tensors
+    }
+    assert found == want and want["b"] == (want["b"][0], 3 * 64 * 2)

@@ -7,9 +7,10 @@ from pathlib import Path
 from edgemoe.errors import ModelFileError
 
 
-def open_checkpoint(path: str | Path):
+def open_checkpoint(path: str | Path, in_memory: bool = False):
     """An ``HFCheckpoint`` for a model directory, a ``GGUFCheckpoint`` for a
-    GGUF file; a ModelFileError naming the path for anything else."""
+    GGUF file; a ModelFileError naming the path for anything else.
+    ``in_memory``: a converted model reads its backbone instead of mapping it."""
     p = Path(path)
     if not p.exists():
         raise ModelFileError(p, "no such file or directory")
@@ -17,7 +18,7 @@ def open_checkpoint(path: str | Path):
         if (p / "manifest.json").exists():
             from edgemoe.format.reader import EdgeCheckpoint
 
-            return EdgeCheckpoint(p)
+            return EdgeCheckpoint(p, in_memory=in_memory)
         if (p / "config.json").exists():
             from edgemoe.checkpoint.hf import HFCheckpoint
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,6 +67,50 @@ class Weight:
         row_bytes = self.nbytes // n
         picked = self.data.view(np.uint8).reshape(n, row_bytes)[ids]
         return Weight(self.name, self.qtype, (len(ids), k), picked).to_float32()
+
+
+@dataclass(frozen=True)
+class FileWeight(Weight):
+    """A weight left in its file (``data`` is empty): rows are read with
+    ``pread`` when asked for. An embedding table then costs memory only for
+    the rows a context uses, and no mapping can SIGBUS if the file shrinks."""
+
+    path: str = ""
+    offset: int = 0
+    size: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.size
+
+    def _read(self, spans: list[tuple[int, int]]) -> np.ndarray:
+        from edgemoe.checkpoint.files import opened
+        from edgemoe.errors import ModelFileError
+
+        out = np.empty(sum(n for _, n in spans), np.uint8)
+        with opened(self.path, os.O_NOFOLLOW) as fd:
+            pos = 0
+            for start, n in spans:
+                if os.preadv(fd, [memoryview(out)[pos : pos + n]], start) != n:
+                    raise ModelFileError(
+                        self.path,
+                        f"truncated: {self.name!r} needs bytes {start}..{start + n}",
+                    )
+                pos += n
+        return out
+
+    def _as(self, shape: tuple[int, ...], raw: np.ndarray) -> Weight:
+        data = raw.view(np.float32) if self.qtype == GGML_F32 else raw
+        return Weight(self.name, self.qtype, shape, data)
+
+    def to_float32(self) -> np.ndarray:
+        return self._as(self.shape, self._read([(self.offset, self.size)])).to_float32()
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        n, k = self.shape
+        row = self.size // n
+        spans = [(self.offset + int(i) * row, row) for i in ids]
+        return self._as((len(spans), k), self._read(spans)).to_float32()
 
 
 class Checkpoint(Protocol):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,24 +65,35 @@ def member(root: str | Path, name: str, what: str) -> os.stat_result:
     return st
 
 
-def read_regular(path: str | Path, limit: int) -> bytes:
-    """The bytes of regular file ``path`` (at most ``limit``). A FIFO, device
-    or directory is refused without blocking on it."""
+@contextmanager
+def opened(path: str | Path, flags: int = 0) -> Iterator[int]:
+    """A read-only fd of regular file ``path``; a FIFO, device or directory is
+    refused without blocking on it, and OSErrors become ModelFileErrors."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | flags)
     except FileNotFoundError:
         raise ModelFileError(path, "file not found") from None
     except OSError as e:
         raise ModelFileError(path, f"cannot open: {e.strerror or e}") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ModelFileError(path, "not a regular file")
-        if st.st_size > limit:
+        yield fd
+    except OSError as e:
+        raise ModelFileError(path, f"cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def read_regular(path: str | Path, limit: int) -> bytes:
+    """The bytes of regular file ``path`` (at most ``limit``)."""
+    with opened(path) as fd:
+        size = os.fstat(fd).st_size
+        if size > limit:
             raise ModelFileError(
-                path, f"{st.st_size} bytes, more than the {limit}-byte limit"
+                path, f"{size} bytes, more than the {limit}-byte limit"
             )
-        chunks, left = [], st.st_size
+        chunks, left = [], size
         while left > 0:
             chunk = os.read(fd, min(left, 1 << 24))
             if not chunk:
@@ -88,10 +101,6 @@ def read_regular(path: str | Path, limit: int) -> bytes:
             chunks.append(chunk)
             left -= len(chunk)
         return b"".join(chunks)
-    except OSError as e:
-        raise ModelFileError(path, f"cannot read: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
 
 
 def _reject_constant(name: str) -> Any:

@@ -2,12 +2,15 @@
 
 ``gguf.GGUFReader`` memory-maps the file; tensors stay quantized and are handed
 to ggml in place, so a GGUF model occupies its file's pages and nothing more.
+A converted model's backbone is read into memory instead (``in_memory``): its
+file can then change under a running model without taking the process down.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +20,13 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from edgemoe.arch import family_for_gguf
 from edgemoe.arch.base import GGUFMeta, ModelSpec
-from edgemoe.checkpoint.base import Weight, aligned_empty, tensor_layout
+from edgemoe.checkpoint.base import FileWeight, Weight, aligned_empty, tensor_layout
+from edgemoe.checkpoint.files import opened
 from edgemoe.checkpoint.gguf_header import check_header
 from edgemoe.errors import ConfigError, ModelFileError
 
 GGUF_MAGIC = b"GGUF"
+_NO_DATA = np.empty(0, np.uint8)
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -52,7 +57,23 @@ class _BadGGUF(Exception):
 class _CheckedReader(GGUFReader):
     """``GGUFReader`` with bounds checks. gguf-py slices its memmap unchecked, so a
     short file fails deep in numpy ("cannot reshape array of size ..."); here a
-    read past the end names what was being read and where the file ends."""
+    read past the end names what was being read and where the file ends.
+
+    ``buffer``: the file's bytes already in memory. gguf-py maps the file in
+    its constructor; the ``data`` setter swaps that mapping for the buffer, so
+    every field and tensor is a view of memory the file no longer backs."""
+
+    def __init__(self, path, mode="r", buffer: np.ndarray | None = None):
+        self._buffer = buffer
+        super().__init__(path, mode)
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._data = value if self._buffer is None else self._buffer
 
     def _get(self, offset, dtype, count=1, override_order=None):
         end = int(offset) + np.dtype(dtype).itemsize * int(count)
@@ -83,6 +104,37 @@ class _CheckedReader(GGUFReader):
         super()._build_tensors(start_offs, fields)
 
 
+_READ_CHUNK = 64 << 20
+
+
+def read_into_memory(path: Path, skip: tuple[int, int] | None = None) -> np.ndarray:
+    """The whole file in anonymous, page-aligned memory, but for the bytes
+    ``skip`` = (start, end), left unread and so never committed.
+
+    A mapped file that another process truncates kills the process reading it
+    with SIGBUS, inside ggml where no Python handler can run; memory that was
+    read cannot shrink. The page cache each chunk passed through is dropped
+    after it is copied, so loading never holds the file twice."""
+    with opened(path) as fd:
+        size = os.fstat(fd).st_size
+        buf = aligned_empty((size,), np.uint8, 4096)
+        view = memoryview(buf)
+        pos = 0
+        while pos < size:
+            if skip and skip[0] <= pos < skip[1]:
+                pos = skip[1]
+                continue
+            end = min(pos + _READ_CHUNK, skip[0] if skip and pos < skip[0] else size)
+            n = os.preadv(fd, [view[pos:end]], pos)
+            if n == 0:
+                raise ModelFileError(
+                    path, f"truncated while being read: {pos} of {size} bytes"
+                )
+            os.posix_fadvise(fd, pos, n, os.POSIX_FADV_DONTNEED)
+            pos += n
+        return buf
+
+
 def _field_value(field: Any) -> Any:
     try:
         return field.contents()
@@ -98,10 +150,13 @@ class GGUFCheckpoint:
         path: str | Path,
         backbone_only: bool = False,
         spec: ModelSpec | None = None,
+        in_memory: bool = False,
     ):
         """``backbone_only``: the file holds everything but the routed experts
         (an EdgeMoE model's backbone.gguf); ``spec``: the model's spec, when a
-        manifest knows it better than llama.cpp's metadata can say."""
+        manifest knows it better than llama.cpp's metadata can say;
+        ``in_memory``: read the file instead of mapping it (then truncating it
+        while a model runs cannot crash the process)."""
         self._backbone_only = backbone_only
         self.path = str(path)
         p = Path(path)
@@ -122,9 +177,22 @@ class GGUFCheckpoint:
             )
         # Counts the file cannot hold are refused before gguf-py allocates
         # arrays for them (a FIFO or device was refused by is_dir/open above).
-        check_header(p)
+        header = check_header(p)
+        buffer, self._unread = None, {}
+        if in_memory:
+            # The embedding table is read a row per token (FileWeight): a
+            # vocabulary of rows most contexts never touch stays on disk. Tied
+            # to the output head it is read whole every token, so it is loaded.
+            embd = header.tensors.get("token_embd.weight")
+            tied = "output.weight" not in header.tensors or (
+                spec is not None and spec.tie_embeddings
+            )
+            if embd is not None and not tied:
+                self._unread["token_embd.weight"] = embd
+            skip = (embd[0], embd[0] + embd[1]) if self._unread else None
+            buffer = read_into_memory(p, skip)
         try:
-            self.reader = _CheckedReader(p, "r")
+            self.reader = _CheckedReader(p, "r", buffer)
         except _BadGGUF as e:
             raise ModelFileError(p, str(e)) from None
         except (ValueError, IndexError, OSError, KeyError, OverflowError) as e:
@@ -227,6 +295,16 @@ class GGUFCheckpoint:
     def load(self, name: str) -> Weight:
         t = self._tensors[name]
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if name in self._unread:
+            return FileWeight(
+                name,
+                int(t.tensor_type),
+                shape,
+                _NO_DATA,
+                self.path,
+                int(t.data_offset),
+                int(t.n_bytes),
+            )
         data = t.data
         if data.ctypes.data % 32:
             # general.alignment below 32: copy, ggml needs 32-byte aligned data.

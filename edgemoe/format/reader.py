@@ -1,6 +1,7 @@
 """Reading a converted-model directory: manifest, backbone, expert planes.
 
-The backbone is a GGUF read in place (zero-copy). Expert planes are read on
+The backbone is a GGUF, mapped for converters and read into memory for a
+running model (``in_memory``). Expert planes are read on
 demand with one ``pread`` each and their CRC-32 checked, so a corrupt shard
 is reported by file, layer, expert and plane the moment it is read.
 """
@@ -33,7 +34,8 @@ def read_manifest(root: Path) -> Manifest:
 class EdgeCheckpoint:
     """An EdgeMoE model directory, read as a Checkpoint plus expert planes."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, in_memory: bool = False):
+        """``in_memory``: read the backbone, not map it (how models run)."""
         from edgemoe.checkpoint.gguf_file import GGUFCheckpoint
 
         self.root = Path(path)
@@ -59,8 +61,10 @@ class EdgeCheckpoint:
         fmt = m.source.get("format", "hf")
         lookup = family_for_gguf if fmt == "gguf" else family_for_hf
         self.family = lookup(m.architecture, str(self.root / MANIFEST))
+        # A running model reads its backbone, resident under every budget
+        # anyway: a mapped file truncated mid-run is a SIGBUS inside ggml.
         self.backbone = GGUFCheckpoint(
-            self.root / BACKBONE, backbone_only=True, spec=m.spec
+            self.root / BACKBONE, backbone_only=True, spec=m.spec, in_memory=in_memory
         )
         self._fds: dict[int, int] = {}
 
