@@ -194,6 +194,12 @@ class PlaneCache:
                 continue
             if slot is not None:
                 self.state[p][slot] = READY
+                orphan = p and (key[0], key[1], 0) not in self.where
+                if orphan and not self.pinned[p][slot]:
+                    # Its plane 1 was evicted while this read was in flight
+                    # (an upgrade): useless alone, so dropped as it lands.
+                    self._free(p, slot)
+                    continue
             if self.tracing:
                 self.counters.trace.append(("loaded", key, req.finished))
         if failed is not None:
