@@ -52,6 +52,9 @@ class ConvertOptions:
     """An expert whose output peak exceeds this x the layer median is protected."""
     max_shard_bytes: int = 2 << 30
     force: bool = False
+    onnx_level: int | None = None
+    """Also write ``model.onnx`` with experts at this level, inside the same
+    atomic commit (and lock) as the rest of the model."""
 
 
 @dataclass
@@ -122,6 +125,8 @@ def convert(
     opts = options or ConvertOptions()
     t0 = time.perf_counter()
     plan = opts.levels
+    if opts.onnx_level is not None:
+        plan.n_planes(opts.onnx_level)  # an unknown level fails before any work
     step = progress or (lambda stage, i, n: None)
     ckpt = open_checkpoint(src)
     try:
@@ -272,6 +277,13 @@ def _convert(
         spec, rope_interleaved=spec.rope_interleaved or family.gguf_rope_interleaved
     )
     source_format = "gguf" if hasattr(ckpt, "tokenizer_fields") else "hf"
+    onnx = None
+    if opts.onnx_level is not None:
+        from edgemoe.converters.onnx_export import export_onnx
+
+        def onnx(tmp: Path) -> None:
+            export_onnx(tmp, opts.onnx_level)
+
     manifest = writer.finish(
         dict(
             architecture=ckpt.architecture,
@@ -289,7 +301,8 @@ def _convert(
             tokenizer=tokenizer_kind,
             chat_template=_chat_template(ckpt, vocab),
             source={"format": source_format, "path": str(ckpt.path)},
-        )
+        ),
+        before_commit=onnx,
     )
     from edgemoe.format.reader import EdgeCheckpoint
 

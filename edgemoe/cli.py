@@ -417,21 +417,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from edgemoe.quant.types import NestedQuant
     from edgemoe.report import print_convert_summary
 
+    if args.format not in ("gguf", "onnx"):
+        raise SystemExit(f"edgemoe convert: error: unknown --format {args.format!r}")
+    if args.onnx_level is not None and args.format != "onnx":
+        from edgemoe.errors import ConfigError
+
+        raise ConfigError("--onnx-level needs --format onnx")
+    levels = NestedQuant.parse(args.levels)
     opts = ConvertOptions(
-        levels=NestedQuant.parse(args.levels),
+        levels=levels,
         backbone_type=args.backbone_type,
         calib=args.calib,
         calib_tokens=args.calib_tokens,
         force=args.force,
+        # Written inside the model's atomic commit, under its lock.
+        onnx_level=(args.onnx_level or levels.levels[-1])
+        if args.format == "onnx"
+        else None,
     )
-    if args.format not in ("gguf", "onnx"):
-        raise SystemExit(f"edgemoe convert: error: unknown --format {args.format!r}")
     report = convert(args.source, args.output, opts, _convert_progress())
-    if args.format == "onnx":
-        from edgemoe.converters.onnx_export import export_onnx
-
-        level = args.onnx_level or report.manifest.levels[-1]
-        export_onnx(report.out, level)
     print_convert_summary(report)
     return 0
 

@@ -193,6 +193,53 @@ def test_killed_while_replacing_gets_the_old_model_back(src, tmp_path, capsys):
     assert leftovers(tmp_path) == ["out"]
 
 
+def test_onnx_is_written_inside_the_commit(src, tmp_path, capsys):
+    """``--format onnx`` writes model.onnx in the partial directory, under the
+    lock: the model and its export arrive together."""
+    out = tmp_path / "out"
+    rc, _, err = run_main(capsys, "convert", src, "-o", out, "--format", "onnx", *CALIB)
+    assert rc == 0, err
+    assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file()
+    assert leftovers(tmp_path) == ["out"]
+
+
+def test_a_failed_onnx_export_commits_nothing(src, tmp_path, capsys, monkeypatch):
+    """An export that fails leaves the previous model as it was (with --force)
+    and no partial directory or lock behind."""
+    from edgemoe.converters import onnx_export
+
+    out = tmp_path / "out"
+    assert run_main(capsys, "convert", src, "-o", out, *CALIB)[0] == 0
+    before = (out / "manifest.json").read_bytes()
+
+    def fail(model_dir, level, out=None):
+        assert Path(model_dir).name.startswith(".out.partial-")  # not yet in place
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", fail)
+    rc, _, err = run_main(
+        capsys, "convert", src, "-o", out, "--format", "onnx", "--force", *CALIB
+    )
+    assert rc == 1 and "no space left" in err, err
+    assert (out / "manifest.json").read_bytes() == before
+    assert not (out / "model.onnx").exists()
+    assert leftovers(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (("--format", "onnx", "--onnx-level", "3"), "level"),
+        (("--onnx-level", "4"), "--onnx-level needs --format onnx"),
+    ],
+)
+def test_onnx_options_fail_before_any_work(src, tmp_path, capsys, args, needle):
+    out = tmp_path / "out"
+    rc, _, err = run_main(capsys, "convert", src, "-o", out, *args, *CALIB)
+    assert rc == 1 and needle in err, err
+    assert leftovers(tmp_path) == []
+
+
 # -- the chat's exit status ------------------------------------------------------------
 TEMPLATE = (
     "{% for m in messages %}"

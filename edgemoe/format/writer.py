@@ -242,8 +242,14 @@ class ModelWriter:
         shard["closed"] = True
 
     # -- finish --------------------------------------------------------------
-    def finish(self, manifest_fields: dict[str, Any]) -> Manifest:
-        """Index the shards, write the manifest and move the directory into place."""
+    def finish(
+        self,
+        manifest_fields: dict[str, Any],
+        before_commit: Callable[[Path], Any] | None = None,
+    ) -> Manifest:
+        """Index the shards, write the manifest and move the directory into
+        place. ``before_commit(dir)`` adds files to the complete model (an
+        ONNX export) before it moves, still under the lock."""
         self._expect(WriterState.EXPERTS)
         if self._next != len(self._order):
             raise ConfigError(
@@ -267,6 +273,8 @@ class ModelWriter:
             )
             text = json.dumps(manifest.to_json(), indent=1)
             (self.tmp / MANIFEST).write_text(text)
+            if before_commit is not None:
+                before_commit(self.tmp)
             self._move_into_place()
         except OSError as e:
             raise _disk_error(self.tmp, e) from None
