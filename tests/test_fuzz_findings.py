@@ -1,5 +1,6 @@
-"""Each finding of the fuzzer's first long run (fuzz/run.py, 1,000 cases per
-reader), as a regression test: a typed one-line error, or a correct run."""
+"""Each finding of the fuzzer's long runs (fuzz/run.py: 1,000, then 2,000,
+then 10,000 cases per reader), as a regression test: a typed one-line error,
+or a correct run."""
 
 from __future__ import annotations
 
@@ -97,8 +98,21 @@ def test_ordinary_lipsum_and_tojson_still_work():
         (lambda d: d.update(chat_template=[1]), "chat_template must be a string"),
         (lambda d: d.update(shifts=7), "shifts"),
         (lambda d: d["hotness"][0][0].update(weight=10**400), "hotness"),
+        (lambda d: d["hotness"][0].append(d["hotness"][0][0]), "has 9 entries"),
+        (lambda d: d["hotness"][0].pop(), "has 7 entries"),
     ],
-    ids=["source", "experts", "crc-inf", "offset", "crc-33", "tpl", "shifts", "hot"],
+    ids=[
+        "source",
+        "experts",
+        "crc-inf",
+        "offset",
+        "crc-33",
+        "tpl",
+        "shifts",
+        "hot",
+        "hot-grown",
+        "hot-shrunk",
+    ],
 )
 def test_manifest_entries(converted_fixture, tmp_path, cli, edit, needle):
     model = tmp_path / "m"
@@ -108,3 +122,42 @@ def test_manifest_entries(converted_fixture, tmp_path, cli, edit, needle):
     edit(d)
     path.write_text(json.dumps(d).replace("Infinity", "1e400"))
     assert_cli_error(cli("inspect", model), needle)
+
+
+@pytest.mark.parametrize(
+    "normalizer",
+    [[""], "NFC", {"normalizers": []}, {"type": "Sequence", "normalizers": [[""]]}],
+    ids=["list", "string", "no-type", "nested"],
+)
+def test_tokenizer_parts_must_be_typed_objects(hf, cli, normalizer):
+    """A normalizer given as [""] was accepted by the tokenizers library and
+    then panicked in Rust mid-encode (a backtrace, then a traceback)."""
+    path = hf / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["normalizer"] = normalizer
+    path.write_text(json.dumps(data))
+    line = assert_cli_error(
+        cli("run", hf, "--chat", "-p", "hi", "-n", "2"), "normalizer"
+    )
+    assert "must be an object with a" in line
+
+
+def test_a_panic_inside_tokenizers_is_a_typed_error(hf):
+    from edgemoe.checkpoint.tokenizer import HFTokenizer
+    from edgemoe.errors import ModelFileError
+
+    class PanicException(BaseException):  # what pyo3 raises for a Rust panic
+        pass
+
+    class Panics:
+        def encode(self, *a, **k):
+            raise PanicException("index out of bounds")
+
+        decode = encode
+
+    tok = HFTokenizer(hf)
+    tok._tok = Panics()
+    with pytest.raises(ModelFileError, match="failed to encode: index out of bounds"):
+        tok.encode("hi")
+    with pytest.raises(ModelFileError, match="failed to decode"):
+        tok.decode([1])

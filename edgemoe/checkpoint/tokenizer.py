@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemoe.checkpoint.chat_template import render_chat
-from edgemoe.checkpoint.files import MAX_JSON_BYTES, read_json, read_regular
+from edgemoe.checkpoint.files import MAX_JSON_BYTES, parse_json, read_json, read_regular
 from edgemoe.errors import ModelFileError
 
 
@@ -62,6 +62,40 @@ def _token_text(value: Any) -> str:
     return text
 
 
+# Pipeline parts of a tokenizer.json, and the keys under which a Sequence of
+# them lists its members.
+_PARTS = ("normalizer", "pre_tokenizer", "post_processor", "decoder")
+_MEMBERS = ("normalizers", "pretokenizers", "processors", "decoders")
+
+
+def _check_structure(data: Any, path: Path) -> None:
+    """Each pipeline part is null or an object naming its ``type``, as the
+    tokenizers library writes them. Its deserializer also takes other shapes
+    (a normalizer given as ``[""]``) that then panic in Rust mid-encode, with
+    a backtrace on stderr that no handler can hold back."""
+
+    def part(value: Any, where: str) -> None:
+        if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+            raise ModelFileError(
+                path, f"{where} must be an object with a \"type\", got {value!r:.60}"
+            )
+        for key in _MEMBERS:
+            members = value.get(key)
+            if members is not None:
+                if not isinstance(members, list):
+                    raise ModelFileError(path, f"{where}.{key} must be a list")
+                for i, m in enumerate(members):
+                    part(m, f"{where}.{key}[{i}]")
+
+    if not isinstance(data, dict):
+        raise ModelFileError(path, "expected a JSON object")
+    if not isinstance(data.get("model"), dict):  # old files leave out its type
+        raise ModelFileError(path, "model must be an object")
+    for key in _PARTS:
+        if data.get(key) is not None:
+            part(data[key], key)
+
+
 class HFTokenizer(Tokenizer):
     """``tokenizer.json`` through the ``tokenizers`` library, plus the special
     tokens and chat template of ``tokenizer_config.json``."""
@@ -76,14 +110,11 @@ class HFTokenizer(Tokenizer):
         # Read by us, not by path: a FIFO must not block, and the bytes are
         # size-capped before the Rust parser sees them.
         raw = read_regular(path, MAX_JSON_BYTES)
-        try:
-            self._tok = _Tok.from_str(raw.decode("utf-8"))
-        except BaseException as e:  # noqa: BLE001
-            # A Rust panic in tokenizers arrives as pyo3's PanicException,
-            # a BaseException: a bad file, not a reason to die.
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
-            raise ModelFileError(path, f"cannot load tokenizer: {e}") from None
+        _check_structure(parse_json(raw, path), path)
+        self.path = path
+        self._tok = self._guard(
+            "cannot load tokenizer", lambda: _Tok.from_str(raw.decode("utf-8"))
+        )
         self.origin = str(root)
         cfg: dict[str, Any] = {}
         cfg_path = root / "tokenizer_config.json"
@@ -127,8 +158,26 @@ class HFTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def _guard(self, what: str, fn, *args, **kwargs):
+        """``fn(*args)``; a failure inside tokenizers is a fault of this file.
+        A Rust panic there (a normalizer that replaces "" indexes past a
+        string) arrives as pyo3's PanicException, a BaseException."""
+        try:
+            return fn(*args, **kwargs)
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as e:  # noqa: BLE001
+            raise ModelFileError(self.path, f"{what}: {e}") from None
+
     def encode(self, text: str, add_special: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special).ids
+        enc = self._guard(
+            "tokenizer failed to encode", self._tok.encode, text,
+            add_special_tokens=add_special,
+        )  # fmt: skip
+        return enc.ids
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+        return self._guard(
+            "tokenizer failed to decode", self._tok.decode, list(ids),
+            skip_special_tokens=True,
+        )  # fmt: skip

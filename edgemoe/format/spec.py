@@ -268,6 +268,13 @@ def _parse(d: Any, path: str) -> Manifest:
         raise _fail(path, "hotness entries need freq and weight") from None
     if any(e < 0 or e >= spec.n_expert for row in prot for e in row):
         raise _fail(path, "protected lists an expert outside the model")
+    for i, row in enumerate(hotness):
+        # The cache and the cost model index a MoE layer's row by expert id.
+        want = spec.n_expert if i in moe else 0
+        if len(row) != want:
+            raise _fail(
+                path, f"hotness of layer {i} has {len(row)} entries, expected {want}"
+            )
     if backbone_type not in BLOCK_TYPES and backbone_type not in ("F16", "F32", "Q4_0"):
         raise _fail(path, f"backbone_type {backbone_type!r}")
     source = d.get("source") or {}
