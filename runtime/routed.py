@@ -86,9 +86,13 @@ class CachedRouted:
         if ws.t == 1 and self.prefetch_enabled:
             self._predict_next(ws, layer)
         pending = sorted(top)
+        # A forced level is exact: an expert granted only some of its planes
+        # (upper pools full of this layer's pinned planes) waits for a later
+        # batch instead of running at fewer. Dual routing runs it at those.
+        forced = policy.force_level is not None
         while pending:
             granted = cache.acquire(layer, self._heat(pending, ids, rw, want))
-            batch = [e for e in pending if granted[e] >= 1]
+            batch = [e for e in pending if granted[e] >= (top[e] if forced else 1)]
             if not batch:
                 if cache.pending:
                     # Every free plane-1 slot is taken by reads in flight

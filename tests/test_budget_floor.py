@@ -30,12 +30,25 @@ def generate(model, seed: int, n: int) -> int:
     return sum(1 for _ in out)
 
 
-def check(path, threads, level, seeds, extra: int = 0) -> None:
+def check(path, threads, level, seeds, extra: int | float = 0) -> None:
+    """``extra``: bytes above the minimum, or (a float) that share of every
+    expert plane's bytes, 1.0 being the whole model."""
     ctx = dict(n_ctx=512, n_threads=threads, force_level=level)
+    if isinstance(extra, float):
+        from edgemoe.format.reader import EdgeCheckpoint
+
+        ckpt = EdgeCheckpoint(path)
+        extra = int(extra * max(ckpt.level_bytes().values()))
+        ckpt.close()
     budget = reported_minimum(path, **ctx) + extra
     with edgemoe.load(path, budget=budget, **ctx) as model:
         for seed in seeds:
             assert generate(model, seed, 400) == 400, (budget, seed)
+        if level is not None:
+            # Every (token, expert) pair ran at exactly the forced level.
+            runs = model.routed.planes_run
+            n = model.checkpoint.manifest.plan.n_planes(level)
+            assert runs[n] > 0 and runs.sum() == runs[n], runs
         if not extra:
             assert model.counters()["evictions"] > 100  # it really streamed
 
@@ -47,7 +60,7 @@ def test_minimum_budget_runs_400_tokens(converted_fixture, threads, level):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [1 << 20, 8 << 20])
+@pytest.mark.parametrize("extra", [1 << 20, 8 << 20, 0.5, 1.0])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("level", [None, 2, 8])
 def test_budgets_above_minimum_run_400_tokens(converted_fixture, threads, level, extra):
