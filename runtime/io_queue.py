@@ -19,7 +19,6 @@ import itertools
 import os
 import threading
 import time
-import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 
 from edgemoe.checkpoint.base import aligned_empty
 from edgemoe.errors import ConfigError, ModelFileError
+from edgemoe.format.crc import crc32
 
 DEMAND, PREFETCH = 0, 1
 
@@ -121,7 +121,7 @@ class IOQueue(ABC):
                 if req.crc32 is not None:
                     crc = 0
                     for d in req.dest:
-                        crc = zlib.crc32(d, crc)
+                        crc = crc32(d, crc)
                     if crc != req.crc32:
                         raise ModelFileError(
                             req.path,

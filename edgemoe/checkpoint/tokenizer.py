@@ -77,7 +77,7 @@ def _check_structure(data: Any, path: Path) -> None:
     def part(value: Any, where: str) -> None:
         if not isinstance(value, dict) or not isinstance(value.get("type"), str):
             raise ModelFileError(
-                path, f"{where} must be an object with a \"type\", got {value!r:.60}"
+                path, f'{where} must be an object with a "type", got {value!r:.60}'
             )
         for key in _MEMBERS:
             members = value.get(key)

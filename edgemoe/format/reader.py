@@ -9,7 +9,6 @@ is reported by file, layer, expert and plane the moment it is read.
 from __future__ import annotations
 
 import os
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from edgemoe.arch import family_for_gguf, family_for_hf
 from edgemoe.checkpoint.base import Weight
 from edgemoe.checkpoint.files import member, read_json
 from edgemoe.errors import ModelFileError
+from edgemoe.format.crc import crc32
 from edgemoe.format.spec import BACKBONE, MANIFEST, PROJS, Manifest, PlaneRef
 
 
@@ -108,7 +108,7 @@ class EdgeCheckpoint:
         parts = [data[o : o + n] for o, n in ref.parts]
         crc = 0
         for part in parts:
-            crc = zlib.crc32(part, crc)
+            crc = crc32(part, crc)
         if crc != ref.crc32:
             raise ModelFileError(
                 path,

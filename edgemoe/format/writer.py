@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from edgemoe.errors import ConfigError, ModelFileError
+from edgemoe.format.crc import crc32
 from edgemoe.format.lock import OutputLock, pid_alive
 from edgemoe.format.spec import (
     ALIGNMENT,
@@ -226,7 +226,7 @@ class ModelWriter:
                         f"uint8[{n}, {bt.row_bytes(k)}]"
                     )
                 data = np.ascontiguousarray(data)
-                crc = zlib.crc32(data, crc)
+                crc = crc32(data, crc)
                 shard["writer"].write_tensor_data(data)
         except OSError as e:
             raise _disk_error(shard["path"], e) from None
