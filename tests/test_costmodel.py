@@ -1,0 +1,171 @@
+"""The cost model against decode times measured on this machine.
+
+Each byte term is checked against a measured time difference between two
+configurations that differ only in that term: the expert term between forced
+levels 8 and 2 of one model, the backbone term between two models that differ
+only in their output head. Then the whole prediction, with this machine's
+matvec rates and its per-token and per-plane overheads measured on a tiny
+model of the same depth, against a dual-routing decode of the larger model.
+The bounds (±40%) allow this shared machine's noise; a term off by 2x or 3x
+(the backbone counted twice, the expert rate a third) falls outside them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+LAYERS = 4
+ROUNDS = 9
+N_GEN = 16
+SHAPES = {
+    # name: (hidden, expert FFN, vocabulary); Mixtral, 8 experts, top-2.
+    "tiny": (256, 256, 1024),
+    "big": (1024, 1024, 1024),
+    "bighead": (1024, 1024, 65536),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The three models converted (levels 2,4,8), random weights."""
+    from edgemoe.converters.convert import ConvertOptions, convert
+    from edgemoe.converters.synth import preset_config, write_hf
+
+    root = tmp_path_factory.mktemp("costmodel")
+    out = {}
+    for name, (hidden, ffn, vocab) in SHAPES.items():
+        cfg = preset_config(
+            "demo", LAYERS, hidden_size=hidden, intermediate_size=ffn,
+            vocab_size=vocab, num_attention_heads=8, num_key_value_heads=4,
+        )  # fmt: skip
+        hf = write_hf(cfg, root / f"{name}-hf")
+        out[name] = root / name
+        convert(hf, out[name], ConvertOptions(calib_tokens=512, calib_window=256))
+    return out
+
+
+@pytest.fixture(scope="module")
+def profile():
+    """This machine's ggml matvec rates at one thread (the decode below runs
+    one thread), no overheads and no storage: the byte terms alone."""
+    from edgemoe.profile import load_profile
+    from edgemoe.runtime.measure import matmul_rate
+
+    rates = {n: matmul_rate(t, 1, seconds=0.4) for n, t in RATE_TYPES}
+    return dataclasses.replace(
+        load_profile("generic-cpu"), matmul=rates, threads=1,
+        token_overhead_ms=0.0, layer_overhead_ms=0.0, plane_overhead_ms=0.0,
+    )  # fmt: skip
+
+
+RATE_TYPES = (("q8_0", "Q8_0"), ("q4_k", "Q4_K"), ("q2_k", "Q2_K"))
+
+
+def decode_ms(runs: dict) -> dict[str, float]:
+    """ms per decoded token of each loaded model: the fastest of interleaved
+    rounds (so that drift hits all alike; the fastest is the least disturbed
+    by the machine's other load)."""
+    from edgemoe.runtime.bench import bench
+
+    samples: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(ROUNDS):
+        for key, model in runs.items():
+            (tg,) = bench(model, n_prompt=0, n_gen=N_GEN, reps=1, seed=r)
+            samples[key].append(1e3 / tg.tps[-1])
+    return {k: min(v) for k, v in samples.items()}
+
+
+def loaded(path, **options):
+    import edgemoe
+
+    return edgemoe.load(path, n_threads=1, n_ctx=256, **options)
+
+
+def predict(model, profile):
+    from edgemoe.runtime.costmodel import predict as _predict
+
+    return _predict(model.checkpoint, profile, model.routed.policy, None)
+
+
+def within(predicted: float, measured: float, bound: float = 0.4) -> bool:
+    return (1 - bound) * measured <= predicted <= (1 + bound) * measured
+
+
+def close_all(runs: dict) -> None:
+    for m in runs.values():
+        m.close()
+
+
+def test_expert_term_against_level_8_minus_level_2(models, profile):
+    """Levels 8 and 2 of one model run the same backbone and experts; their
+    difference is the expert planes' bytes plus a per-plane cost, which the
+    tiny model (bytes that hardly count) measures."""
+    runs = {
+        (name, lv): loaded(models[name], force_level=lv)
+        for name in ("tiny", "big")
+        for lv in (2, 8)
+    }
+    try:
+        ms = decode_ms(runs)
+        pred = {k: predict(m, profile) for k, m in runs.items()}
+    finally:
+        close_all(runs)
+
+    def delta(name, attr):
+        hi, lo = pred[name, 8], pred[name, 2]
+        return getattr(hi, attr) - getattr(lo, attr)
+
+    # Per plane run, what the tiny model's extra planes cost beyond their bytes.
+    extra = ms["tiny", 8] - ms["tiny", 2] - delta("tiny", "experts_ms")
+    per_plane = max(extra, 0.0) / delta("tiny", "plane_runs")
+    measured = ms["big", 8] - ms["big", 2] - per_plane * delta("big", "plane_runs")
+    predicted = delta("big", "experts_ms")
+    assert predicted > 0.5  # the term is large enough to be measured here
+    assert within(predicted, measured), (predicted, measured, ms)
+
+
+def test_backbone_term_against_a_larger_output_head(models, profile):
+    """Two models alike but for the vocabulary: their decode times differ by
+    the output head's matvec (the embedding is a row lookup)."""
+    runs = {name: loaded(models[name], force_level=2) for name in ("big", "bighead")}
+    try:
+        ms = decode_ms(runs)
+        pred = {k: predict(m, profile) for k, m in runs.items()}
+    finally:
+        close_all(runs)
+    predicted = pred["bighead"].backbone_ms - pred["big"].backbone_ms
+    measured = ms["bighead"] - ms["big"]
+    assert predicted > 0.5
+    assert within(predicted, measured), (predicted, measured, ms)
+
+
+def test_decode_prediction_end_to_end(models, profile):
+    """With the overheads measured on the tiny model (same depth and routing
+    shape: per plane from level 8 minus level 2, per token from its dual-routing
+    decode), the big model's dual-routing decode is predicted within 40%."""
+    runs = {
+        "tiny2": loaded(models["tiny"], force_level=2),
+        "tiny8": loaded(models["tiny"], force_level=8),
+        "tiny": loaded(models["tiny"]),
+        "big": loaded(models["big"]),
+    }
+    try:
+        ms = decode_ms(runs)
+        p = {k: predict(m, profile) for k, m in runs.items()}
+    finally:
+        close_all(runs)
+    extra = ms["tiny8"] - ms["tiny2"] - (p["tiny8"].experts_ms - p["tiny2"].experts_ms)
+    per_plane = max(extra, 0.0) / (p["tiny8"].plane_runs - p["tiny2"].plane_runs)
+    per_token = ms["tiny"] - p["tiny"].ms_per_token - per_plane * p["tiny"].plane_runs
+    fitted = dataclasses.replace(
+        profile, token_overhead_ms=max(per_token, 0.0), plane_overhead_ms=per_plane
+    )
+    from edgemoe.runtime.costmodel import predict as _predict
+
+    with loaded(models["big"]) as m:
+        big = _predict(m.checkpoint, fitted, m.routed.policy, None)
+    assert sum(share > 0.05 for share in big.planes_mix) >= 2  # levels mixed
+    assert big.backbone_ms + big.experts_ms > 0.4 * big.ms_per_token  # bytes count
+    assert within(big.ms_per_token, ms["big"]), (big, ms)
