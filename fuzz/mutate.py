@@ -10,6 +10,7 @@ length, and which JSON node to replace with a hostile value.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import struct
@@ -346,7 +347,9 @@ def mutate_json_obj(
                 [old + 1, old - 1, old * 2, -old, old * 1000, old / 3]
             )
         else:
-            parent[key] = rng.choice(HOSTILE)
+            # A copy: a later change inside it must not alter the shared pool
+            # (a stacked "wrap" once grew one pool entry a few thousand deep).
+            parent[key] = copy.deepcopy(rng.choice(HOSTILE))
     new = parent.get(key, "<deleted>") if isinstance(parent, dict) else parent[key]
     show = new.text[:40] if isinstance(new, Raw) else repr(new)[:40]
     return obj, f"json.{op} {'/'.join(map(str, path))[:80]} -> {show}"

@@ -48,6 +48,18 @@ def test_mutators_are_deterministic(seeds):
             assert (a.what, a.argv, a.files) == (b.what, b.argv, b.files)
 
 
+def test_mutators_leave_their_value_pool_alone():
+    """Cases are independent: a change stacked inside a value taken from the
+    shared pool once grew that pool entry thousands deep (RecursionError)."""
+    before = repr(fuzz_mutate.HOSTILE)
+    for i in range(3000):
+        rng, obj = random.Random(i), {"a": [1, {"b": "c"}], "d": [2]}
+        for _ in range(4):  # stacked changes, as mutate_json_text stacks them
+            if isinstance(obj, (dict, list)):
+                obj, _ = fuzz_mutate.mutate_json_obj(obj, rng)
+    assert repr(fuzz_mutate.HOSTILE) == before
+
+
 def test_gguf_mutator_hits_counts_and_types(seeds):
     kinds = {s.kind for s in seeds.gguf_sites}
     assert {

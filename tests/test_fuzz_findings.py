@@ -161,3 +161,16 @@ def test_a_panic_inside_tokenizers_is_a_typed_error(hf):
         tok.encode("hi")
     with pytest.raises(ModelFileError, match="failed to decode"):
         tok.decode([1])
+
+
+def test_nul_in_a_tokenizer_model_string(hf, cli):
+    """A NUL in the BPE model's continuing_subword_prefix aborted the process
+    inside tokenizers (a panic at its FFI boundary): refused before it loads."""
+    path = hf / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["model"]["continuing_subword_prefix"] = "\u0000"
+    path.write_text(json.dumps(data))
+    assert_cli_error(
+        cli("run", hf, "--chat", "-p", "hi", "-n", "2"),
+        "model.continuing_subword_prefix contains a NUL character",
+    )

@@ -87,13 +87,28 @@ def _check_structure(data: Any, path: Path) -> None:
                 for i, m in enumerate(members):
                     part(m, f"{where}.{key}[{i}]")
 
+    def no_nul(value: Any, where: str) -> None:
+        # A NUL in the BPE model's continuing_subword_prefix aborted the
+        # process in tokenizers' Python binding (a panic at the FFI boundary).
+        if isinstance(value, str) and "\0" in value:
+            raise ModelFileError(path, f"{where} contains a NUL character")
+        if isinstance(value, (dict, list)):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                no_nul(v, f"{where}.{k}")
+
     if not isinstance(data, dict):
         raise ModelFileError(path, "expected a JSON object")
-    if not isinstance(data.get("model"), dict):  # old files leave out its type
+    model = data.get("model")
+    if not isinstance(model, dict):  # old files leave out its type
         raise ModelFileError(path, "model must be an object")
+    for key, value in model.items():
+        if key not in ("vocab", "merges"):  # tokens may be any string
+            no_nul(value, f"model.{key}")
     for key in _PARTS:
         if data.get(key) is not None:
             part(data[key], key)
+            no_nul(data[key], key)
 
 
 class HFTokenizer(Tokenizer):
