@@ -388,143 +388,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- export-gguf, synth, demo --------------------------------------------------------
-def _progress_bar(label: str):
-    """A transient bar on stderr for a terminal; None (no progress) otherwise, so
-    piped stdout holds only the result line."""
-    if not sys.stderr.isatty():
-        return None
-    from rich.console import Console
-    from rich.progress import Progress
-
-    prog = Progress(console=Console(stderr=True), transient=True)
-    task = None
-
-    def update(name: str, i: int, n: int) -> None:
-        nonlocal task
-        if task is None:
-            prog.start()
-            task = prog.add_task(label, total=n)
-        prog.update(task, completed=i + 1, description=f"{label} {name}")
-        if i + 1 == n:
-            prog.stop()
-
-    return update
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    from edgemoe.converters.convert import ConvertOptions, convert
-    from edgemoe.quant.types import NestedQuant
-    from edgemoe.report import print_convert_summary
-
-    if args.format not in ("gguf", "onnx"):
-        raise SystemExit(f"edgemoe convert: error: unknown --format {args.format!r}")
-    if args.onnx_level is not None and args.format != "onnx":
-        from edgemoe.errors import ConfigError
-
-        raise ConfigError("--onnx-level needs --format onnx")
-    levels = NestedQuant.parse(args.levels)
-    opts = ConvertOptions(
-        levels=levels,
-        backbone_type=args.backbone_type,
-        calib=args.calib,
-        calib_tokens=args.calib_tokens,
-        force=args.force,
-        # Written inside the model's atomic commit, under its lock.
-        onnx_level=(args.onnx_level or levels.levels[-1])
-        if args.format == "onnx"
-        else None,
-    )
-    report = convert(args.source, args.output, opts, _convert_progress())
-    print_convert_summary(report)
-    return 0
-
-
-def _convert_progress():
-    """Rich bars (layers, and experts within the layer) on a terminal."""
-    if not sys.stderr.isatty():
-        return None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    prog = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    tasks: dict[str, int] = {}
-
-    def update(stage: str, i: int, n: int) -> None:
-        if not tasks:
-            prog.start()
-        if stage not in tasks:
-            label = "layers" if stage == "layer" else "  experts"
-            tasks[stage] = prog.add_task(label, total=n)
-        prog.update(tasks[stage], completed=i, total=n)
-        if stage == "layer" and i >= n:
-            prog.stop()
-
-    return update
-
-
-def cmd_export_gguf(args: argparse.Namespace) -> int:
-    from edgemoe.checkpoint import open_checkpoint
-    from edgemoe.converters.llama_gguf import write_gguf
-
-    ckpt = open_checkpoint(args.model)
-    if getattr(ckpt, "manifest", None) is not None:
-        from edgemoe.converters.level_view import LevelCheckpoint
-
-        ckpt = LevelCheckpoint(ckpt, args.level, args.type)
-    elif args.level is not None:
-        ckpt.close()
-        from edgemoe.errors import ConfigError
-
-        raise ConfigError("--level applies to converted EdgeMoE models")
-    try:
-        out = write_gguf(
-            ckpt,
-            args.output,
-            args.type,
-            force=args.force,
-            progress=_progress_bar("writing"),
-        )
-    finally:
-        ckpt.close()
-    print(f"wrote {out} ({_mib(out.stat().st_size)})")
-    return 0
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    from edgemoe.converters import synth
-
-    cfg = synth.preset_config(args.preset, layers=args.layers)
-    if args.gguf:
-        out = synth.write_gguf(
-            cfg,
-            args.output,
-            args.gguf,
-            seed=args.seed,
-            force=args.force,
-            progress=_progress_bar("writing"),
-        )
-    else:
-        out = synth.write_hf(cfg, args.output, seed=args.seed, force=args.force)
-    print(f"wrote {out}: {synth.LABEL}")
-    return 0
-
-
+# -- demo ----------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
     import time
@@ -617,29 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("convert", help="convert a checkpoint into nested expert planes")
-    c.add_argument("source", metavar="SRC", help="HF checkpoint directory or GGUF")
-    c.add_argument("-o", "--output", required=True, help="model directory to write")
-    c.add_argument(
-        "--levels",
-        default="2,4,8",
-        help="nested bit widths, increasing by 2/4/6/8 (default 2,4,8)",
-    )
-    c.add_argument(
-        "--backbone-type",
-        default="Q8_0",
-        help="backbone weights: Q8_0 (default), F16, F32, Q4_0",
-    )
-    c.add_argument("--calib", help="calibration text file (default: built-in)")
-    c.add_argument("--calib-tokens", type=int, default=4096)
-    c.add_argument(
-        "--format",
-        default="gguf",
-        help="gguf (default), or onnx: also write model.onnx",
-    )
-    c.add_argument("--onnx-level", type=int, help="expert level in the ONNX export")
-    c.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
-    c.set_defaults(func=cmd_convert)
+    from edgemoe.convert_cli import add_parsers as add_convert
+
+    add_convert(sub)
 
     i = sub.add_parser("inspect", help="architecture, sizes and tensors of a model")
     i.add_argument("model", metavar="MODEL")
@@ -651,37 +495,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-hash an EdgeMoE model's files against its manifest",
     )
     i.set_defaults(func=cmd_inspect)
-
-    x = sub.add_parser("export-gguf", help="write a llama.cpp-loadable GGUF")
-    x.add_argument("model", metavar="MODEL")
-    x.add_argument("-o", "--output", required=True)
-    x.add_argument(
-        "--type",
-        default="Q8_0",
-        help="F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q4_K, Q6_K "
-        "(converted models: the experts' type; the backbone keeps its own)",
-    )
-    x.add_argument("--force", action="store_true", help="overwrite OUTPUT")
-    x.add_argument(
-        "--level",
-        type=int,
-        default=None,
-        help="converted models: the expert level to export (default: top)",
-    )
-    x.set_defaults(func=cmd_export_gguf)
-
-    y = sub.add_parser("synth", help="write a RANDOM-weight model of a real shape")
-    y.add_argument(
-        "--preset",
-        default="demo",
-        help="demo, olmoe-1b-7b, qwen3-30b-a3b, mixtral-8x7b, qwen1.5-moe-a2.7b",
-    )
-    y.add_argument("--layers", type=int, default=None, help="override the layer count")
-    y.add_argument("-o", "--output", required=True, help="directory (HF) or .gguf file")
-    y.add_argument("--gguf", metavar="TYPE", help="write a GGUF of this type instead")
-    y.add_argument("--seed", type=int, default=0)
-    y.add_argument("--force", action="store_true")
-    y.set_defaults(func=cmd_synth)
 
     from edgemoe.profile_cli import add_parser as add_profile
 
