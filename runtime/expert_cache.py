@@ -298,8 +298,10 @@ class PlaneCache:
         granted = {e: 0 for e in heat}
         order = hebf_order(heat)
         for rank, (e, p) in enumerate(order):
-            if granted[e] < p:
-                continue  # a lower plane could not be placed
+            if granted[e] < p or not self.slots[p]:
+                # A lower plane could not be placed, or the plan gave this
+                # plane no pool (the minimum budget): not a miss, never a read.
+                continue
             key = (layer, e, p)
             slot = self.where.get(key)
             if slot is not None:

@@ -198,3 +198,18 @@ def test_planes_still_loading_are_dropped_when_they_land(small_cache):
     assert orphans(c) == []
     assert resident(c, 0, 1) == []
     assert [int((s == READY).sum()) for s in c.state[1:]] == [0, 0]
+
+
+def test_a_plane_without_a_pool_is_not_counted_as_a_miss(converted_fixture):
+    """At the minimum dual-routing budget the plan gives planes 2 and 3 no
+    slots: wanting them is neither a miss nor an upgrade (it was counted as
+    both, on every token, which halved the reported hit rate)."""
+    opts = dict(n_ctx=128, n_threads=1)
+    budget = reported_minimum(converted_fixture, **opts)
+    with edgemoe.load(converted_fixture, budget=budget, **opts) as m:
+        assert m.routed.cache.slots[1:] == (0, 0)
+        out = m.generate("def fib(n):", max_tokens=20, ignore_eos=True, temperature=0)
+        assert len(list(out)) == 20
+        c = m.counters()
+    assert c["misses"][1:] == [0, 0] and c["upgrades"] == 0, c
+    assert c["misses"][0] > 0  # plane 1 streamed
