@@ -22,6 +22,7 @@ from edgemoe.checkpoint.base import Weight
 from edgemoe.errors import GGMLError
 from edgemoe.runtime import ggml_binding as gb
 from edgemoe.runtime.ggml_binding import F32, I32, TENSOR_ALIGNMENT, InitParams
+from edgemoe.runtime.step_ops import StepOps
 
 _DTYPE_TO_GGML = {np.dtype(np.float32): F32, np.dtype(np.int32): I32}
 # Types ggml's CPU backend multiplies as weights: floats and block quants.
@@ -306,7 +307,7 @@ class WeightSet:
         self._ctx.free()
 
 
-class Graph:
+class Graph(StepOps):
     """One ggml graph for fixed shapes; build once with the op methods, then
     ``compute()`` as often as needed after rewriting the bound input arrays."""
 
@@ -327,6 +328,8 @@ class Graph:
         self._outputs: list[tuple[T, np.ndarray]] = []
         self._ids: list[tuple[np.ndarray, int]] = []
         self._id_ptrs: set[int] = set()
+        self._id_bound: dict[int, int] = {}
+        self._expand: list[T] = []
         self._bound: set[int] = set()
         self._graph = None
         self._freed = False
@@ -359,11 +362,14 @@ class Graph:
         t = self.input(array, base)
         self._ids.append((array, n_experts))
         self._id_ptrs.add(t.ptr)
+        self._id_bound[t.ptr] = n_experts
         return t
 
     def output(self, t: T, array: np.ndarray, base: np.ndarray | None = None) -> None:
-        """Make op result ``t`` land in ``array`` (float32, same shape)."""
-        if array.dtype != np.float32 or ne_of(array.shape) != t.ne:
+        """Make op result ``t`` land in ``array`` (float32, or int32 for an
+        int32 result; same shape)."""
+        want = np.int32 if t.qtype == I32 else np.float32
+        if array.dtype != want or ne_of(array.shape) != t.ne:
             raise GGMLError(
                 f"output array {array.dtype}{list(array.shape)} does not match "
                 f"tensor ne {t.ne}"
@@ -518,6 +524,10 @@ class Graph:
         return self._new_op(ptr, F32, a.ne)
 
     # -- build and run -------------------------------------------------------
+    def expand(self, t: T) -> None:
+        """Compute ``t`` though no output reads it (a ``set_rows`` write)."""
+        self._expand.append(t)
+
     def build(self) -> None:
         """Freeze the graph over its outputs and allocate intermediates."""
         g = self.g
@@ -528,6 +538,8 @@ class Graph:
         self._graph = g.ggml_new_graph_custom(self._ctx.ctx, self.graph_size, False)
         if not self._graph:
             raise GGMLError("ggml_new_graph_custom failed")
+        for t in self._expand:
+            g.ggml_build_forward_expand(self._graph, t.ptr)
         for t, _ in self._outputs:
             g.ggml_build_forward_expand(self._graph, t.ptr)
         if self._shared_galloc is None:

@@ -1,0 +1,162 @@
+"""ggml ops a whole-step graph needs beyond matmuls: row gather and scatter
+(embeddings, the KV cache), RoPE, masked softmax, top-k routing, permutes.
+
+Each op checks in Python what the bundled ggml asserts (``ggml.c`` and
+``ggml-cpu/ops.cpp`` of llama-cpp-python 0.3.36): an assertion there aborts
+the process. Row ids that index memory come from ``Graph.ids`` and are
+range-checked before every compute. ``Graph`` mixes these in.
+"""
+
+from __future__ import annotations
+
+from edgemoe.errors import GGMLError
+from edgemoe.runtime.ggml_binding import F16, F32, I32
+
+ROPE_NORMAL, ROPE_NEOX = 0, 2
+"""ggml rope modes: rotate pairs (2i, 2i+1), or (i, i + n_dims/2)."""
+
+
+class StepOps:
+    """Ops for ``Graph``; they use its context, binding and id bookkeeping."""
+
+    def _op(self, n_new: int, fn, *args, qtype: int, ne: tuple, **flags):
+        """Call ggml op ``fn``, which creates ``n_new`` tensors: counted first,
+        since a full ggml context asserts (aborts) where this raises."""
+        from edgemoe.runtime.graph import T  # graph.py mixes this class in
+
+        self._ctx._count(n_new)
+        ptr = fn(self._ctx.ctx, *args)
+        if not ptr:
+            raise GGMLError("ggml returned no tensor")
+        return T(ptr, qtype, tuple(int(x) for x in ne), **flags)
+
+    def _rows(self, op: str, rows, n: int) -> None:
+        """``rows`` must be range-checked ids (``Graph.ids``) of at most ``n``."""
+        bound = self._id_bound.get(rows.ptr)
+        if bound is None or bound > n:
+            raise GGMLError(
+                f"{op}: row ids must come from Graph.ids() with a bound of at most "
+                f"{n}, got {bound}"
+            )
+
+    def get_rows(self, a, rows):
+        """Rows ``rows`` (I32 [M, ne2, ne3]) of ``a`` [K, N, ne2, ne3], as
+        float32 [K, M, ne2, ne3] (quantized rows are dequantized)."""
+        self._rows("get_rows", rows, a.ne[1])
+        if a.ne[2] != rows.ne[1] or a.ne[3] != rows.ne[2] or rows.ne[3] != 1:
+            raise GGMLError(f"get_rows: ids ne {rows.ne} do not fit data ne {a.ne}")
+        return self._op(
+            1, self.g.ggml_get_rows, a.ptr, rows.ptr,
+            qtype=I32 if a.qtype == I32 else F32,
+            ne=(a.ne[0], rows.ne[0], rows.ne[1], rows.ne[2]),
+        )  # fmt: skip
+
+    def set_rows(self, dst, src, rows):
+        """Write ``src`` (F32 [K, M, ...]) into rows ``rows`` of ``dst`` (F32
+        or F16 [K, N, ...]); returns ``dst`` as written. Add it to the graph
+        with ``Graph.expand`` or read it afterwards: that orders the write."""
+        self._rows("set_rows", rows, dst.ne[1])
+        if dst.qtype not in (F32, F16) or src.qtype != F32:
+            raise GGMLError("set_rows: float32 rows into a float32 or float16 tensor")
+        if not (dst.contiguous and src.contiguous):
+            raise GGMLError("set_rows: rows must be contiguous")
+        if (
+            dst.ne[0] != src.ne[0]
+            or dst.ne[2:] != src.ne[2:]
+            or src.ne[1] != rows.ne[0]
+            or src.ne[2] % rows.ne[1]
+            or src.ne[3] % rows.ne[2]
+            or rows.ne[3] != 1
+        ):
+            raise GGMLError(
+                f"set_rows: src ne {src.ne} and ids ne {rows.ne} do not fit dst "
+                f"ne {dst.ne}"
+            )
+        return self._op(
+            1, self.g.ggml_set_rows, dst.ptr, src.ptr, rows.ptr,
+            qtype=dst.qtype, ne=dst.ne, view=True,
+        )  # fmt: skip
+
+    def rope(
+        self,
+        x,
+        pos,
+        n_dims: int,
+        mode: int,
+        freq_base: float,
+        freq_scale: float = 1.0,
+        n_ctx_orig: int = 0,
+        ext_factor: float = 0.0,
+        attn_factor: float = 1.0,
+        beta_fast: float = 32.0,
+        beta_slow: float = 1.0,
+    ):
+        """Rotary embedding of ``x`` (F32 [head_dim, heads, T]) at positions
+        ``pos`` (I32 [T]), over the first ``n_dims`` of each head."""
+        if mode not in (ROPE_NORMAL, ROPE_NEOX):
+            raise GGMLError(f"rope: mode {mode} (normal 0 or neox 2)")
+        if x.qtype != F32 or not x.contiguous or x.ne[3] != 1:
+            raise GGMLError("rope: x must be contiguous 3-D float32")
+        if pos.qtype != I32 or pos.ne[1:] != (1, 1, 1) or pos.ne[0] != x.ne[2]:
+            raise GGMLError(f"rope: positions ne {pos.ne} for x ne {x.ne}")
+        if not (0 < n_dims <= x.ne[0] and n_dims % 2 == 0):
+            raise GGMLError(f"rope: n_dims {n_dims} for heads of {x.ne[0]}")
+        if not freq_base > 0:
+            raise GGMLError(f"rope: freq_base must be > 0, got {freq_base}")
+        return self._op(
+            1, self.g.ggml_rope_ext, x.ptr, pos.ptr, None, n_dims, mode,
+            n_ctx_orig, freq_base, freq_scale, ext_factor, attn_factor, beta_fast,
+            beta_slow, qtype=F32, ne=x.ne,
+        )  # fmt: skip
+
+    def soft_max(self, a, mask=None, scale: float = 1.0):
+        """softmax(a * scale + mask) along ne0; ``mask`` F32 [ne0, >= ne1]
+        broadcast over ne2 and ne3 (-inf hides a position)."""
+        if a.qtype != F32 or not a.contiguous:
+            raise GGMLError("soft_max: input must be contiguous float32")
+        if mask is not None:
+            if mask.qtype not in (F32, F16) or not mask.contiguous:
+                raise GGMLError("soft_max: the mask must be contiguous F32 or F16")
+            if (
+                mask.ne[0] != a.ne[0]
+                or mask.ne[1] < a.ne[1]
+                or a.ne[2] % mask.ne[2]
+                or a.ne[3] % mask.ne[3]
+            ):
+                raise GGMLError(f"soft_max: mask ne {mask.ne} for input ne {a.ne}")
+        m = None if mask is None else mask.ptr
+        return self._op(
+            1, self.g.ggml_soft_max_ext, a.ptr, m, scale, 0.0, qtype=F32, ne=a.ne
+        )
+
+    def top_k(self, a, k: int):
+        """Indices (I32 [k, ...]) of each row's ``k`` largest values, largest
+        first: routing's top-k."""
+        if a.qtype != F32 or not a.contiguous:
+            raise GGMLError("top_k: input must be contiguous float32")
+        if not 1 <= k <= a.ne[0]:
+            raise GGMLError(f"top_k: k {k} for rows of {a.ne[0]}")
+        # An argsort and a view of its first k columns: two tensors, rows
+        # strided unless k covers the row.
+        return self._op(
+            2, self.g.ggml_argsort_top_k, a.ptr, k, qtype=I32, ne=(k, *a.ne[1:]),
+            contiguous=k == a.ne[0] or a.n == a.ne[0], view=True,
+        )  # fmt: skip
+
+    def permute(self, a, *axes: int):
+        """``a`` with dimension i moved to ``axes[i]`` (ggml_permute): a view."""
+        if sorted(axes) != [0, 1, 2, 3]:
+            raise GGMLError(f"permute: axes {axes} are not a permutation of 0..3")
+        ne = [0] * 4
+        for i, ax in enumerate(axes):
+            ne[ax] = a.ne[i]
+        return self._op(
+            1, self.g.ggml_permute, a.ptr, *axes, qtype=a.qtype, ne=ne,
+            contiguous=False, view=True,
+        )  # fmt: skip
+
+    def cont(self, a):
+        """A contiguous copy of ``a`` (after a permute)."""
+        if a.qtype not in (F32, F16, I32):
+            raise GGMLError("cont: float or int32 tensors only")
+        return self._op(1, self.g.ggml_cont, a.ptr, qtype=a.qtype, ne=a.ne)

@@ -1,0 +1,179 @@
+"""The whole-step graph's ggml ops against numpy, and the checks that stand
+between a bad shape or id and a ggml assertion (which would abort)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgemoe.attention import RoPE
+from edgemoe.checkpoint.base import Weight, aligned_empty
+from edgemoe.errors import GGMLError
+from edgemoe.runtime.graph import Device, Graph, WeightSet
+from edgemoe.runtime.step_ops import ROPE_NEOX, ROPE_NORMAL
+
+RNG = np.random.default_rng(0)
+F, I32 = np.float32, np.int32
+
+
+def A(x) -> np.ndarray:
+    """An aligned copy: ggml binds host arrays in place, 32-byte aligned."""
+    x = np.asarray(x)
+    out = aligned_empty(x.shape, x.dtype)
+    out[...] = x
+    return out
+
+
+class G(Graph):
+    """A Graph whose test inputs are copied to aligned memory first."""
+
+    def inp(self, x):
+        return self.input(A(x))
+
+    def rows(self, x, n):
+        return self.ids(A(np.asarray(x, I32)), n)
+
+
+@pytest.fixture(scope="module")
+def device():
+    return Device("cpu", 1)
+
+
+def run(device, build, shape, dtype=F):
+    """``build(g)`` returns the result tensor; computed once into a new array."""
+    g = G(device, n_tensors=64)
+    try:
+        out = aligned_empty(shape, dtype)
+        g.output(build(g), out)
+        g.build()
+        g.compute()
+        return out
+    finally:
+        g.free()
+
+
+def test_get_rows_of_float_and_quantized_tables(device):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    table = RNG.standard_normal((50, 64)).astype(F)
+    ids = [3, 0, 49, 3]
+    out = run(device, lambda g: g.get_rows(g.inp(table), g.rows(ids, 50)), (4, 64))
+    np.testing.assert_array_equal(out, table[ids])
+
+    q = A(quantize(table, GGMLQuantizationType.Q8_0))
+    ws = WeightSet(device, capacity=2)
+    w = ws.add(Weight("t", 8, (50, 64), q))
+    ws.finalize()
+    out = run(device, lambda g: g.get_rows(w, g.rows(ids, 50)), (4, 64))
+    ref = dequantize(q, GGMLQuantizationType.Q8_0)[ids]
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
+
+
+def test_row_ids_are_range_checked_before_ggml_sees_them(device):
+    table = np.zeros((10, 8), F)
+    ids = A(np.array([9], I32))
+    g = G(device, n_tensors=16)
+    try:
+        g.output(g.get_rows(g.inp(table), g.ids(ids, 10)), aligned_empty((1, 8), F))
+        g.build()
+        ids[0] = 10  # past the table: ggml would assert
+        with pytest.raises(GGMLError, match="out of range"):
+            g.compute()
+        with pytest.raises(GGMLError, match=r"Graph\.ids"):
+            g.get_rows(g.inp(table), g.inp(np.zeros(1, I32)))
+        with pytest.raises(GGMLError, match="bound of at most 10"):
+            g.get_rows(g.inp(table), g.rows([0], 11))
+    finally:
+        g.free()
+
+
+def test_set_rows_writes_cache_rows_in_place(device):
+    cache = A(np.zeros((16, 32), F))  # [positions, head_dim x heads]
+    src = RNG.standard_normal((3, 32)).astype(F)
+    g = G(device, n_tensors=16)
+    try:
+        g.expand(g.set_rows(g.input(cache), g.inp(src), g.rows([5, 6, 7], 16)))
+        g.output(g.scale(g.inp(np.ones(1, F)), 2.0), aligned_empty((1,), F))
+        g.build()
+        g.compute()
+    finally:
+        g.free()
+    np.testing.assert_array_equal(cache[5:8], src)
+    assert not cache[:5].any() and not cache[8:].any()
+
+
+@pytest.mark.parametrize("interleaved, mode", [(True, ROPE_NORMAL), (False, ROPE_NEOX)])
+def test_rope_matches_the_numpy_tables(device, interleaved, mode):
+    t, heads, hd, theta, start = 5, 4, 64, 10000.0, 7
+    x = RNG.standard_normal((t, heads, hd)).astype(F)  # [T, H, Dh]
+    pos = np.arange(start, start + t, dtype=I32)
+    out = run(device, lambda g: g.rope(g.inp(x), g.inp(pos), hd, mode, theta), x.shape)
+    ref = RoPE(hd, theta, start + t, interleaved).apply(x, start)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_masked_soft_max(device):
+    n_kv, t, heads, scale = 8, 3, 2, 0.125
+    a = RNG.standard_normal((heads, t, n_kv)).astype(F)  # [H, T, KV]
+    mask = np.zeros((t, n_kv), F)
+    for i in range(t):  # causal: token i sees positions up to 5 + i
+        mask[i, 6 + i :] = -np.inf
+    out = run(device, lambda g: g.soft_max(g.inp(a), g.inp(mask), scale), a.shape)
+    z = a * scale + mask
+    ref = np.exp(z - z.max(-1, keepdims=True))
+    ref /= ref.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    assert not out[0, 0, 6:].any()
+
+
+def test_top_k_is_routing_order(device):
+    logits = RNG.standard_normal((6, 16)).astype(F)  # [T, E]
+    out = run(device, lambda g: g.cont(g.top_k(g.inp(logits), 4)), (6, 4), I32)
+    np.testing.assert_array_equal(out, np.argsort(-logits, axis=1)[:, :4])
+
+
+def test_permute_then_cont(device):
+    x = RNG.standard_normal((3, 4, 5)).astype(F)  # ne (5, 4, 3)
+    # ggml's permute(0, 2, 1, 3) swaps ne1 and ne2: numpy axes 1 and 0.
+    out = run(device, lambda g: g.cont(g.permute(g.inp(x), 0, 2, 1, 3)), (4, 3, 5))
+    np.testing.assert_array_equal(out, x.transpose(1, 0, 2))
+
+
+def _x(g):
+    return g.inp(np.zeros((2, 2, 8), F))  # [T=2, H=2, Dh=8]
+
+
+def _m(g, rows, cols):
+    return g.inp(np.zeros((rows, cols), F))
+
+
+@pytest.mark.parametrize(
+    "build, needle",
+    [
+        (lambda g: g.rope(_x(g), g.inp(np.zeros(3, I32)), 8, 2, 1e4), "positions"),
+        (lambda g: g.rope(_x(g), g.inp(np.zeros(2, I32)), 9, 2, 1e4), "n_dims 9"),
+        (lambda g: g.rope(_x(g), g.inp(np.zeros(2, I32)), 8, 1, 1e4), "mode 1"),
+        (lambda g: g.soft_max(_m(g, 2, 8), _m(g, 1, 7)), "mask ne"),
+        (lambda g: g.soft_max(_m(g, 3, 8), _m(g, 2, 8)), "mask ne"),
+        (lambda g: g.top_k(g.inp(np.zeros((2, 8), F)), 9), "k 9"),
+        (lambda g: g.permute(g.inp(np.zeros((2, 8), F)), 0, 0, 1, 2), "permutation"),
+        (
+            lambda g: g.output(
+                g.top_k(g.inp(np.zeros((2, 8), F)), 2), aligned_empty((2, 2), I32)
+            ),
+            "view",
+        ),
+    ],
+    ids=[
+        "rope-pos", "rope-dims", "rope-mode", "mask-width", "mask-rows", "top-k",
+        "permute", "strided-out",
+    ],
+)  # fmt: skip
+def test_shapes_ggml_would_assert_on_are_refused(device, build, needle):
+    g = G(device, n_tensors=16)
+    try:
+        with pytest.raises(GGMLError, match=needle):
+            build(g)
+    finally:
+        g.free()
