@@ -160,3 +160,48 @@ class StepOps:
         if a.qtype not in (F32, F16, I32):
             raise GGMLError("cont: float or int32 tensors only")
         return self._op(1, self.g.ggml_cont, a.ptr, qtype=a.qtype, ne=a.ne)
+
+    def view_3d(self, a, ne0: int, ne1: int, ne2: int, nb1: int, nb2: int, offset=0):
+        """A strided float32 view of ``a``'s bytes (a KV cache's rows seen as
+        [head_dim, heads, positions]); bounds-checked against ``a``."""
+        if a.qtype != F32:
+            raise GGMLError("view_3d: float32 only")
+        end = offset + (ne2 - 1) * nb2 + (ne1 - 1) * nb1 + ne0 * 4
+        if min(ne0, ne1, ne2) <= 0 or offset < 0 or end > a.n * 4:
+            raise GGMLError(
+                f"view_3d: bytes {offset}..{end} outside a tensor of {a.n * 4}"
+            )
+        return self._op(
+            1, self.g.ggml_view_3d, a.ptr, ne0, ne1, ne2, nb1, nb2, offset,
+            qtype=F32, ne=(ne0, ne1, ne2, 1),
+            contiguous=nb1 == ne0 * 4 and nb2 == ne0 * ne1 * 4, view=True,
+        )  # fmt: skip
+
+    def attention(self, q, k_cache, v_cache, mask, n_kv: int, n_head_kv: int, scale):
+        """Causal GQA attention of ``q`` (F32 [head_dim, heads, T], RoPE
+        applied) over the first ``n_kv`` rows of the caches (F32 [head_dim *
+        kv_heads, n_ctx], this step's rows already written: pass the
+        ``set_rows`` results so the reads come after the writes). ``mask`` F32
+        [n_kv, T] adds -inf where a token must not look. -> [head_dim,
+        heads, T]. Query head h reads kv head h // (heads / kv_heads), as
+        ggml's mul_mat broadcasts."""
+        hd, heads = q.ne[0], q.ne[1]
+        if heads % n_head_kv or k_cache.ne[0] != hd * n_head_kv:
+            raise GGMLError(
+                f"attention: {heads} query heads of {hd} over a cache row of "
+                f"{k_cache.ne[0]} for {n_head_kv} kv heads"
+            )
+        if v_cache.ne != k_cache.ne or not 0 < n_kv <= k_cache.ne[1]:
+            raise GGMLError(f"attention: {n_kv} positions of caches {k_cache.ne}")
+        row = hd * n_head_kv * 4
+
+        def heads_of(cache):  # [hd, n_kv, kv_heads]
+            v = self.view_3d(cache, hd, n_head_kv, n_kv, hd * 4, row)
+            return self.permute(v, 0, 2, 1, 3)
+
+        qh = self.permute(q, 0, 2, 1, 3)  # [hd, T, heads]
+        kq = self.mul_mat(heads_of(k_cache), qh)  # [n_kv, T, heads]
+        kq = self.soft_max(kq, mask, scale)
+        vt = self.cont(self.permute(heads_of(v_cache), 1, 0, 2, 3))  # [n_kv, hd, kvh]
+        out = self.mul_mat(vt, kq)  # [hd, T, heads]
+        return self.cont(self.permute(out, 0, 2, 1, 3))  # [hd, heads, T]

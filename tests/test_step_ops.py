@@ -148,6 +148,10 @@ def _m(g, rows, cols):
     return g.inp(np.zeros((rows, cols), F))
 
 
+def _attend(g, cache, n_kv):
+    return g.attention(_x(g), cache, cache, None, n_kv, 2, 1.0)
+
+
 @pytest.mark.parametrize(
     "build, needle",
     [
@@ -164,10 +168,13 @@ def _m(g, rows, cols):
             ),
             "view",
         ),
+        (lambda g: g.view_3d(_m(g, 4, 8), 8, 2, 3, 32, 64), "outside"),
+        (lambda g: _attend(g, _m(g, 4, 8), 2), "kv heads"),
+        (lambda g: _attend(g, _m(g, 4, 16), 5), "5 positions"),
     ],
     ids=[
         "rope-pos", "rope-dims", "rope-mode", "mask-width", "mask-rows", "top-k",
-        "permute", "strided-out",
+        "permute", "strided-out", "view-3d", "attn-heads", "attn-kv",
     ],
 )  # fmt: skip
 def test_shapes_ggml_would_assert_on_are_refused(device, build, needle):
@@ -177,3 +184,40 @@ def test_shapes_ggml_would_assert_on_are_refused(device, build, needle):
             build(g)
     finally:
         g.free()
+
+
+@pytest.mark.parametrize("p0, t", [(0, 5), (9, 1), (6, 3)])
+def test_attention_over_a_cache_written_in_the_same_graph(device, p0, t):
+    """This step's keys and values go into the caches with set_rows, then GQA
+    attention reads positions 0..p0+t-1: against numpy, prefill and decode."""
+    hd, heads, kvh, n_ctx = 16, 4, 2, 32
+    scale = hd**-0.5
+    k_cache = A(RNG.standard_normal((n_ctx, kvh * hd)).astype(F))  # old rows
+    v_cache = A(RNG.standard_normal((n_ctx, kvh * hd)).astype(F))
+    q = RNG.standard_normal((t, heads, hd)).astype(F)
+    k_new = RNG.standard_normal((t, kvh * hd)).astype(F)
+    v_new = RNG.standard_normal((t, kvh * hd)).astype(F)
+    n_kv = p0 + t
+    mask = np.zeros((t, n_kv), F)
+    for i in range(t):
+        mask[i, p0 + i + 1 :] = -np.inf
+    ref_k, ref_v = k_cache.copy(), v_cache.copy()
+    ref_k[p0:n_kv], ref_v[p0:n_kv] = k_new, v_new
+
+    def build(g):
+        pos = g.rows(np.arange(p0, n_kv), n_ctx)
+        kc = g.set_rows(g.input(k_cache), g.inp(k_new), pos)
+        vc = g.set_rows(g.input(v_cache), g.inp(v_new), pos)
+        return g.attention(g.inp(q), kc, vc, g.inp(mask), n_kv, kvh, scale)
+
+    out = run(device, build, (t, heads, hd))
+    kk = ref_k[:n_kv].reshape(n_kv, kvh, hd)
+    vv = ref_v[:n_kv].reshape(n_kv, kvh, hd)
+    ref = np.empty((t, heads, hd), F)
+    for h in range(heads):
+        kv = h // (heads // kvh)
+        s = q[:, h] @ kk[:, kv].T * scale + mask  # [T, n_kv]
+        w = np.exp(s - s.max(-1, keepdims=True))
+        ref[:, h] = (w / w.sum(-1, keepdims=True)) @ vv[:, kv]
+    np.testing.assert_allclose(out.reshape(t, heads, hd), ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(k_cache[:n_kv], ref_k[:n_kv])  # written in place
