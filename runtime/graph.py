@@ -327,7 +327,6 @@ class Graph(StepOps):
         self._inputs: list[tuple[T, np.ndarray]] = []
         self._outputs: list[tuple[T, np.ndarray]] = []
         self._ids: list[tuple[np.ndarray, int]] = []
-        self._id_ptrs: set[int] = set()
         self._id_bound: dict[int, int] = {}
         self._expand: list[T] = []
         self._bound: set[int] = set()
@@ -361,7 +360,6 @@ class Graph(StepOps):
             raise GGMLError(f"expert ids must be int32, got {array.dtype}")
         t = self.input(array, base)
         self._ids.append((array, n_experts))
-        self._id_ptrs.add(t.ptr)
         self._id_bound[t.ptr] = n_experts
         return t
 
@@ -406,10 +404,12 @@ class Graph(StepOps):
     def mul_mat_id(self, experts: T, b: T, ids: T) -> T:
         """``experts`` [K, N, E], ``b`` [K, 1 or U, T], ``ids`` I32 [U, T] ->
         [N, U, T]: row t of ``b`` times expert ``ids[u, t]``."""
-        if ids.ptr not in self._id_ptrs or ids.ne[2:] != (1, 1):
+        bound = self._id_bound.get(ids.ptr)
+        if bound is None or bound > experts.ne[2] or ids.ne[2:] != (1, 1):
             raise GGMLError(
-                f"mul_mat_id: ids must come from Graph.ids() (range-checked) and be "
-                f"[U, T], got ne {ids.ne}"
+                f"mul_mat_id: ids must come from Graph.ids() (range-checked) or "
+                f"top_k over at most {experts.ne[2]} experts and be [U, T], got "
+                f"ne {ids.ne}"
             )
         if experts.qtype not in WEIGHT_TYPES:
             raise GGMLError(

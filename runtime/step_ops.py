@@ -138,10 +138,33 @@ class StepOps:
             raise GGMLError(f"top_k: k {k} for rows of {a.ne[0]}")
         # An argsort and a view of its first k columns: two tensors, rows
         # strided unless k covers the row.
-        return self._op(
+        t = self._op(
             2, self.g.ggml_argsort_top_k, a.ptr, k, qtype=I32, ne=(k, *a.ne[1:]),
             contiguous=k == a.ne[0] or a.n == a.ne[0], view=True,
         )  # fmt: skip
+        self._id_bound[t.ptr] = a.ne[0]  # in range by construction
+        return t
+
+    def route_softmax_topk(self, logits, k: int, normalize: bool):
+        """In-graph ``edgemoe.routing.softmax_topk``: router ``logits`` (F32
+        [E, T]) -> expert ids (I32 [K, T], largest first) and their weights
+        (F32 [1, K, T]), renormalised to sum 1 if ``normalize``."""
+        e, t = logits.ne[0], logits.ne[1]
+        if logits.ne[2:] != (1, 1):
+            raise GGMLError(f"route: logits must be [E, T], got ne {logits.ne}")
+        probs = self.soft_max(logits)  # [E, T]
+        ids = self.top_k(probs, k)  # [K, T]
+        w = self.get_rows(self.reshape(probs, 1, e, t), ids)  # [1, K, T]
+        if normalize:
+            total = self._op(  # [1, 1, T]
+                1, self.g.ggml_sum_rows, self.reshape(w, k, t).ptr,
+                qtype=F32, ne=(1, t, 1, 1),
+            )  # fmt: skip
+            w = self._op(
+                1, self.g.ggml_div, w.ptr, self.reshape(total, 1, 1, t).ptr,
+                qtype=F32, ne=w.ne,
+            )  # fmt: skip
+        return ids, w
 
     def permute(self, a, *axes: int):
         """``a`` with dimension i moved to ``axes[i]`` (ggml_permute): a view."""

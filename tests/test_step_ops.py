@@ -221,3 +221,40 @@ def test_attention_over_a_cache_written_in_the_same_graph(device, p0, t):
         ref[:, h] = (w / w.sum(-1, keepdims=True)) @ vv[:, kv]
     np.testing.assert_allclose(out.reshape(t, heads, hd), ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(k_cache[:n_kv], ref_k[:n_kv])  # written in place
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_in_graph_routing_matches_the_numpy_router(device, normalize):
+    """softmax -> top-k -> weights (renormalised or not) as routing.softmax_topk
+    computes them, and top_k's ids drive mul_mat_id directly."""
+    from edgemoe.routing import softmax_topk
+
+    t, e, k, d, n = 6, 8, 2, 32, 16
+    logits = RNG.standard_normal((t, e)).astype(F)  # [T, E]
+    experts = A(RNG.standard_normal((e, n, d)).astype(F))  # [E, N, D]
+    x = RNG.standard_normal((t, 1, d)).astype(F)
+    ids_out, w_out, y_out = (
+        aligned_empty((t, k), I32), aligned_empty((t, k, 1), F),
+        aligned_empty((t, k, n), F),
+    )  # fmt: skip
+    ws = WeightSet(device, capacity=2)
+    we = ws.add(Weight("e", 0, experts.shape, experts))
+    ws.finalize()
+    g = G(device, n_tensors=64)
+    try:
+        ids, w = g.route_softmax_topk(g.inp(logits), k, normalize)
+        g.output(g.cont(ids), ids_out)
+        g.output(g.cont(w), w_out)
+        g.output(g.mul_mat_id(we, g.inp(x), ids), y_out)
+        g.build()
+        g.compute()
+    finally:
+        g.free()
+    ref_ids, ref_w = softmax_topk(logits.astype(np.float64), k, normalize)
+    order = np.argsort(-np.take_along_axis(logits, ref_ids, 1), axis=1)
+    ref_ids = np.take_along_axis(ref_ids, order, 1)  # largest first, as top_k
+    ref_w = np.take_along_axis(ref_w, order, 1)
+    np.testing.assert_array_equal(ids_out, ref_ids)
+    np.testing.assert_allclose(w_out[..., 0], ref_w, rtol=1e-5, atol=1e-6)
+    ref_y = np.einsum("tknd,td->tkn", experts[ref_ids], x[:, 0])
+    np.testing.assert_allclose(y_out, ref_y, rtol=1e-4, atol=1e-4)
