@@ -143,6 +143,14 @@ def _base(seeds: Seeds, reader: str, rng: random.Random, what: str) -> Case:
 # --------------------------------------------------------------------------- readers
 
 
+def _one_file(reader: str, argv, links, name: str, data: bytes, what: str) -> Case:
+    """A model directory with file ``name`` replaced by ``data`` and every
+    other seed file linked in (``links``: ``Seeds.hf_links`` or ``edge_links``)."""
+    return Case(
+        reader, 0, what, argv=argv, files={f"m/{name}": data}, links=links(name)
+    )
+
+
 def _gguf(seeds: Seeds, rng: random.Random) -> Case:
     data, whats = seeds.gguf_bytes, []
     for _ in range(rng.choice([1, 1, 1, 2, 3])):
@@ -166,22 +174,17 @@ def _safetensors(seeds: Seeds, rng: random.Random) -> Case:
     argv = rng.choice([["inspect", "m"], ["run", "m", "-p", "hi", "-n", "2"]])
     if rng.random() < 0.5:
         data, what = M.mutate_json_text(seeds.text[seeds.hf / "config.json"], rng)
-        return Case(
+        return _one_file(
             "safetensors",
-            0,
+            argv,
+            seeds.hf_links,
+            "config.json",
+            data,
             "config.json " + what,
-            argv=argv,
-            files={"m/config.json": data},
-            links=seeds.hf_links("config.json"),
         )
     data, what = F.mutate_safetensors(seeds.st_bytes, rng)
-    return Case(
-        "safetensors",
-        0,
-        what,
-        argv=argv,
-        files={"m/model.safetensors": data},
-        links=seeds.hf_links("model.safetensors"),
+    return _one_file(
+        "safetensors", argv, seeds.hf_links, "model.safetensors", data, what
     )
 
 
@@ -207,14 +210,7 @@ def _tokenizer(seeds: Seeds, rng: random.Random) -> Case:
         return Case(
             "tokenizer", 0, f"missing {name}", argv=argv, links=seeds.hf_links(name)
         )
-    return Case(
-        "tokenizer",
-        0,
-        f"{name} {what}",
-        argv=argv,
-        files={f"m/{name}": data},
-        links=seeds.hf_links(name),
-    )
+    return _one_file("tokenizer", argv, seeds.hf_links, name, data, f"{name} {what}")
 
 
 def _manifest(seeds: Seeds, rng: random.Random) -> Case:
@@ -229,13 +225,13 @@ def _manifest(seeds: Seeds, rng: random.Random) -> Case:
         data, what = M.mutate_json_text(
             seeds.text[seeds.edge / "manifest.json"], rng, names=True
         )
-        return Case(
+        return _one_file(
             "manifest",
-            0,
+            argv,
+            seeds.edge_links,
+            "manifest.json",
+            data,
             "manifest.json " + what,
-            argv=argv,
-            files={"m/manifest.json": data},
-            links=seeds.edge_links("manifest.json"),
         )
     name = rng.choice(["backbone.gguf", "experts-00001.gguf"])
     if r < 0.93:  # a shard damaged behind the manifest's back
@@ -243,13 +239,8 @@ def _manifest(seeds: Seeds, rng: random.Random) -> Case:
         data, what = (
             M.flip_bytes(data, rng) if rng.random() < 0.6 else M.truncate(data, rng)
         )
-        return Case(
-            "manifest",
-            0,
-            f"{name} {what}",
-            argv=argv,
-            files={f"m/{name}": data},
-            links=seeds.edge_links(name),
+        return _one_file(
+            "manifest", argv, seeds.edge_links, name, data, f"{name} {what}"
         )
     target = rng.choice(
         [str(seeds.edge / name), "/etc/passwd", "/dev/zero", "../" + name, "missing"]
@@ -290,13 +281,13 @@ def _template(seeds: Seeds, rng: random.Random) -> Case:
         cfg = json.loads(seeds.text[seeds.hf / "tokenizer_config.json"])
         cfg["chat_template"] = tpl
         data = json.dumps(cfg).encode("utf-8", "surrogatepass")
-        return Case(
+        return _one_file(
             "template",
-            0,
+            ["run", "m", "--chat", "-p", "hi", "-n", "2"],
+            seeds.hf_links,
+            "tokenizer_config.json",
+            data,
             "cli " + what,
-            argv=["run", "m", "--chat", "-p", "hi", "-n", "2"],
-            files={"m/tokenizer_config.json": data},
-            links=seeds.hf_links("tokenizer_config.json"),
         )
     messages = [
         {"role": "system", "content": "be brief"},
