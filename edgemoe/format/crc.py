@@ -1,11 +1,12 @@
 """CRC-32 of expert planes, at the speed this machine can do it.
 
 Every plane read is checked (a re-read after eviction too), so the check runs
-for every byte streamed: zlib's table-driven CRC-32 managed ~3.5 GiB/s here
-and cost 9-16% of decode speed under a memory limit (README, "Hostile
-input"). ISA-L (python-isal) computes the same CRC-32, the same values, by
-carry-less multiplication (PCLMULQDQ on x86, PMULL on ARM) at 20+ GiB/s and
-releases the GIL while it does. zlib remains where isal is not installed.
+for every byte streamed: with zlib's table-driven CRC-32 it cost 12-17% of
+decode speed under a memory limit (README, "HEBF loading"). ISA-L
+(python-isal) computes the same CRC-32, the same values, by carry-less
+multiplication (PCLMULQDQ on x86, PMULL on ARM) and releases the GIL while it
+does; with it the cost is within the runs' spread. zlib remains where isal is
+not installed.
 """
 
 from __future__ import annotations
