@@ -305,30 +305,17 @@ def routing_trace(path: Path, tokens: list[int]) -> tuple[list, int]:
     import numpy as np
 
     import edgemoe
-    import edgemoe.runtime.forward as forward
     from edgemoe.locality import layer_locality
 
-    seen: list = []
-    route = forward.route
-
-    def recording(spec, logits):
-        ids, w = route(spec, logits)
-        seen.append(np.array(ids))
-        return ids, w
-
-    forward.route = recording
-    try:
-        m = edgemoe.load(path, force_level=8)
+    with edgemoe.load(path, force_level=8) as m:
+        m.route_log = []
         # Windows of the model's context (n_ctx=0: min(training, 4096)).
         for i in range(0, len(tokens), m.n_ctx):
             m.reset()
             m.eval(tokens[i : i + m.n_ctx], all_logits=True)  # every layer routes
-        n_moe = sum(m.spec.moe_layers)
         n_expert = m.spec.n_expert
-    finally:
-        forward.route = route
-    # Prefill visits layer by layer, chunk by chunk (n_batch tokens).
-    per_layer = [np.concatenate(seen[i::n_moe]) for i in range(n_moe)]
+        steps = m.route_log
+    per_layer = [np.concatenate([s[il] for s in steps]) for il in steps[0]]
     fracs = (0.25, 0.4, 0.5, 0.75)  # 40%: the published reference point
     return [layer_locality(ids, n_expert, fracs) for ids in per_layer], n_expert
 

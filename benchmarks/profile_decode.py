@@ -1,10 +1,14 @@
-"""Where a decode step's time goes: ggml graphs vs the numpy glue between them.
+"""Where a decode step's time goes: inside ggml's graph compute, waiting for
+expert reads, and host work (Python, numpy, ctypes) around them.
 
-    python benchmarks/profile_decode.py MODEL [--level 4] [--threads 2] [--tokens 32]
+    python benchmarks/profile_decode.py MODEL [--level 4] [--budget 1GiB]
+        [--threads 2] [--tokens 64] [--runs 3]
 
-Times each part with a wrapper around it (the wrappers cost ~1 us per call):
-ggml graph computes, numpy attention, routing, and the rest (embedding
-lookup, Python) as the remainder. Prints milliseconds per token and writes
+ggml's time is measured around ``ggml_backend_graph_compute`` itself (a
+wrapper on the ctypes function, ~1 us per call); stalls are the expert
+cache's own wait time; host is the remainder of each token's wall time.
+Prints milliseconds per token and graph computes per token per run (the
+runs interleave nothing: the spread is the machine's), and writes
 benchmarks/out/profile_decode.json.
 """
 
@@ -18,64 +22,87 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent / "out"
 
 
+def profile(model, tokens: int) -> dict:
+    from edgemoe.runtime import ggml_binding
+
+    lib = ggml_binding.lib()
+    inner = lib.ggml_backend_graph_compute
+    spent = [0.0]
+
+    def timed(*args):
+        t = time.perf_counter()
+        try:
+            return inner(*args)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    stall0 = model.counters()["stall_s"]
+    computes0 = model.step.computes
+    lib.ggml_backend_graph_compute = timed
+    try:
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            model.eval([5])
+        total = time.perf_counter() - t0
+    finally:
+        lib.ggml_backend_graph_compute = inner
+    stall = model.counters()["stall_s"] - stall0
+    ms = {
+        "ggml compute": spent[0] / tokens * 1e3,
+        "I/O stall": stall / tokens * 1e3,
+        "host": (total - spent[0] - stall) / tokens * 1e3,
+        "total": total / tokens * 1e3,
+    }
+    ms["host share"] = ms["host"] / ms["total"]
+    ms["graphs per token"] = (model.step.computes - computes0) / tokens
+    return ms
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--level", type=int, help="a converted model's forced level")
+    ap.add_argument("--budget", help="a converted model's memory budget")
     args = ap.parse_args()
 
     import numpy as np
 
     import edgemoe
-    from edgemoe.runtime import forward, graph
 
-    model = edgemoe.load(
-        args.model,
-        n_ctx=args.prompt + args.tokens + 8,
+    opts = dict(
+        n_ctx=args.prompt + args.tokens * args.runs + 8,
         n_threads=args.threads,
         force_level=args.level,
     )
-    prompt = np.random.default_rng(0).integers(10, 5000, args.prompt).tolist()
-    model.eval(prompt)
-    spent: dict[str, float] = {}
-
-    def timed(owner, name: str, key: str) -> None:
-        inner = getattr(owner, name)
-
-        def wrapper(*a, **k):
-            t = time.perf_counter()
-            try:
-                return inner(*a, **k)
-            finally:
-                spent[key] = spent.get(key, 0.0) + time.perf_counter() - t
-
-        setattr(owner, name, wrapper)
-
-    timed(graph.Graph, "compute", "ggml graphs")
-    timed(type(model.forward.attention), "__call__", "numpy attention")
-    timed(forward, "route", "routing")  # looked up as a module global per call
-    t0 = time.perf_counter()
-    for _ in range(args.tokens):
-        model.eval([5])
-    total = time.perf_counter() - t0
-    per_token = {k: v / args.tokens * 1e3 for k, v in spent.items()}
-    per_token["other"] = total / args.tokens * 1e3 - sum(per_token.values())
-    per_token["total"] = total / args.tokens * 1e3
+    if args.budget:
+        opts["budget"] = args.budget
+    rows = []
+    with edgemoe.load(args.model, **opts) as model:
+        prompt = np.random.default_rng(0).integers(10, 5000, args.prompt).tolist()
+        model.eval(prompt)
+        for _ in range(args.runs):
+            rows.append(profile(model, args.tokens))
     at = f", level {args.level}" if args.level else ""
-    print(f"{Path(args.model).name}{at}, {args.threads} threads, ms per decoded token:")
-    for k, v in per_token.items():
-        print(f"  {k:<16} {v:7.2f}")
+    at += f", budget {args.budget}" if args.budget else ""
+    print(f"{Path(args.model).name}{at}, {args.threads} threads, per decoded token:")
+    for key in rows[0]:
+        vals = [r[key] for r in rows]
+        unit = "" if key in ("host share", "graphs per token") else " ms"
+        cells = "  ".join(f"{v:7.3f}" for v in vals)
+        print(f"  {key:<17} {cells}{unit}   (runs)")
     OUT.mkdir(exist_ok=True)
     (OUT / "profile_decode.json").write_text(
         json.dumps(
             {
                 "model": args.model,
                 "level": args.level,
+                "budget": args.budget,
                 "threads": args.threads,
-                "ms_per_token": per_token,
+                "runs": rows,
             },
             indent=1,
         )

@@ -1,7 +1,8 @@
 """Grouped-query attention with RoPE and a KV cache, in numpy.
 
-Projections run in ggml (runtime/forward.py); what is left here is per-head
-glue whose cost is small next to the weight reads at batch 1.
+The converter's calibration pass runs its float forward with this, and tests
+use it as a reference; the runtime computes attention inside its step graphs
+(runtime/step.py).
 Legend: T new tokens, S cached + new positions, H query heads, Hkv kv heads,
 G = H / Hkv, Dh head dim.
 """

@@ -347,12 +347,16 @@ class PlaneCache:
                     return
 
     def preload_all(self) -> None:
-        """Load every plane of every expert (an in-memory model), synchronously."""
-        for layer in self.moe_layers:
+        """Load every plane of every expert (an in-memory model), synchronously:
+        the i-th MoE layer's expert e lands in slot i * E + e of every pool,
+        where the step graph's per-layer views expect it."""
+        for i, layer in enumerate(self.moe_layers):
             for e in range(self.n_expert):
                 for p in range(len(self.planes)):
                     if not self._load(layer, e, p, (DEMAND, self.io.new_seq())):
                         raise RuntimeError("preload needs a slot per expert plane")
+                    if self.where[layer, e, p] != i * self.n_expert + e:
+                        raise RuntimeError("preload found its slots already in use")
         while self.pending:
             self.poll()
             if self.pending:

@@ -311,7 +311,7 @@ class Graph(StepOps):
     """One ggml graph for fixed shapes; build once with the op methods, then
     ``compute()`` as often as needed after rewriting the bound input arrays."""
 
-    MAX_TENSORS = 4096
+    MAX_TENSORS = 1 << 16
 
     def __init__(self, device: Device, n_tensors: int = 128, galloc: int | None = None):
         """``galloc``: a shared allocator (``Device.new_allocator``) for graphs

@@ -10,14 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from edgemoe.attention import Attention, KVCache, RoPE
 from edgemoe.checkpoint import open_checkpoint, tokenizer_for
-from edgemoe.checkpoint.base import Weight, aligned_empty
+from edgemoe.checkpoint.base import Weight
 from edgemoe.errors import ConfigError, ContextOverflowError
 from edgemoe.runtime.engine import context_hint
-from edgemoe.runtime.forward import Forward, build_layers, to_f32
-from edgemoe.runtime.graph import Device, Graph, WeightSet
+from edgemoe.runtime.graph import Device, WeightSet
+from edgemoe.runtime.kv import KVCache, Sequence
+from edgemoe.runtime.layers import build_layers, to_f32
 from edgemoe.runtime.metrics import rss_bytes
+from edgemoe.runtime.step import Step, StepShape
 
 MAX_THREADS = 512
 
@@ -51,9 +52,6 @@ class LoadOptions:
     eviction: str = "score"
     """Expert slot eviction: "score" (recency, use, hotness, layer distance)
     or "lru" (a baseline)."""
-    pipeline: str = "waves"
-    """"waves" runs experts as their planes arrive; "sync" waits for all of a
-    layer's loads (a baseline)."""
     throttle: tuple[float, float] | None = None
     """Emulated storage (bytes/s, latency s): expert reads finish no sooner
     than that device would serve them (``--emulate``)."""
@@ -69,10 +67,6 @@ class LoadOptions:
         if self.eviction not in ("score", "lru"):
             raise ConfigError(
                 f"eviction must be 'score' or 'lru', got {self.eviction!r}"
-            )
-        if self.pipeline not in ("waves", "sync"):
-            raise ConfigError(
-                f"pipeline must be 'waves' or 'sync', got {self.pipeline!r}"
             )
         if self.device not in ("cpu", "gpu", "auto"):
             raise ConfigError(
@@ -172,7 +166,9 @@ class Model:
             return mmap if start <= addr < start + mmap.nbytes else None
 
         n_planes = len(manifest.plan.planes) if manifest else 0
-        self.weights = WeightSet(self.device, capacity=len(names) + 8 + 3 * n_planes)
+        self.weights = WeightSet(
+            self.device, capacity=len(names) + 8 + 3 * n_planes + 2 * spec.n_layer
+        )
         experts, self.routed, self.memory = None, None, None
         if manifest is not None:
             from edgemoe.runtime.offload import setup
@@ -188,28 +184,26 @@ class Model:
         layers = build_layers(spec, load_weight, self.weights, base_of, experts)
         self.embed = checkpoint.load("token_embd.weight")
         norm = to_f32(checkpoint.load("output_norm.weight"))
-        self._out_norm = self.weights.add(norm, base_of(norm))
+        out_norm = self.weights.add(norm, base_of(norm))
         out = self.embed if spec.tie_embeddings else checkpoint.load("output.weight")
-        self._out = self.weights.add(out, base_of(out))
-        self.weights.finalize()
-        self.cache = KVCache(spec, self.n_ctx)
-        if options.budget is not None:
-            # Commit the KV pages now: under a budget memory use is flat and
-            # counted up front, not grown by the context as it fills.
-            self.cache.k.fill(0)
-            self.cache.v.fill(0)
-        rope = RoPE(spec.head_dim, spec.rope_theta, self.n_ctx, spec.rope_interleaved)
-        self.forward = Forward(
-            spec, self.device, layers, Attention(spec, rope, self.cache)
+        out = self.weights.add(out, base_of(out))
+        # Under a budget the whole cache is committed now: memory use is flat
+        # and counted up front, not grown by the context as it fills.
+        self.cache = KVCache(
+            spec, self.n_ctx, self.weights, commit=options.budget is not None
         )
+        self.weights.finalize()
+        self.step = Step(spec, self.device, layers, self.cache, (out_norm, out))
         if self.routed is not None:
-            self.forward.routed = self.routed
+            if not self.routed.resident:
+                self.step.router = self.routed
             if options.budget is None:
                 self.routed.cache.preload_all()
-        self._head1: tuple[Graph, np.ndarray, np.ndarray] | None = None
-        self.n_past = 0
-        self._tokens: list[int] = []
-        """The token ids whose keys and values the cache holds, in order."""
+        self.seq: Sequence = self.cache.new_sequence()
+        """The sequence ``eval``, ``reset`` and ``generate`` work on."""
+        self.route_log: list[dict[int, np.ndarray]] | None = None
+        """Set to a list to record every step's routing: per MoE layer the
+        experts [R, K] (largest weight first) of the rows it computed."""
 
     # -- tokens ----------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
@@ -279,25 +273,25 @@ class Model:
             )
 
     # -- forward ---------------------------------------------------------------
+    @property
+    def n_past(self) -> int:
+        return self.seq.n_past
+
     def reset(self) -> None:
         """Forget the cached sequence."""
-        self.n_past = 0
-        self._tokens = []
+        self.cache.truncate(self.seq, 0)
 
     def reuse_prefix(self, token_ids) -> int:
         """Keep the longest prefix of the cached sequence that ``token_ids``
         starts with, short of its last token (whose logits a caller needs),
-        and drop the rest: later positions are overwritten, and attention
-        reads only up to ``n_past``. Returns how many tokens are kept."""
+        and drop the rest. Returns how many tokens are kept."""
         ids = self._as_ids(token_ids).tolist()  # a ConfigError for bad ids
-        cached = self._tokens[: self.n_past]
         n = 0
-        for a, b in zip(cached, ids[:-1]):
+        for a, b in zip(self.seq.tokens, ids[:-1]):
             if a != b:
                 break
             n += 1
-        self.n_past = n
-        self._tokens = cached[:n]
+        self.cache.truncate(self.seq, n)
         return n
 
     def eval(self, token_ids, all_logits: bool = False) -> np.ndarray:
@@ -314,54 +308,91 @@ class Model:
         outs = []
         step = self.options.n_batch
         for i in range(0, ids.size, step):
-            chunk = ids[i : i + step]
-            last = i + step >= ids.size
-            ws = (
-                self.forward.decode_workspace()
-                if chunk.size == 1
-                else self.forward.workspace(chunk.size)
-            )
-            ws.x[...] = self.embed.rows(chunk)
-            # Decode steps tune the thread count (runtime/threads.py).
-            tuner = self.device.tuner if chunk.size == 1 else None
-            if tuner is not None:
-                tuner.begin_step()
-            hidden = self.forward.run(
-                ws, self.n_past, last_only=last and not all_logits
-            )
-            self.n_past += chunk.size
-            self._tokens.extend(chunk.tolist())
-            if all_logits:
-                outs.append(self._head(hidden))
-            elif last:
-                outs.append(self._head(hidden[-1:])[0])
-            if tuner is not None:
-                tuner.end_step()
-        return np.concatenate(outs) if all_logits else outs[0]
+            chunk = ids[i : i + step].tolist()
+            logits = self._forward([(self.seq, chunk)], all_logits)
+            if all_logits or i + step >= ids.size:
+                outs.append(logits)
+        return np.concatenate(outs) if all_logits else outs[-1][-1]
 
-    def _head(self, x: np.ndarray) -> np.ndarray:
-        """Final norm and output projection of rows ``x`` [R, D] -> [R, V]."""
-        r = x.shape[0]
-        if r == 1 and self._head1 is not None:
-            g, hx, logits = self._head1
-        else:
-            hx = aligned_empty((r, self.spec.n_embd), np.float32)
-            logits = aligned_empty((r, self.spec.n_vocab), np.float32)
-            galloc = None if r == 1 else self.forward.prefill_allocator()
-            g = Graph(self.device, n_tensors=16, galloc=galloc)
-            xin = g.input(hx)
-            normed = g.mul(g.rms_norm(xin, self.spec.rms_eps), self._out_norm)
-            g.output(g.mul_mat(self._out, normed), logits)
-            g.build()
-            if r == 1:
-                self._head1 = (g, hx, logits)
-        hx[...] = x
+    # -- sequences (batched decode) ------------------------------------------------
+    def new_sequence(self) -> int:
+        """A new, empty sequence sharing the model and its KV cache cells;
+        returns its id for ``decode``."""
+        return self.cache.new_sequence().id
+
+    def free_sequence(self, seq_id: int) -> None:
+        seq = self.cache.get(seq_id)
+        if seq is self.seq:
+            raise ConfigError("the model's own sequence cannot be freed")
+        self.cache.free(seq)
+
+    def decode(self, batch) -> list[np.ndarray]:
+        """One graph over several sequences: ``batch`` is [(seq_id, token
+        ids), ...] (each sequence at most once); each sequence attends to its
+        own cache. Returns each sequence's last-token logits [vocab]."""
+        items = []
+        for seq_id, token_ids in batch:
+            seq = self.cache.get(seq_id)
+            ids = self._as_ids(token_ids)
+            self._check_tokens(ids, seq.n_past)
+            if ids.size == 0:
+                raise ConfigError(f"sequence {seq_id}: decode needs at least one token")
+            items.append((seq, ids.tolist()))
+        if len({id(s) for s, _ in items}) != len(items):
+            raise ConfigError("decode: a sequence appears twice in one batch")
+        if not items:
+            raise ConfigError("decode needs at least one sequence")
+        return list(self._forward(items, all_logits=False))
+
+    def _forward(self, items: list[tuple[Sequence, list[int]]], all_logits: bool):
+        """One step over ``items``' new tokens; logits of every new token
+        (``all_logits``) or of each sequence's last, [R, vocab]."""
+        n_new = sum(len(t) for _, t in items)
+        if n_new > self.cache.n_free:
+            raise ContextOverflowError(
+                f"{n_new} new tokens do not fit the {self.cache.n_free} free cells "
+                f"of the {self.n_ctx}-token context"
+            )
+        seq_ids, pos, cells, out = [], [], [], []
+        for seq, toks in items:
+            p0 = seq.n_past
+            cells += self.cache.place(seq, toks)
+            pos += range(p0, p0 + len(toks))
+            seq_ids += [seq.id] * len(toks)
+            out += range(len(pos) - len(toks) if all_logits else len(pos) - 1, len(pos))
+        t = len(pos)
+        shape = StepShape(t, self.cache.n_kv(), len(out))
+        io = self.step.io(shape)
+        io.x[...] = self.embed.rows(np.array([x for _, ts in items for x in ts]))
+        io.pos[...] = pos
+        io.cells[...] = cells
+        kvd = self.cache.kv_dim
+        io.v_rows[...] = (
+            np.arange(kvd)[None, :] * self.cache.n_cells + io.cells[:, None]
+        ).ravel()
+        io.mask[...] = self.cache.mask(
+            np.array(seq_ids), io.pos.astype(np.int64), shape.n_kv,
+            self.spec.sliding_window,
+        )  # fmt: skip
+        io.out_ids[...] = out
+        # Decode steps tune the thread count (runtime/threads.py).
+        tuner = self.device.tuner if t <= len(items) else None
+        if tuner is not None:
+            tuner.begin_step()
         try:
-            g.compute()
-        finally:
-            if r != 1:
-                g.free()
-        return logits.copy()
+            self.step.run(io)
+        except BaseException:
+            for seq, toks in items:  # nothing of a failed step stays cached
+                self.cache.truncate(seq, seq.n_past - len(toks))
+            raise
+        if tuner is not None:
+            tuner.end_step()
+        if self.routed is not None and self.routed.resident:
+            for il, rows in io.routes.items():
+                self.routed.count_resident(il, rows)
+        if self.route_log is not None:
+            self.route_log.append(self.step.routes(io))
+        return io.logits.copy()  # the next step reuses io
 
     def logits(self, token_ids) -> np.ndarray:
         """Logits ``[T, vocab]`` (float32) for every position of a fresh sequence."""
@@ -394,7 +425,7 @@ class Model:
     def counters(self) -> dict:
         """Cumulative compute/I-O/cache counters (see runtime/metrics.py)."""
         out = {
-            "compute_s": self.forward.compute_s,
+            "compute_s": self.step.compute_s,
             "io_s": 0.0,
             "stall_s": 0.0,
             "bytes_read": 0,
@@ -458,10 +489,7 @@ class Model:
     def close(self) -> None:
         if self.routed is not None:
             self.routed.cache.io.close()
-        self.forward.free()
-        if self._head1 is not None:
-            self._head1[0].free()
-            self._head1 = None
+        self.step.free()
         self.weights.free()
         self.device.close()
         close = getattr(self.tokenizer, "close", None)

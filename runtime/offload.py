@@ -146,8 +146,8 @@ def setup(model, ckpt, options, rss_start: int | None = None):
     (experts(layer) for build_layers, the CachedRouted, the MemoryPlan)."""
     from edgemoe.runtime.dual_routing import LevelPolicy
     from edgemoe.runtime.expert_cache import PlaneCache
-    from edgemoe.runtime.forward import to_f32
     from edgemoe.runtime.io_queue import get_io_backend
+    from edgemoe.runtime.layers import to_f32
     from edgemoe.runtime.routed import CachedRouted
 
     m = ckpt.manifest
@@ -184,6 +184,6 @@ def setup(model, ckpt, options, rss_start: int | None = None):
         routers,
         m.shifts,
         prefetch=options.prefetch and options.budget is not None,
-        pipeline=options.pipeline,
+        resident=options.budget is None and options.force_level is not None,
     )
     return routed.experts_for, routed, plan

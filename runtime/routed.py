@@ -1,13 +1,16 @@
-"""Routed experts of a converted model: dual routing, HEBF loading, waves.
+"""Routed experts of a converted model: dual routing and HEBF loading,
+between the step graphs (runtime/step.py).
 
-Per MoE layer: dual routing picks each chosen expert's level per token; an
-expert whose wanted planes are not all in memory but whose lower planes are
-runs at that resident level rather than wait (the upgrade is fetched in the
-background for next time). Missing planes are queued hottest-expert,
-most-significant-plane first; experts run in waves as soon as their planes
-are in, overlapping compute with the reads still in flight. Before the wait,
-the next MoE layer's router is applied to this layer's input to prefetch
-that layer's likely experts at their first plane (HOBBIT's predictor).
+With every plane resident and a forced level the experts run inside the
+step graph (``experts_for`` gives each layer its slots). Otherwise each MoE
+layer's graph stops after its router and ``place`` decides, on the host:
+dual routing picks each chosen expert's level per token; an expert whose
+wanted planes are not all in memory but whose lower planes are runs at that
+resident level rather than wait (the upgrade is fetched in the background);
+missing planes are queued hottest-expert, most-significant-plane first, and
+the layer waits for them; the next MoE layer's router is applied to this
+layer's input to prefetch its likely experts (HOBBIT's predictor) before
+that wait. Then the slot ids go into the carry and the next graph runs.
 """
 
 from __future__ import annotations
@@ -18,13 +21,7 @@ import numpy as np
 
 from edgemoe.runtime.dual_routing import LevelPolicy
 from edgemoe.runtime.expert_cache import PlaneCache
-from edgemoe.runtime.forward import (
-    ExpertPlanes,
-    Forward,
-    LayerWeights,
-    Workspace,
-    prefix,
-)
+from edgemoe.runtime.layers import ExpertPlanes
 
 
 class CachedRouted:
@@ -35,7 +32,7 @@ class CachedRouted:
         routers: dict,
         shifts,
         prefetch: bool = True,
-        pipeline: str = "waves",
+        resident: bool = False,
     ):
         self.cache = cache
         self.policy = policy
@@ -43,31 +40,54 @@ class CachedRouted:
         self.next_moe = {a: b for a, b in zip(cache.moe_layers, cache.moe_layers[1:])}
         self.prefetch_enabled = prefetch
         self.shifts = shifts
-        self.pipeline = pipeline
-        """"waves" overlaps compute with loads; "sync" waits for all of a
-        layer's loads first (the on-demand baseline)."""
+        self.resident = resident
+        """Every plane in memory and a forced level: the graph runs experts."""
         self.planes_run = np.zeros(len(cache.planes) + 1, dtype=np.int64)
         """How many (token, expert) pairs ran with n planes, n = 0..P."""
         self._level_bytes = np.concatenate([[0], np.cumsum(cache.plane_bytes)])
         self.bytes_computed = 0
         """Expert weight bytes the computed planes span (memory traffic)."""
+        self._held: list[tuple[int, dict[int, int]]] = []
 
     def experts_for(self, layer: int) -> ExpertPlanes:
-        c = self.cache
+        c, policy = self.cache, self.policy
+        shifts = tuple(
+            tuple(self.shifts[layer][j][p] for j in range(3))
+            for p in range(len(c.planes))
+        )
+        if not self.resident:
+            return ExpertPlanes(tuple(c.tensors), shifts, tuple(c.slots), True)
+        protected = policy.protected[layer] if layer < len(policy.protected) else ()
         return ExpertPlanes(
-            list(c.tensors),
-            [
-                tuple(self.shifts[layer][j][p] for j in range(3))
-                for p in range(len(c.planes))
-            ],
-            [s + 1 for s in c.slots],
+            tuple(c.tensors),
+            shifts,
+            tuple(c.slots),
+            first=c.moe_layers.index(layer) * c.n_expert,
+            planes=policy.plan.n_planes(policy.force_level),
+            protected=tuple(protected),
         )
 
-    def run(self, fw: Forward, ws: Workspace, layer: int, w: LayerWeights) -> None:
+    def count_resident(self, layer: int, routes: np.ndarray) -> None:
+        """Statistics of a step whose experts ran in the graph: ``routes``
+        [R, K] at the forced level (protected experts at the top)."""
+        want = self.policy.planes(layer, routes, np.ones(routes.shape, np.float32))
+        runs = np.bincount(want.ravel(), minlength=len(self.planes_run))
+        self.planes_run += runs
+        self.bytes_computed += int(runs @ self._level_bytes)
+        self.cache.counters.hits[0] += routes.size
+
+    # -- between graphs ------------------------------------------------------------
+    def place(self, layer: int, carry, run_partial) -> tuple[int, ...]:
+        """Decide layer ``layer``'s experts from the carry's in-graph top-k,
+        load what is missing, fill slot ids, weights and scales; returns
+        ``counts`` (experts per row running each plane). When the pools
+        cannot hold every expert of the step at once (a prefill batch under
+        a tight budget) the earlier batches run through ``run_partial``."""
+        self.release()
         cache, policy = self.cache, self.policy
-        ids = ws.ids.astype(np.int64)  # [T, K]
-        rw = ws.rw.copy()
-        want = policy.planes(layer, ids, rw)  # [T, K] planes per (token, expert)
+        ids = carry.ids.astype(np.int64)  # [R, K]
+        rw = carry.w[..., 0].copy()  # [R, K]
+        want = policy.planes(layer, ids, rw)  # [R, K] planes per (row, expert)
         # Per-expert bookkeeping in plain Python: decode sees K pairs a layer,
         # where numpy's per-call cost would dominate.
         top: dict[int, int] = {}
@@ -83,17 +103,17 @@ class CachedRouted:
                     cache.prefetch(layer, [e], planes=target)
                     cap[e] = top[e] = have
             want = np.minimum(want, cap[ids])
-        if ws.t == 1 and self.prefetch_enabled:
-            self._predict_next(ws, layer)
+        if carry.rows == 1 and self.prefetch_enabled:
+            self._predict_next(carry, layer)
         pending = sorted(top)
         # A forced level is exact: an expert granted only some of its planes
-        # (upper pools full of this layer's pinned planes) waits for a later
-        # batch instead of running at fewer. Dual routing runs it at those.
+        # (upper pools full of pinned planes) waits for a later batch.
         forced = policy.force_level is not None
-        while pending:
+        while True:
             granted = cache.acquire(layer, self._heat(pending, ids, rw, want))
             batch = [e for e in pending if granted[e] >= (top[e] if forced else 1)]
             if not batch:
+                cache.release(layer, granted)
                 if cache.pending:
                     # Every free plane-1 slot is taken by reads in flight
                     # (prefetches, upgrades), which cannot be evicted while
@@ -105,13 +125,36 @@ class CachedRouted:
             for e in batch:
                 cap[e] = top[e] = min(top[e], granted[e])
             want = np.minimum(want, cap[ids])
-            self._waves(fw, ws, layer, ids, rw, want, batch, top)
-            cache.release(layer, granted)
+            self._held.append((layer, granted))
+            self._wait(layer, batch, top)
+            counts = self._fill(carry, layer, ids, rw, want, batch)
             pending = [e for e in pending if e not in batch]
-        ws.rw[...] = rw
+            if cache.tracing:
+                cache.counters.trace.append(
+                    ("compute", (layer, tuple(batch)), time.perf_counter())
+                )
+            if not pending:
+                break
+            run_partial(counts)
+            self.release()
         runs = np.bincount(want.ravel(), minlength=len(self.planes_run))
         self.planes_run += runs
         self.bytes_computed += int(runs @ self._level_bytes)
+        return counts
+
+    def release(self) -> None:
+        """Unpin the planes the last computed batch used."""
+        for layer, granted in self._held:
+            self.cache.release(layer, granted)
+        self._held.clear()
+
+    def _wait(self, layer: int, batch: list[int], top: dict[int, int]) -> None:
+        cache = self.cache
+        while True:
+            cache.poll()
+            if all(cache.resident_planes(layer, e) >= top[e] for e in batch):
+                return
+            cache.wait()
 
     @staticmethod
     def _heat(experts, ids, rw, want) -> dict[int, list[float]]:
@@ -127,38 +170,30 @@ class CachedRouted:
                 h[p] += w
         return {e: [x + 1e-9 for x in h] for e, h in heat.items()}
 
-    def _waves(self, fw, ws, layer, ids, rw, want, batch, top) -> None:
+    def _fill(self, carry, layer, ids, rw, want, batch) -> tuple[int, ...]:
+        """Slot ids, weights and scales of the ``batch`` experts: each row's
+        running experts ordered by planes, most first, so plane p runs on a
+        prefix of counts[p] of them (experts outside the batch run none)."""
         cache = self.cache
-        remaining = set(batch)
-        if self.pipeline == "sync":
-            while any(cache.resident_planes(layer, e) < top[e] for e in batch):
-                cache.poll()
-                cache.wait()
-        while remaining:
-            cache.poll()
-            ready = [e for e in remaining if cache.resident_planes(layer, e) >= top[e]]
-            if not ready:
-                cache.wait()
-                continue
-            stage = self._stage(ws, layer, ids, rw, want, ready)
-            if cache.tracing:
-                cache.counters.trace.append(
-                    ("compute", (layer, tuple(ready)), time.perf_counter())
-                )
-            fw.stage(ws, layer, stage)
-            ws.x += ws.eout
-            remaining -= set(ready)
-
-    def _stage(self, ws, layer, ids, rw, want, ready) -> str:
-        """Fill the workspace for one wave (the ``ready`` experts) and name
-        its E graph: each token's running experts ordered by planes, most
-        first, so plane p runs on a prefix of counts[p] of them."""
-        cache = self.cache
-        t = ids.shape[0]
-        if t == 1:
-            return self._stage_one(ws, layer, ids[0], rw[0], want[0], ready)
-        run = np.isin(ids, ready)
-        planes = np.where(run, want, 0)  # [T, K]
+        r = ids.shape[0]
+        for p in range(len(cache.planes)):
+            carry.scales[p] = [2.0 ** -self.shifts[layer][j][p] for j in range(3)]
+        if r == 1:  # plain Python: numpy's per-call cost dominates one row
+            inb = set(batch)
+            rows = [
+                (n if e in inb else 0, e, w if e in inb else 0.0)
+                for e, w, n in zip(ids[0].tolist(), rw[0].tolist(), want[0].tolist())
+            ]
+            rows.sort(key=lambda x: -x[0])  # stable: ties keep routing order
+            counts = [sum(1 for n, _, _ in rows if n > p) for p in range(rows[0][0])]
+            for p, kp in enumerate(counts):
+                carry.pids[p].reshape(-1)[:kp] = [
+                    cache.slot(layer, e, p) for _, e, _ in rows[:kp]
+                ]
+            carry.rw.reshape(-1)[: counts[0]] = [w for _, _, w in rows[: counts[0]]]
+            return tuple(counts)
+        run = np.isin(ids, batch)
+        planes = np.where(run, want, 0)  # [R, K]
         order = np.argsort(-planes, axis=1, kind="stable")
         planes = np.take_along_axis(planes, order, axis=1)
         experts = np.take_along_axis(ids, order, axis=1)
@@ -167,41 +202,20 @@ class CachedRouted:
             int(c) for c in (planes[:, :, None] > np.arange(planes.max())).sum(1).max(0)
         ]
         for p, kp in enumerate(counts):
-            slots = np.full((t, kp), cache.zero[p], dtype=np.int32)
+            slots = np.full((r, kp), cache.zero[p], dtype=np.int32)
             use = planes[:, :kp] > p
             for e in np.unique(experts[:, :kp][use]):
                 slots[use & (experts[:, :kp] == e)] = cache.slot(layer, int(e), p)
-            prefix(ws.pids[p], t, kp)[...] = slots
-            ws.scales[p] = [2.0 ** -self.shifts[layer][j][p] for j in range(3)]
-        prefix(ws.rw, t, counts[0])[...] = weights[:, : counts[0]]
-        return "X" + ",".join(map(str, counts))
+            carry.pids[p].reshape(-1)[: r * kp] = slots.ravel()
+        carry.rw.reshape(-1)[: r * counts[0]] = weights[:, : counts[0]].ravel()
+        return tuple(counts)
 
-    def _stage_one(self, ws, layer, ids, rw, want, ready) -> str:
-        """``_stage`` for one token in plain Python: decode runs it for every
-        wave of every layer, and numpy's per-call cost made it ~0.3 ms."""
-        cache = self.cache
-        ready = set(ready)
-        rows = [
-            (n if e in ready else 0, e, w if e in ready else 0.0)
-            for e, w, n in zip(ids.tolist(), rw.tolist(), want.tolist())
-        ]
-        rows.sort(key=lambda r: -r[0])  # stable: ties keep routing order
-        top = rows[0][0]
-        counts = [sum(1 for n, _, _ in rows if n > p) for p in range(top)]
-        for p, kp in enumerate(counts):
-            prefix(ws.pids[p], 1, kp)[...] = [
-                cache.slot(layer, e, p) for _, e, _ in rows[:kp]
-            ]
-            ws.scales[p] = [2.0 ** -self.shifts[layer][j][p] for j in range(3)]
-        prefix(ws.rw, 1, counts[0])[...] = [w for _, _, w in rows[: counts[0]]]
-        return "X" + ",".join(map(str, counts))
-
-    def _predict_next(self, ws: Workspace, layer: int) -> None:
+    def _predict_next(self, carry, layer: int) -> None:
         nxt = self.next_moe.get(layer)
         router = self.routers.get(nxt)
         if router is None:
             return
-        logits = ws.hn[0] @ router.T  # [E]
+        logits = carry.hn[0] @ router.T  # [E]
         k = self.cache.ckpt.spec.n_expert_used
         top = np.argpartition(-logits, k - 1)[:k]
         self.cache.prefetch(nxt, [int(e) for e in top[np.argsort(-logits[top])]])

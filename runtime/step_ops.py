@@ -166,6 +166,35 @@ class StepOps:
             )  # fmt: skip
         return ids, w
 
+    def slot_view(self, a, first: int, n: int):
+        """Slots ``first .. first + n - 1`` of a stacked expert tensor ``a``
+        [K, N, slots] (any ggml type): one layer's experts in a shared slab."""
+        if a.ne[3] != 1 or not (0 <= first and n > 0 and first + n <= a.ne[2]):
+            raise GGMLError(f"slot_view: slots {first}..{first + n} of ne {a.ne}")
+        nb1 = self.g.ggml_row_size(a.qtype, a.ne[0])
+        return self._op(
+            1, self.g.ggml_view_3d, a.ptr, a.ne[0], a.ne[1], n, nb1, nb1 * a.ne[1],
+            nb1 * a.ne[1] * first, qtype=a.qtype, ne=(a.ne[0], a.ne[1], n, 1),
+            view=True,
+        )  # fmt: skip
+
+    def lookup(self, table, ids, bound: int):
+        """``table`` (I32 [n]) at ``ids`` (I32 [K, T], bound n) -> I32 [K, T]:
+        expert ids mapped to slots. ``bound`` exceeds every value of the
+        table (the caller built it), so the result indexes ``mul_mat_id``."""
+        k, t = ids.ne[0], ids.ne[1]
+        flat = self.reshape(self.cont(ids), k * t, 1)  # [K*T, 1]
+        self._id_bound[flat.ptr] = self._id_bound.get(ids.ptr, 1 << 62)
+        rows = self.get_rows(self.reshape(table, 1, table.ne[0]), flat)  # [1, K*T]
+        out = self.reshape(rows, k, t)
+        self._id_bound[out.ptr] = bound
+        return out
+
+    def clamp(self, a, lo: float, hi: float):
+        if a.qtype != F32:
+            raise GGMLError("clamp: float32 only")
+        return self._op(1, self.g.ggml_clamp, a.ptr, lo, hi, qtype=F32, ne=a.ne)
+
     def permute(self, a, *axes: int):
         """``a`` with dimension i moved to ``axes[i]`` (ggml_permute): a view."""
         if sorted(axes) != [0, 1, 2, 3]:
@@ -200,31 +229,43 @@ class StepOps:
             contiguous=nb1 == ne0 * 4 and nb2 == ne0 * ne1 * 4, view=True,
         )  # fmt: skip
 
+    def store_v_t(self, v_cache, v, flat_rows):
+        """Write this step's values ``v`` (F32 [Dkv, T]) into the transposed
+        cache ``v_cache`` (F32 ne (C, Dkv): a cell per column) as set_rows of
+        single floats: element (j, t) goes to flat row j * C + cell_t, which
+        ``flat_rows`` (I32 [Dkv * T], from ``Graph.ids``) lists t-major."""
+        c, dkv = v_cache.ne[0], v_cache.ne[1]
+        if v.ne[0] != dkv or flat_rows.ne[0] != v.n:
+            raise GGMLError(
+                f"store_v_t: values ne {v.ne} and {flat_rows.ne[0]} rows for a "
+                f"cache of ne {v_cache.ne}"
+            )
+        flat = self.reshape(v_cache, 1, c * dkv)
+        return self.set_rows(flat, self.reshape(v, 1, v.n), flat_rows)
+
     def attention(self, q, k_cache, v_cache, mask, n_kv: int, n_head_kv: int, scale):
         """Causal GQA attention of ``q`` (F32 [head_dim, heads, T], RoPE
-        applied) over the first ``n_kv`` rows of the caches (F32 [head_dim *
-        kv_heads, n_ctx], this step's rows already written: pass the
-        ``set_rows`` results so the reads come after the writes). ``mask`` F32
-        [n_kv, T] adds -inf where a token must not look. -> [head_dim,
-        heads, T]. Query head h reads kv head h // (heads / kv_heads), as
-        ggml's mul_mat broadcasts."""
+        applied) over the first ``n_kv`` cells of the caches: keys F32 ne
+        (head_dim * kv_heads, C), a cell per row; values transposed, F32 ne
+        (C, head_dim * kv_heads) or that flattened (``store_v_t``'s result).
+        Pass the ``set_rows`` results so the reads come after this step's
+        writes. ``mask`` F32 [n_kv, T] adds -inf where a token must not
+        look. -> [head_dim, heads, T]. Query head h reads kv head h //
+        (heads / kv_heads), as ggml's mul_mat broadcasts."""
         hd, heads = q.ne[0], q.ne[1]
-        if heads % n_head_kv or k_cache.ne[0] != hd * n_head_kv:
+        c, dkv = k_cache.ne[1], k_cache.ne[0]
+        if heads % n_head_kv or dkv != hd * n_head_kv:
             raise GGMLError(
                 f"attention: {heads} query heads of {hd} over a cache row of "
-                f"{k_cache.ne[0]} for {n_head_kv} kv heads"
+                f"{dkv} for {n_head_kv} kv heads"
             )
-        if v_cache.ne != k_cache.ne or not 0 < n_kv <= k_cache.ne[1]:
+        if v_cache.n != c * dkv or not 0 < n_kv <= c:
             raise GGMLError(f"attention: {n_kv} positions of caches {k_cache.ne}")
-        row = hd * n_head_kv * 4
-
-        def heads_of(cache):  # [hd, n_kv, kv_heads]
-            v = self.view_3d(cache, hd, n_head_kv, n_kv, hd * 4, row)
-            return self.permute(v, 0, 2, 1, 3)
-
+        kh = self.permute(  # [hd, n_kv, kvh]
+            self.view_3d(k_cache, hd, n_head_kv, n_kv, hd * 4, dkv * 4), 0, 2, 1, 3
+        )
         qh = self.permute(q, 0, 2, 1, 3)  # [hd, T, heads]
-        kq = self.mul_mat(heads_of(k_cache), qh)  # [n_kv, T, heads]
-        kq = self.soft_max(kq, mask, scale)
-        vt = self.cont(self.permute(heads_of(v_cache), 1, 0, 2, 3))  # [n_kv, hd, kvh]
-        out = self.mul_mat(vt, kq)  # [hd, T, heads]
+        kq = self.soft_max(self.mul_mat(kh, qh), mask, scale)  # [n_kv, T, heads]
+        vh = self.view_3d(v_cache, n_kv, hd, n_head_kv, c * 4, hd * c * 4)
+        out = self.mul_mat(vh, kq)  # [hd, T, heads]
         return self.cont(self.permute(out, 0, 2, 1, 3))  # [hd, heads, T]

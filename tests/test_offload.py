@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -265,50 +264,6 @@ def test_heat_sums_the_routing_weight_each_plane_serves():
     np.testing.assert_allclose(only[1], [1.1, 0.7], atol=1e-6)
 
 
-@pytest.mark.parametrize("pipeline", ["waves", "sync"])
-def test_compute_starts_before_unrelated_loads_finish(converted, monkeypatch, pipeline):
-    """With slow reads (30 ms each, one I/O thread) and two missing experts,
-    the first expert's compute starts before the second's planes are in; the
-    synchronous baseline waits for all of a layer's loads."""
-    from edgemoe.runtime import io_queue
-
-    budget = quarter_budget(converted)
-    real = io_queue.PreadQueue.read
-
-    def slow(self, req):
-        time.sleep(0.03)
-        return real(self, req)
-
-    monkeypatch.setattr(io_queue.PreadQueue, "read", slow)
-    with edgemoe.load(
-        converted,
-        budget=budget,
-        force_level=8,
-        prefetch=False,
-        io_threads=1,
-        pipeline=pipeline,
-        **SMALL,
-    ) as m:
-        cache = m.routed.cache
-        cache.tracing = True
-        m.eval(m.tokenize("import os"))
-        trace = cache.counters.trace
-    computes = [(t, key) for ev, key, t in trace if ev == "compute"]
-    loads = [(t, key) for ev, key, t in trace if ev == "loaded"]
-    overlapped = 0
-    for t, (layer, experts) in computes:
-        later = [
-            lt
-            for lt, key in loads
-            if key[0] == layer and key[1] not in experts and lt > t
-        ]
-        overlapped += bool(later)
-    if pipeline == "waves":
-        assert overlapped >= 1, (computes, loads)
-    else:
-        assert overlapped == 0 and len(computes) > 0, (computes, loads)
-
-
 def test_io_error_mid_generation_is_clean(converted, monkeypatch):
     from edgemoe.runtime import io_queue
 
@@ -421,15 +376,15 @@ def test_baselines_are_lossless_and_validated(converted):
         force_level=8,
         budget=quarter_budget(converted),
         eviction="lru",
-        pipeline="sync",
+        prefetch=False,
         **SMALL,
     ) as m:
         assert np.array_equal(m.logits(ids), expected)
         assert m.routed.cache.counters.evictions > 0
     with pytest.raises(ConfigError, match="eviction must be"):
         edgemoe.load(converted, eviction="fifo", **SMALL)
-    with pytest.raises(ConfigError, match="pipeline must be"):
-        edgemoe.load(converted, pipeline="async", **SMALL)
+    with pytest.raises(ConfigError, match="unknown load option"):
+        edgemoe.load(converted, pipeline="sync", **SMALL)
 
 
 def test_bench_counts_tokens_and_expert_bytes(converted, fixture_dir):
@@ -482,29 +437,31 @@ def test_bench_cli(converted, cli):
 
 
 def test_mixed_levels_match_dequantized_reference(converted):
-    """One wave with a level per (token, expert), some experts not ready: the
-    E graph (plane prefixes of different lengths, shared by all layers, plane
-    scales as inputs) equals float64 numpy over the dequantized planes."""
+    """A level per (token, expert), some experts left for a later batch: the
+    host-routed expert graph (plane prefixes of different lengths, slabs
+    shared by all layers, plane scales as inputs) equals float64 numpy over
+    the dequantized planes."""
     from refs import q8
 
     from edgemoe.format.spec import PROJS
     from edgemoe.quant.nested import dequantize_plane
+    from edgemoe.runtime.step import Carry
 
     with edgemoe.load(converted, **SMALL) as m:
-        routed, fw, ckpt = m.routed, m.forward, m.checkpoint
+        routed, step, ckpt = m.routed, m.step, m.checkpoint
         layer, t = routed.cache.moe_layers[1], 3
         assert m.spec.n_expert_used == 2 and m.spec.n_expert == 8
-        ws = fw.workspace(t)
+        carry = Carry(t, m.spec.n_embd, 2, 3)
         rng = np.random.default_rng(0)
-        ws.hn[...] = rng.standard_normal((t, m.spec.n_embd))
+        carry.hn[...] = rng.standard_normal((t, m.spec.n_embd))
         ids = np.array([[0, 3], [5, 1], [2, 7]])
         rw = rng.uniform(0.2, 1.0, (t, 2)).astype(np.float32)
         want = np.array([[3, 1], [2, 3], [1, 2]])
-        ready = [0, 1, 2, 3, 5]  # expert 7 still loading: not in this wave
-        stage = routed._stage(ws, layer, ids, rw, want, ready)
-        assert stage == "X2,2,1"
-        fw.stage(ws, layer, stage)
-        got = ws.eout.copy()
+        ready = [0, 1, 2, 3, 5]  # expert 7 in a later batch
+        counts = routed._fill(carry, layer, ids, rw, want, ready)
+        assert counts == (2, 2, 1)
+        step._partial(layer, carry, counts)  # carry.h (zeros) += the experts
+        got = carry.h.copy()
         plan, shifts = ckpt.manifest.plan, ckpt.manifest.shifts[layer]
 
         def level(e: int, n: int) -> list[np.ndarray]:
@@ -522,7 +479,7 @@ def test_mixed_levels_match_dequantized_reference(converted):
 
         def reference(levels) -> np.ndarray:
             out = np.zeros((t, m.spec.n_embd))
-            xq = q8(ws.hn.copy(), 256).astype(np.float64)
+            xq = q8(carry.hn.copy(), 256).astype(np.float64)
             for i in range(t):
                 for e, w, n in zip(ids[i], rw[i], levels[i]):
                     if e not in ready:

@@ -218,15 +218,15 @@ def test_replay_matches_the_runtime_cache(converted_fixture, fixture_dir, prefet
 
     seen: dict[int, tuple[list, list]] = {}
     guessed: dict[int, list] = {}
-    inner, inner_guess = routed.CachedRouted.run, routed.CachedRouted._predict_next
+    inner, inner_guess = routed.CachedRouted.place, routed.CachedRouted._predict_next
 
-    def run(self, fw, ws, layer, w):
+    def run(self, layer, carry, run_partial):
         ids, rw = seen.setdefault(layer, ([], []))
-        ids.append(ws.ids[0].astype(int).tolist())
-        rw.append(ws.rw[0].tolist())
-        return inner(self, fw, ws, layer, w)
+        ids.append(carry.ids[0].astype(int).tolist())
+        rw.append(carry.w[0, :, 0].tolist())
+        return inner(self, layer, carry, run_partial)
 
-    def predict_next(self, ws, layer):
+    def predict_next(self, carry, layer):
         real = self.cache.prefetch
 
         def record(at, experts, planes=1):
@@ -235,7 +235,7 @@ def test_replay_matches_the_runtime_cache(converted_fixture, fixture_dir, prefet
 
         self.cache.prefetch = record
         try:
-            inner_guess(self, ws, layer)
+            inner_guess(self, carry, layer)
         finally:
             del self.cache.prefetch  # the class's method again
 
@@ -247,7 +247,7 @@ def test_replay_matches_the_runtime_cache(converted_fixture, fixture_dir, prefet
     with edgemoe.load(
         converted_fixture, n_ctx=512, n_batch=32, budget=budget, prefetch=prefetch
     ) as m:
-        routed.CachedRouted.run = run
+        routed.CachedRouted.place = run
         routed.CachedRouted._predict_next = predict_next
         try:
             tokens = m.tokenize(text, add_special=False)[:160]
@@ -258,7 +258,7 @@ def test_replay_matches_the_runtime_cache(converted_fixture, fixture_dir, prefet
                 m.eval([tok])
             after = m.counters()
         finally:
-            routed.CachedRouted.run = inner
+            routed.CachedRouted.place = inner
             routed.CachedRouted._predict_next = inner_guess
         misses = np.array(after["misses"]) - np.array(before["misses"])
         read = after["bytes_read"] - before["bytes_read"]

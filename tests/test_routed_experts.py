@@ -34,32 +34,44 @@ def q8_k(x: np.ndarray) -> np.ndarray:
 
 
 class Recorder:
-    """Wraps a model's CachedRouted: per MoE layer call, the experts' input,
-    routing, the planes each (token, expert) pair actually ran with (taken
-    where each wave is staged) and what the layer added to the residual."""
+    """Wraps a model's CachedRouted: per host-routed MoE layer, the experts'
+    input, routing, the planes each (token, expert) pair actually ran with
+    (taken where slot ids are filled) and what the layer added to the
+    residual (the step graph's probe output, read at the next layer)."""
 
-    def __init__(self, routed):
+    def __init__(self, model):
         self.records: list = []
+        self._open = None
+        routed = model.routed
+        model.step.probe = True
+        self._place, self._fill = routed.place, routed._fill
+        routed.place, routed._fill = self.place, self.fill
+
+    def flush(self) -> None:
+        if self._open is not None:
+            layer, carry, h0, hn, ids, rw, levels = self._open
+            self.records.append((layer, hn, ids, rw, levels, carry.xout - h0))
+            self._open = None
+
+    def place(self, layer, carry, run_partial):
+        self.flush()
         self._levels: dict = {}
-        self._run, self._one, self._many = routed.run, routed._stage_one, routed._stage
-        routed.run, routed._stage_one, routed._stage = self.run, self.one, self.many
+        ids, rw = carry.ids.copy(), carry.w[..., 0].copy()
+        self._open = (
+            layer,
+            carry,
+            carry.h.copy(),
+            carry.hn.copy(),
+            ids,
+            rw,
+            self._levels,
+        )
+        return self._place(layer, carry, run_partial)
 
-    def one(self, ws, layer, ids, rw, want, ready):
-        for k, e in enumerate(ids.tolist()):
-            if e in ready:
-                self._levels[0, k] = int(want[k])
-        return self._one(ws, layer, ids, rw, want, ready)
-
-    def many(self, ws, layer, ids, rw, want, ready):
-        for t, k in zip(*np.nonzero(np.isin(ids, list(ready)))):
+    def fill(self, carry, layer, ids, rw, want, batch):
+        for t, k in zip(*np.nonzero(np.isin(ids, list(batch)))):
             self._levels[int(t), int(k)] = int(want[t, k])
-        return self._many(ws, layer, ids, rw, want, ready)
-
-    def run(self, fw, ws, layer, w):
-        self._levels = {}
-        x0, hn, ids, rw = ws.x.copy(), ws.hn.copy(), ws.ids.copy(), ws.rw.copy()
-        self._run(fw, ws, layer, w)
-        self.records.append((layer, hn, ids, rw, self._levels, ws.x - x0))
+        return self._fill(carry, layer, ids, rw, want, batch)
 
 
 class Reference:
@@ -111,9 +123,10 @@ def test_dual_routing_computes_the_levels_it_chose(converted_fixture, budget):
         opts["budget"] = reported_minimum(converted_fixture, **opts) + budget
     ref = Reference(converted_fixture)
     with edgemoe.load(converted_fixture, **opts) as m:
-        rec = Recorder(m.routed)
+        rec = Recorder(m)
         out = m.generate("def fib(n):", max_tokens=12, ignore_eos=True, temperature=0)
         assert len(list(out)) == 12
+        rec.flush()
     top = len(ref.level_of)
     mixed = [r for r in rec.records if set(r[4].values()) - {top}]
     assert len(rec.records) == 12 * len(ref.ckpt.manifest.moe_layers)

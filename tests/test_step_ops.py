@@ -149,7 +149,7 @@ def _m(g, rows, cols):
 
 
 def _attend(g, cache, n_kv):
-    return g.attention(_x(g), cache, cache, None, n_kv, 2, 1.0)
+    return g.attention(_x(g), cache, cache, None, n_kv, 2, 1.0)  # Dh 8, H 2
 
 
 @pytest.mark.parametrize(
@@ -188,26 +188,28 @@ def test_shapes_ggml_would_assert_on_are_refused(device, build, needle):
 
 @pytest.mark.parametrize("p0, t", [(0, 5), (9, 1), (6, 3)])
 def test_attention_over_a_cache_written_in_the_same_graph(device, p0, t):
-    """This step's keys and values go into the caches with set_rows, then GQA
-    attention reads positions 0..p0+t-1: against numpy, prefill and decode."""
+    """This step's keys (a cell per row) and values (transposed, a cell per
+    column) go into the caches with set_rows, then GQA attention reads cells
+    0..p0+t-1: against numpy, prefill and decode."""
     hd, heads, kvh, n_ctx = 16, 4, 2, 32
-    scale = hd**-0.5
-    k_cache = A(RNG.standard_normal((n_ctx, kvh * hd)).astype(F))  # old rows
-    v_cache = A(RNG.standard_normal((n_ctx, kvh * hd)).astype(F))
+    dkv, scale = kvh * hd, hd**-0.5
+    k_cache = A(RNG.standard_normal((n_ctx, dkv)).astype(F))  # old rows
+    v_cache = A(RNG.standard_normal((dkv, n_ctx)).astype(F))  # transposed
     q = RNG.standard_normal((t, heads, hd)).astype(F)
-    k_new = RNG.standard_normal((t, kvh * hd)).astype(F)
-    v_new = RNG.standard_normal((t, kvh * hd)).astype(F)
+    k_new = RNG.standard_normal((t, dkv)).astype(F)
+    v_new = RNG.standard_normal((t, dkv)).astype(F)
     n_kv = p0 + t
     mask = np.zeros((t, n_kv), F)
     for i in range(t):
         mask[i, p0 + i + 1 :] = -np.inf
-    ref_k, ref_v = k_cache.copy(), v_cache.copy()
+    ref_k, ref_v = k_cache.copy(), v_cache.T.copy()
     ref_k[p0:n_kv], ref_v[p0:n_kv] = k_new, v_new
+    cells = np.arange(p0, n_kv)
+    flat = (np.arange(dkv)[None, :] * n_ctx + cells[:, None]).ravel()  # t-major
 
     def build(g):
-        pos = g.rows(np.arange(p0, n_kv), n_ctx)
-        kc = g.set_rows(g.input(k_cache), g.inp(k_new), pos)
-        vc = g.set_rows(g.input(v_cache), g.inp(v_new), pos)
+        kc = g.set_rows(g.input(k_cache), g.inp(k_new), g.rows(cells, n_ctx))
+        vc = g.store_v_t(g.input(v_cache), g.inp(v_new), g.rows(flat, n_ctx * dkv))
         return g.attention(g.inp(q), kc, vc, g.inp(mask), n_kv, kvh, scale)
 
     out = run(device, build, (t, heads, hd))
@@ -221,6 +223,7 @@ def test_attention_over_a_cache_written_in_the_same_graph(device, p0, t):
         ref[:, h] = (w / w.sum(-1, keepdims=True)) @ vv[:, kv]
     np.testing.assert_allclose(out.reshape(t, heads, hd), ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(k_cache[:n_kv], ref_k[:n_kv])  # written in place
+    np.testing.assert_array_equal(v_cache.T[:n_kv], ref_v[:n_kv])
 
 
 @pytest.mark.parametrize("normalize", [True, False])

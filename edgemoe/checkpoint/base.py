@@ -17,13 +17,17 @@ ALIGNMENT = 64
 
 
 def aligned_empty(
-    shape: tuple[int, ...], dtype: np.dtype | type, align: int = ALIGNMENT
+    shape: tuple[int, ...],
+    dtype: np.dtype | type,
+    align: int = ALIGNMENT,
+    zeros: bool = False,
 ) -> np.ndarray:
     """An uninitialised array whose data pointer is ``align``-aligned (4096
-    for O_DIRECT buffers)."""
+    for O_DIRECT buffers); ``zeros``: zero-filled by the allocator (calloc),
+    whose pages large arrays only get when first touched."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + align, dtype=np.uint8)
+    raw = (np.zeros if zeros else np.empty)(nbytes + align, dtype=np.uint8)
     start = -raw.ctypes.data % align
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 

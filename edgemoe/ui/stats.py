@@ -41,7 +41,7 @@ class ModelInfo:
             n_expert=model.spec.n_expert,
             n_ctx=model.n_ctx,
             weight_bytes=int(model.weight_bytes),
-            kv_bytes=int(model.cache.k.nbytes + model.cache.v.nbytes),
+            kv_bytes=int(model.cache.nbytes),
             quality=model.options.quality,
             plan=model.memory,
         )

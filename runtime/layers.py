@@ -1,0 +1,125 @@
+"""One model's weights as ggml tensors, layer by layer, for the step graphs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgemoe.arch.base import ModelSpec
+from edgemoe.checkpoint.base import GGML_F32, Weight, aligned_empty
+from edgemoe.runtime.graph import T, WeightSet
+
+
+@dataclass(frozen=True)
+class ExpertPlanes:
+    """A layer's routed experts: plane p is (gate, up, down) over stacked
+    ``[slots, N, K]`` tensors, with power-of-two shifts per projection; an
+    expert at a level runs the planes up to it and sums them.
+
+    A plain checkpoint is one plane of E slots (slot = expert id, straight
+    from the in-graph top-k). A converted model shares slot slabs across
+    layers (runtime/expert_cache.py): with every plane resident each layer
+    sees its own E slots of them (``first``) and runs ``planes`` of them in
+    the graph, protected experts at every plane; else ``host_routed`` and
+    the host fills slot ids per plane each step.
+    """
+
+    tensors: tuple[tuple[T, T, T], ...]
+    shifts: tuple[tuple[int, int, int], ...]
+    n_slots: tuple[int, ...]
+    host_routed: bool = False
+    first: int = 0
+    """Resident slabs: this layer's expert e sits in slot first + e."""
+    planes: int = 1
+    """Resident: the planes every expert runs (a forced level)."""
+    protected: tuple[int, ...] = ()
+    """Resident: experts that run every plane whatever the level."""
+
+
+@dataclass
+class LayerWeights:
+    """ggml handles of one layer's tensors (norms and biases as float32)."""
+
+    attn_norm: T
+    wq: T
+    wk: T
+    wv: T
+    wo: T
+    ffn_norm: T
+    bq: T | None = None
+    bk: T | None = None
+    bv: T | None = None
+    bo: T | None = None
+    q_norm: T | None = None
+    k_norm: T | None = None
+    router: T | None = None
+    experts: ExpertPlanes | None = None
+    gate_shexp: T | None = None
+    up_shexp: T | None = None
+    down_shexp: T | None = None
+    gate_inp_shexp: T | None = None
+    gate: T | None = None
+    up: T | None = None
+    down: T | None = None
+
+
+def to_f32(w: Weight) -> Weight:
+    """A float32 copy of a small vector weight for numpy/ggml elementwise use."""
+    if w.qtype == GGML_F32:
+        return w
+    out = aligned_empty(w.shape, np.float32)
+    out[...] = w.to_float32()
+    return Weight(w.name, GGML_F32, w.shape, out)
+
+
+def build_layers(
+    spec: ModelSpec, load, weights: WeightSet, base, experts=None
+) -> list[LayerWeights]:
+    """LayerWeights for every layer; ``load(name) -> Weight | None``;
+    ``experts(layer) -> ExpertPlanes`` for models stored as planes."""
+    layers = []
+
+    def add(name: str, f32: bool = False) -> T | None:
+        w = load(name)
+        if w is None:
+            return None
+        if f32:
+            w = to_f32(w)
+        return weights.add(w, base(w))
+
+    for i, moe in enumerate(spec.moe_layers):
+        b = f"blk.{i}."
+        lw = LayerWeights(
+            attn_norm=add(b + "attn_norm.weight", True),
+            wq=add(b + "attn_q.weight"),
+            wk=add(b + "attn_k.weight"),
+            wv=add(b + "attn_v.weight"),
+            wo=add(b + "attn_output.weight"),
+            ffn_norm=add(b + "ffn_norm.weight", True),
+            bq=add(b + "attn_q.bias", True),
+            bk=add(b + "attn_k.bias", True),
+            bv=add(b + "attn_v.bias", True),
+            bo=add(b + "attn_output.bias", True),
+            q_norm=add(b + "attn_q_norm.weight", True),
+            k_norm=add(b + "attn_k_norm.weight", True),
+        )
+        if moe:
+            lw.router = add(b + "ffn_gate_inp.weight")
+            if experts is not None:
+                lw.experts = experts(i)
+            else:
+                stacked = tuple(
+                    add(b + f"ffn_{p}_exps.weight") for p in ("gate", "up", "down")
+                )
+                lw.experts = ExpertPlanes((stacked,), ((0, 0, 0),), (spec.n_expert,))
+            lw.gate_shexp = add(b + "ffn_gate_shexp.weight")
+            lw.up_shexp = add(b + "ffn_up_shexp.weight")
+            lw.down_shexp = add(b + "ffn_down_shexp.weight")
+            lw.gate_inp_shexp = add(b + "ffn_gate_inp_shexp.weight", True)
+        else:
+            lw.gate = add(b + "ffn_gate.weight")
+            lw.up = add(b + "ffn_up.weight")
+            lw.down = add(b + "ffn_down.weight")
+        layers.append(lw)
+    return layers

@@ -1,0 +1,410 @@
+"""The forward pass as ggml graphs: a whole step in one graph, split only
+where the host must decide.
+
+A step is T tokens of one or more sequences: embeddings in, every layer
+(norms, q/k/v, q/k norms, RoPE, the KV cache written in-graph, masked GQA
+attention, routing, experts, residuals) and the head, logits out. With every
+expert in the graph that is one compute. A layer whose experts the host
+places (a converted model's expert cache under a budget, or dual routing
+choosing levels per token) ends a graph after its router: the host reads
+the chosen experts, schedules their planes and fills slot ids, and the next
+graph starts with those experts. So a step computes 1 + (host-routed MoE
+layers) graphs at most.
+Legend: T tokens, R rows that reach the head, D hidden, E experts, K experts
+per token, F expert FFN, P planes, C cache cells, n_kv cells attended.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgemoe.checkpoint.base import aligned_empty
+from edgemoe.runtime.graph import Graph, T
+from edgemoe.runtime.layers import ExpertPlanes, LayerWeights
+from edgemoe.runtime.step_ops import ROPE_NEOX, ROPE_NORMAL
+
+CACHED_T = 16
+"""Steps of at most this many tokens (decode, batched decode) keep their
+graphs and re-run them; longer ones (prefill) build, run and free."""
+
+
+@dataclass(frozen=True)
+class StepShape:
+    t: int
+    n_kv: int
+    n_out: int
+    """Rows that reach the head: each sequence's last token, or all T."""
+
+
+def _a(shape, dtype=np.float32) -> np.ndarray:
+    out = aligned_empty(shape, dtype)
+    out.fill(0)
+    return out
+
+
+class Carry:
+    """What crosses a split after MoE layer l's router, for ``rows`` rows:
+    the residual (with any shared expert), the normed input, the in-graph
+    top-k, and the slot ids, weights and plane scales the host fills."""
+
+    def __init__(self, rows: int, d: int, k: int, n_planes: int):
+        self.rows = rows
+        self.h, self.hn = _a((rows, d)), _a((rows, d))
+        self.ids, self.w = _a((rows, k), np.int32), _a((rows, k, 1))
+        self.pids = _a((n_planes, rows, k), np.int32)
+        self.rw = _a((rows, k))
+        self.scales = _a((n_planes, 3))
+        self.xout = _a((rows, d))
+        """With ``Step.probe``: the residual right after this layer's experts."""
+
+
+class StepIO:
+    """The host arrays of one step shape: inputs, carries and outputs."""
+
+    def __init__(self, spec, shape: StepShape, n_planes: int, moe_layers):
+        t, d = shape.t, spec.n_embd
+        self.shape = shape
+        self.x = _a((t, d))
+        self.pos = _a((t,), np.int32)
+        self.cells = _a((t,), np.int32)
+        self.v_rows = _a((t * spec.n_head_kv * spec.head_dim,), np.int32)
+        self.mask = _a((t, shape.n_kv))
+        self.out_ids = _a((shape.n_out,), np.int32)
+        self.logits = _a((shape.n_out, spec.n_vocab))
+        k = max(spec.n_expert_used, 1)
+        last = spec.n_layer - 1
+        self.routes = {
+            il: _a((shape.n_out if il == last else t, k), np.int32) for il in moe_layers
+        }
+        """MoE layer -> each row's experts this step, largest weight first."""
+        self.carry = {rows: Carry(rows, d, k, n_planes) for rows in {t, shape.n_out}}
+
+
+class Step:
+    """Builds, caches and runs the graphs of forward steps over one model."""
+
+    def __init__(self, spec, device, layers: list[LayerWeights], cache, head):
+        self.spec, self.device, self.layers, self.cache = spec, device, layers, cache
+        self.out_norm, self.out = head
+        self.splits = [
+            il for il, w in enumerate(layers) if w.experts and w.experts.host_routed
+        ]
+        self.moe_layers = [il for il, w in enumerate(layers) if w.experts]
+        self.n_planes = max(
+            (len(w.experts.tensors) for w in layers if w.experts), default=1
+        )
+        self.router = None
+        """Host-routed layers (runtime/routed.py): ``place(layer, carry,
+        run_partial) -> counts`` fills the carry's slot ids and weights,
+        ``counts[p]`` experts per row running plane p; ``release()``."""
+        self._graphs: dict[tuple, Graph] = {}
+        self._io: dict[StepShape, StepIO] = {}
+        self._tables: dict[int, tuple[T, np.ndarray]] = {}
+        self._galloc = None
+        self.computes = 0
+        """Graph computes so far (tests assert the count per step)."""
+        self.probe = False
+        """Tests: host-routed layers also output their residual after the
+        experts (``Carry.xout``); set before the first step."""
+        self.compute_s = 0.0
+
+    # -- running ---------------------------------------------------------------
+    def io(self, shape: StepShape) -> StepIO:
+        if shape.t > CACHED_T:
+            return StepIO(self.spec, shape, self.n_planes, self.moe_layers)
+        io = self._io.get(shape)
+        if io is None:
+            # A new span (n_kv) replaces the old one's graphs: memory stays
+            # flat as the context fills.
+            for old in [k for k in self._io if k.t == shape.t]:
+                del self._io[old]
+                for key in [k for k in self._graphs if k[0] == old]:
+                    self._graphs.pop(key).free()
+            io = self._io[shape] = StepIO(
+                self.spec, shape, self.n_planes, self.moe_layers
+            )
+        return io
+
+    def run(self, io: StepIO) -> None:
+        """Every graph of the step, host decisions between them."""
+        counts = ()
+        for s in range(len(self.splits) + 1):
+            cached = io.shape.t <= CACHED_T
+            key = (io.shape, s, counts)
+            g = self._graphs.get(key) if cached else None
+            if g is None:
+                g = self._build(io, s, counts, cached)
+                if cached:
+                    self._graphs[key] = g
+            t0 = time.perf_counter()
+            try:
+                g.compute()
+            finally:
+                if not cached:
+                    g.free()
+            self.compute_s += time.perf_counter() - t0
+            self.computes += 1
+            if s < len(self.splits):
+                layer = self.splits[s]
+                carry = io.carry[self._rows(io, layer)]
+                counts = self.router.place(
+                    layer, carry, lambda c: self._partial(layer, carry, c)
+                )
+        if self.splits:
+            self.router.release()
+
+    def _partial(self, layer: int, carry: Carry, counts) -> None:
+        """One batch of a layer's experts when they cannot all be resident at
+        once: carry.h += their output (a graph of its own, prefill only)."""
+        g = Graph(
+            self.device,
+            n_tensors=64 + 48 * self.n_planes,
+            galloc=self._prefill_galloc(),
+        )
+        try:
+            ep = self.layers[layer].experts
+            out = g.add(g.input(carry.h), self._host_experts(g, carry, ep, counts))
+            acc = _a(carry.h.shape)
+            g.output(out, acc)
+            g.build()
+            t0 = time.perf_counter()
+            g.compute()
+            self.compute_s += time.perf_counter() - t0
+            self.computes += 1
+            carry.h[...] = acc
+        finally:
+            g.free()
+
+    def _prefill_galloc(self) -> int:
+        if self._galloc is None:
+            self._galloc = self.device.new_allocator()
+        return self._galloc
+
+    def routes(self, io: StepIO) -> dict[int, np.ndarray]:
+        """The last step's experts per MoE layer, [R, K] copies."""
+        out = {il: r.copy() for il, r in io.routes.items()}
+        for il in self.splits:
+            out[il] = io.carry[self._rows(io, il)].ids.copy()
+        return dict(sorted(out.items()))
+
+    def _rows(self, io: StepIO, layer: int) -> int:
+        return io.shape.n_out if layer == self.spec.n_layer - 1 else io.shape.t
+
+    def free(self) -> None:
+        for g in self._graphs.values():
+            g.free()
+        self._graphs.clear()
+        self._io.clear()
+        if self._galloc is not None:
+            self.device.free_allocator(self._galloc)
+            self._galloc = None
+
+    # -- building ----------------------------------------------------------------
+    def _build(self, io: StepIO, s: int, counts: tuple, cached: bool) -> Graph:
+        first = 0 if s == 0 else self.splits[s - 1] + 1
+        last = self.splits[s] if s < len(self.splits) else self.spec.n_layer - 1
+        # Tensors a layer creates (attention ~40, FFN and routing ~24, each
+        # plane's projections, the sum over K), plus inputs and the head: a
+        # cached graph's metadata is sized by this, so keep it close.
+        k, p = self.spec.n_expert_used, self.n_planes
+        per_layer = 72 + 12 * p + 2 * k
+        n = 48 + per_layer * (last - first + 1 + (s > 0))
+        galloc = None if cached else self._prefill_galloc()
+        g = Graph(self.device, n_tensors=n, galloc=galloc)
+        try:
+            self._segment(g, io, s, counts)
+            g.build()
+        except BaseException:
+            g.free()
+            raise
+        return g
+
+    def _segment(self, g: Graph, io: StepIO, s: int, counts: tuple) -> None:
+        shape = io.shape
+        self._in = {
+            "pos": g.input(io.pos),
+            "cells": g.ids(io.cells, self.cache.n_cells),
+            "v_rows": g.ids(io.v_rows, self.cache.n_cells * self.cache.kv_dim),
+            "mask": g.input(io.mask),
+            "out": (g.ids(io.out_ids, shape.t) if shape.n_out < shape.t else None),
+        }
+        first = 0 if s == 0 else self.splits[s - 1] + 1
+        stop = self.splits[s] if s < len(self.splits) else None
+        if s == 0:
+            x = g.input(io.x)  # [D, T]
+        else:
+            layer = self.splits[s - 1]
+            c = io.carry[self._rows(io, layer)]
+            x = g.add(
+                g.input(c.h),
+                self._host_experts(g, c, self.layers[layer].experts, counts),
+            )
+            if self.probe:
+                g.output(x, c.xout)
+        for il in range(first, self.spec.n_layer):
+            x = self._layer(g, io, il, x, split=il == stop)
+            if x is None:
+                return
+        normed = g.mul(g.rms_norm(x, self.spec.rms_eps), self.out_norm)
+        g.output(g.mul_mat(self.out, normed), io.logits)  # [V, R]
+
+    def _layer(self, g: Graph, io: StepIO, il: int, x: T, split: bool) -> T | None:
+        """One transformer block on x [D, T]; None after a split's outputs."""
+        w, eps = self.layers[il], self.spec.rms_eps
+        a = self._attention(g, il, w, g.mul(g.rms_norm(x, eps), w.attn_norm))
+        if il == self.spec.n_layer - 1 and self._in["out"] is not None:
+            # Only the rows whose logits are wanted go on (their keys and
+            # values are in the cache already), as llama.cpp does.
+            a, x = g.get_rows(a, self._in["out"]), g.get_rows(x, self._in["out"])
+        o = g.mul_mat(w.wo, a)
+        h = g.add(x, g.add(o, w.bo) if w.bo is not None else o)  # [D, R]
+        hn = g.mul(g.rms_norm(h, eps), w.ffn_norm)
+        if w.experts is None:
+            return g.add(h, self._mlp(g, hn, w.gate, w.up, w.down))
+        if w.gate_shexp is not None:
+            shared = self._mlp(g, hn, w.gate_shexp, w.up_shexp, w.down_shexp)
+            if w.gate_inp_shexp is not None:
+                shared = g.mul(shared, g.sigmoid(g.mul_mat(w.gate_inp_shexp, hn)))
+            h = g.add(h, shared)
+        s = self.spec
+        ids, weights = g.route_softmax_topk(
+            g.mul_mat(w.router, hn), s.n_expert_used, s.norm_topk_prob
+        )  # [K, R], [1, K, R]
+        rows = g.cont(ids)
+        if split:
+            c = io.carry[hn.ne[1]]
+            for t, a_ in ((h, c.h), (hn, c.hn), (rows, c.ids), (weights, c.w)):
+                g.output(t, a_)
+            return None
+        g.output(rows, io.routes[il])
+        return g.add(h, self._experts(g, il, hn, ids, weights, w.experts))
+
+    def _attention(self, g: Graph, il: int, w: LayerWeights, xn: T) -> T:
+        """Self-attention of normed xn [D, T] -> [H * Dh, T] (before wo)."""
+        s = self.spec
+        t, hd, eps = xn.ne[1], s.head_dim, s.rms_eps
+
+        def proj(wt: T, b: T | None) -> T:
+            y = g.mul_mat(wt, xn)
+            return g.add(y, b) if b is not None else y
+
+        q, k, v = proj(w.wq, w.bq), proj(w.wk, w.bk), proj(w.wv, w.bv)
+        if s.qk_norm == "full":  # over the whole projection (OLMoE)
+            q = g.mul(g.rms_norm(q, eps), w.q_norm)
+            k = g.mul(g.rms_norm(k, eps), w.k_norm)
+        if s.clip_qkv is not None:
+            c = s.clip_qkv
+            q, k, v = (g.clamp(y, -c, c) for y in (q, k, v))
+        q = g.reshape(q, hd, s.n_head, t)  # [Dh, H, T]
+        k = g.reshape(k, hd, s.n_head_kv, t)
+        if s.qk_norm == "head":  # per head (Qwen3)
+            q = g.mul(g.rms_norm(q, eps), w.q_norm)
+            k = g.mul(g.rms_norm(k, eps), w.k_norm)
+        mode = ROPE_NORMAL if s.rope_interleaved else ROPE_NEOX
+        q = g.rope(q, self._in["pos"], hd, mode, s.rope_theta)
+        k = g.rope(k, self._in["pos"], hd, mode, s.rope_theta)
+        kc = g.set_rows(
+            self.cache.k[il], g.reshape(k, hd * s.n_head_kv, t), self._in["cells"]
+        )
+        vc = g.store_v_t(self.cache.v[il], v, self._in["v_rows"])
+        n_kv = self._in["mask"].ne[0]
+        out = g.attention(q, kc, vc, self._in["mask"], n_kv, s.n_head_kv, hd**-0.5)
+        return g.reshape(out, hd * s.n_head, t)
+
+    @staticmethod
+    def _mlp(g: Graph, x: T, gate: T, up: T, down: T) -> T:
+        return g.mul_mat(down, g.swiglu(g.mul_mat(gate, x), g.mul_mat(up, x)))
+
+    # -- experts -------------------------------------------------------------------
+    def _experts(self, g, il, hn: T, ids: T, weights: T, ep: ExpertPlanes) -> T:
+        """Routed experts chosen in-graph: hn [D, R], ids [K, R] -> [D, R].
+        Each expert runs ``ep.planes`` planes (its level); protected ones
+        run the rest too, through a table sending every other expert to the
+        zero slot."""
+        d, r, k = hn.ne[0], hn.ne[1], ids.ne[0]
+        e = self.spec.n_expert
+        runs = []  # (plane, ids, tensors)
+        for p in range(ep.planes):
+            views = tuple(
+                t if ep.first == 0 and t.ne[2] == e else g.slot_view(t, ep.first, e)
+                for t in ep.tensors[p]
+            )
+            runs.append((p, ids, views))
+        if ep.protected and ep.planes < len(ep.tensors):
+            table = self._protect_table(g, il, ep)
+            slots = g.lookup(table, ids, ep.n_slots[-1] + 1)
+            for p in range(ep.planes, len(ep.tensors)):
+                runs.append((p, slots, ep.tensors[p]))
+        x3 = g.reshape(hn, d, 1, r)  # [D, 1, R]
+
+        def project(j: int, x: T) -> T:  # sum over the planes, [N, K, R]
+            acc = None
+            for p, pid, tensors in runs:
+                y = g.mul_mat_id(tensors[j], x, pid)
+                if ep.shifts[p][j]:
+                    y = g.scale(y, 2.0 ** -ep.shifts[p][j])
+                acc = y if acc is None else g.add(acc, y)
+            return acc
+
+        act = g.swiglu(project(0, x3), project(1, x3))  # [F, K, R]
+        return self._sum_k(g, g.mul(project(2, act), weights), d, k, r)
+
+    def _protect_table(self, g: Graph, il: int, ep: ExpertPlanes) -> T:
+        """Per layer: expert -> its slot if protected, else the zero slot."""
+        if il not in self._tables:
+            zero = ep.n_slots[-1]
+            table = _a((self.spec.n_expert,), np.int32)
+            table[:] = zero
+            for e in ep.protected:
+                table[e] = ep.first + e
+            self._tables[il] = table
+        return g.input(self._tables[il])
+
+    def _host_experts(self, g: Graph, c: Carry, ep: ExpertPlanes, counts) -> T:
+        """Experts placed by the host: ``counts[p]`` per row run plane p, the
+        first ones of ``c.pids[p]`` (each row's experts ordered by planes,
+        most first), plane scales from ``c.scales``."""
+        d, r, k = c.hn.shape[1], c.rows, counts[0]
+        hn = g.input(c.hn)
+        x3 = g.reshape(hn, d, 1, r)
+        rw = g.reshape(g.input(_prefix(c.rw, r, k), c.rw), 1, k, r)  # [1, K, R]
+        ids = [
+            g.ids(_prefix(c.pids[p], r, kp), ep.n_slots[p] + 1, c.pids)
+            for p, kp in enumerate(counts)
+        ]
+        scales = [
+            [g.input(c.scales[p, j : j + 1], c.scales) for j in range(3)]
+            for p in range(len(counts))
+        ]
+
+        def project(j: int, x: T) -> T:
+            acc = None
+            for p, kp in enumerate(counts):
+                xin = x if x.ne[1] == 1 or kp == k else g.view_prefix(x, kp)
+                y = g.mul(g.mul_mat_id(ep.tensors[p][j], xin, ids[p]), scales[p][j])
+                if acc is None:
+                    acc = y
+                else:
+                    acc = g.add(acc, y) if kp == k else g.acc_prefix(acc, y)
+            return acc
+
+        act = g.swiglu(project(0, x3), project(1, x3))  # [F, K, R]
+        return self._sum_k(g, g.mul(project(2, act), rw), d, k, r)
+
+    @staticmethod
+    def _sum_k(g: Graph, y: T, d: int, k: int, r: int) -> T:
+        """y [D, K, R] summed over K -> [D, R]."""
+        out = g.view_2d(y, d, r, d * k * 4, 0)
+        for j in range(1, k):
+            out = g.add(g.view_2d(y, d, r, d * k * 4, j * d * 4), out)
+        if k == 1:  # a view is no output and no residual operand: copy it
+            out = g.cont(out)
+        return out
+
+
+def _prefix(a: np.ndarray, t: int, k: int) -> np.ndarray:
+    """The start of ``a`` [T, K] as a contiguous [t, k] view."""
+    return a.reshape(-1)[: t * k].reshape(t, k)

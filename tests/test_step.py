@@ -1,0 +1,128 @@
+"""The whole-step engine (runtime/step.py): graph computes per step, a long
+context against transformers, batched decode of several sequences against
+each decoded alone, and the typed errors around sequences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_reference_transformers import FAMILIES, hf_reference
+
+import edgemoe
+from edgemoe.errors import ConfigError, ContextOverflowError, EdgeMoEError
+
+RNG = np.random.default_rng(12)
+
+
+def computes_per_decode(model, steps: int = 4) -> list[int]:
+    out = []
+    for tok in RNG.integers(1, 384, steps).tolist():
+        before = model.step.computes
+        model.eval([tok])
+        out.append(model.step.computes - before)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILIES)
+def test_one_graph_per_step_with_every_expert_in_memory(tiny_model, family):
+    with edgemoe.load(tiny_model(family)) as m:
+        before = m.step.computes
+        m.eval(RNG.integers(1, 384, 40).tolist())  # one prefill step (n_batch 256)
+        assert m.step.computes - before == 1
+        assert computes_per_decode(m) == [1, 1, 1, 1]
+
+
+def test_converted_model_graph_counts(converted_fixture):
+    """In memory at a forced level the experts run inside the one graph; dual
+    routing and a budget stop at each MoE layer's router, at most once."""
+    n_moe = 4  # the fixture: 4 layers, all MoE
+    prompt = RNG.integers(1, 1000, 20).tolist()
+    with edgemoe.load(converted_fixture, n_ctx=128, force_level=4) as m:
+        assert sum(m.spec.moe_layers) == n_moe
+        m.eval(prompt)
+        assert computes_per_decode(m) == [1] * 4
+        resident = m.logits(prompt)
+    with edgemoe.load(converted_fixture, n_ctx=128) as m:  # dual routing
+        m.eval(prompt)
+        assert computes_per_decode(m) == [1 + n_moe] * 4
+    from test_budget_floor import reported_minimum
+
+    opts = dict(n_ctx=128, force_level=4)
+    budget = reported_minimum(converted_fixture, **opts) + (4 << 20)
+    with edgemoe.load(converted_fixture, budget=budget, **opts) as m:
+        m.eval(prompt)
+        assert max(computes_per_decode(m, 8)) <= 1 + n_moe
+        # The same level computed from host-placed slots: the same logits.
+        np.testing.assert_allclose(m.logits(prompt), resident, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 512], ids=["full", "sliding"])
+def test_long_context_matches_transformers(build_model, window):
+    """A 2,048-token prompt (8 prefill steps of 256 over a growing cache):
+    the last positions within 1e-3 of transformers."""
+    import torch
+
+    extra = {"sliding_window": window} if window else {}
+    path = build_model("mixtral", max_position_embeddings=4096, **extra)
+    ids = RNG.integers(1, 384, 2048).tolist()
+    ref = hf_reference(path)
+    with torch.no_grad():
+        expected = ref(input_ids=torch.tensor([ids])).logits[0, -16:].numpy()
+    with edgemoe.load(path, n_ctx=2048) as m:
+        assert m.spec.sliding_window == window
+        got = m.logits(ids)[-16:]
+    assert np.abs(expected).max() > 1.0
+    assert np.abs(got - expected).max() <= 1e-3
+
+
+def test_batched_decode_equals_each_sequence_alone(tiny_model):
+    """Four sequences of different lengths, prefilled in one step and decoded
+    in one graph per token, give each sequence's logits as decoded alone."""
+    path = tiny_model("qwen3_moe")
+    prompts = [RNG.integers(1, 384, n).tolist() for n in (5, 17, 3, 30)]
+    nexts = [RNG.integers(1, 384, 3).tolist() for _ in prompts]
+    with edgemoe.load(path, n_ctx=256) as m:
+        alone = []
+        for prompt, nxt in zip(prompts, nexts):
+            m.reset()
+            rows = [m.eval(prompt)] + [m.eval([t]) for t in nxt]
+            alone.append(np.stack(rows))
+        m.reset()
+        seqs = [m.new_sequence() for _ in prompts]
+        rows = [m.decode(list(zip(seqs, prompts)))]
+        before = m.step.computes
+        for i in range(3):
+            rows.append(m.decode([(s, [nxt[i]]) for s, nxt in zip(seqs, nexts)]))
+        assert m.step.computes - before == 3  # one graph per batched step
+        for j, seq in enumerate(seqs):
+            got = np.stack([r[j] for r in rows])
+            np.testing.assert_allclose(got, alone[j], rtol=0, atol=1e-4)
+            m.free_sequence(seq)
+
+
+def test_sequence_errors_are_typed(tiny_model):
+    with edgemoe.load(tiny_model("mixtral"), n_ctx=64) as m:
+        a, b = m.new_sequence(), m.new_sequence()
+        with pytest.raises(ConfigError, match="sequence 999 does not exist"):
+            m.decode([(999, [1])])
+        with pytest.raises(ConfigError, match="sequence 'x' does not exist"):
+            m.free_sequence("x")
+        with pytest.raises(ConfigError, match="outside the vocabulary"):
+            m.decode([(a, [1, 384])])
+        with pytest.raises(ConfigError, match="appears twice"):
+            m.decode([(a, [1]), (a, [2])])
+        with pytest.raises(ConfigError, match="own sequence"):
+            m.free_sequence(m.seq.id)
+        m.decode([(a, list(range(1, 51)))])
+        with pytest.raises(ContextOverflowError, match="free cells"):
+            m.decode([(b, list(range(1, 21)))])  # 50 + 20 > 64 cells
+        assert m.cache.get(b).n_past == 0  # nothing of the failed step stays
+        m.free_sequence(a)
+        m.decode([(b, list(range(1, 21)))])  # a's cells are free again
+        with pytest.raises(ContextOverflowError):
+            m.decode([(b, list(range(1, 50)))])  # past the context of 64
+
+
+def test_a_device_that_is_not_there_is_a_typed_error(tiny_model):
+    with pytest.raises(EdgeMoEError, match="no ggml gpu device"):
+        edgemoe.load(tiny_model("mixtral"), device="gpu")
