@@ -83,7 +83,11 @@ class PlaneCache:
         io: IOQueue,
         verify: bool = True,
         eviction: str = "score",
+        repack: bool = False,
     ):
+        """``repack``: every plane will be preloaded and never replaced (a
+        model in memory), so the slabs may be copied into ggml's repacked
+        layout at ``WeightSet.finalize``; ``release_slabs`` then frees them."""
         m = ckpt.manifest
         self.ckpt, self.manifest, self.io = ckpt, m, io
         self.planes = m.plan.planes
@@ -113,7 +117,8 @@ class PlaneCache:
                             bt.ggml,
                             (slots[p] + 1, *shapes[proj]),
                             slabs[proj],
-                        )
+                        ),
+                        repack=repack,
                     )
                     for proj in PROJS
                 )
@@ -345,6 +350,11 @@ class PlaneCache:
                     self.prefetched.add(key)
                 else:
                     return
+
+    def release_slabs(self) -> None:
+        """A preloaded, repacked model: ggml holds its own copy of the planes,
+        and nothing writes slots again; drop the host slabs."""
+        self.slabs = []
 
     def preload_all(self) -> None:
         """Load every plane of every expert (an in-memory model), synchronously:

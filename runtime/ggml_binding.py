@@ -130,6 +130,8 @@ _SIGNATURES: list[tuple[str, object, list]] = [
     ("ggml_backend_graph_compute", c_int, [P, P]),
     ("ggml_backend_free", None, [P]),
     ("ggml_backend_alloc_ctx_tensors", P, [P, P]),
+    ("ggml_backend_alloc_ctx_tensors_from_buft", P, [P, P]),
+    ("ggml_backend_buft_name", c_char_p, [P]),
     ("ggml_backend_get_default_buffer_type", P, [P]),
     ("ggml_gallocr_new", P, [P]),
     ("ggml_gallocr_free", None, [P]),
@@ -205,6 +207,24 @@ class GGMLLib:
                 )
             )
         return out
+
+    def repack_buffer_type(self, dev: int):
+        """The CPU device's "CPU_REPACK" extra buffer type (weights laid out
+        for its interleaved matmul kernels, as llama.cpp uses by default),
+        or None where this ggml has none."""
+        reg = self.ggml_backend_dev_backend_reg(dev)
+        addr = self.ggml_backend_reg_get_proc_address(
+            reg, b"ggml_backend_dev_get_extra_bufts"
+        )
+        if not addr:
+            return None
+        bufts = ctypes.CFUNCTYPE(POINTER(P), P)(addr)(dev)
+        i = 0
+        while bufts and bufts[i]:
+            if self.ggml_backend_buft_name(bufts[i]) == b"CPU_REPACK":
+                return bufts[i]
+            i += 1
+        return None
 
     def set_n_threads_fn(self, dev: int):
         """The device's ``set_n_threads`` entry from its registry, or None."""

@@ -21,7 +21,13 @@ import numpy as np
 from edgemoe.checkpoint.base import Weight
 from edgemoe.errors import GGMLError
 from edgemoe.runtime import ggml_binding as gb
-from edgemoe.runtime.ggml_binding import F32, I32, TENSOR_ALIGNMENT, InitParams
+from edgemoe.runtime.ggml_binding import (
+    F32,
+    I32,
+    TENSOR_ALIGNMENT,
+    InitParams,
+    TensorMirror,
+)
 from edgemoe.runtime.step_ops import StepOps
 
 _DTYPE_TO_GGML = {np.dtype(np.float32): F32, np.dtype(np.int32): I32}
@@ -55,6 +61,12 @@ WEIGHT_TYPES = frozenset(
         39,
     }
 )
+
+
+# Types ggml's CPU_REPACK buffer may lay out for its interleaved kernels
+# (Q4_0, Q8_0, Q2_K, Q4_K, Q5_K, Q6_K, IQ4_NL, MXFP4); whether it does for a
+# tensor depends on the CPU, and WeightSet.finalize asks ggml per tensor.
+REPACK_TYPES = frozenset({2, 8, 10, 12, 13, 14, 20, 39})
 
 
 def _need_f32(op: str, *ts: T) -> None:
@@ -134,6 +146,32 @@ class Device:
         fixed = n_threads is not None or self._set_threads is None
         self.tuner = ThreadTuner(self.n_threads, fixed)
         self.buffer_type = self.g.ggml_backend_get_default_buffer_type(self.backend)
+        self.repack_buft = self.g.repack_buffer_type(self.dev) if self.is_host else None
+        """ggml's CPU_REPACK buffer type, or None (other devices, old ggml)."""
+        self._repacks: dict[int, bool] = {}
+
+    def repacks(self, qtype: int) -> bool:
+        """Whether ggml's CPU_REPACK buffer lays out ``qtype`` weights (rows
+        a multiple of 8) for this CPU: asked once per type, of one small
+        tensor, since laying out a tensor it does not repack aborts."""
+        if self.repack_buft is None or qtype not in REPACK_TYPES:
+            return False
+        known = self._repacks.get(qtype)
+        if known is None:
+            g = self.g
+            ctx = _Context(self, 1)
+            try:
+                t = ctx.new(qtype, (int(g.ggml_blck_size(qtype)) * 8, 8, 1, 1))
+                buf = g.ggml_backend_alloc_ctx_tensors_from_buft(
+                    ctx.ctx, self.repack_buft
+                )
+                known = bool(buf) and bool(TensorMirror.from_address(t.ptr).extra)
+                if buf:
+                    g.ggml_backend_buffer_free(buf)
+            finally:
+                ctx.free()
+            self._repacks[qtype] = known
+        return known
 
     def set_threads(self, n: int) -> None:
         if n != self._threads_now and self._set_threads is not None:
@@ -247,17 +285,31 @@ class _Context:
 
 
 class WeightSet:
-    """Model weights as ggml tensors, created once and shared by every graph."""
+    """Model weights as ggml tensors, created once and shared by every graph.
 
-    def __init__(self, device: Device, capacity: int):
+    On the CPU a weight is bound zero-copy where it lies, or, with
+    ``repack``, copied into ggml's CPU_REPACK buffer at ``finalize`` in the
+    interleaved layout its matmul kernels read fastest (llama.cpp's default
+    on this hardware). Elsewhere weights are uploaded at ``finalize``.
+    """
+
+    def __init__(self, device: Device, capacity: int, repack: bool = False):
         self.device = device
         self._ctx = _Context(device, capacity)
         self._uploads: list[tuple[T, np.ndarray]] = []
         self._device_buffer = None
+        self.repack = repack and device.repack_buft is not None
+        self._repack_ctx = _Context(device, capacity) if self.repack else None
+        self._repacks: list[tuple[T, np.ndarray]] = []
+        self._repack_buffer = None
         self.nbytes = 0
+        self.repacked_bytes = 0
+        """Bytes ggml laid out for its interleaved kernels (a copy)."""
 
-    def add(self, w: Weight, base: np.ndarray | None = None) -> T:
-        """A ggml tensor over ``w``'s bytes; validates type, shape and size."""
+    def add(self, w: Weight, base: np.ndarray | None = None, repack: bool = True) -> T:
+        """A ggml tensor over ``w``'s bytes; validates type, shape and size.
+        ``repack=False`` keeps a weight in place even when repacking (slots
+        the I/O threads refill, tables read on the host)."""
         g = self.device.g
         ne = ne_of(w.shape)
         rows = ne[1] * ne[2] * ne[3]
@@ -273,22 +325,45 @@ class WeightSet:
             )
         if w.data.nbytes != w.nbytes:
             raise GGMLError(f"tensor {w.name!r} is not in memory (read per row)")
-        t = self._ctx.new(w.qtype, ne)
         data = w.data if w.data.flags.c_contiguous else np.ascontiguousarray(w.data)
+        self.nbytes += w.nbytes
+        if (
+            self.repack
+            and repack
+            and len(w.shape) in (2, 3)
+            and ne[1] % 8 == 0
+            and self.device.repacks(w.qtype)
+        ):
+            t = self._repack_ctx.new(w.qtype, ne)
+            self._repacks.append((t, data))
+            return t
+        t = self._ctx.new(w.qtype, ne)
         if self.device.is_host:
             if data.ctypes.data % TENSOR_ALIGNMENT:
                 raise GGMLError(f"tensor {w.name!r} data is not 32-byte aligned")
             self._ctx.bind(t, data, base)
         else:
             self._uploads.append((t, data))
-        self.nbytes += w.nbytes
         return t
 
     def finalize(self) -> None:
-        """Upload to a non-host device (nothing to do on the CPU)."""
+        """Repack (CPU) or upload (other devices) what ``add`` deferred."""
+        g = self.device.g
+        if self._repacks:
+            self._repack_buffer = g.ggml_backend_alloc_ctx_tensors_from_buft(
+                self._repack_ctx.ctx, self.device.repack_buft
+            )
+            if not self._repack_buffer:
+                raise GGMLError("could not allocate ggml's CPU_REPACK buffer")
+            while self._repacks:
+                t, data = self._repacks.pop(0)  # drop each source as it is copied
+                mirror = TensorMirror.from_address(t.ptr)
+                if not mirror.extra:  # Device.repacks said it would: a ggml change
+                    raise GGMLError(f"ggml did not repack a type-{t.qtype} tensor")
+                g.ggml_backend_tensor_set(t.ptr, data.ctypes.data, 0, data.nbytes)
+                self.repacked_bytes += data.nbytes
         if self.device.is_host or not self._uploads:
             return
-        g = self.device.g
         self._device_buffer = g.ggml_backend_alloc_ctx_tensors(
             self._ctx.ctx, self.device.backend
         )
@@ -301,10 +376,13 @@ class WeightSet:
         self._uploads.clear()
 
     def free(self) -> None:
-        if self._device_buffer:
-            self.device.g.ggml_backend_buffer_free(self._device_buffer)
-            self._device_buffer = None
+        for buf in (self._device_buffer, self._repack_buffer):
+            if buf:
+                self.device.g.ggml_backend_buffer_free(buf)
+        self._device_buffer = self._repack_buffer = None
         self._ctx.free()
+        if self._repack_ctx is not None:
+            self._repack_ctx.free()
 
 
 class Graph(StepOps):

@@ -49,6 +49,10 @@ class LoadOptions:
     io_threads: int = 2
     verify: bool = True
     """Check each expert plane's CRC-32 the first time it is read."""
+    repack: bool = True
+    """CPU: copy matmul weights into ggml's CPU_REPACK layout where this CPU
+    has interleaved kernels for their type (llama.cpp's default); the copy
+    replaces the mapped or read bytes in memory. Not for streamed slots."""
     eviction: str = "score"
     """Expert slot eviction: "score" (recency, use, hotness, layer distance)
     or "lru" (a baseline)."""
@@ -91,6 +95,20 @@ class LoadOptions:
             raise ConfigError(
                 f"n_threads must be in 1..{MAX_THREADS}, got {self.n_threads}"
             )
+
+
+def _drop_mapped_pages(mm: np.ndarray) -> None:
+    """Repacked weights live in ggml's own buffer: drop this process's pages
+    of the mapped file (clean, file-backed: the embedding rows and anything
+    still read fault back in from the page cache)."""
+    import mmap as mmap_module
+
+    raw = getattr(mm, "_mmap", None)
+    if raw is not None and hasattr(raw, "madvise"):
+        try:
+            raw.madvise(mmap_module.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
 
 
 def load(path: str | Path, **options: Any) -> Model:
@@ -167,7 +185,9 @@ class Model:
 
         n_planes = len(manifest.plan.planes) if manifest else 0
         self.weights = WeightSet(
-            self.device, capacity=len(names) + 8 + 3 * n_planes + 2 * spec.n_layer
+            self.device,
+            capacity=len(names) + 8 + 3 * n_planes + 2 * spec.n_layer,
+            repack=options.repack,
         )
         experts, self.routed, self.memory = None, None, None
         if manifest is not None:
@@ -192,13 +212,17 @@ class Model:
         self.cache = KVCache(
             spec, self.n_ctx, self.weights, commit=options.budget is not None
         )
+        if self.routed is not None and options.budget is None:
+            self.routed.cache.preload_all()  # before finalize: it may repack them
+            if self.routed.resident:
+                # The weight set holds the slabs until it has copied each.
+                self.routed.cache.release_slabs()
         self.weights.finalize()
+        if mmap is not None and self.weights.repacked_bytes:
+            _drop_mapped_pages(mmap)
         self.step = Step(spec, self.device, layers, self.cache, (out_norm, out))
-        if self.routed is not None:
-            if not self.routed.resident:
-                self.step.router = self.routed
-            if options.budget is None:
-                self.routed.cache.preload_all()
+        if self.routed is not None and not self.routed.resident:
+            self.step.router = self.routed
         self.seq: Sequence = self.cache.new_sequence()
         """The sequence ``eval``, ``reset`` and ``generate`` work on."""
         self.route_log: list[dict[int, np.ndarray]] | None = None

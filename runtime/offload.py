@@ -169,6 +169,7 @@ def setup(model, ckpt, options, rss_start: int | None = None):
         io,
         verify=options.verify,
         eviction=options.eviction,
+        repack=options.budget is None and options.force_level is not None,
     )
     cache_ref.append(cache)
     io.start()
