@@ -214,9 +214,9 @@ class Model:
         )
         if self.routed is not None and options.budget is None:
             self.routed.cache.preload_all()  # before finalize: it may repack them
-            if self.routed.resident:
-                # The weight set holds the slabs until it has copied each.
-                self.routed.cache.release_slabs()
+            # Nothing writes a slot again; the weight set holds each slab
+            # until it has copied it (repack) or bound it.
+            self.routed.cache.release_slabs()
         self.weights.finalize()
         if mmap is not None and self.weights.repacked_bytes:
             _drop_mapped_pages(mmap)

@@ -169,7 +169,7 @@ def setup(model, ckpt, options, rss_start: int | None = None):
         io,
         verify=options.verify,
         eviction=options.eviction,
-        repack=options.budget is None and options.force_level is not None,
+        repack=options.budget is None,
     )
     cache_ref.append(cache)
     io.start()
@@ -186,5 +186,6 @@ def setup(model, ckpt, options, rss_start: int | None = None):
         m.shifts,
         prefetch=options.prefetch and options.budget is not None,
         resident=options.budget is None and options.force_level is not None,
+        in_memory=options.budget is None,
     )
     return routed.experts_for, routed, plan

@@ -33,6 +33,7 @@ class CachedRouted:
         shifts,
         prefetch: bool = True,
         resident: bool = False,
+        in_memory: bool = False,
     ):
         self.cache = cache
         self.policy = policy
@@ -42,6 +43,8 @@ class CachedRouted:
         self.shifts = shifts
         self.resident = resident
         """Every plane in memory and a forced level: the graph runs experts."""
+        self.in_memory = in_memory
+        """Every plane preloaded into fixed slots: nothing to load or pin."""
         self.planes_run = np.zeros(len(cache.planes) + 1, dtype=np.int64)
         """How many (token, expert) pairs ran with n planes, n = 0..P."""
         self._level_bytes = np.concatenate([[0], np.cumsum(cache.plane_bytes)])
@@ -88,6 +91,12 @@ class CachedRouted:
         ids = carry.ids.astype(np.int64)  # [R, K]
         rw = carry.w[..., 0].copy()  # [R, K]
         want = policy.planes(layer, ids, rw)  # [R, K] planes per (row, expert)
+        if self.in_memory:  # every plane has its slot: levels and slot ids only
+            batch = sorted(set(ids.ravel().tolist()))
+            counts = self._fill(carry, layer, ids, rw, want, batch)
+            cache.counters.hits[0] += len(batch)
+            self._count(want)
+            return counts
         # Per-expert bookkeeping in plain Python: decode sees K pairs a layer,
         # where numpy's per-call cost would dominate.
         top: dict[int, int] = {}
@@ -137,10 +146,13 @@ class CachedRouted:
                 break
             run_partial(counts)
             self.release()
+        self._count(want)
+        return counts
+
+    def _count(self, want: np.ndarray) -> None:
         runs = np.bincount(want.ravel(), minlength=len(self.planes_run))
         self.planes_run += runs
         self.bytes_computed += int(runs @ self._level_bytes)
-        return counts
 
     def release(self) -> None:
         """Unpin the planes the last computed batch used."""
