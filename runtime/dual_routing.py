@@ -1,16 +1,22 @@
 """Dual routing: the model's router picks the experts; this picks each chosen
 expert's level (how many planes) per token, without training.
 
-HOBBIT's rule: sort a token's experts by routing weight and give each the sum
-of the weights ranked above it (its "unimportance"). The top expert scores 0
-and always runs at the top level; an expert whose unimportance is at most T1
-runs at the top level, at most T2 one level lower, else at the lowest level.
-Protected (super) experts always run at the top level. A forced level
-overrides all of it (evaluation, lossless runs).
+The presets rank a token's experts by routing weight and run plane p on the
+first ceil(share_p x K) of them: "balanced" (the default) runs the top half
+at level 4 and the rest at level 2. Fixed counts per plane keep the shapes
+of the step graph fixed, so a model in memory routes and computes every
+level inside one graph (runtime/step.py). Custom thresholds (T1, T2) use
+HOBBIT's rule instead: sort by weight, give each expert the sum of the
+weights ranked above it (its "unimportance"); at most T1 runs at the top
+level, at most T2 one level lower, else at the lowest; the top expert always
+at the top. That rule adapts per token and is decided on the host, between
+graphs. Protected (super) experts always run at the top level. A forced
+level overrides all of it (evaluation, lossless runs).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,11 +25,13 @@ from edgemoe.errors import ConfigError
 from edgemoe.quant.types import NestedQuant
 
 QUALITY = {
-    "max": (2.0, 2.0),  # everything at the top level
-    "high": (0.8, 0.95),
-    "balanced": (0.6, 0.9),  # HOBBIT's Mixtral thresholds
-    "fast": (0.3, 0.6),
-    "min": (-1.0, -1.0),  # only the top-ranked expert at the top level
+    # Share of a token's K experts (by weight rank) running plane 1, 2, 3 ...
+    # (the last share repeats for further planes).
+    "max": (1.0, 1.0, 1.0),  # every expert at the top level
+    "high": (1.0, 1.0, 0.5),  # top half at the top level, the rest one below
+    "balanced": (1.0, 0.5, 0.0),  # top half at plane 2 (level 4), rest plane 1
+    "fast": (1.0, 0.25, 0.0),
+    "min": (1.0, 0.0, 0.0),  # every expert at the lowest level
 }
 
 
@@ -31,8 +39,11 @@ QUALITY = {
 class LevelPolicy:
     plan: NestedQuant
     protected: tuple[tuple[int, ...], ...] = ()
-    thresholds: tuple[float, float] = QUALITY["balanced"]
+    thresholds: tuple[float, float] | None = None
+    """HOBBIT's (T1, T2); None with ``shares``."""
     force_level: int | None = None
+    shares: tuple[float, ...] | None = QUALITY["balanced"]
+    """A preset's share of experts per plane, by rank."""
 
     @classmethod
     def make(cls, plan, protected, quality="balanced", force_level=None) -> LevelPolicy:
@@ -42,8 +53,9 @@ class LevelPolicy:
                     f"quality must be one of {', '.join(QUALITY)} or (T1, T2), "
                     f"got {quality!r}"
                 )
-            thresholds = QUALITY[quality]
+            shares, thresholds = QUALITY[quality], None
         else:
+            shares = None
             try:
                 t1, t2 = (float(q) for q in quality)
             except (TypeError, ValueError):
@@ -55,7 +67,20 @@ class LevelPolicy:
             thresholds = (t1, t2)
         if force_level is not None:
             plan.n_planes(force_level)  # a clear error for an unknown level
-        return cls(plan, tuple(protected), thresholds, force_level)
+        return cls(plan, tuple(protected), thresholds, force_level, shares)
+
+    def counts(self, k: int) -> tuple[int, ...] | None:
+        """Experts per token (by rank) running each plane, when that is fixed
+        (a forced level or a preset), for the step graph; else None."""
+        top = self.top
+        if self.force_level is not None:
+            n = self.plan.n_planes(self.force_level)
+            return tuple(k if p < n else 0 for p in range(top))
+        if self.shares is None:
+            return None
+        shares = [self.shares[min(p, len(self.shares) - 1)] for p in range(top)]
+        out = [k] + [math.ceil(s * k - 1e-9) for s in shares[1:]]
+        return tuple(min(c, out[i - 1]) if i else c for i, c in enumerate(out))
 
     @property
     def top(self) -> int:
@@ -64,9 +89,15 @@ class LevelPolicy:
     def planes(self, layer: int, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Planes each (token, chosen expert) runs with; ``ids``/``weights`` [T, K]."""
         top = self.top
-        if self.force_level is not None:
-            n = self.plan.n_planes(self.force_level)
-            out = np.full(ids.shape, n, dtype=np.int64)
+        counts = self.counts(ids.shape[1])
+        if counts is not None:
+            # Rank r (0 = largest weight) runs the planes whose count exceeds r.
+            per_rank = np.array(
+                [sum(1 for c in counts if c > r) for r in range(ids.shape[1])]
+            )
+            order = np.argsort(-weights, axis=1, kind="stable")
+            out = np.empty(ids.shape, dtype=np.int64)
+            np.put_along_axis(out, order, np.broadcast_to(per_rank, ids.shape), 1)
         elif ids.shape[0] == 1:
             # Decode asks once per layer per token, where numpy's per-call
             # cost (~0.1 ms here) was most of the policy's time.

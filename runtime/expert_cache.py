@@ -84,12 +84,17 @@ class PlaneCache:
         verify: bool = True,
         eviction: str = "score",
         repack: bool = False,
+        store: str = "host",
     ):
         """``repack``: every plane will be preloaded and never replaced (a
         model in memory), so the slabs may be copied into ggml's repacked
-        layout at ``WeightSet.finalize``; ``release_slabs`` then frees them."""
+        layout at ``WeightSet.finalize``; ``release_slabs`` then frees them.
+        ``store``: "host" slabs the I/O threads fill in place (zero-copy on
+        the CPU) or "device" tensors in the backend's buffer, written with
+        ``ggml_backend_tensor_set`` from a staging array per read."""
         m = ckpt.manifest
         self.ckpt, self.manifest, self.io = ckpt, m, io
+        self.weights = weights
         self.planes = m.plan.planes
         self.n_expert = ckpt.spec.n_expert
         self.moe_layers = m.moe_layers
@@ -99,31 +104,34 @@ class PlaneCache:
         self.slabs: list[dict[str, np.ndarray]] = []
         self.tensors: list[tuple[T, T, T]] = []
         self.plane_bytes: list[int] = []
+        self.store = store
+        self._row = {}  # (p, proj) -> bytes of one slot
         for p, bt in enumerate(self.planes):
-            slabs = {}
+            slabs, tensors = {}, []
             for proj in PROJS:
                 n, k = shapes[proj]
+                shape = (slots[p] + 1, n, k)
+                self._row[p, proj] = n * bt.row_bytes(k)
+                name = f"experts.p{p}.{proj}"
+                if store == "device":
+                    # Slots in the backend's own buffer (a GPU's memory): a
+                    # read lands in a staging array, then tensor_set at the
+                    # slot's offset (poll). The zero slot is cleared there.
+                    tensors.append(weights.add_device(name, bt.ggml, shape))
+                    continue
                 slab = aligned_empty((slots[p] + 1, n, bt.row_bytes(k)), np.uint8)
                 # Zero it all: slot S_p is the zero slot, and committing every
                 # page now keeps memory flat instead of growing as slots fill.
                 slab.fill(0)
                 slabs[proj] = slab
-            self.slabs.append(slabs)
-            self.tensors.append(
-                tuple(
-                    weights.add(
-                        Weight(
-                            f"experts.p{p}.{proj}",
-                            bt.ggml,
-                            (slots[p] + 1, *shapes[proj]),
-                            slabs[proj],
-                        ),
-                        repack=repack,
-                    )
-                    for proj in PROJS
+                tensors.append(
+                    weights.add(Weight(name, bt.ggml, shape, slab), repack=repack)
                 )
+            self.slabs.append(slabs)
+            self.tensors.append(tuple(tensors))
+            self.plane_bytes.append(
+                sum((slots[p] + 1) * self._row[p, proj] for proj in PROJS)
             )
-            self.plane_bytes.append(sum(s[0].nbytes for s in slabs.values()))
         self.zero = [s for s in slots]
         self.where: dict[tuple[int, int, int], int] = {}
         self.owner = [np.full(s, -1, dtype=np.int64) for s in slots]
@@ -198,6 +206,8 @@ class PlaneCache:
                 failed = failed or req.error
                 continue
             if slot is not None:
+                if self.store == "device":
+                    self._upload(p, slot, req.dest)
                 self.state[p][slot] = READY
                 orphan = p and (key[0], key[1], 0) not in self.where
                 if orphan and not self.pinned[p][slot]:
@@ -209,6 +219,13 @@ class PlaneCache:
                 self.counters.trace.append(("loaded", key, req.finished))
         if failed is not None:
             raise failed
+
+    def _upload(self, p: int, slot: int, parts) -> None:
+        """A read's bytes into slot ``slot`` of plane p's device tensors."""
+        g = self.weights.device.g
+        for t, proj, part in zip(self.tensors[p], PROJS, parts):
+            size = self._row[p, proj]
+            g.ggml_backend_tensor_set(t.ptr, part.ctypes.data, slot * size, size)
 
     def wait(self, timeout: float = 0.05) -> None:
         """Block until some read finishes (counted as stall time)."""
@@ -270,7 +287,10 @@ class PlaneCache:
         key = (layer, expert, p)
         ref = self.manifest.experts[layer][expert][p]
         shard = self.ckpt.root / self.manifest.shards[ref.shard].file
-        dest = [self.slabs[p][proj][slot] for proj in PROJS]
+        if self.store == "device":
+            dest = [aligned_empty((self._row[p, proj],), np.uint8) for proj in PROJS]
+        else:
+            dest = [self.slabs[p][proj][slot] for proj in PROJS]
         req = ReadRequest(
             priority=priority,
             seq=0,

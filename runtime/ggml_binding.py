@@ -70,6 +70,7 @@ class TensorMirror(ctypes.Structure):
 
 _SIGNATURES: list[tuple[str, object, list]] = [
     ("ggml_init", P, [InitParams]),
+    ("ggml_log_set", None, [P, P]),
     ("ggml_free", None, [P]),
     ("ggml_tensor_overhead", c_size_t, []),
     ("ggml_graph_overhead_custom", c_size_t, [c_size_t, c_bool]),
@@ -122,6 +123,8 @@ _SIGNATURES: list[tuple[str, object, list]] = [
     ("ggml_quantize_requires_imatrix", c_bool, [c_int]),
     ("ggml_backend_cpu_buffer_from_ptr", P, [P, c_size_t]),
     ("ggml_backend_buffer_free", None, [P]),
+    ("ggml_backend_buffer_clear", None, [P, ctypes.c_uint8]),
+    ("ggml_backend_buffer_is_host", c_bool, [P]),
     ("ggml_backend_buffer_get_alloc_size", c_size_t, [P, P]),
     ("ggml_backend_tensor_alloc", c_int, [P, P, P]),
     ("ggml_backend_view_init", c_int, [P]),
@@ -132,6 +135,7 @@ _SIGNATURES: list[tuple[str, object, list]] = [
     ("ggml_backend_alloc_ctx_tensors", P, [P, P]),
     ("ggml_backend_alloc_ctx_tensors_from_buft", P, [P, P]),
     ("ggml_backend_buft_name", c_char_p, [P]),
+    ("ggml_backend_buffer_get_type", P, [P]),
     ("ggml_backend_get_default_buffer_type", P, [P]),
     ("ggml_gallocr_new", P, [P]),
     ("ggml_gallocr_free", None, [P]),
@@ -151,6 +155,21 @@ _SIGNATURES: list[tuple[str, object, list]] = [
 ]
 
 SetNThreads = ctypes.CFUNCTYPE(None, P, c_int)
+
+
+LogCallback = ctypes.CFUNCTYPE(None, c_int, c_char_p, P)
+_LOG_WARN, _LOG_CONT = 3, 5
+_last_level = [0]
+
+
+def _log_warnings(level: int, text: bytes, _user) -> None:
+    if level == _LOG_CONT:
+        level = _last_level[0]
+    _last_level[0] = level
+    if level >= _LOG_WARN and text:
+        import sys
+
+        sys.stderr.write(text.decode("utf-8", "replace"))
 
 
 class GGMLLib:
@@ -181,6 +200,11 @@ class GGMLLib:
                 "ggml of llama-cpp-python >=0.3.36,<0.4"
             )
         self.version = _lib_version(lib_dir)
+        # ggml prints every message, debug ones included ("repack: repack
+        # tensor ...") to stderr unless told otherwise: keep warnings and
+        # errors only. The callback object must outlive the library's use.
+        self._log = LogCallback(_log_warnings)
+        self.ggml_log_set(ctypes.cast(self._log, P), None)
 
     def _find(self, name: str):
         for lib in self._libs:

@@ -302,6 +302,7 @@ class WeightSet:
         self._repack_ctx = _Context(device, capacity) if self.repack else None
         self._repacks: list[tuple[T, np.ndarray]] = []
         self._repack_buffer = None
+        self._device_tensors: list[T] = []
         self.nbytes = 0
         self.repacked_bytes = 0
         """Bytes ggml laid out for its interleaved kernels (a copy)."""
@@ -346,8 +347,23 @@ class WeightSet:
             self._uploads.append((t, data))
         return t
 
+    def add_device(self, name: str, qtype: int, shape: tuple[int, ...]) -> T:
+        """A tensor with no host memory behind it: allocated in the device's
+        own buffer at ``finalize``, zeroed, and written only through
+        ``ggml_backend_tensor_set`` (expert slots on a GPU, or on the CPU in
+        the CPU backend's buffer type)."""
+        g = self.device.g
+        ne = ne_of(shape)
+        if g.ggml_blck_size(qtype) <= 0 or ne[0] % g.ggml_blck_size(qtype):
+            raise GGMLError(f"tensor {name!r}: rows do not split into blocks")
+        t = self._ctx.new(qtype, ne)
+        self._device_tensors.append(t)
+        self.nbytes += int(g.ggml_nbytes(t.ptr))
+        return t
+
     def finalize(self) -> None:
-        """Repack (CPU) or upload (other devices) what ``add`` deferred."""
+        """Repack (CPU) or upload (other devices) what ``add`` deferred, and
+        allocate ``add_device``'s tensors."""
         g = self.device.g
         if self._repacks:
             self._repack_buffer = g.ggml_backend_alloc_ctx_tensors_from_buft(
@@ -362,8 +378,9 @@ class WeightSet:
                     raise GGMLError(f"ggml did not repack a type-{t.qtype} tensor")
                 g.ggml_backend_tensor_set(t.ptr, data.ctypes.data, 0, data.nbytes)
                 self.repacked_bytes += data.nbytes
-        if self.device.is_host or not self._uploads:
+        if not (self._uploads or self._device_tensors):
             return
+        # Every tensor of the context not bound to host memory yet.
         self._device_buffer = g.ggml_backend_alloc_ctx_tensors(
             self._ctx.ctx, self.device.backend
         )
@@ -371,6 +388,7 @@ class WeightSet:
             raise GGMLError(
                 f"could not allocate {self.nbytes} bytes on {self.device.name}"
             )
+        g.ggml_backend_buffer_clear(self._device_buffer, 0)
         for t, data in self._uploads:
             g.ggml_backend_tensor_set(t.ptr, data.ctypes.data, 0, data.nbytes)
         self._uploads.clear()
@@ -406,6 +424,7 @@ class Graph(StepOps):
         self._outputs: list[tuple[T, np.ndarray]] = []
         self._ids: list[tuple[np.ndarray, int]] = []
         self._id_bound: dict[int, int] = {}
+        self._id_stride: dict[int, int] = {}
         self._expand: list[T] = []
         self._bound: set[int] = set()
         self._graph = None

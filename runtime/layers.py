@@ -21,8 +21,9 @@ class ExpertPlanes:
     from the in-graph top-k). A converted model shares slot slabs across
     layers (runtime/expert_cache.py): with every plane resident each layer
     sees its own E slots of them (``first``) and runs ``planes`` of them in
-    the graph, protected experts at every plane; else ``host_routed`` and
-    the host fills slot ids per plane each step.
+    the graph, plane p on each token's ``counts[p]`` heaviest experts and on
+    protected ones; else ``host_routed`` and the host fills slot ids per
+    plane each step.
     """
 
     tensors: tuple[tuple[T, T, T], ...]
@@ -31,8 +32,9 @@ class ExpertPlanes:
     host_routed: bool = False
     first: int = 0
     """Resident slabs: this layer's expert e sits in slot first + e."""
-    planes: int = 1
-    """Resident: the planes every expert runs (a forced level)."""
+    counts: tuple[int, ...] = ()
+    """Resident: experts per token (by weight rank) running each plane; ()
+    runs plane 1 on all of them (a plain model)."""
     protected: tuple[int, ...] = ()
     """Resident: experts that run every plane whatever the level."""
 

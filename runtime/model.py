@@ -49,6 +49,11 @@ class LoadOptions:
     io_threads: int = 2
     verify: bool = True
     """Check each expert plane's CRC-32 the first time it is read."""
+    slot_store: str = "auto"
+    """Converted models' expert slots: "host" (slabs the I/O threads fill in
+    place, zero-copy on the CPU), "device" (tensors in the backend's own
+    buffer, written with ggml_backend_tensor_set: a GPU's memory), or "auto"
+    (host on the CPU, device elsewhere)."""
     repack: bool = True
     """CPU: copy matmul weights into ggml's CPU_REPACK layout where this CPU
     has interleaved kernels for their type (llama.cpp's default); the copy
@@ -68,6 +73,11 @@ class LoadOptions:
                 not isinstance(v, int) or isinstance(v, bool)
             ):
                 raise ConfigError(f"{name} must be an integer, got {v!r}")
+        if self.slot_store not in ("auto", "host", "device"):
+            raise ConfigError(
+                "slot_store must be 'auto', 'host' or 'device', "
+                f"got {self.slot_store!r}"
+            )
         if self.eviction not in ("score", "lru"):
             raise ConfigError(
                 f"eviction must be 'score' or 'lru', got {self.eviction!r}"
@@ -159,17 +169,13 @@ class Model:
         self.n_ctx = options.n_ctx or min(spec.n_ctx_train, 4096)
         self.path = checkpoint.path
         manifest = getattr(checkpoint, "manifest", None)
-        # Streamed experts are computed where the I/O threads write them.
-        kind = "cpu" if manifest is not None and options.device == "auto" else None
-        self.device = Device(kind or options.device, options.n_threads)
+        self.device = Device(options.device, options.n_threads)
         if manifest is not None and not self.device.is_host:
-            # Expert slots are host slabs the I/O threads refill in place; a
-            # device copy made once at load would compute stale planes.
-            raise ConfigError(
-                f"{checkpoint.path}: converted models run on the CPU only; "
-                f"device {options.device!r} is not supported for streamed "
-                "experts (export-gguf a level to run it on a GPU)"
-            )
+            if options.slot_store == "host":
+                raise ConfigError(
+                    f"{checkpoint.path}: slot_store 'host' needs the CPU device; "
+                    f"{self.device.name} computes from its own memory"
+                )
         names = set(checkpoint.names())
         mmap = getattr(checkpoint, "mmap", None)
 
@@ -212,17 +218,20 @@ class Model:
         self.cache = KVCache(
             spec, self.n_ctx, self.weights, commit=options.budget is not None
         )
-        if self.routed is not None and options.budget is None:
+        in_memory = self.routed is not None and options.budget is None
+        host_slots = in_memory and self.routed.cache.store == "host"
+        if host_slots:
             self.routed.cache.preload_all()  # before finalize: it may repack them
             # Nothing writes a slot again; the weight set holds each slab
             # until it has copied it (repack) or bound it.
             self.routed.cache.release_slabs()
         self.weights.finalize()
+        if in_memory and not host_slots:
+            self.routed.cache.preload_all()  # through tensor_set, once allocated
         if mmap is not None and self.weights.repacked_bytes:
             _drop_mapped_pages(mmap)
-        self.step = Step(spec, self.device, layers, self.cache, (out_norm, out))
-        if self.routed is not None and not self.routed.resident:
-            self.step.router = self.routed
+        self._head = (out_norm, out)
+        self.step = self._new_step(layers)
         self.seq: Sequence = self.cache.new_sequence()
         """The sequence ``eval``, ``reset`` and ``generate`` work on."""
         self.route_log: list[dict[int, np.ndarray]] | None = None
@@ -491,9 +500,15 @@ class Model:
             out.append((layer, levels[np.asarray(n, dtype=np.int64)]))  # [E]
         return out
 
+    def _new_step(self, layers) -> Step:
+        step = Step(self.spec, self.device, layers, self.cache, self._head)
+        if self.routed is not None and not self.routed.resident:
+            step.router = self.routed
+        return step
+
     def set_quality(self, quality) -> None:
-        """Change dual routing's thresholds (a preset or (T1, T2)) from the next
-        step on; ``--level`` models keep their forced level."""
+        """Change dual routing (a preset or (T1, T2)) from the next step on;
+        ``--level`` models keep their forced level."""
         if self.routed is None:
             raise ConfigError(
                 f"{self.path}: quality applies to converted models (edgemoe convert)"
@@ -501,10 +516,24 @@ class Model:
         from edgemoe.runtime.dual_routing import LevelPolicy
 
         old = self.routed.policy
-        self.routed.policy = LevelPolicy.make(
-            old.plan, old.protected, quality, old.force_level
-        )
+        policy = LevelPolicy.make(old.plan, old.protected, quality, old.force_level)
+        self.routed.policy = policy
         self.options = dataclasses.replace(self.options, quality=quality)
+        if self.routed.in_memory:
+            # A preset's counts are part of the graph (or it moves to the
+            # host, for thresholds): rebuild the step's graphs.
+            self.routed.resident = policy.counts(self.spec.n_expert_used) is not None
+            self._rebuild_step()
+
+    def _rebuild_step(self) -> None:
+        """New step graphs after the routed experts' placement changed
+        (in-graph or host-routed, other counts)."""
+        layers = self.step.layers
+        for il, lw in enumerate(layers):
+            if lw.experts is not None:
+                lw.experts = self.routed.experts_for(il)
+        self.step.free()
+        self.step = self._new_step(layers)
 
     @property
     def weight_bytes(self) -> int:

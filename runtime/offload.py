@@ -152,6 +152,9 @@ def setup(model, ckpt, options, rss_start: int | None = None):
 
     m = ckpt.manifest
     policy = LevelPolicy.make(m.plan, m.protected, options.quality, options.force_level)
+    store = options.slot_store
+    if store == "auto":
+        store = "host" if model.device.is_host else "device"
     plan = memory_plan(
         ckpt, options.budget, model.n_ctx, options.n_batch, options.force_level
     )
@@ -170,6 +173,7 @@ def setup(model, ckpt, options, rss_start: int | None = None):
         verify=options.verify,
         eviction=options.eviction,
         repack=options.budget is None,
+        store=store,
     )
     cache_ref.append(cache)
     io.start()
@@ -185,7 +189,8 @@ def setup(model, ckpt, options, rss_start: int | None = None):
         routers,
         m.shifts,
         prefetch=options.prefetch and options.budget is not None,
-        resident=options.budget is None and options.force_level is not None,
+        resident=options.budget is None
+        and policy.counts(ckpt.spec.n_expert_used) is not None,
         in_memory=options.budget is None,
     )
     return routed.experts_for, routed, plan

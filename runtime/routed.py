@@ -1,8 +1,9 @@
 """Routed experts of a converted model: dual routing and HEBF loading,
 between the step graphs (runtime/step.py).
 
-With every plane resident and a forced level the experts run inside the
-step graph (``experts_for`` gives each layer its slots). Otherwise each MoE
+With every plane resident and fixed counts per plane (a forced level or a
+preset) the experts run inside the step graph (``experts_for`` gives each
+layer its slots and counts). Otherwise each MoE
 layer's graph stops after its router and ``place`` decides, on the host:
 dual routing picks each chosen expert's level per token; an expert whose
 wanted planes are not all in memory but whose lower planes are runs at that
@@ -42,7 +43,7 @@ class CachedRouted:
         self.prefetch_enabled = prefetch
         self.shifts = shifts
         self.resident = resident
-        """Every plane in memory and a forced level: the graph runs experts."""
+        """Every plane in memory and fixed counts: the graph runs experts."""
         self.in_memory = in_memory
         """Every plane preloaded into fixed slots: nothing to load or pin."""
         self.planes_run = np.zeros(len(cache.planes) + 1, dtype=np.int64)
@@ -66,14 +67,18 @@ class CachedRouted:
             shifts,
             tuple(c.slots),
             first=c.moe_layers.index(layer) * c.n_expert,
-            planes=policy.plan.n_planes(policy.force_level),
+            counts=policy.counts(c.ckpt.spec.n_expert_used),
             protected=tuple(protected),
         )
 
     def count_resident(self, layer: int, routes: np.ndarray) -> None:
         """Statistics of a step whose experts ran in the graph: ``routes``
-        [R, K] at the forced level (protected experts at the top)."""
-        want = self.policy.planes(layer, routes, np.ones(routes.shape, np.float32))
+        [R, K], heaviest first (protected experts at the top level)."""
+        k = routes.shape[1]
+        rank_weights = np.broadcast_to(
+            np.arange(k, 0, -1, dtype=np.float32), routes.shape
+        )
+        want = self.policy.planes(layer, routes, rank_weights)
         runs = np.bincount(want.ravel(), minlength=len(self.planes_run))
         self.planes_run += runs
         self.bytes_computed += int(runs @ self._level_bytes)

@@ -320,33 +320,53 @@ class Step:
 
     # -- experts -------------------------------------------------------------------
     def _experts(self, g, il, hn: T, ids: T, weights: T, ep: ExpertPlanes) -> T:
-        """Routed experts chosen in-graph: hn [D, R], ids [K, R] -> [D, R].
-        Each expert runs ``ep.planes`` planes (its level); protected ones
-        run the rest too, through a table sending every other expert to the
-        zero slot."""
+        """Routed experts chosen in-graph: hn [D, R], ids [K, R] (heaviest
+        first) -> [D, R]. Plane p runs on each row's ``ep.counts[p]`` first
+        experts; protected experts run it on the other rows too, through a
+        table that sends every other expert to the zero slot."""
         d, r, k = hn.ne[0], hn.ne[1], ids.ne[0]
         e = self.spec.n_expert
-        runs = []  # (plane, ids, tensors)
-        for p in range(ep.planes):
-            views = tuple(
-                t if ep.first == 0 and t.ne[2] == e else g.slot_view(t, ep.first, e)
-                for t in ep.tensors[p]
-            )
-            runs.append((p, ids, views))
-        if ep.protected and ep.planes < len(ep.tensors):
-            table = self._protect_table(g, il, ep)
-            slots = g.lookup(table, ids, ep.n_slots[-1] + 1)
-            for p in range(ep.planes, len(ep.tensors)):
-                runs.append((p, slots, ep.tensors[p]))
+        counts = ep.counts or (k,)
+        runs = []  # (plane, first rank, ids, tensors)
+        for p, c in enumerate(counts):
+            if c:
+                views = tuple(
+                    t if ep.first == 0 and t.ne[2] == e else g.slot_view(t, ep.first, e)
+                    for t in ep.tensors[p]
+                )
+                runs.append((p, 0, ids if c == k else g.id_rows(ids, 0, c), views))
+            if ep.protected and c < k:
+                rest = ids if c == 0 else g.id_rows(ids, c, k - c)
+                slots = g.lookup(
+                    self._protect_table(g, il, ep), rest, ep.n_slots[p] + 1
+                )
+                runs.append((p, c, slots, ep.tensors[p]))
         x3 = g.reshape(hn, d, 1, r)  # [D, 1, R]
 
         def project(j: int, x: T) -> T:  # sum over the planes, [N, K, R]
             acc = None
-            for p, pid, tensors in runs:
-                y = g.mul_mat_id(tensors[j], x, pid)
+            for p, start, pid, tensors in runs:
+                n = pid.ne[0]
+                xin = x
+                if x.ne[1] != 1 and n != k:  # the rows of these ranks
+                    xin = g.view_3d(
+                        x,
+                        x.ne[0],
+                        n,
+                        r,
+                        x.ne[0] * 4,
+                        x.ne[0] * k * 4,
+                        start * x.ne[0] * 4,
+                    )
+                y = g.mul_mat_id(tensors[j], xin, pid)
                 if ep.shifts[p][j]:
                     y = g.scale(y, 2.0 ** -ep.shifts[p][j])
-                acc = y if acc is None else g.add(acc, y)
+                if acc is None and n == k:
+                    acc = y
+                elif acc is None:
+                    raise AssertionError("plane 1 runs on every expert")
+                else:
+                    acc = g.add(acc, y) if n == k else g.acc_rows(acc, y, start)
             return acc
 
         act = g.swiglu(project(0, x3), project(1, x3))  # [F, K, R]

@@ -143,7 +143,36 @@ class StepOps:
             contiguous=k == a.ne[0] or a.n == a.ne[0], view=True,
         )  # fmt: skip
         self._id_bound[t.ptr] = a.ne[0]  # in range by construction
+        self._id_stride[t.ptr] = a.ne[0] * 4  # rows of the argsort
         return t
+
+    def id_rows(self, ids, start: int, n: int):
+        """Rows ``start .. start + n - 1`` of top_k's ids (I32 [K, T]): the
+        experts of rank start.. of every token, a strided view."""
+        stride = self._id_stride.get(ids.ptr)
+        if stride is None or not (0 <= start and n > 0 and start + n <= ids.ne[0]):
+            raise GGMLError(f"id_rows: rows {start}..{start + n} of ids ne {ids.ne}")
+        t = self._op(
+            1, self.g.ggml_view_2d, ids.ptr, n, ids.ne[1], stride, start * 4,
+            qtype=I32, ne=(n, ids.ne[1], 1, 1), contiguous=ids.ne[1] == 1,
+            view=True,
+        )  # fmt: skip
+        self._id_bound[t.ptr] = self._id_bound[ids.ptr]
+        self._id_stride[t.ptr] = stride
+        return t
+
+    def acc_rows(self, a, b, start: int):
+        """``a`` [n0, n1, n2] with ``b`` [n0, m1, n2] added to rows start ..
+        start + m1 - 1 of each matrix (ggml_acc)."""
+        if a.qtype != F32 or b.qtype != F32 or not (a.contiguous and b.contiguous):
+            raise GGMLError("acc_rows: contiguous float32 operands only")
+        if b.ne[0] != a.ne[0] or start + b.ne[1] > a.ne[1] or b.ne[2:] != a.ne[2:]:
+            raise GGMLError(f"acc_rows: ne {b.ne} at row {start} of {a.ne}")
+        nb1, nb2 = a.ne[0] * 4, a.ne[0] * a.ne[1] * 4
+        return self._op(
+            1, self.g.ggml_acc, a.ptr, b.ptr, nb1, nb2, nb2 * a.ne[2], start * nb1,
+            qtype=F32, ne=a.ne,
+        )  # fmt: skip
 
     def route_softmax_topk(self, logits, k: int, normalize: bool):
         """In-graph ``edgemoe.routing.softmax_topk``: router ``logits`` (F32

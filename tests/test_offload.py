@@ -294,23 +294,33 @@ def test_io_error_mid_generation_is_clean(converted, monkeypatch):
 def test_dual_routing_levels():
     plan = NestedQuant((2, 4, 8))
     ids = np.array([[3, 1, 7, 2]])
-    w = np.array([[0.5, 0.3, 0.15, 0.05]])
-    balanced = LevelPolicy.make(plan, ((),), "balanced")
-    # unimportance: 0, 0.5, 0.8, 0.95 -> top, top, middle, lowest
-    assert balanced.planes(0, ids, w).tolist() == [[3, 3, 2, 1]]
+    w = np.array([[0.3, 0.5, 0.05, 0.15]])  # ranks 1, 0, 3, 2
+    # Presets by rank: plane p on the first ceil(share x K) experts.
+    balanced = LevelPolicy.make(plan, ((),), "balanced")  # (4, 2, 0) of K=4
+    assert balanced.counts(4) == (4, 2, 0)
+    assert balanced.planes(0, ids, w).tolist() == [[2, 2, 1, 1]]
+    high = LevelPolicy.make(plan, ((),), "high")
+    assert high.counts(4) == (4, 4, 2)
+    assert high.planes(0, ids, w).tolist() == [[3, 3, 2, 2]]
+    assert LevelPolicy.make(plan, ((),), "fast").counts(8) == (8, 2, 0)
     assert LevelPolicy.make(plan, ((),), "max").planes(0, ids, w).tolist() == [[3] * 4]
-    assert LevelPolicy.make(plan, ((),), "min").planes(0, ids, w).tolist() == [
-        [3, 1, 1, 1]
-    ]
+    assert LevelPolicy.make(plan, ((),), "min").planes(0, ids, w).tolist() == [[1] * 4]
     protected = LevelPolicy.make(plan, ((2,),), "min")
-    assert protected.planes(0, ids, w).tolist() == [[3, 1, 1, 3]]
+    assert protected.planes(0, ids, w).tolist() == [[1, 1, 1, 3]]
     forced = LevelPolicy.make(plan, ((2,),), force_level=4)
+    assert forced.counts(4) == (4, 4, 0)
     assert forced.planes(0, ids, w).tolist() == [[2, 2, 2, 3]]
+    # HOBBIT's thresholds: unimportance 0.5, 0, 0.95, 0.8 -> top, top,
+    # lowest, middle; decided per token on the host (no fixed counts).
+    hobbit = LevelPolicy.make(plan, ((),), (0.6, 0.9))
+    assert hobbit.counts(4) is None
+    assert hobbit.planes(0, ids, w).tolist() == [[3, 3, 1, 2]]
     with pytest.raises(ConfigError, match="quality must be one of"):
         LevelPolicy.make(plan, (), "best")
     # The batched path (prefill, the cost model) gives the same levels.
     many = np.vstack([ids, ids])
-    assert balanced.planes(0, many, np.vstack([w, w])).tolist() == [[3, 3, 2, 1]] * 2
+    assert balanced.planes(0, many, np.vstack([w, w])).tolist() == [[2, 2, 1, 1]] * 2
+    assert hobbit.planes(0, many, np.vstack([w, w])).tolist() == [[3, 3, 1, 2]] * 2
 
 
 def test_dual_routing_one_token_matches_batched():
@@ -343,11 +353,12 @@ def test_budget_run_reports_metrics_and_quality(converted, fixture_dir):
     budget = quarter_budget(converted) * 2
     with edgemoe.load(converted, budget=budget, n_ctx=256, n_batch=256) as m:
         got = perplexity(m, m.tokenize(text, add_special=False), 256).perplexity
+        read = m.counters()["bytes_read"]
         chunks = list(m.generate("def main():", max_tokens=8, temperature=0))
     assert -0.005 < got / ref - 1 < 0.03  # lower levels cannot beat level 8
     mt = chunks[-1].metrics
     assert set(mt.hits) == {2, 4, 8} and mt.rss_bytes > 0
-    assert chunks[0].metrics.bytes_read > 0 and chunks[0].metrics.compute_ms > 0
+    assert read > 0 and chunks[0].metrics.compute_ms > 0
 
 
 def test_direct_io_backend(converted):
@@ -524,21 +535,24 @@ def test_prefetch_predicts_next_layer_and_changes_nothing(converted, fixture_dir
     assert fetched > 0 and used / fetched > 0.35, (fetched, used)
 
 
-def test_streamed_experts_refuse_a_gpu_device(converted, monkeypatch):
-    """Slots are host slabs refilled in place: a GPU copy would be stale, so a
-    converted model on a non-host device is refused before anything is loaded
-    (no GPU here: a stand-in device says it is not the host)."""
+def test_host_slots_refuse_a_gpu_device(converted, monkeypatch):
+    """Host slabs refilled in place cannot feed a device that computes from its
+    own memory: slot_store "host" on a non-host device is refused before
+    anything is loaded (no GPU here: a stand-in device says it is not the
+    host). "auto" picks device slots there (tests/test_step.py runs them on
+    the CPU backend's own buffer)."""
     from edgemoe.runtime import model as model_mod
 
     class FakeGpu:
         is_host = False
+        name = "FakeGPU0"
 
         def __init__(self, kind, n_threads=None):
             self.kind = kind
 
     monkeypatch.setattr(model_mod, "Device", FakeGpu)
-    with pytest.raises(ConfigError, match="CPU only.*'gpu'"):
-        edgemoe.load(converted, device="gpu", **SMALL)
+    with pytest.raises(ConfigError, match="slot_store 'host' needs the CPU"):
+        edgemoe.load(converted, device="gpu", slot_store="host", **SMALL)
 
 
 def test_residency_map_and_quality_switch(converted):
@@ -556,7 +570,7 @@ def test_residency_map_and_quality_switch(converted):
                 assert level == (m.levels[n - 1] if n else 0)
         assert any((lv > 0).any() for _, lv in res)
         m.set_quality("min")
-        assert m.routed.policy.thresholds == (-1.0, -1.0)
+        assert m.routed.policy.counts(2) == (2, 0, 0)
         with pytest.raises(ConfigError, match="quality"):
             m.set_quality("best")
 

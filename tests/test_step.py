@@ -32,9 +32,16 @@ def test_one_graph_per_step_with_every_expert_in_memory(tiny_model, family):
         assert computes_per_decode(m) == [1, 1, 1, 1]
 
 
+def host_routed(m) -> None:
+    """Move a model in memory to the host-routed path (a split per MoE layer),
+    same policy: what a budget or thresholds would run."""
+    m.routed.resident = False
+    m._rebuild_step()
+
+
 def test_converted_model_graph_counts(converted_fixture):
-    """In memory at a forced level the experts run inside the one graph; dual
-    routing and a budget stop at each MoE layer's router, at most once."""
+    """In memory at a forced level or a preset the experts run inside the one
+    graph; thresholds and a budget stop at each MoE layer's router, once."""
     n_moe = 4  # the fixture: 4 layers, all MoE
     prompt = RNG.integers(1, 1000, 20).tolist()
     with edgemoe.load(converted_fixture, n_ctx=128, force_level=4) as m:
@@ -42,8 +49,11 @@ def test_converted_model_graph_counts(converted_fixture):
         m.eval(prompt)
         assert computes_per_decode(m) == [1] * 4
         resident = m.logits(prompt)
-    with edgemoe.load(converted_fixture, n_ctx=128) as m:  # dual routing
+    with edgemoe.load(converted_fixture, n_ctx=128) as m:  # the default preset
         m.eval(prompt)
+        assert computes_per_decode(m) == [1] * 4
+        m.set_quality((0.6, 0.9))  # HOBBIT's thresholds: decided on the host
+        m.eval(prompt[:3])
         assert computes_per_decode(m) == [1 + n_moe] * 4
     from test_budget_floor import reported_minimum
 
@@ -54,6 +64,56 @@ def test_converted_model_graph_counts(converted_fixture):
         assert max(computes_per_decode(m, 8)) <= 1 + n_moe
         # The same level computed from host-placed slots: the same logits.
         np.testing.assert_allclose(m.logits(prompt), resident, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("quality", ["balanced", "high", "fast"])
+def test_presets_in_the_graph_equal_the_host_path(converted_fixture, quality):
+    """A preset's levels by rank, computed inside the step graph (views of the
+    layer's slots, protected experts through the zero-slot table), give the
+    logits the host-routed path computes from slot ids, and they differ from
+    every forced level (the mix is real)."""
+    prompt = RNG.integers(1, 1000, 24).tolist()
+    with edgemoe.load(converted_fixture, n_ctx=128, quality=quality) as m:
+        assert m.routed.resident
+        graph = m.logits(prompt)
+        host_routed(m)
+        assert m.step.splits
+        np.testing.assert_allclose(m.logits(prompt), graph, rtol=0, atol=1e-5)
+    for level in (2, 4, 8):
+        with edgemoe.load(converted_fixture, n_ctx=128, force_level=level) as m:
+            assert np.abs(m.logits(prompt) - graph).max() > 1e-3
+
+
+@pytest.mark.parametrize("budget", [False, True], ids=["in-memory", "budget"])
+def test_slots_in_the_backends_own_buffer_compute_the_same(converted_fixture, budget):
+    """Slots allocated in the CPU backend's own buffer type (as a GPU's would
+    be: no host array behind them), each read landing through
+    ggml_backend_tensor_set at its slot's offset, give the zero-copy slabs'
+    logits; under a budget planes are evicted and rewritten there."""
+    from test_budget_floor import reported_minimum
+
+    from edgemoe.runtime.ggml_binding import TensorMirror, lib
+
+    opts = dict(n_ctx=128, force_level=8)
+    if budget:
+        opts["budget"] = reported_minimum(converted_fixture, **opts) + (1 << 20)
+    prompt = RNG.integers(1, 1000, 40).tolist()
+    with edgemoe.load(converted_fixture, **opts) as m:
+        expected = m.logits(prompt)
+    with edgemoe.load(converted_fixture, slot_store="device", **opts) as m:
+        cache = m.routed.cache
+        assert cache.store == "device" and not any(cache.slabs)
+        g = lib()
+        for t in cache.tensors[0]:
+            buf = TensorMirror.from_address(t.ptr).buffer
+            assert (
+                g.ggml_backend_buft_name(g.ggml_backend_buffer_get_type(buf)) == b"CPU"
+            )
+        np.testing.assert_allclose(m.logits(prompt), expected, rtol=0, atol=1e-5)
+        if budget:
+            assert cache.counters.evictions > 0
+    with pytest.raises(ConfigError, match="slot_store must be"):
+        edgemoe.load(converted_fixture, slot_store="gpu", n_ctx=128)
 
 
 @pytest.mark.parametrize("window", [None, 512], ids=["full", "sliding"])
