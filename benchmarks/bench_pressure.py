@@ -231,7 +231,7 @@ def worker(args) -> dict:
 
 def _threads() -> int:
     """llama.cpp's own default (llama-cli, llama-server): the physical cores."""
-    from edgemoe.runtime.graph import default_threads
+    from edgemoe.runtime.device import default_threads
 
     return default_threads()
 

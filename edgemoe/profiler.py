@@ -109,7 +109,7 @@ def auto_profile(root: str = "/") -> tuple[DeviceProfile, Detected]:
         avail = int(info["MemAvailable"] * 0.9)
         if not prof.measured and found.profile == "generic-cpu":
             total = info.get("MemTotal", prof.memory_total)
-            from edgemoe.runtime.graph import default_threads
+            from edgemoe.runtime.device import default_threads
 
             prof = replace(
                 prof, memory_total=total, memory_usable=total, threads=default_threads()
@@ -338,7 +338,7 @@ def measure(
     from edgemoe.runtime.measure import matmul_rate
 
     base, found = auto_profile()
-    from edgemoe.runtime.graph import default_threads
+    from edgemoe.runtime.device import default_threads
 
     threads = threads or default_threads()
     progress("memory bandwidth")

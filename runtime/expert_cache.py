@@ -23,7 +23,7 @@ import numpy as np
 
 from edgemoe.checkpoint.base import Weight, aligned_empty
 from edgemoe.format.spec import PROJS
-from edgemoe.runtime.graph import T, WeightSet
+from edgemoe.runtime.device import T, WeightSet
 from edgemoe.runtime.io_queue import DEMAND, PREFETCH, IOQueue, ReadRequest
 
 EMPTY, LOADING, READY = 0, 1, 2
@@ -129,9 +129,8 @@ class PlaneCache:
                 )
             self.slabs.append(slabs)
             self.tensors.append(tuple(tensors))
-            self.plane_bytes.append(
-                sum((slots[p] + 1) * self._row[p, proj] for proj in PROJS)
-            )
+            # One expert's bytes of plane p (what a read brings in).
+            self.plane_bytes.append(sum(self._row[p, proj] for proj in PROJS))
         self.zero = [s for s in slots]
         self.where: dict[tuple[int, int, int], int] = {}
         self.owner = [np.full(s, -1, dtype=np.int64) for s in slots]

@@ -8,7 +8,7 @@ import numpy as np
 
 from edgemoe.arch.base import ModelSpec
 from edgemoe.checkpoint.base import GGML_F32, Weight, aligned_empty
-from edgemoe.runtime.graph import T, WeightSet
+from edgemoe.runtime.device import T, WeightSet
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,12 @@ class ExpertPlanes:
     runs plane 1 on all of them (a plain model)."""
     protected: tuple[int, ...] = ()
     """Resident: experts that run every plane whatever the level."""
+    n_expert: int = 0
+    """Experts of the layer; 0: one per slot (a plain checkpoint)."""
+
+    @property
+    def n_experts(self) -> int:
+        return self.n_expert or self.n_slots[0]
 
 
 @dataclass

@@ -14,7 +14,8 @@ import numpy as np
 from edgemoe.checkpoint.base import Weight, aligned_empty
 from edgemoe.quant.kquants import codec
 from edgemoe.quant.types import BLOCK_TYPES
-from edgemoe.runtime.graph import Device, Graph, WeightSet
+from edgemoe.runtime.device import Device, WeightSet
+from edgemoe.runtime.graph import Graph
 
 
 def matmul_rate(

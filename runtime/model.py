@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,98 +12,13 @@ import numpy as np
 from edgemoe.checkpoint import open_checkpoint, tokenizer_for
 from edgemoe.checkpoint.base import Weight
 from edgemoe.errors import ConfigError, ContextOverflowError
-from edgemoe.runtime.engine import context_hint
-from edgemoe.runtime.graph import Device, WeightSet
+from edgemoe.runtime import token_ids as token_ids_mod
+from edgemoe.runtime.device import Device, WeightSet
 from edgemoe.runtime.kv import KVCache, Sequence
 from edgemoe.runtime.layers import build_layers, to_f32
 from edgemoe.runtime.metrics import rss_bytes
+from edgemoe.runtime.options import LoadOptions
 from edgemoe.runtime.step import Step, StepShape
-
-MAX_THREADS = 512
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    n_ctx: int = 0
-    """Context length in tokens; 0 means min(training context, 4096)."""
-    n_threads: int | None = None
-    """Compute threads; None tunes them while running, from the physical core
-    count down to 1 (runtime/threads.py)."""
-    n_batch: int = 256
-    """Prompt tokens per prefill step (bounds prefill scratch memory)."""
-    device: str = "cpu"
-    """ggml device: "cpu", "gpu" (untested) or "auto"."""
-    budget: int | str | None = None
-    """Converted models: memory for backbone, KV cache, scratch and expert
-    slots ("3GiB" or bytes); None keeps every expert plane resident."""
-    force_level: int | None = None
-    """Converted models: run every expert at this level (protected experts at
-    the top one); None lets dual routing choose per token."""
-    quality: str | tuple[float, float] = "balanced"
-    """Dual routing: max, high, balanced, fast, min, or thresholds (T1, T2)."""
-    prefetch: bool = True
-    """Under a budget: load the next layer's predicted experts ahead."""
-    io: str = "pread"
-    """Expert reads: "pread" (buffered, pages dropped after) or "direct"."""
-    io_threads: int = 2
-    verify: bool = True
-    """Check each expert plane's CRC-32 the first time it is read."""
-    slot_store: str = "auto"
-    """Converted models' expert slots: "host" (slabs the I/O threads fill in
-    place, zero-copy on the CPU), "device" (tensors in the backend's own
-    buffer, written with ggml_backend_tensor_set: a GPU's memory), or "auto"
-    (host on the CPU, device elsewhere)."""
-    repack: bool = True
-    """CPU: copy matmul weights into ggml's CPU_REPACK layout where this CPU
-    has interleaved kernels for their type (llama.cpp's default); the copy
-    replaces the mapped or read bytes in memory. Not for streamed slots."""
-    eviction: str = "score"
-    """Expert slot eviction: "score" (recency, use, hotness, layer distance)
-    or "lru" (a baseline)."""
-    throttle: tuple[float, float] | None = None
-    """Emulated storage (bytes/s, latency s): expert reads finish no sooner
-    than that device would serve them (``--emulate``)."""
-
-    def __post_init__(self) -> None:
-        for name in ("n_ctx", "n_threads", "n_batch", "force_level", "io_threads"):
-            v = getattr(self, name)
-            # bool is an int subclass; neither it nor "16" is a count.
-            if not (v is None and name in ("n_threads", "force_level")) and (
-                not isinstance(v, int) or isinstance(v, bool)
-            ):
-                raise ConfigError(f"{name} must be an integer, got {v!r}")
-        if self.slot_store not in ("auto", "host", "device"):
-            raise ConfigError(
-                "slot_store must be 'auto', 'host' or 'device', "
-                f"got {self.slot_store!r}"
-            )
-        if self.eviction not in ("score", "lru"):
-            raise ConfigError(
-                f"eviction must be 'score' or 'lru', got {self.eviction!r}"
-            )
-        if self.device not in ("cpu", "gpu", "auto"):
-            raise ConfigError(
-                f"device must be 'cpu', 'gpu' or 'auto', got {self.device!r}"
-            )
-        if self.throttle is not None:
-            try:
-                rate, latency = (float(x) for x in self.throttle)
-            except (TypeError, ValueError):
-                rate = latency = -1.0
-            if not (rate > 0 and latency >= 0):
-                raise ConfigError(
-                    f"throttle must be (bytes/s > 0, latency s >= 0), "
-                    f"got {self.throttle!r}"
-                )
-        if self.n_ctx < 0:
-            raise ConfigError(f"n_ctx must be >= 0, got {self.n_ctx}")
-        if self.n_batch < 1:
-            raise ConfigError(f"n_batch must be >= 1, got {self.n_batch}")
-        if self.n_threads is not None and not 1 <= self.n_threads <= MAX_THREADS:
-            # libgomp exits the process from C when it cannot start them all.
-            raise ConfigError(
-                f"n_threads must be in 1..{MAX_THREADS}, got {self.n_threads}"
-            )
 
 
 def _drop_mapped_pages(mm: np.ndarray) -> None:
@@ -193,7 +107,8 @@ class Model:
         self.weights = WeightSet(
             self.device,
             capacity=len(names) + 8 + 3 * n_planes + 2 * spec.n_layer,
-            repack=options.repack,
+            # A budget counts the backbone once: no second, repacked copy.
+            repack=options.repack and options.budget is None,
         )
         experts, self.routed, self.memory = None, None, None
         if manifest is not None:
@@ -256,54 +171,11 @@ class Model:
         return self.tokenizer.decode(ids)
 
     def _as_ids(self, token_ids) -> np.ndarray:
-        """``token_ids`` as int64, or a ConfigError naming the first bad one
-        (np.asarray(..., int64) would truncate 1.5 and fail deep in numpy on "a")."""
-        try:
-            ids = np.asarray(token_ids)
-        except (ValueError, TypeError) as e:  # ragged nesting
-            raise ConfigError(f"token ids must be a 1-D sequence: {e}") from None
-        if ids.size == 0:
-            return np.zeros(ids.shape, dtype=np.int64)
-        if ids.dtype.kind not in "iu":
-            # The caller's own items where we can: asarray turns [1, 2.5] into
-            # [1.0, 2.5] and [1, "a"] into ["1", "a"].
-            flat = (
-                list(token_ids)
-                if ids.ndim == 1 and not isinstance(token_ids, np.ndarray)
-                else ids.ravel().tolist()
-            )
-            for i, t in enumerate(flat):
-                if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
-                    raise ConfigError(
-                        f"token ids must be integers, got {t!r} at index {i}"
-                    )
-            # All integers, some too large for int64.
-            raise ConfigError(
-                f"token id {max(flat, key=abs)} is outside the vocabulary "
-                f"0..{self.spec.n_vocab - 1}"
-            )
-        if ids.dtype.kind == "u" and ids.max() >= self.spec.n_vocab:
-            raise ConfigError(
-                f"token id {int(ids.max())} is outside the vocabulary "
-                f"0..{self.spec.n_vocab - 1}"
-            )
-        return ids.astype(np.int64)
+        return token_ids_mod.as_ids(token_ids, self.spec.n_vocab)
 
     def _check_tokens(self, ids: np.ndarray, pos: int) -> None:
-        if ids.ndim != 1:
-            raise ConfigError(
-                f"token ids must be a 1-D sequence, got shape {ids.shape}"
-            )
-        if ids.size and (ids.min() < 0 or ids.max() >= self.spec.n_vocab):
-            bad = int(ids.min() if ids.min() < 0 else ids.max())
-            raise ConfigError(
-                f"token id {bad} is outside the vocabulary 0..{self.spec.n_vocab - 1}"
-            )
-        if pos + ids.size > self.n_ctx:
-            raise ContextOverflowError(
-                f"{pos + ids.size} tokens do not fit the context of {self.n_ctx} "
-                f"tokens ({context_hint(self.n_ctx, self.spec.n_ctx_train)})"
-            )
+        s = self.spec
+        token_ids_mod.check(ids, pos, s.n_vocab, self.n_ctx, s.n_ctx_train)
 
     # -- forward ---------------------------------------------------------------
     @property

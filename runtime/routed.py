@@ -67,6 +67,7 @@ class CachedRouted:
             shifts,
             tuple(c.slots),
             first=c.moe_layers.index(layer) * c.n_expert,
+            n_expert=c.n_expert,
             counts=policy.counts(c.ckpt.spec.n_expert_used),
             protected=tuple(protected),
         )

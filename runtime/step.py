@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgemoe.checkpoint.base import aligned_empty
-from edgemoe.runtime.graph import Graph, T
-from edgemoe.runtime.layers import ExpertPlanes, LayerWeights
+from edgemoe.runtime import moe_block
+from edgemoe.runtime.device import T
+from edgemoe.runtime.graph import Graph
+from edgemoe.runtime.layers import LayerWeights
 from edgemoe.runtime.step_ops import ROPE_NEOX, ROPE_NORMAL
 
 CACHED_T = 16
@@ -166,7 +168,7 @@ class Step:
         )
         try:
             ep = self.layers[layer].experts
-            out = g.add(g.input(carry.h), self._host_experts(g, carry, ep, counts))
+            out = g.add(g.input(carry.h), moe_block.host_placed(g, carry, ep, counts))
             acc = _a(carry.h.shape)
             g.output(out, acc)
             g.build()
@@ -240,7 +242,7 @@ class Step:
             c = io.carry[self._rows(io, layer)]
             x = g.add(
                 g.input(c.h),
-                self._host_experts(g, c, self.layers[layer].experts, counts),
+                moe_block.host_placed(g, c, self.layers[layer].experts, counts),
             )
             if self.probe:
                 g.output(x, c.xout)
@@ -280,7 +282,11 @@ class Step:
                 g.output(t, a_)
             return None
         g.output(rows, io.routes[il])
-        return g.add(h, self._experts(g, il, hn, ids, weights, w.experts))
+        ep = w.experts
+        if ep.protected and il not in self._tables:
+            self._tables[il] = moe_block.protect_table(ep)
+        table = self._tables.get(il)
+        return g.add(h, moe_block.in_graph(g, hn, ids, weights, ep, table))
 
     def _attention(self, g: Graph, il: int, w: LayerWeights, xn: T) -> T:
         """Self-attention of normed xn [D, T] -> [H * Dh, T] (before wo)."""
@@ -317,114 +323,3 @@ class Step:
     @staticmethod
     def _mlp(g: Graph, x: T, gate: T, up: T, down: T) -> T:
         return g.mul_mat(down, g.swiglu(g.mul_mat(gate, x), g.mul_mat(up, x)))
-
-    # -- experts -------------------------------------------------------------------
-    def _experts(self, g, il, hn: T, ids: T, weights: T, ep: ExpertPlanes) -> T:
-        """Routed experts chosen in-graph: hn [D, R], ids [K, R] (heaviest
-        first) -> [D, R]. Plane p runs on each row's ``ep.counts[p]`` first
-        experts; protected experts run it on the other rows too, through a
-        table that sends every other expert to the zero slot."""
-        d, r, k = hn.ne[0], hn.ne[1], ids.ne[0]
-        e = self.spec.n_expert
-        counts = ep.counts or (k,)
-        runs = []  # (plane, first rank, ids, tensors)
-        for p, c in enumerate(counts):
-            if c:
-                views = tuple(
-                    t if ep.first == 0 and t.ne[2] == e else g.slot_view(t, ep.first, e)
-                    for t in ep.tensors[p]
-                )
-                runs.append((p, 0, ids if c == k else g.id_rows(ids, 0, c), views))
-            if ep.protected and c < k:
-                rest = ids if c == 0 else g.id_rows(ids, c, k - c)
-                slots = g.lookup(
-                    self._protect_table(g, il, ep), rest, ep.n_slots[p] + 1
-                )
-                runs.append((p, c, slots, ep.tensors[p]))
-        x3 = g.reshape(hn, d, 1, r)  # [D, 1, R]
-
-        def project(j: int, x: T) -> T:  # sum over the planes, [N, K, R]
-            acc = None
-            for p, start, pid, tensors in runs:
-                n = pid.ne[0]
-                xin = x
-                if x.ne[1] != 1 and n != k:  # the rows of these ranks
-                    xin = g.view_3d(
-                        x,
-                        x.ne[0],
-                        n,
-                        r,
-                        x.ne[0] * 4,
-                        x.ne[0] * k * 4,
-                        start * x.ne[0] * 4,
-                    )
-                y = g.mul_mat_id(tensors[j], xin, pid)
-                if ep.shifts[p][j]:
-                    y = g.scale(y, 2.0 ** -ep.shifts[p][j])
-                if acc is None and n == k:
-                    acc = y
-                elif acc is None:
-                    raise AssertionError("plane 1 runs on every expert")
-                else:
-                    acc = g.add(acc, y) if n == k else g.acc_rows(acc, y, start)
-            return acc
-
-        act = g.swiglu(project(0, x3), project(1, x3))  # [F, K, R]
-        return self._sum_k(g, g.mul(project(2, act), weights), d, k, r)
-
-    def _protect_table(self, g: Graph, il: int, ep: ExpertPlanes) -> T:
-        """Per layer: expert -> its slot if protected, else the zero slot."""
-        if il not in self._tables:
-            zero = ep.n_slots[-1]
-            table = _a((self.spec.n_expert,), np.int32)
-            table[:] = zero
-            for e in ep.protected:
-                table[e] = ep.first + e
-            self._tables[il] = table
-        return g.input(self._tables[il])
-
-    def _host_experts(self, g: Graph, c: Carry, ep: ExpertPlanes, counts) -> T:
-        """Experts placed by the host: ``counts[p]`` per row run plane p, the
-        first ones of ``c.pids[p]`` (each row's experts ordered by planes,
-        most first), plane scales from ``c.scales``."""
-        d, r, k = c.hn.shape[1], c.rows, counts[0]
-        hn = g.input(c.hn)
-        x3 = g.reshape(hn, d, 1, r)
-        rw = g.reshape(g.input(_prefix(c.rw, r, k), c.rw), 1, k, r)  # [1, K, R]
-        ids = [
-            g.ids(_prefix(c.pids[p], r, kp), ep.n_slots[p] + 1, c.pids)
-            for p, kp in enumerate(counts)
-        ]
-        scales = [
-            [g.input(c.scales[p, j : j + 1], c.scales) for j in range(3)]
-            for p in range(len(counts))
-        ]
-
-        def project(j: int, x: T) -> T:
-            acc = None
-            for p, kp in enumerate(counts):
-                xin = x if x.ne[1] == 1 or kp == k else g.view_prefix(x, kp)
-                y = g.mul(g.mul_mat_id(ep.tensors[p][j], xin, ids[p]), scales[p][j])
-                if acc is None:
-                    acc = y
-                else:
-                    acc = g.add(acc, y) if kp == k else g.acc_prefix(acc, y)
-            return acc
-
-        act = g.swiglu(project(0, x3), project(1, x3))  # [F, K, R]
-        return self._sum_k(g, g.mul(project(2, act), rw), d, k, r)
-
-    @staticmethod
-    def _sum_k(g: Graph, y: T, d: int, k: int, r: int) -> T:
-        """y [D, K, R] summed over K -> [D, R]."""
-        out = g.view_2d(y, d, r, d * k * 4, 0)
-        for j in range(1, k):
-            out = g.add(g.view_2d(y, d, r, d * k * 4, j * d * 4), out)
-        if k == 1:  # a view is no output and no residual operand: copy it
-            out = g.cont(out)
-        return out
-
-
-def _prefix(a: np.ndarray, t: int, k: int) -> np.ndarray:
-    """The start of ``a`` [T, K] as a contiguous [t, k] view."""
-    return a.reshape(-1)[: t * k].reshape(t, k)

@@ -10,6 +10,7 @@ range-checked before every compute. ``Graph`` mixes these in.
 from __future__ import annotations
 
 from edgemoe.errors import GGMLError
+from edgemoe.runtime.device import T
 from edgemoe.runtime.ggml_binding import F16, F32, I32
 
 ROPE_NORMAL, ROPE_NEOX = 0, 2
@@ -22,8 +23,6 @@ class StepOps:
     def _op(self, n_new: int, fn, *args, qtype: int, ne: tuple, **flags):
         """Call ggml op ``fn``, which creates ``n_new`` tensors: counted first,
         since a full ggml context asserts (aborts) where this raises."""
-        from edgemoe.runtime.graph import T  # graph.py mixes this class in
-
         self._ctx._count(n_new)
         ptr = fn(self._ctx.ctx, *args)
         if not ptr:

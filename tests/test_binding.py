@@ -18,7 +18,8 @@ from gguf.quants import dequantize, quantize
 from edgemoe.checkpoint.base import GGML_F32, Weight, aligned_empty
 from edgemoe.errors import GGMLError
 from edgemoe.runtime import ggml_binding as gb
-from edgemoe.runtime.graph import Device, Graph, WeightSet
+from edgemoe.runtime.device import Device, WeightSet
+from edgemoe.runtime.graph import Graph
 
 Q8 = GGMLQuantizationType.Q8_0
 K, N, M = 64, 8, 3  # reduction dim (two Q8_0 blocks), output rows, tokens
@@ -319,7 +320,8 @@ def test_context_capacity_is_checked(device):
 
 _PRELUDE = """
 import numpy as np
-from edgemoe.runtime.graph import Device, Graph
+from edgemoe.runtime.device import Device
+from edgemoe.runtime.graph import Graph
 from edgemoe.checkpoint.base import aligned_empty
 from edgemoe.errors import GGMLError
 
@@ -376,7 +378,7 @@ g.compute()
     "ids_not_from_graph_ids": """
 # ids bound with input() are never range-checked: id 5 of 3 experts reads
 # past the expert weights.
-from edgemoe.runtime.graph import WeightSet
+from edgemoe.runtime.device import WeightSet
 from edgemoe.checkpoint.base import Weight, GGML_F32
 ws = WeightSet(dev, 2)
 te = ws.add(Weight("ex", GGML_F32, (3, 8, 32), arr((3, 8, 32))))

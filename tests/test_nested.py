@@ -124,7 +124,8 @@ def test_ggml_sum_of_planes_matches_dequantized_matmul(levels, n, k, t):
     """Level L computed by ggml as the sum of per-plane matmuls (each scaled by
     its shift) equals the dequantized level weights times the activations
     quantized the way ggml quantizes them: within 1e-5 relative."""
-    from edgemoe.runtime.graph import Device, Graph, WeightSet
+    from edgemoe.runtime.device import Device, WeightSet
+    from edgemoe.runtime.graph import Graph
 
     plan = NestedQuant(levels)
     w = weights(n, k, seed=3)

@@ -107,7 +107,7 @@ RSS_SCRIPT = textwrap.dedent("""
     # numpy are no part of a budget. Nothing of the model is loaded yet.
     prepare_environment()
     import llama_cpp, numpy
-    from edgemoe.runtime.graph import Device
+    from edgemoe.runtime.device import Device
     Device("cpu")
     try:  # the minimum the runtime reports, plus 1 MiB: it must stream hard.
         # Refused before any weight or slot is allocated; it imports the

@@ -9,7 +9,8 @@ import pytest
 from edgemoe.attention import RoPE
 from edgemoe.checkpoint.base import Weight, aligned_empty
 from edgemoe.errors import GGMLError
-from edgemoe.runtime.graph import Device, Graph, WeightSet
+from edgemoe.runtime.device import Device, WeightSet
+from edgemoe.runtime.graph import Graph
 from edgemoe.runtime.step_ops import ROPE_NEOX, ROPE_NORMAL
 
 RNG = np.random.default_rng(0)

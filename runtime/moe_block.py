@@ -1,0 +1,126 @@
+"""The routed-expert block of a step graph: each expert a sum of planes.
+
+``in_graph``: experts chosen by the graph's own top-k, plane p over each
+token's ``counts[p]`` heaviest experts (views of the layer's slots), plus
+protected experts through a table to the zero slot. ``host_placed``: slot ids,
+weights and plane scales the host filled between graphs (runtime/routed.py).
+Legend: D hidden, F expert FFN, N a projection's rows, K experts per token,
+R rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgemoe.checkpoint.base import aligned_empty
+from edgemoe.runtime.device import T
+from edgemoe.runtime.graph import Graph
+from edgemoe.runtime.layers import ExpertPlanes
+
+
+def in_graph(g: Graph, hn: T, ids: T, weights: T, ep: ExpertPlanes, table) -> T:
+    """Routed experts chosen in-graph: hn [D, R], ids [K, R] (heaviest
+    first) -> [D, R]. Plane p runs on each row's ``ep.counts[p]`` first
+    experts; protected experts run it on the other rows too, through a
+    table that sends every other expert to the zero slot."""
+    d, r, k = hn.ne[0], hn.ne[1], ids.ne[0]
+    e = ep.n_experts
+    counts = ep.counts or (k,)
+    runs = []  # (plane, first rank, ids, tensors)
+    for p, c in enumerate(counts):
+        if c:
+            views = tuple(
+                t if ep.first == 0 and t.ne[2] == e else g.slot_view(t, ep.first, e)
+                for t in ep.tensors[p]
+            )
+            runs.append((p, 0, ids if c == k else g.id_rows(ids, 0, c), views))
+        if ep.protected and c < k:
+            rest = ids if c == 0 else g.id_rows(ids, c, k - c)
+            slots = g.lookup(g.input(table), rest, ep.n_slots[p] + 1)
+            runs.append((p, c, slots, ep.tensors[p]))
+    x3 = g.reshape(hn, d, 1, r)  # [D, 1, R]
+
+    def project(j: int, x: T) -> T:  # sum over the planes, [N, K, R]
+        acc = None
+        for p, start, pid, tensors in runs:
+            n = pid.ne[0]
+            xin = x
+            if x.ne[1] != 1 and n != k:  # the rows of these ranks
+                xin = g.view_3d(
+                    x,
+                    x.ne[0],
+                    n,
+                    r,
+                    x.ne[0] * 4,
+                    x.ne[0] * k * 4,
+                    start * x.ne[0] * 4,
+                )
+            y = g.mul_mat_id(tensors[j], xin, pid)
+            if ep.shifts[p][j]:
+                y = g.scale(y, 2.0 ** -ep.shifts[p][j])
+            if acc is None and n == k:
+                acc = y
+            elif acc is None:
+                raise AssertionError("plane 1 runs on every expert")
+            else:
+                acc = g.add(acc, y) if n == k else g.acc_rows(acc, y, start)
+        return acc
+
+    act = g.swiglu(project(0, x3), project(1, x3))  # [F, K, R]
+    return sum_k(g, g.mul(project(2, act), weights), d, k, r)
+
+
+def protect_table(ep: ExpertPlanes) -> np.ndarray:
+    """Expert -> its slot if protected, else the zero slot (I32 [E])."""
+    table = aligned_empty((ep.n_experts,), np.int32)
+    table[:] = ep.n_slots[-1]
+    for e in ep.protected:
+        table[e] = ep.first + e
+    return table
+
+
+def host_placed(g: Graph, c, ep: ExpertPlanes, counts) -> T:
+    """Experts placed by the host: ``counts[p]`` per row run plane p, the
+    first ones of ``c.pids[p]`` (each row's experts ordered by planes,
+    most first), plane scales from ``c.scales``."""
+    d, r, k = c.hn.shape[1], c.rows, counts[0]
+    hn = g.input(c.hn)
+    x3 = g.reshape(hn, d, 1, r)
+    rw = g.reshape(g.input(_prefix(c.rw, r, k), c.rw), 1, k, r)  # [1, K, R]
+    ids = [
+        g.ids(_prefix(c.pids[p], r, kp), ep.n_slots[p] + 1, c.pids)
+        for p, kp in enumerate(counts)
+    ]
+    scales = [
+        [g.input(c.scales[p, j : j + 1], c.scales) for j in range(3)]
+        for p in range(len(counts))
+    ]
+
+    def project(j: int, x: T) -> T:
+        acc = None
+        for p, kp in enumerate(counts):
+            xin = x if x.ne[1] == 1 or kp == k else g.view_prefix(x, kp)
+            y = g.mul(g.mul_mat_id(ep.tensors[p][j], xin, ids[p]), scales[p][j])
+            if acc is None:
+                acc = y
+            else:
+                acc = g.add(acc, y) if kp == k else g.acc_prefix(acc, y)
+        return acc
+
+    act = g.swiglu(project(0, x3), project(1, x3))  # [F, K, R]
+    return sum_k(g, g.mul(project(2, act), rw), d, k, r)
+
+
+def sum_k(g: Graph, y: T, d: int, k: int, r: int) -> T:
+    """y [D, K, R] summed over K -> [D, R]."""
+    out = g.view_2d(y, d, r, d * k * 4, 0)
+    for j in range(1, k):
+        out = g.add(g.view_2d(y, d, r, d * k * 4, j * d * 4), out)
+    if k == 1:  # a view is no output and no residual operand: copy it
+        out = g.cont(out)
+    return out
+
+
+def _prefix(a: np.ndarray, t: int, k: int) -> np.ndarray:
+    """The start of ``a`` [T, K] as a contiguous [t, k] view."""
+    return a.reshape(-1)[: t * k].reshape(t, k)

@@ -1,0 +1,94 @@
+"""``LoadOptions``: every knob of ``edgemoe.load``, typed and checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgemoe.errors import ConfigError
+
+MAX_THREADS = 512
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    n_ctx: int = 0
+    """Context length in tokens; 0 means min(training context, 4096)."""
+    n_threads: int | None = None
+    """Compute threads; None tunes them while running, from the physical core
+    count down to 1 (runtime/threads.py)."""
+    n_batch: int = 256
+    """Prompt tokens per prefill step (bounds prefill scratch memory)."""
+    device: str = "cpu"
+    """ggml device: "cpu", "gpu" (untested) or "auto"."""
+    budget: int | str | None = None
+    """Converted models: memory for backbone, KV cache, scratch and expert
+    slots ("3GiB" or bytes); None keeps every expert plane resident."""
+    force_level: int | None = None
+    """Converted models: run every expert at this level (protected experts at
+    the top one); None lets dual routing choose per token."""
+    quality: str | tuple[float, float] = "balanced"
+    """Dual routing: max, high, balanced, fast, min, or thresholds (T1, T2)."""
+    prefetch: bool = True
+    """Under a budget: load the next layer's predicted experts ahead."""
+    io: str = "pread"
+    """Expert reads: "pread" (buffered, pages dropped after) or "direct"."""
+    io_threads: int = 2
+    verify: bool = True
+    """Check each expert plane's CRC-32 the first time it is read."""
+    slot_store: str = "auto"
+    """Converted models' expert slots: "host" (slabs the I/O threads fill in
+    place, zero-copy on the CPU), "device" (tensors in the backend's own
+    buffer, written with ggml_backend_tensor_set: a GPU's memory), or "auto"
+    (host on the CPU, device elsewhere)."""
+    repack: bool = True
+    """CPU: copy matmul weights into ggml's CPU_REPACK layout where this CPU
+    has interleaved kernels for their type (llama.cpp's default); the copy
+    replaces the mapped or read bytes in memory. Not under a budget (the
+    backbone is counted once) and never for streamed slots."""
+    eviction: str = "score"
+    """Expert slot eviction: "score" (recency, use, hotness, layer distance)
+    or "lru" (a baseline)."""
+    throttle: tuple[float, float] | None = None
+    """Emulated storage (bytes/s, latency s): expert reads finish no sooner
+    than that device would serve them (``--emulate``)."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_ctx", "n_threads", "n_batch", "force_level", "io_threads"):
+            v = getattr(self, name)
+            # bool is an int subclass; neither it nor "16" is a count.
+            if not (v is None and name in ("n_threads", "force_level")) and (
+                not isinstance(v, int) or isinstance(v, bool)
+            ):
+                raise ConfigError(f"{name} must be an integer, got {v!r}")
+        if self.slot_store not in ("auto", "host", "device"):
+            raise ConfigError(
+                "slot_store must be 'auto', 'host' or 'device', "
+                f"got {self.slot_store!r}"
+            )
+        if self.eviction not in ("score", "lru"):
+            raise ConfigError(
+                f"eviction must be 'score' or 'lru', got {self.eviction!r}"
+            )
+        if self.device not in ("cpu", "gpu", "auto"):
+            raise ConfigError(
+                f"device must be 'cpu', 'gpu' or 'auto', got {self.device!r}"
+            )
+        if self.throttle is not None:
+            try:
+                rate, latency = (float(x) for x in self.throttle)
+            except (TypeError, ValueError):
+                rate = latency = -1.0
+            if not (rate > 0 and latency >= 0):
+                raise ConfigError(
+                    f"throttle must be (bytes/s > 0, latency s >= 0), "
+                    f"got {self.throttle!r}"
+                )
+        if self.n_ctx < 0:
+            raise ConfigError(f"n_ctx must be >= 0, got {self.n_ctx}")
+        if self.n_batch < 1:
+            raise ConfigError(f"n_batch must be >= 1, got {self.n_batch}")
+        if self.n_threads is not None and not 1 <= self.n_threads <= MAX_THREADS:
+            # libgomp exits the process from C when it cannot start them all.
+            raise ConfigError(
+                f"n_threads must be in 1..{MAX_THREADS}, got {self.n_threads}"
+            )
