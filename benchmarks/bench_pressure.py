@@ -19,7 +19,8 @@ model files are dropped from the page cache. Engines:
   ``edgemoe export-gguf --level 4 --type Q4_K`` of the converted model
   (``l4``): the same weights EdgeMoE's level 4 runs;
 - ``edgemoe`` (its defaults: dual routing, prefetch), ``edgemoe-l4``,
-  ``edgemoe-l8`` (forced levels), with ``--budget`` = the limit minus what
+  ``edgemoe-l8`` (forced levels), ``edgemoe-lru8`` (level 8, LRU eviction,
+  no prefetch: the on-demand baseline), with ``--budget`` = the limit minus what
   the cgroup charges the process just before loading (not its RSS, which
   also counts shared libraries' pages charged elsewhere: about 20 MiB
   more).
@@ -74,8 +75,16 @@ ENGINES = {
     "edgemoe-t2": ("edgemoe", "edge", {"n_threads": 2}),
     # What CRC-checking every plane read costs (verify=False: none).
     "edgemoe-noverify": ("edgemoe", "edge", {"verify": False}),
+    # The on-demand baseline: level 8, LRU eviction, no prefetch.
+    "edgemoe-lru8": (
+        "edgemoe",
+        "edge",
+        {"force_level": 8, "eviction": "lru", "prefetch": False},
+    ),
 }
-DEFAULT_ENGINES = [n for n in ENGINES if not n.endswith(("-t1", "-t2", "noverify"))]
+DEFAULT_ENGINES = [
+    n for n in ENGINES if not n.endswith(("-t1", "-t2", "noverify", "lru8"))
+]
 LAYERS = 8
 
 
