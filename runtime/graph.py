@@ -244,34 +244,25 @@ class Graph(StepOps):
             view=True,
         )
 
-    def view_prefix(self, a: T, ne1: int) -> T:
-        """The first ``ne1`` rows of each matrix of ``a`` [n0, n1, n2]: a
-        strided view (contiguous when n2 == 1 or nothing is cut)."""
+    def view_rows(self, a: T, start: int, n: int) -> T:
+        """Rows ``start .. start + n - 1`` of each matrix of ``a`` [n0, n1,
+        n2]: a strided view (contiguous when n2 == 1 or nothing is cut)."""
         if a.qtype != F32 or not a.contiguous or a.ne[3] != 1:
-            raise GGMLError("view_prefix: contiguous 3-D float32 only")
-        if not 0 < ne1 <= a.ne[1]:
-            raise GGMLError(f"view_prefix: {ne1} rows of a tensor with {a.ne[1]}")
+            raise GGMLError("view_rows: contiguous 3-D float32 only")
+        if not (0 <= start and 0 < n and start + n <= a.ne[1]):
+            raise GGMLError(
+                f"view_rows: rows {start}..{start + n} of a tensor with {a.ne[1]}"
+            )
         nb1, nb2 = a.ne[0] * 4, a.ne[0] * a.ne[1] * 4
-        ne = (a.ne[0], ne1, a.ne[2], 1)
-        ptr = self.g.ggml_view_3d(self._ctx.ctx, a.ptr, *ne[:3], nb1, nb2, 0)
+        ne = (a.ne[0], n, a.ne[2], 1)
+        ptr = self.g.ggml_view_3d(self._ctx.ctx, a.ptr, *ne[:3], nb1, nb2, start * nb1)
         return T(
             self._new_op(ptr, F32, ne).ptr,
             F32,
             ne,
-            contiguous=ne1 == a.ne[1] or a.ne[2] == 1,
+            contiguous=n == a.ne[1] or a.ne[2] == 1,
             view=True,
         )
-
-    def acc_prefix(self, a: T, b: T) -> T:
-        """``a`` [n0, n1, n2] with ``b`` [n0, m1, n2] (m1 <= n1) added to its
-        first m1 rows of each matrix (ggml_acc)."""
-        if a.qtype != F32 or b.qtype != F32 or not (a.contiguous and b.contiguous):
-            raise GGMLError("acc_prefix: contiguous float32 operands only")
-        if b.ne[0] != a.ne[0] or b.ne[1] > a.ne[1] or b.ne[2:] != a.ne[2:]:
-            raise GGMLError(f"acc_prefix: ne {b.ne} does not fit in {a.ne}")
-        nb1, nb2 = a.ne[0] * 4, a.ne[0] * a.ne[1] * 4
-        ptr = self.g.ggml_acc(self._ctx.ctx, a.ptr, b.ptr, nb1, nb2, nb2 * a.ne[2], 0)
-        return self._new_op(ptr, F32, a.ne)
 
     # -- build and run -------------------------------------------------------
     def expand(self, t: T) -> None:

@@ -44,17 +44,8 @@ def in_graph(g: Graph, hn: T, ids: T, weights: T, ep: ExpertPlanes, table) -> T:
         acc = None
         for p, start, pid, tensors in runs:
             n = pid.ne[0]
-            xin = x
-            if x.ne[1] != 1 and n != k:  # the rows of these ranks
-                xin = g.view_3d(
-                    x,
-                    x.ne[0],
-                    n,
-                    r,
-                    x.ne[0] * 4,
-                    x.ne[0] * k * 4,
-                    start * x.ne[0] * 4,
-                )
+            # The rows of these ranks (x [D, 1, R] broadcasts to any).
+            xin = x if x.ne[1] == 1 or n == k else g.view_rows(x, start, n)
             y = g.mul_mat_id(tensors[j], xin, pid)
             if ep.shifts[p][j]:
                 y = g.scale(y, 2.0 ** -ep.shifts[p][j])
@@ -99,12 +90,12 @@ def host_placed(g: Graph, c, ep: ExpertPlanes, counts) -> T:
     def project(j: int, x: T) -> T:
         acc = None
         for p, kp in enumerate(counts):
-            xin = x if x.ne[1] == 1 or kp == k else g.view_prefix(x, kp)
+            xin = x if x.ne[1] == 1 or kp == k else g.view_rows(x, 0, kp)
             y = g.mul(g.mul_mat_id(ep.tensors[p][j], xin, ids[p]), scales[p][j])
             if acc is None:
                 acc = y
             else:
-                acc = g.add(acc, y) if kp == k else g.acc_prefix(acc, y)
+                acc = g.add(acc, y) if kp == k else g.acc_rows(acc, y, 0)
         return acc
 
     act = g.swiglu(project(0, x3), project(1, x3))  # [F, K, R]

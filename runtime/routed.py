@@ -79,10 +79,7 @@ class CachedRouted:
         rank_weights = np.broadcast_to(
             np.arange(k, 0, -1, dtype=np.float32), routes.shape
         )
-        want = self.policy.planes(layer, routes, rank_weights)
-        runs = np.bincount(want.ravel(), minlength=len(self.planes_run))
-        self.planes_run += runs
-        self.bytes_computed += int(runs @ self._level_bytes)
+        self._count(self.policy.planes(layer, routes, rank_weights))
         self.cache.counters.hits[0] += routes.size
 
     # -- between graphs ------------------------------------------------------------

@@ -104,7 +104,8 @@ class Step:
         ``counts[p]`` experts per row running plane p; ``release()``."""
         self._graphs: dict[tuple, Graph] = {}
         self._io: dict[StepShape, StepIO] = {}
-        self._tables: dict[int, tuple[T, np.ndarray]] = {}
+        self._tables: dict[int, np.ndarray] = {}
+        """MoE layer -> its protected experts' slot table (moe_block)."""
         self._galloc = None
         self.computes = 0
         """Graph computes so far (tests assert the count per step)."""
@@ -133,8 +134,8 @@ class Step:
     def run(self, io: StepIO) -> None:
         """Every graph of the step, host decisions between them."""
         counts = ()
+        cached = io.shape.t <= CACHED_T
         for s in range(len(self.splits) + 1):
-            cached = io.shape.t <= CACHED_T
             key = (io.shape, s, counts)
             g = self._graphs.get(key) if cached else None
             if g is None:
@@ -205,9 +206,14 @@ class Step:
             self._galloc = None
 
     # -- building ----------------------------------------------------------------
-    def _build(self, io: StepIO, s: int, counts: tuple, cached: bool) -> Graph:
+    def _span(self, s: int) -> tuple[int, int]:
+        """Segment s's first and last layer (a split layer ends its segment)."""
         first = 0 if s == 0 else self.splits[s - 1] + 1
         last = self.splits[s] if s < len(self.splits) else self.spec.n_layer - 1
+        return first, last
+
+    def _build(self, io: StepIO, s: int, counts: tuple, cached: bool) -> Graph:
+        first, last = self._span(s)
         # Tensors a layer creates (attention ~40, FFN and routing ~24, each
         # plane's projections, the sum over K), plus inputs and the head: a
         # cached graph's metadata is sized by this, so keep it close.
@@ -233,8 +239,8 @@ class Step:
             "mask": g.input(io.mask),
             "out": (g.ids(io.out_ids, shape.t) if shape.n_out < shape.t else None),
         }
-        first = 0 if s == 0 else self.splits[s - 1] + 1
-        stop = self.splits[s] if s < len(self.splits) else None
+        first, last = self._span(s)
+        stop = last if s < len(self.splits) else None
         if s == 0:
             x = g.input(io.x)  # [D, T]
         else:
