@@ -235,6 +235,22 @@ class Context:
         self._keep.clear()
 
 
+def release_pages(a: np.ndarray) -> None:
+    """Give the whole pages inside ``a``'s bytes back to the kernel (Linux;
+    elsewhere they stay)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    page = 4096
+    start = -(-a.ctypes.data // page) * page
+    end = (a.ctypes.data + a.nbytes) // page * page
+    if end > start:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)
+
+
 class WeightSet:
     """Model weights as ggml tensors, created once and shared by every graph.
 
@@ -251,17 +267,28 @@ class WeightSet:
         self._device_buffer = None
         self.repack = repack and device.repack_buft is not None
         self._repack_ctx = Context(device, capacity) if self.repack else None
-        self._repacks: list[tuple[T, np.ndarray]] = []
+        self._repacks: list[tuple[T, np.ndarray, bool]] = []
+        self._repack_filled: list[T] = []
         self._repack_buffer = None
         self._device_tensors: list[T] = []
         self.nbytes = 0
         self.repacked_bytes = 0
         """Bytes ggml laid out for its interleaved kernels (a copy)."""
 
-    def add(self, w: Weight, base: np.ndarray | None = None, repack: bool = True) -> T:
+    def add(
+        self,
+        w: Weight,
+        base: np.ndarray | None = None,
+        repack: bool = True,
+        release: bool = False,
+    ) -> T:
         """A ggml tensor over ``w``'s bytes; validates type, shape and size.
         ``repack=False`` keeps a weight in place even when repacking (slots
-        the I/O threads refill, tables read on the host)."""
+        the I/O threads refill, tables read on the host). ``release``: once
+        repacked, nothing reads ``w``'s bytes again; their whole pages are
+        given back (``MADV_DONTNEED``: a mapped file's fault back in from it,
+        a read buffer's would read zeros), so the copy does not hold the
+        weight twice."""
         g = self.device.g
         ne = ne_of(w.shape)
         rows = ne[1] * ne[2] * ne[3]
@@ -279,15 +306,9 @@ class WeightSet:
             raise GGMLError(f"tensor {w.name!r} is not in memory (read per row)")
         data = w.data if w.data.flags.c_contiguous else np.ascontiguousarray(w.data)
         self.nbytes += w.nbytes
-        if (
-            self.repack
-            and repack
-            and len(w.shape) in (2, 3)
-            and ne[1] % 8 == 0
-            and self.device.repacks(w.qtype)
-        ):
+        if repack and self._repackable(ne, w.qtype):
             t = self._repack_ctx.new(w.qtype, ne)
-            self._repacks.append((t, data))
+            self._repacks.append((t, data, release))
             return t
         t = self._ctx.new(w.qtype, ne)
         if self.device.is_host:
@@ -298,37 +319,72 @@ class WeightSet:
             self._uploads.append((t, data))
         return t
 
-    def add_device(self, name: str, qtype: int, shape: tuple[int, ...]) -> T:
-        """A tensor with no host memory behind it: allocated in the device's
-        own buffer at ``finalize``, zeroed, and written only through
-        ``ggml_backend_tensor_set`` (expert slots on a GPU, or on the CPU in
-        the CPU backend's buffer type)."""
+    def add_device(
+        self, name: str, qtype: int, shape: tuple[int, ...], repack: bool = False
+    ) -> T:
+        """A tensor with no host memory behind it, allocated at ``finalize``,
+        zeroed, and written only through ``write`` or
+        ``ggml_backend_tensor_set``: in ggml's repacked layout with
+        ``repack`` (where this set repacks and ggml has kernels for the type;
+        then only whole-tensor writes), else in the device's own buffer
+        (expert slots on a GPU, or on the CPU in its backend's buffer)."""
         g = self.device.g
         ne = ne_of(shape)
         if g.ggml_blck_size(qtype) <= 0 or ne[0] % g.ggml_blck_size(qtype):
             raise GGMLError(f"tensor {name!r}: rows do not split into blocks")
-        t = self._ctx.new(qtype, ne)
-        self._device_tensors.append(t)
+        if repack and self._repackable(ne, qtype):
+            t = self._repack_ctx.new(qtype, ne)
+            self._repack_filled.append(t)
+        else:
+            t = self._ctx.new(qtype, ne)
+            self._device_tensors.append(t)
         self.nbytes += int(g.ggml_nbytes(t.ptr))
         return t
+
+    def _repackable(self, ne, qtype: int) -> bool:
+        return (
+            self.repack
+            and ne[3] == 1
+            and (ne[2] > 1 or ne[1] > 1)
+            and ne[1] % 8 == 0
+            and self.device.repacks(qtype)
+        )
+
+    def write(self, t: T, data: np.ndarray) -> None:
+        """All of ``t``'s bytes from ``data`` (after ``finalize``): a
+        repacked tensor is laid out as it is written."""
+        g = self.device.g
+        if data.nbytes != g.ggml_nbytes(t.ptr) or not data.flags.c_contiguous:
+            raise GGMLError(
+                f"write: {data.nbytes} contiguous bytes for a tensor of "
+                f"{g.ggml_nbytes(t.ptr)}"
+            )
+        g.ggml_backend_tensor_set(t.ptr, data.ctypes.data, 0, data.nbytes)
 
     def finalize(self) -> None:
         """Repack (CPU) or upload (other devices) what ``add`` deferred, and
         allocate ``add_device``'s tensors."""
         g = self.device.g
-        if self._repacks:
+        if self._repacks or self._repack_filled:
             self._repack_buffer = g.ggml_backend_alloc_ctx_tensors_from_buft(
                 self._repack_ctx.ctx, self.device.repack_buft
             )
             if not self._repack_buffer:
                 raise GGMLError("could not allocate ggml's CPU_REPACK buffer")
-            while self._repacks:
-                t, data = self._repacks.pop(0)  # drop each source as it is copied
-                mirror = TensorMirror.from_address(t.ptr)
-                if not mirror.extra:  # Device.repacks said it would: a ggml change
+            for t, *_ in self._repacks:
+                if not TensorMirror.from_address(t.ptr).extra:
+                    # Device.repacks said it would: a ggml change.
                     raise GGMLError(f"ggml did not repack a type-{t.qtype} tensor")
+            for t in self._repack_filled:
+                if not TensorMirror.from_address(t.ptr).extra:
+                    raise GGMLError(f"ggml did not repack a type-{t.qtype} tensor")
+                self.repacked_bytes += int(g.ggml_nbytes(t.ptr))
+            while self._repacks:
+                t, data, release = self._repacks.pop(0)  # drop each as copied
                 g.ggml_backend_tensor_set(t.ptr, data.ctypes.data, 0, data.nbytes)
                 self.repacked_bytes += data.nbytes
+                if release:
+                    release_pages(data)
         if not (self._uploads or self._device_tensors):
             return
         # Every tensor of the context not bound to host memory yet.

@@ -82,6 +82,13 @@ class LevelPolicy:
         out = [k] + [math.ceil(s * k - 1e-9) for s in shares[1:]]
         return tuple(min(c, out[i - 1]) if i else c for i, c in enumerate(out))
 
+    def planes_used(self, k: int) -> int:
+        """How many planes, from the first, this policy can ever run."""
+        counts = self.counts(k)
+        if counts is None or any(self.protected):
+            return self.top
+        return sum(1 for c in counts if c)
+
     @property
     def top(self) -> int:
         return len(self.plan.planes)

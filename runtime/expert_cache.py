@@ -83,13 +83,9 @@ class PlaneCache:
         io: IOQueue,
         verify: bool = True,
         eviction: str = "score",
-        repack: bool = False,
         store: str = "host",
     ):
-        """``repack``: every plane will be preloaded and never replaced (a
-        model in memory), so the slabs may be copied into ggml's repacked
-        layout at ``WeightSet.finalize``; ``release_slabs`` then frees them.
-        ``store``: "host" slabs the I/O threads fill in place (zero-copy on
+        """``store``: "host" slabs the I/O threads fill in place (zero-copy on
         the CPU) or "device" tensors in the backend's buffer, written with
         ``ggml_backend_tensor_set`` from a staging array per read."""
         m = ckpt.manifest
@@ -124,8 +120,9 @@ class PlaneCache:
                 # page now keeps memory flat instead of growing as slots fill.
                 slab.fill(0)
                 slabs[proj] = slab
+                # Never repacked: reads rewrite single slots in place.
                 tensors.append(
-                    weights.add(Weight(name, bt.ggml, shape, slab), repack=repack)
+                    weights.add(Weight(name, bt.ggml, shape, slab), repack=False)
                 )
             self.slabs.append(slabs)
             self.tensors.append(tuple(tensors))
@@ -176,6 +173,10 @@ class PlaneCache:
                 break
             n += 1
         return n
+
+    def tensors_for(self, layer: int) -> tuple[tuple[T, T, T], ...]:
+        """Plane p's (gate, up, down) slot tensors, shared by every layer."""
+        return tuple(self.tensors)
 
     def slot(self, layer: int, expert: int, plane: int) -> int:
         return self.where[layer, expert, plane]
@@ -369,25 +370,3 @@ class PlaneCache:
                     self.prefetched.add(key)
                 else:
                     return
-
-    def release_slabs(self) -> None:
-        """A preloaded, repacked model: ggml holds its own copy of the planes,
-        and nothing writes slots again; drop the host slabs."""
-        self.slabs = []
-
-    def preload_all(self) -> None:
-        """Load every plane of every expert (an in-memory model), synchronously:
-        the i-th MoE layer's expert e lands in slot i * E + e of every pool,
-        where the step graph's per-layer views expect it."""
-        for i, layer in enumerate(self.moe_layers):
-            for e in range(self.n_expert):
-                for p in range(len(self.planes)):
-                    if not self._load(layer, e, p, (DEMAND, self.io.new_seq())):
-                        raise RuntimeError("preload needs a slot per expert plane")
-                    if self.where[layer, e, p] != i * self.n_expert + e:
-                        raise RuntimeError("preload found its slots already in use")
-        while self.pending:
-            self.poll()
-            if self.pending:
-                next(iter(self.pending.values())).done.wait(1.0)
-        self.counters = CacheCounters([0] * len(self.planes), [0] * len(self.planes))

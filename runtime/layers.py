@@ -18,20 +18,19 @@ class ExpertPlanes:
     expert at a level runs the planes up to it and sums them.
 
     A plain checkpoint is one plane of E slots (slot = expert id, straight
-    from the in-graph top-k). A converted model shares slot slabs across
-    layers (runtime/expert_cache.py): with every plane resident each layer
-    sees its own E slots of them (``first``) and runs ``planes`` of them in
-    the graph, plane p on each token's ``counts[p]`` heaviest experts and on
-    protected ones; else ``host_routed`` and the host fills slot ids per
-    plane each step.
+    from the in-graph top-k). A converted model with its planes resident
+    (runtime/resident.py) has its own [E + 1] tensors per layer, slot E
+    zero, and runs them in the graph, plane p on each token's ``counts[p]``
+    heaviest experts and on protected ones; else ``host_routed`` and the
+    host fills slot ids per plane each step (into the resident tensors, or
+    into slot slabs streamed and shared across layers,
+    runtime/expert_cache.py).
     """
 
     tensors: tuple[tuple[T, T, T], ...]
     shifts: tuple[tuple[int, int, int], ...]
     n_slots: tuple[int, ...]
     host_routed: bool = False
-    first: int = 0
-    """Resident slabs: this layer's expert e sits in slot first + e."""
     counts: tuple[int, ...] = ()
     """Resident: experts per token (by weight rank) running each plane; ()
     runs plane 1 on all of them (a plain model)."""
@@ -94,7 +93,8 @@ def build_layers(
             return None
         if f32:
             w = to_f32(w)
-        return weights.add(w, base(w))
+        # Nothing reads a layer's weights on the host after load.
+        return weights.add(w, base(w), release=True)
 
     for i, moe in enumerate(spec.moe_layers):
         b = f"blk.{i}."

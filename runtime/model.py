@@ -16,23 +16,8 @@ from edgemoe.runtime import token_ids as token_ids_mod
 from edgemoe.runtime.device import Device, WeightSet
 from edgemoe.runtime.kv import KVCache, Sequence
 from edgemoe.runtime.layers import build_layers, to_f32
-from edgemoe.runtime.metrics import rss_bytes
 from edgemoe.runtime.options import LoadOptions
 from edgemoe.runtime.step import Step, StepShape
-
-
-def _drop_mapped_pages(mm: np.ndarray) -> None:
-    """Repacked weights live in ggml's own buffer: drop this process's pages
-    of the mapped file (clean, file-backed: the embedding rows and anything
-    still read fault back in from the page cache)."""
-    import mmap as mmap_module
-
-    raw = getattr(mm, "_mmap", None)
-    if raw is not None and hasattr(raw, "madvise"):
-        try:
-            raw.madvise(mmap_module.MADV_DONTNEED)
-        except (OSError, ValueError):
-            pass
 
 
 def load(path: str | Path, **options: Any) -> Model:
@@ -51,11 +36,10 @@ def load(path: str | Path, **options: Any) -> Model:
     if unknown:
         raise ConfigError(f"unknown load option(s) {unknown}; known: {sorted(known)}")
     opts = LoadOptions(**options)
-    rss_start = rss_bytes()
     ckpt = open_checkpoint(path, in_memory=True)
     try:
         tokenizer = tokenizer_for(ckpt)
-        return Model(ckpt, tokenizer, opts, rss_start=rss_start)
+        return Model(ckpt, tokenizer, opts)
     except BaseException:
         ckpt.close()
         raise
@@ -64,11 +48,7 @@ def load(path: str | Path, **options: Any) -> Model:
 class Model:
     """A loaded model: ``logits`` for scoring, ``generate`` for text."""
 
-    def __init__(
-        self, checkpoint, tokenizer, options: LoadOptions, rss_start: int | None = None
-    ):
-        """``rss_start``: the process RSS before the checkpoint was opened; a
-        budget then also covers what opening it and the tokenizer cost."""
+    def __init__(self, checkpoint, tokenizer, options: LoadOptions):
         self.checkpoint = checkpoint
         self.tokenizer = tokenizer
         self.options = options
@@ -104,47 +84,51 @@ class Model:
             return mmap if start <= addr < start + mmap.nbytes else None
 
         n_planes = len(manifest.plan.planes) if manifest else 0
-        self.weights = WeightSet(
-            self.device,
-            capacity=len(names) + 8 + 3 * n_planes + 2 * spec.n_layer,
-            # A budget counts the backbone once: no second, repacked copy.
-            repack=options.repack and options.budget is None,
-        )
-        experts, self.routed, self.memory = None, None, None
+        self.memory = None
         if manifest is not None:
-            from edgemoe.runtime.offload import setup
+            from edgemoe.runtime.offload import memory_plan
 
-            experts, self.routed, self.memory = setup(
-                self, checkpoint, options, rss_start
-            )
+            self.memory = memory_plan(
+                checkpoint, options.budget, self.n_ctx, options.n_batch,
+                options.force_level, quality=options.quality,
+            )  # fmt: skip
         elif options.force_level is not None or options.budget is not None:
             raise ConfigError(
                 f"{checkpoint.path}: force_level and budget apply to converted "
                 "models (edgemoe convert); this one stores experts at one precision"
             )
+        streams = self.memory is not None and not self.memory.resident
+        self.weights = WeightSet(
+            self.device,
+            # Weights, expert planes (per layer, or shared slots), KV cache.
+            capacity=len(names)
+            + 8
+            + 3 * n_planes * (spec.n_layer + 1)
+            + 2 * spec.n_layer,
+            # Repacked weights are a copy made at load; streamed slots are
+            # rewritten in place, so a streaming model keeps the layout it reads.
+            repack=options.repack and not streams,
+        )
+        experts, self.routed = None, None
+        if manifest is not None:
+            from edgemoe.runtime.offload import setup
+
+            experts, self.routed = setup(self, checkpoint, options, self.memory)
         layers = build_layers(spec, load_weight, self.weights, base_of, experts)
         self.embed = checkpoint.load("token_embd.weight")
         norm = to_f32(checkpoint.load("output_norm.weight"))
         out_norm = self.weights.add(norm, base_of(norm))
         out = self.embed if spec.tie_embeddings else checkpoint.load("output.weight")
-        out = self.weights.add(out, base_of(out))
+        # A tied head's bytes are also the embedding rows read every token.
+        out = self.weights.add(out, base_of(out), release=not spec.tie_embeddings)
         # Under a budget the whole cache is committed now: memory use is flat
         # and counted up front, not grown by the context as it fills.
         self.cache = KVCache(
             spec, self.n_ctx, self.weights, commit=options.budget is not None
         )
-        in_memory = self.routed is not None and options.budget is None
-        host_slots = in_memory and self.routed.cache.store == "host"
-        if host_slots:
-            self.routed.cache.preload_all()  # before finalize: it may repack them
-            # Nothing writes a slot again; the weight set holds each slab
-            # until it has copied it (repack) or bound it.
-            self.routed.cache.release_slabs()
         self.weights.finalize()
-        if in_memory and not host_slots:
-            self.routed.cache.preload_all()  # through tensor_set, once allocated
-        if mmap is not None and self.weights.repacked_bytes:
-            _drop_mapped_pages(mmap)
+        if self.routed is not None and self.routed.in_memory:
+            self.routed.cache.load()
         self._head = (out_norm, out)
         self.step = self._new_step(layers)
         self.seq: Sequence = self.cache.new_sequence()
@@ -389,6 +373,17 @@ class Model:
 
         old = self.routed.policy
         policy = LevelPolicy.make(old.plan, old.protected, quality, old.force_level)
+        cache = self.routed.cache
+        if self.routed.in_memory:
+            used = policy.planes_used(self.spec.n_expert_used)
+            if used > cache.n_planes:
+                levels = self.levels
+                raise ConfigError(
+                    f"quality {quality!r} runs experts at level {levels[used - 1]}, "
+                    f"but this budget loaded them up to level "
+                    f"{levels[cache.n_planes - 1]} only; reload with a larger "
+                    "budget (or a smaller one, which streams them)"
+                )
         self.routed.policy = policy
         self.options = dataclasses.replace(self.options, quality=quality)
         if self.routed.in_memory:

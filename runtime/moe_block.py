@@ -24,16 +24,12 @@ def in_graph(g: Graph, hn: T, ids: T, weights: T, ep: ExpertPlanes, table) -> T:
     experts; protected experts run it on the other rows too, through a
     table that sends every other expert to the zero slot."""
     d, r, k = hn.ne[0], hn.ne[1], ids.ne[0]
-    e = ep.n_experts
     counts = ep.counts or (k,)
     runs = []  # (plane, first rank, ids, tensors)
     for p, c in enumerate(counts):
         if c:
-            views = tuple(
-                t if ep.first == 0 and t.ne[2] == e else g.slot_view(t, ep.first, e)
-                for t in ep.tensors[p]
-            )
-            runs.append((p, 0, ids if c == k else g.id_rows(ids, 0, c), views))
+            # The layer's own [E + 1] tensors: ids index them directly.
+            runs.append((p, 0, ids if c == k else g.id_rows(ids, 0, c), ep.tensors[p]))
         if ep.protected and c < k:
             rest = ids if c == 0 else g.id_rows(ids, c, k - c)
             slots = g.lookup(g.input(table), rest, ep.n_slots[p] + 1)
@@ -66,7 +62,7 @@ def protect_table(ep: ExpertPlanes) -> np.ndarray:
     table = aligned_empty((ep.n_experts,), np.int32)
     table[:] = ep.n_slots[-1]
     for e in ep.protected:
-        table[e] = ep.first + e
+        table[e] = e
     return table
 
 

@@ -23,6 +23,10 @@ class MemoryPlan:
     """Measured: what opening the checkpoint and tokenizer grew the process by."""
     experts: int
     slots: tuple[int, ...]
+    """Per plane, how many (layer, expert) planes it holds."""
+    resident: bool = True
+    """Every plane the policy runs is loaded at start (runtime/resident.py);
+    else planes stream through ``slots`` under the budget."""
 
     @property
     def total(self) -> int:
@@ -96,68 +100,105 @@ def _fixed(ckpt, n_ctx: int, n_batch: int) -> int:
     )
 
 
+def resident_budget(
+    ckpt, n_ctx: int, n_batch: int, force_level=None, quality="balanced", runtime=0
+) -> int:
+    """The smallest budget that keeps every plane the policy runs resident
+    (no streaming: in-memory speed), the load's staging array included."""
+    from edgemoe.runtime.dual_routing import LevelPolicy
+    from edgemoe.runtime.resident import staging_bytes
+
+    m, spec = ckpt.manifest, ckpt.spec
+    plane = _plane_bytes(ckpt)
+    policy = LevelPolicy.make(m.plan, m.protected, quality, force_level)
+    used = policy.planes_used(spec.n_expert_used)
+    experts = len(m.moe_layers) * (spec.n_expert + 1) * sum(plane[:used])
+    return (
+        _fixed(ckpt, n_ctx, n_batch)
+        + runtime
+        + experts
+        + staging_bytes(spec.n_expert, plane[:used])
+    )
+
+
 def memory_plan(
-    ckpt, budget, n_ctx: int, n_batch: int, force_level: int | None, runtime: int = 0
+    ckpt,
+    budget,
+    n_ctx: int,
+    n_batch: int,
+    force_level: int | None,
+    runtime: int = 0,
+    quality="balanced",
 ) -> MemoryPlan:
-    """Slots per plane for ``budget`` (None: every expert plane resident)."""
+    """How ``budget`` is spent (None: every expert plane resident). A budget
+    that holds every plane the policy (``force_level``, ``quality``) runs,
+    plus the load's staging, keeps them all resident; a smaller one streams
+    them through slots per plane."""
+    from edgemoe.runtime.dual_routing import LevelPolicy
+
     m = ckpt.manifest
     spec = ckpt.spec
     plane = _plane_bytes(ckpt)
-    n_total = len(m.moe_layers) * spec.n_expert
+    n_layers = len(m.moe_layers)
+    n_total = n_layers * spec.n_expert
     fixed_parts = (
         backbone_bytes(ckpt, n_ctx),
         kv_bytes(spec, n_ctx),
         scratch_bytes(spec, n_ctx, n_batch, m.expert_ffn),
         runtime,
     )
+
+    def resident(n: int) -> MemoryPlan:
+        experts = n_layers * (spec.n_expert + 1) * sum(plane[:n])
+        slots = (n_total,) * n + (0,) * (len(plane) - n)
+        return MemoryPlan(total_budget, *fixed_parts, experts, slots)
+
     if budget is None:
-        slots = (n_total,) * len(plane)
         total_budget = None
-    else:
-        total_budget = parse_size(budget)
-        need = 1 if force_level is None else m.plan.n_planes(force_level)
-        try:
-            slots = plan_slots(
-                total_budget,
-                sum(fixed_parts),
-                plane,
-                n_total,
-                spec.n_expert_used,
-                need,
-                forced=force_level is not None,
-                protected=sum(len(e) for e in m.protected),
-            )
-        except ValueError:
-            minimum = min_budget(ckpt, n_ctx, n_batch, force_level) + runtime
-            raise ConfigError(
-                f"budget {fmt_size(total_budget)} ({total_budget} bytes) is below "
-                f"the minimum {fmt_size(minimum)} ({minimum} bytes) for "
-                f"{ckpt.path} at a {n_ctx}-token context: backbone "
-                f"{fmt_size(fixed_parts[0])}, KV cache {fmt_size(fixed_parts[1])}, "
-                f"compute scratch {fmt_size(fixed_parts[2])}, runtime "
-                f"{fmt_size(runtime)}, and {spec.n_expert_used} experts per token"
-            ) from None
+        return resident(len(plane))
+    total_budget = parse_size(budget)
+    fits = resident_budget(ckpt, n_ctx, n_batch, force_level, quality, runtime)
+    if total_budget >= fits:
+        policy = LevelPolicy.make(m.plan, m.protected, quality, force_level)
+        return resident(policy.planes_used(spec.n_expert_used))
+    need = 1 if force_level is None else m.plan.n_planes(force_level)
+    try:
+        slots = plan_slots(
+            total_budget,
+            sum(fixed_parts),
+            plane,
+            n_total,
+            spec.n_expert_used,
+            need,
+            forced=force_level is not None,
+            protected=sum(len(e) for e in m.protected),
+        )
+    except ValueError:
+        minimum = min_budget(ckpt, n_ctx, n_batch, force_level) + runtime
+        raise ConfigError(
+            f"budget {fmt_size(total_budget)} ({total_budget} bytes) is below "
+            f"the minimum {fmt_size(minimum)} ({minimum} bytes) for "
+            f"{ckpt.path} at a {n_ctx}-token context: backbone "
+            f"{fmt_size(fixed_parts[0])}, KV cache {fmt_size(fixed_parts[1])}, "
+            f"compute scratch {fmt_size(fixed_parts[2])}, runtime "
+            f"{fmt_size(runtime)}, and {spec.n_expert_used} experts per token"
+        ) from None
     experts = sum((s + 1) * b for s, b in zip(slots, plane))
-    return MemoryPlan(total_budget, *fixed_parts, experts, slots)
+    return MemoryPlan(total_budget, *fixed_parts, experts, slots, resident=False)
 
 
-def setup(model, ckpt, options, rss_start: int | None = None):
+def setup(model, ckpt, options, plan: MemoryPlan):
     """The routed-experts machinery for a converted model; returns
-    (experts(layer) for build_layers, the CachedRouted, the MemoryPlan)."""
+    (experts(layer) for build_layers, the CachedRouted)."""
     from edgemoe.runtime.dual_routing import LevelPolicy
     from edgemoe.runtime.expert_cache import PlaneCache
     from edgemoe.runtime.io_queue import get_io_backend
     from edgemoe.runtime.layers import to_f32
+    from edgemoe.runtime.resident import ResidentPlanes
     from edgemoe.runtime.routed import CachedRouted
 
     m = ckpt.manifest
     policy = LevelPolicy.make(m.plan, m.protected, options.quality, options.force_level)
-    store = options.slot_store
-    if store == "auto":
-        store = "host" if model.device.is_host else "device"
-    plan = memory_plan(
-        ckpt, options.budget, model.n_ctx, options.n_batch, options.force_level
-    )
     cache_ref: list = []
     io = get_io_backend(
         options.io,
@@ -165,32 +206,47 @@ def setup(model, ckpt, options, rss_start: int | None = None):
         on_done=lambda req: cache_ref[0].notify(req),
         throttle=options.throttle,
     )
-    cache = PlaneCache(
-        ckpt,
-        model.weights,
-        plan.slots,
-        io,
-        verify=options.verify,
-        eviction=options.eviction,
-        repack=options.budget is None,
-        store=store,
-    )
+    if plan.resident:
+        cache = ResidentPlanes(
+            ckpt,
+            model.weights,
+            io,
+            sum(1 for s in plan.slots if s),
+            verify=options.verify,
+            repack=options.repack,
+        )
+    else:
+        store = options.slot_store
+        if store == "auto":
+            store = "host" if model.device.is_host else "device"
+        cache = PlaneCache(
+            ckpt,
+            model.weights,
+            plan.slots,
+            io,
+            verify=options.verify,
+            eviction=options.eviction,
+            store=store,
+        )
     cache_ref.append(cache)
     io.start()
+    streams = not plan.resident
     routers = {}
-    if options.prefetch and options.budget is not None:
+    if options.prefetch and streams:
         for layer in m.moe_layers:
-            routers[layer] = np.ascontiguousarray(
-                to_f32(ckpt.load(f"blk.{layer}.ffn_gate_inp.weight")).data
+            # A copy: the backbone's bytes may be released once repacked.
+            routers[layer] = np.array(
+                to_f32(ckpt.load(f"blk.{layer}.ffn_gate_inp.weight")).data,
+                dtype=np.float32,
+                order="C",
             )
     routed = CachedRouted(
         cache,
         policy,
         routers,
         m.shifts,
-        prefetch=options.prefetch and options.budget is not None,
-        resident=options.budget is None
-        and policy.counts(ckpt.spec.n_expert_used) is not None,
-        in_memory=options.budget is None,
+        prefetch=options.prefetch and streams,
+        resident=plan.resident and policy.counts(ckpt.spec.n_expert_used) is not None,
+        in_memory=plan.resident,
     )
-    return routed.experts_for, routed, plan
+    return routed.experts_for, routed

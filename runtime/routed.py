@@ -21,14 +21,13 @@ import time
 import numpy as np
 
 from edgemoe.runtime.dual_routing import LevelPolicy
-from edgemoe.runtime.expert_cache import PlaneCache
 from edgemoe.runtime.layers import ExpertPlanes
 
 
 class CachedRouted:
     def __init__(
         self,
-        cache: PlaneCache,
+        cache,
         policy: LevelPolicy,
         routers: dict,
         shifts,
@@ -45,7 +44,9 @@ class CachedRouted:
         self.resident = resident
         """Every plane in memory and fixed counts: the graph runs experts."""
         self.in_memory = in_memory
-        """Every plane preloaded into fixed slots: nothing to load or pin."""
+        """``cache`` is a ResidentPlanes (runtime/resident.py): every plane
+        the policy runs is loaded, nothing to load or pin; else a PlaneCache
+        (runtime/expert_cache.py) streaming planes into slots."""
         self.planes_run = np.zeros(len(cache.planes) + 1, dtype=np.int64)
         """How many (token, expert) pairs ran with n planes, n = 0..P."""
         self._level_bytes = np.concatenate([[0], np.cumsum(cache.plane_bytes)])
@@ -60,13 +61,12 @@ class CachedRouted:
             for p in range(len(c.planes))
         )
         if not self.resident:
-            return ExpertPlanes(tuple(c.tensors), shifts, tuple(c.slots), True)
+            return ExpertPlanes(c.tensors_for(layer), shifts, tuple(c.slots), True)
         protected = policy.protected[layer] if layer < len(policy.protected) else ()
         return ExpertPlanes(
-            tuple(c.tensors),
+            c.tensors_for(layer),
             shifts,
             tuple(c.slots),
-            first=c.moe_layers.index(layer) * c.n_expert,
             n_expert=c.n_expert,
             counts=policy.counts(c.ckpt.spec.n_expert_used),
             protected=tuple(protected),

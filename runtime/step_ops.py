@@ -194,18 +194,6 @@ class StepOps:
             )  # fmt: skip
         return ids, w
 
-    def slot_view(self, a, first: int, n: int):
-        """Slots ``first .. first + n - 1`` of a stacked expert tensor ``a``
-        [K, N, slots] (any ggml type): one layer's experts in a shared slab."""
-        if a.ne[3] != 1 or not (0 <= first and n > 0 and first + n <= a.ne[2]):
-            raise GGMLError(f"slot_view: slots {first}..{first + n} of ne {a.ne}")
-        nb1 = self.g.ggml_row_size(a.qtype, a.ne[0])
-        return self._op(
-            1, self.g.ggml_view_3d, a.ptr, a.ne[0], a.ne[1], n, nb1, nb1 * a.ne[1],
-            nb1 * a.ne[1] * first, qtype=a.qtype, ne=(a.ne[0], a.ne[1], n, 1),
-            view=True,
-        )  # fmt: skip
-
     def lookup(self, table, ids, bound: int):
         """``table`` (I32 [n]) at ``ids`` (I32 [K, T], bound n) -> I32 [K, T]:
         expert ids mapped to slots. ``bound`` exceeds every value of the

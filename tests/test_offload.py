@@ -101,7 +101,7 @@ RSS_SCRIPT = textwrap.dedent("""
     import edgemoe
     from edgemoe.errors import ConfigError
     from edgemoe.env import prepare_environment
-    path, tokens = sys.argv[1], int(sys.argv[2])
+    path, tokens, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     opts = dict(n_ctx=1024, n_batch=32)
     # The libraries, not the model: ggml's and llama.cpp's code pages and
     # numpy are no part of a budget. Nothing of the model is loaded yet.
@@ -115,6 +115,12 @@ RSS_SCRIPT = textwrap.dedent("""
         edgemoe.load(path, budget=1, **opts)
     except ConfigError as e:
         budget = int(re.search(r"the minimum \\S+ \\S+ \\((\\d+) bytes", str(e))[1])
+    if mode == "resident":  # the least that holds every plane balanced runs
+        from edgemoe.checkpoint import open_checkpoint
+        from edgemoe.runtime.offload import resident_budget
+        ckpt = open_checkpoint(path)
+        budget = resident_budget(ckpt, **opts)
+        ckpt.close()
     budget += 1 << 20
     proc = psutil.Process()
     base = proc.memory_info().rss
@@ -141,15 +147,18 @@ RSS_SCRIPT = textwrap.dedent("""
     stop.set(); t.join()
     print(json.dumps({"peak": max(peak) - base, "samples": samples,
                       "budget": budget, "plan": m.memory.total,
+                      "resident": m.memory.resident,
+                      "bytes_read": m.counters()["bytes_read"],
+                      "computes": m.step.computes,
                       "evictions": m.counters()["evictions"]}))
 """)
 
 
-def run_rss(converted, tmp_path, tokens: int) -> dict:
+def run_rss(converted, tmp_path, tokens: int, mode: str = "minimum") -> dict:
     script = tmp_path / "rss.py"
     script.write_text(RSS_SCRIPT)
     proc = subprocess.run(
-        [sys.executable, str(script), str(converted), str(tokens)],
+        [sys.executable, str(script), str(converted), str(tokens), mode],
         capture_output=True,
         text=True,
         timeout=3600,
@@ -161,6 +170,7 @@ def run_rss(converted, tmp_path, tokens: int) -> dict:
 
 def check_rss(rep: dict, min_evictions: int) -> None:
     assert rep["evictions"] >= min_evictions, rep  # it streamed hard
+    assert rep["resident"] == (min_evictions == 0), rep
     assert rep["plan"] <= rep["budget"]
     assert rep["peak"] <= 1.1 * rep["budget"], rep
     early, late = rep["samples"]
@@ -175,6 +185,16 @@ def test_rss_stays_within_budget(converted, tmp_path):
     reported minimum budget, where hundreds of planes are evicted and
     re-read; it stays flat, and threads and open files do not grow."""
     check_rss(run_rss(converted, tmp_path, 1000), min_evictions=300)
+
+
+def test_budget_that_holds_every_plane_keeps_them_resident(converted, tmp_path):
+    """At the least budget that holds every plane the default policy runs
+    (planes 1 and 2 for "balanced"), the planes are loaded at start, one
+    layer's plane at a time, and never read again: no evictions, RSS within
+    the budget + 10% during the load too (sampled every 5 ms), flat after."""
+    rep = run_rss(converted, tmp_path, 300, mode="resident")
+    check_rss(rep, min_evictions=0)
+    assert rep["computes"] <= 300 + 1, rep  # one graph per token, no splits
 
 
 @pytest.mark.slow

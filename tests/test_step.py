@@ -66,6 +66,37 @@ def test_converted_model_graph_counts(converted_fixture):
         np.testing.assert_allclose(m.logits(prompt), resident, rtol=0, atol=1e-5)
 
 
+def test_a_budget_that_holds_the_policys_planes_runs_as_in_memory(converted_fixture):
+    """A budget holding every plane the policy runs keeps just those planes
+    resident (balanced: planes 1 and 2), so steps run as one graph with the
+    in-memory logits; a quality that needs a plane it left on disk is
+    refused with the levels named; a byte less and the planes stream."""
+    from edgemoe.checkpoint import open_checkpoint
+    from edgemoe.runtime.offload import resident_budget
+
+    opts = dict(n_ctx=128, n_batch=32)
+    prompt = RNG.integers(1, 1000, 24).tolist()
+    ckpt = open_checkpoint(converted_fixture)
+    try:
+        budget = resident_budget(ckpt, **opts)
+    finally:
+        ckpt.close()
+    with edgemoe.load(converted_fixture, **opts) as m:
+        expected = m.logits(prompt)
+    with edgemoe.load(converted_fixture, budget=budget, **opts) as m:
+        assert m.memory.resident and m.routed.cache.n_planes == 2
+        assert m.memory.slots[2] == 0 and m.memory.total <= budget
+        np.testing.assert_allclose(m.logits(prompt), expected, rtol=0, atol=1e-5)
+        assert computes_per_decode(m) == [1] * 4
+        assert m.counters()["resident"][2] == 0
+        m.set_quality("fast")
+        with pytest.raises(ConfigError, match="level 8, but this budget loaded"):
+            m.set_quality("max")
+        assert m.options.quality == "fast"
+    with edgemoe.load(converted_fixture, budget=budget - 1, **opts) as m:
+        assert not m.memory.resident and m.step.router is not None
+
+
 @pytest.mark.parametrize("quality", ["balanced", "high", "fast"])
 def test_presets_in_the_graph_equal_the_host_path(converted_fixture, quality):
     """A preset's levels by rank, computed inside the step graph (views of the
@@ -84,15 +115,23 @@ def test_presets_in_the_graph_equal_the_host_path(converted_fixture, quality):
             assert np.abs(m.logits(prompt) - graph).max() > 1e-3
 
 
+def buffer_type(t) -> bytes:
+    from edgemoe.runtime.ggml_binding import TensorMirror, lib
+
+    g = lib()
+    buf = TensorMirror.from_address(t.ptr).buffer
+    return g.ggml_backend_buft_name(g.ggml_backend_buffer_get_type(buf))
+
+
 @pytest.mark.parametrize("budget", [False, True], ids=["in-memory", "budget"])
 def test_slots_in_the_backends_own_buffer_compute_the_same(converted_fixture, budget):
-    """Slots allocated in the CPU backend's own buffer type (as a GPU's would
-    be: no host array behind them), each read landing through
-    ggml_backend_tensor_set at its slot's offset, give the zero-copy slabs'
-    logits; under a budget planes are evicted and rewritten there."""
+    """Expert planes in the CPU backend's own buffer type (as a GPU's would
+    be: no host array behind them), written through ggml_backend_tensor_set,
+    give the logits of the other stores: in memory, the per-layer tensors
+    unrepacked against ggml's repacked layout; under a budget, streamed slots
+    (each read landing at its slot's offset, evicted and rewritten) against
+    the zero-copy host slabs."""
     from test_budget_floor import reported_minimum
-
-    from edgemoe.runtime.ggml_binding import TensorMirror, lib
 
     opts = dict(n_ctx=128, force_level=8)
     if budget:
@@ -100,18 +139,16 @@ def test_slots_in_the_backends_own_buffer_compute_the_same(converted_fixture, bu
     prompt = RNG.integers(1, 1000, 40).tolist()
     with edgemoe.load(converted_fixture, **opts) as m:
         expected = m.logits(prompt)
-    with edgemoe.load(converted_fixture, slot_store="device", **opts) as m:
+        kinds = {buffer_type(t) for t in m.routed.cache.tensors_for(0)[0]}
+        assert kinds == ({b"CPU_Mapped"} if budget else {b"CPU_REPACK"})
+    other = dict(slot_store="device") if budget else dict(repack=False)
+    with edgemoe.load(converted_fixture, **other, **opts) as m:
         cache = m.routed.cache
-        assert cache.store == "device" and not any(cache.slabs)
-        g = lib()
-        for t in cache.tensors[0]:
-            buf = TensorMirror.from_address(t.ptr).buffer
-            assert (
-                g.ggml_backend_buft_name(g.ggml_backend_buffer_get_type(buf)) == b"CPU"
-            )
+        assert cache.store == ("device" if budget else "resident")
+        assert {buffer_type(t) for t in cache.tensors_for(0)[0]} == {b"CPU"}
         np.testing.assert_allclose(m.logits(prompt), expected, rtol=0, atol=1e-5)
         if budget:
-            assert cache.counters.evictions > 0
+            assert not any(cache.slabs) and cache.counters.evictions > 0
     with pytest.raises(ConfigError, match="slot_store must be"):
         edgemoe.load(converted_fixture, slot_store="gpu", n_ctx=128)
 
