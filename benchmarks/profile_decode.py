@@ -1,8 +1,8 @@
 """Where a decode step's time goes: inside ggml's graph compute, waiting for
 expert reads, and host work (Python, numpy, ctypes) around them.
 
-    python benchmarks/profile_decode.py MODEL [--level 4] [--budget 1GiB]
-        [--threads 2] [--tokens 64] [--runs 3]
+    python benchmarks/profile_decode.py MODEL [--level 4 | --quality fast]
+        [--budget 1GiB] [--threads 2] [--tokens 64] [--runs 3]
 
 ggml's time is measured around ``ggml_backend_graph_compute`` itself (a
 wrapper on the ctypes function, ~1 us per call); stalls are the expert
@@ -66,6 +66,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--level", type=int, help="a converted model's forced level")
+    ap.add_argument("--quality", help="a converted model's dual-routing preset")
     ap.add_argument("--budget", help="a converted model's memory budget")
     args = ap.parse_args()
 
@@ -80,6 +81,8 @@ def main() -> int:
     )
     if args.budget:
         opts["budget"] = args.budget
+    if args.quality:
+        opts["quality"] = args.quality
     rows = []
     with edgemoe.load(args.model, **opts) as model:
         prompt = np.random.default_rng(0).integers(10, 5000, args.prompt).tolist()
@@ -87,6 +90,7 @@ def main() -> int:
         for _ in range(args.runs):
             rows.append(profile(model, args.tokens))
     at = f", level {args.level}" if args.level else ""
+    at += f", quality {args.quality}" if args.quality else ""
     at += f", budget {args.budget}" if args.budget else ""
     print(f"{Path(args.model).name}{at}, {args.threads} threads, per decoded token:")
     for key in rows[0]:
@@ -100,6 +104,7 @@ def main() -> int:
             {
                 "model": args.model,
                 "level": args.level,
+                "quality": args.quality,
                 "budget": args.budget,
                 "threads": args.threads,
                 "runs": rows,

@@ -153,7 +153,8 @@ def replay(
     the next use), the current layer's planes pinned, and losing plane 1
     drops the planes above it. An expert without plane 1 (or at a forced
     level) has its wanted planes read and waited for; one with plane 1 runs at
-    its resident level while a missing upgrade is read for next time. With
+    its resident level while a missing upgrade is read for next time, when
+    no other read is in flight (one per layer at most). With
     ``prefetch``, each layer first loads the first plane of the experts the
     converter recorded as the runtime's guess for the next MoE layer."""
     m = ckpt.manifest
@@ -185,11 +186,13 @@ def replay(
     # tokens twice would find exactly what the first pass left behind.
     half = n_tok // 2
     fetched = 0
+    busy = False  # background reads the layer before left in flight
     for counted, span in ((False, range(half)), (True, range(half, n_tok))):
         for t in span:
             for li, layer in enumerate(m.moe_layers):
                 ids = trace[li][0][t].tolist()
                 pools.begin(layer, ids)
+                background = 0
                 guess = guesses[li]
                 if guess is not None and t < len(guess):
                     nxt = after[layer]
@@ -198,16 +201,24 @@ def replay(
                             if not pools.load(0, nxt, e):
                                 break
                             fetched += counted
+                            background += 1
+                upgraded = False
                 for e, n in zip(ids, wants[li][t].tolist()):
                     ran = 0
                     # Without plane 1 every wanted plane is loaded and waited
-                    # for; with it, upgrades load in the background.
+                    # for; with it, an upgrade loads in the background, one
+                    # per layer and only when no read is in flight.
                     wait = forced or pools.where[0].get((layer, e)) is None
                     for p in range(n):
                         hit = pools.use(p, layer, e)
                         if not hit:
                             if slots[p] == 0:
                                 break
+                            if not wait:
+                                if busy or upgraded:
+                                    break
+                                upgraded = True
+                                background += 1
                             reads[p] += counted
                             pools.load(p, layer, e)
                         if ran == p and (hit or wait):
@@ -215,6 +226,7 @@ def replay(
                     if counted:
                         wanted[:n] += 1
                         runs[:ran] += 1
+                busy = background > 0
     n = n_tok - half
     return Replay(reads / n, runs / n, wanted / n, fetched / n)
 

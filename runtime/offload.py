@@ -158,10 +158,11 @@ def memory_plan(
         return resident(len(plane))
     total_budget = parse_size(budget)
     fits = resident_budget(ckpt, n_ctx, n_batch, force_level, quality, runtime)
+    policy = LevelPolicy.make(m.plan, m.protected, quality, force_level)
     if total_budget >= fits:
-        policy = LevelPolicy.make(m.plan, m.protected, quality, force_level)
         return resident(policy.planes_used(spec.n_expert_used))
     need = 1 if force_level is None else m.plan.n_planes(force_level)
+    counts = policy.counts(spec.n_expert_used)
     try:
         slots = plan_slots(
             total_budget,
@@ -172,6 +173,8 @@ def memory_plan(
             need,
             forced=force_level is not None,
             protected=sum(len(e) for e in m.protected),
+            # A preset's pools follow its shares: balanced never runs plane 3.
+            shares=None if counts is None else tuple(c / counts[0] for c in counts),
         )
     except ValueError:
         minimum = min_budget(ckpt, n_ctx, n_batch, force_level) + runtime

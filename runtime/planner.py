@@ -77,7 +77,10 @@ def plan_model(
         for name in policies:
             policy = _policy(ckpt, name)
             try:
-                mp = memory_plan(ckpt, budget, n_ctx, n_batch, policy.force_level)
+                quality = "balanced" if name.startswith("level-") else name
+                mp = memory_plan(
+                    ckpt, budget, n_ctx, n_batch, policy.force_level, quality=quality
+                )
             except ConfigError:
                 continue  # a forced level needs more than this budget
             pred = predict(ckpt, profile, policy, mp.slots)

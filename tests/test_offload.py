@@ -218,6 +218,19 @@ def test_plan_slots_split():
     assert plan_slots(10**6, 0, planes, 64, 2, 3) == (64, 64, 64)  # capped
     with pytest.raises(ValueError):
         plan_slots(1_000, 0, planes, 64, 8, 1)
+    # A preset's shares (balanced: plane 2 on half the experts, plane 3 on
+    # none): plane 2 holds half as many as plane 1, plane 3 only the
+    # protected; room plane 1 cannot use (all 64 held) goes to plane 2.
+    bal = (1.0, 0.5, 0.0)
+    assert plan_slots(6_400, 0, planes, 64, 2, 1, shares=bal) == (40, 20, 0)
+    assert plan_slots(6_400, 0, planes, 64, 2, 1, protected=3, shares=bal) == (
+        36,
+        18,
+        3,
+    )
+    assert plan_slots(10_400, 0, planes, 64, 2, 1, shares=bal) == (64, 36, 0)
+    with pytest.raises(ValueError):
+        plan_slots(1_000, 0, planes, 64, 8, 1, shares=bal)
 
 
 def test_hebf_order():
