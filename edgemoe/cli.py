@@ -43,6 +43,12 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
         help="prompt tokens per prefill step (default: 256)",
     )
     p.add_argument(
+        "--cache-type",
+        default="f32",
+        choices=("f32", "f16"),
+        help="KV cache precision (default: f32; f16 halves its memory)",
+    )
+    p.add_argument(
         "--device",
         default="cpu",
         choices=("cpu", "gpu", "auto"),
@@ -89,6 +95,7 @@ def _load(args: argparse.Namespace, **overrides: Any):
         n_ctx=args.ctx,
         n_threads=args.threads,
         n_batch=args.batch,
+        kv_type=args.cache_type,
         device=args.device,
         force_level=args.level,
         budget=args.budget,

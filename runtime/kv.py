@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgemoe.checkpoint.base import GGML_F32, Weight, aligned_empty
+from edgemoe.checkpoint.base import GGML_F16, GGML_F32, Weight, aligned_empty
 from edgemoe.errors import ConfigError, ContextOverflowError
 
 KV_PAD = 256
@@ -40,11 +40,17 @@ class Sequence:
         return len(self.cells)
 
 
+KV_TYPES = {"f16": (np.float16, GGML_F16), "f32": (np.float32, GGML_F32)}
+
+
 class KVCache:
     """Keys ``[C, Dkv]`` and values ``[Dkv, C]`` (ggml: K ne (Dkv, C), V ne
-    (C, Dkv)) of every layer as ggml tensors, float32, plus cell ownership."""
+    (C, Dkv)) of every layer as ggml tensors (``kv_type``), plus cell
+    ownership."""
 
-    def __init__(self, spec, n_ctx: int, weights, commit: bool = False):
+    def __init__(
+        self, spec, n_ctx: int, weights, commit: bool = False, kv_type: str = "f32"
+    ):
         """``weights``: the WeightSet the tensors join (zero-copy on the CPU,
         uploaded once elsewhere); ``commit``: touch every page now (a budget
         counts the whole cache up front instead of as it fills)."""
@@ -52,16 +58,18 @@ class KVCache:
         self.kv_dim = spec.n_head_kv * spec.head_dim
         self.k, self.v = [], []
         self._arrays = []
+        # float32 by default (exact); float16 as llama.cpp's default cache.
+        dtype, qtype = KV_TYPES[kv_type]
         for il in range(spec.n_layer):
             # calloc maps pages lazily: memory grows with the cells used.
-            k = aligned_empty((n_ctx, self.kv_dim), np.float32, zeros=True)
-            v = aligned_empty((self.kv_dim, n_ctx), np.float32, zeros=True)
+            k = aligned_empty((n_ctx, self.kv_dim), dtype, zeros=True)
+            v = aligned_empty((self.kv_dim, n_ctx), dtype, zeros=True)
             if commit:
                 k.fill(0)
                 v.fill(0)
             self._arrays += [k, v]
-            self.k.append(weights.add(Weight(f"cache_k.{il}", GGML_F32, k.shape, k)))
-            self.v.append(weights.add(Weight(f"cache_v.{il}", GGML_F32, v.shape, v)))
+            self.k.append(weights.add(Weight(f"cache_k.{il}", qtype, k.shape, k)))
+            self.v.append(weights.add(Weight(f"cache_v.{il}", qtype, v.shape, v)))
         self.seq_of = np.full(n_ctx, -1, dtype=np.int64)  # owner, -1 free
         self.pos_of = np.zeros(n_ctx, dtype=np.int64)
         self.sequences: dict[int, Sequence] = {}

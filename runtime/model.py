@@ -91,6 +91,7 @@ class Model:
             self.memory = memory_plan(
                 checkpoint, options.budget, self.n_ctx, options.n_batch,
                 options.force_level, quality=options.quality,
+                kv_type=options.kv_type,
             )  # fmt: skip
         elif options.force_level is not None or options.budget is not None:
             raise ConfigError(
@@ -124,7 +125,11 @@ class Model:
         # Under a budget the whole cache is committed now: memory use is flat
         # and counted up front, not grown by the context as it fills.
         self.cache = KVCache(
-            spec, self.n_ctx, self.weights, commit=options.budget is not None
+            spec,
+            self.n_ctx,
+            self.weights,
+            commit=options.budget is not None,
+            kv_type=options.kv_type,
         )
         self.weights.finalize()
         if self.routed is not None and self.routed.in_memory:

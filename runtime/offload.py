@@ -35,8 +35,9 @@ class MemoryPlan:
         )
 
 
-def kv_bytes(spec, n_ctx: int) -> int:
-    return 2 * spec.n_layer * spec.n_head_kv * n_ctx * spec.head_dim * 4
+def kv_bytes(spec, n_ctx: int, kv_type: str = "f32") -> int:
+    size = 2 if kv_type == "f16" else 4
+    return 2 * spec.n_layer * spec.n_head_kv * n_ctx * spec.head_dim * size
 
 
 def scratch_bytes(spec, n_ctx: int, n_batch: int, ffn: int) -> int:
@@ -50,13 +51,19 @@ def scratch_bytes(spec, n_ctx: int, n_batch: int, ffn: int) -> int:
     return 4 * (routed + attention + workspace + t * spec.n_vocab) + (8 << 20)
 
 
-def min_budget(ckpt, n_ctx: int, n_batch: int, force_level: int | None = None) -> int:
+def min_budget(
+    ckpt,
+    n_ctx: int,
+    n_batch: int,
+    force_level: int | None = None,
+    kv_type: str = "f32",
+) -> int:
     """The smallest budget that runs ``ckpt``: backbone, KV cache, scratch and
     one token's experts (plus the zero slots, and at a forced level the
     protected experts' planes above it)."""
     m = ckpt.manifest
     plane = _plane_bytes(ckpt)
-    fixed = _fixed(ckpt, n_ctx, n_batch)
+    fixed = _fixed(ckpt, n_ctx, n_batch, kv_type)
     need = 1 if force_level is None else m.plan.n_planes(force_level)
     k = ckpt.spec.n_expert_used
     above = 0  # a forced level still runs protected experts at the top
@@ -91,17 +98,23 @@ def _plane_bytes(ckpt) -> tuple[int, ...]:
     )
 
 
-def _fixed(ckpt, n_ctx: int, n_batch: int) -> int:
+def _fixed(ckpt, n_ctx: int, n_batch: int, kv_type: str = "f32") -> int:
     spec = ckpt.spec
     return (
         backbone_bytes(ckpt, n_ctx)
-        + kv_bytes(spec, n_ctx)
+        + kv_bytes(spec, n_ctx, kv_type)
         + scratch_bytes(spec, n_ctx, n_batch, ckpt.manifest.expert_ffn)
     )
 
 
 def resident_budget(
-    ckpt, n_ctx: int, n_batch: int, force_level=None, quality="balanced", runtime=0
+    ckpt,
+    n_ctx: int,
+    n_batch: int,
+    force_level=None,
+    quality="balanced",
+    runtime=0,
+    kv_type: str = "f32",
 ) -> int:
     """The smallest budget that keeps every plane the policy runs resident
     (no streaming: in-memory speed), the load's staging array included."""
@@ -114,7 +127,7 @@ def resident_budget(
     used = policy.planes_used(spec.n_expert_used)
     experts = len(m.moe_layers) * (spec.n_expert + 1) * sum(plane[:used])
     return (
-        _fixed(ckpt, n_ctx, n_batch)
+        _fixed(ckpt, n_ctx, n_batch, kv_type)
         + runtime
         + experts
         + staging_bytes(spec.n_expert, plane[:used])
@@ -129,6 +142,7 @@ def memory_plan(
     force_level: int | None,
     runtime: int = 0,
     quality="balanced",
+    kv_type: str = "f32",
 ) -> MemoryPlan:
     """How ``budget`` is spent (None: every expert plane resident). A budget
     that holds every plane the policy (``force_level``, ``quality``) runs,
@@ -143,7 +157,7 @@ def memory_plan(
     n_total = n_layers * spec.n_expert
     fixed_parts = (
         backbone_bytes(ckpt, n_ctx),
-        kv_bytes(spec, n_ctx),
+        kv_bytes(spec, n_ctx, kv_type),
         scratch_bytes(spec, n_ctx, n_batch, m.expert_ffn),
         runtime,
     )
@@ -157,7 +171,7 @@ def memory_plan(
         total_budget = None
         return resident(len(plane))
     total_budget = parse_size(budget)
-    fits = resident_budget(ckpt, n_ctx, n_batch, force_level, quality, runtime)
+    fits = resident_budget(ckpt, n_ctx, n_batch, force_level, quality, runtime, kv_type)
     policy = LevelPolicy.make(m.plan, m.protected, quality, force_level)
     if total_budget >= fits:
         return resident(policy.planes_used(spec.n_expert_used))
@@ -177,7 +191,7 @@ def memory_plan(
             shares=None if counts is None else tuple(c / counts[0] for c in counts),
         )
     except ValueError:
-        minimum = min_budget(ckpt, n_ctx, n_batch, force_level) + runtime
+        minimum = min_budget(ckpt, n_ctx, n_batch, force_level, kv_type) + runtime
         raise ConfigError(
             f"budget {fmt_size(total_budget)} ({total_budget} bytes) is below "
             f"the minimum {fmt_size(minimum)} ({minimum} bytes) for "

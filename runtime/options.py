@@ -18,6 +18,10 @@ class LoadOptions:
     count down to 1 (runtime/threads.py)."""
     n_batch: int = 256
     """Prompt tokens per prefill step (bounds prefill scratch memory)."""
+    kv_type: str = "f32"
+    """KV cache precision: "f32" (exact against float32 references) or
+    "f16" (llama.cpp's default: half the cache's memory and of the bytes
+    attention reads; logits move by a few hundredths)."""
     device: str = "cpu"
     """ggml device: "cpu", "gpu" (untested) or "auto"."""
     budget: int | str | None = None
@@ -65,6 +69,8 @@ class LoadOptions:
                 "slot_store must be 'auto', 'host' or 'device', "
                 f"got {self.slot_store!r}"
             )
+        if self.kv_type not in ("f16", "f32"):
+            raise ConfigError(f"kv_type must be 'f16' or 'f32', got {self.kv_type!r}")
         if self.eviction not in ("score", "lru"):
             raise ConfigError(
                 f"eviction must be 'score' or 'lru', got {self.eviction!r}"

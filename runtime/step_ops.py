@@ -230,25 +230,27 @@ class StepOps:
         return self._op(1, self.g.ggml_cont, a.ptr, qtype=a.qtype, ne=a.ne)
 
     def view_3d(self, a, ne0: int, ne1: int, ne2: int, nb1: int, nb2: int, offset=0):
-        """A strided float32 view of ``a``'s bytes (a KV cache's rows seen as
-        [head_dim, heads, positions]); bounds-checked against ``a``."""
-        if a.qtype != F32:
-            raise GGMLError("view_3d: float32 only")
-        end = offset + (ne2 - 1) * nb2 + (ne1 - 1) * nb1 + ne0 * 4
-        if min(ne0, ne1, ne2) <= 0 or offset < 0 or end > a.n * 4:
+        """A strided float32 or float16 view of ``a``'s bytes (a KV cache's
+        rows seen as [head_dim, heads, positions]); bounds-checked against
+        ``a``."""
+        if a.qtype not in (F32, F16):
+            raise GGMLError("view_3d: float32 or float16 only")
+        es = 4 if a.qtype == F32 else 2
+        end = offset + (ne2 - 1) * nb2 + (ne1 - 1) * nb1 + ne0 * es
+        if min(ne0, ne1, ne2) <= 0 or offset < 0 or end > a.n * es:
             raise GGMLError(
-                f"view_3d: bytes {offset}..{end} outside a tensor of {a.n * 4}"
+                f"view_3d: bytes {offset}..{end} outside a tensor of {a.n * es}"
             )
         return self._op(
             1, self.g.ggml_view_3d, a.ptr, ne0, ne1, ne2, nb1, nb2, offset,
-            qtype=F32, ne=(ne0, ne1, ne2, 1),
-            contiguous=nb1 == ne0 * 4 and nb2 == ne0 * ne1 * 4, view=True,
+            qtype=a.qtype, ne=(ne0, ne1, ne2, 1),
+            contiguous=nb1 == ne0 * es and nb2 == ne0 * ne1 * es, view=True,
         )  # fmt: skip
 
     def store_v_t(self, v_cache, v, flat_rows):
         """Write this step's values ``v`` (F32 [Dkv, T]) into the transposed
-        cache ``v_cache`` (F32 ne (C, Dkv): a cell per column) as set_rows of
-        single floats: element (j, t) goes to flat row j * C + cell_t, which
+        cache ``v_cache`` (F16 or F32 ne (C, Dkv): a cell per column) as
+        set_rows of single values: element (j, t) goes to flat row j * C + cell_t, which
         ``flat_rows`` (I32 [Dkv * T], from ``Graph.ids``) lists t-major."""
         c, dkv = v_cache.ne[0], v_cache.ne[1]
         if v.ne[0] != dkv or flat_rows.ne[0] != v.n:
@@ -261,8 +263,8 @@ class StepOps:
 
     def attention(self, q, k_cache, v_cache, mask, n_kv: int, n_head_kv: int, scale):
         """Causal GQA attention of ``q`` (F32 [head_dim, heads, T], RoPE
-        applied) over the first ``n_kv`` cells of the caches: keys F32 ne
-        (head_dim * kv_heads, C), a cell per row; values transposed, F32 ne
+        applied) over the first ``n_kv`` cells of the caches: keys ne
+        (head_dim * kv_heads, C), a cell per row; values transposed, ne
         (C, head_dim * kv_heads) or that flattened (``store_v_t``'s result).
         Pass the ``set_rows`` results so the reads come after this step's
         writes. ``mask`` F32 [n_kv, T] adds -inf where a token must not
@@ -277,11 +279,12 @@ class StepOps:
             )
         if v_cache.n != c * dkv or not 0 < n_kv <= c:
             raise GGMLError(f"attention: {n_kv} positions of caches {k_cache.ne}")
+        es = 4 if k_cache.qtype == F32 else 2  # float16 caches, as llama.cpp's
         kh = self.permute(  # [hd, n_kv, kvh]
-            self.view_3d(k_cache, hd, n_head_kv, n_kv, hd * 4, dkv * 4), 0, 2, 1, 3
+            self.view_3d(k_cache, hd, n_head_kv, n_kv, hd * es, dkv * es), 0, 2, 1, 3
         )
         qh = self.permute(q, 0, 2, 1, 3)  # [hd, T, heads]
         kq = self.soft_max(self.mul_mat(kh, qh), mask, scale)  # [n_kv, T, heads]
-        vh = self.view_3d(v_cache, n_kv, hd, n_head_kv, c * 4, hd * c * 4)
+        vh = self.view_3d(v_cache, n_kv, hd, n_head_kv, c * es, hd * c * es)
         out = self.mul_mat(vh, kq)  # [hd, T, heads]
         return self.cont(self.permute(out, 0, 2, 1, 3))  # [hd, heads, T]

@@ -97,6 +97,26 @@ def test_a_budget_that_holds_the_policys_planes_runs_as_in_memory(converted_fixt
         assert not m.memory.resident and m.step.router is not None
 
 
+def test_float16_kv_cache(converted_fixture):
+    """kv_type="f16" (llama.cpp's default cache) halves the cache and what a
+    budget counts for it; the logits stay within a few hundredths of the
+    float32 cache's (K, V and the query are rounded to float16) with the same
+    top token, and a type that is not offered is refused."""
+    opts = dict(n_ctx=256, n_batch=32, force_level=4)
+    text = "def parse_args(argv):\n    parser = argparse.ArgumentParser()\n"
+    out = {}
+    for kv in ("f32", "f16"):
+        with edgemoe.load(converted_fixture, kv_type=kv, **opts) as m:
+            ids = m.tokenize(text)
+            out[kv] = (m.logits(ids), m.cache.nbytes, m.memory.kv_cache)
+    (a, na, pa), (b, nb, pb) = out["f32"], out["f16"]
+    assert nb * 2 == na and pb * 2 == pa
+    assert 0 < np.abs(a - b).max() < 0.25
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.9
+    with pytest.raises(ConfigError, match="kv_type must be"):
+        edgemoe.load(converted_fixture, kv_type="q8_0", n_ctx=128)
+
+
 @pytest.mark.parametrize("quality", ["balanced", "high", "fast"])
 def test_presets_in_the_graph_equal_the_host_path(converted_fixture, quality):
     """A preset's levels by rank, computed inside the step graph (views of the
