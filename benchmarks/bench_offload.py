@@ -10,10 +10,12 @@ in slots on top of backbone, KV cache, scratch and 32 MiB for the runtime. For
 each budget it runs, each in a fresh process with the expert shards dropped
 from the page cache:
 
-- ``lru-8``: synchronous on-demand loading, LRU eviction, every expert at 8 bits
+- ``lru-8``: on-demand loading, LRU eviction, no prefetch, every expert at
+  8 bits (each layer waits for its reads)
 - ``lru-4``: the same at 4 bits
+- ``level-4``: EdgeMoE's defaults with every expert forced to 4 bits
 - ``hebf``: HEBF + dual routing (balanced), no prefetch
-- ``full``: HEBF + dual routing + next-layer prefetch
+- ``full``: EdgeMoE's defaults: HEBF + dual routing + next-layer prefetch
 
 Decode is llama-bench's tg: one token at a time, random ids (or the tokens
 of --text). It reports tokens/s, stall fraction, bytes read per token, hit
@@ -38,8 +40,9 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent / "out"
 
 CONFIGS = {
-    "lru-8": dict(force_level=8, pipeline="sync", eviction="lru", prefetch=False),
-    "lru-4": dict(force_level=4, pipeline="sync", eviction="lru", prefetch=False),
+    "lru-8": dict(force_level=8, eviction="lru", prefetch=False),
+    "lru-4": dict(force_level=4, eviction="lru", prefetch=False),
+    "level-4": dict(force_level=4),
     "hebf": dict(quality="balanced", prefetch=False),
     "full": dict(quality="balanced", prefetch=True),
 }
