@@ -43,7 +43,8 @@ def main() -> int:
     shutil.rmtree(dst, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
     plan = NestedQuant.parse(args.levels)
-    report = convert(src, dst, ConvertOptions(levels=plan))
+    # A float32 backbone: only the experts differ from the float model.
+    report = convert(src, dst, ConvertOptions(levels=plan, backbone_type="F32"))
 
     def ppl(model) -> float:
         with model as m:

@@ -42,7 +42,7 @@ Progress = Callable[[str, int, int], None]
 @dataclass(frozen=True)
 class ConvertOptions:
     levels: NestedQuant = field(default_factory=NestedQuant)
-    backbone_type: str = "Q8_0"
+    backbone_type: str = "Q4_K_M"
     """ggml type of the backbone's matrices (routers and vectors stay F32)."""
     calib: str | None = None
     """Calibration text file; None uses the built-in text."""

@@ -34,6 +34,11 @@ EXPORT_TYPES = {
     "Q4_K": 12,
     "Q6_K": 14,
 }
+MIXES = {
+    # llama.cpp's Q4_K_M, simplified: Q4_K, with the output head and the
+    # value projections (whose errors it finds costliest) at Q6_K.
+    "Q4_K_M": (12, {"output.weight": 14, "attn_v.weight": 14}),
+}
 _KQUANTS = {10: "Q2_K", 12: "Q4_K", 14: "Q6_K"}  # quantized by edgemoe.quant
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
 
@@ -58,6 +63,16 @@ _MATH_FIELDS = (
     "shared_expert_gated",
     "moe_layers",
 )
+
+
+def target_type(name: str, qtype: str) -> int:
+    """The block type ``qtype`` (a type or a mix) asks of tensor ``name``."""
+    if qtype in MIXES:
+        base, special = MIXES[qtype]
+        # "output.weight" is the head, not blk.N.attn_output.weight.
+        hit = (t for n, t in special.items() if name == n or name.endswith("." + n))
+        return next(hit, base)
+    return EXPORT_TYPES[qtype]
 
 
 def tensor_type(name: str, shape: tuple[int, ...], target: int) -> int:
@@ -199,7 +214,7 @@ def write_gguf(
         ckpt: an HF or GGUF checkpoint (anything with ``spec``, ``family``,
             ``names()``, ``load()``).
         out: output file; refused if it exists unless ``force``.
-        qtype: weight type for matrices (``EXPORT_TYPES``).
+        qtype: weight type for matrices (``EXPORT_TYPES``) or a mix (``MIXES``).
         vocab: ``tokenizer.*`` fields; by default taken from the checkpoint.
         check_llamacpp: refuse models llama.cpp would compute differently (off
             for an EdgeMoE backbone, which only EdgeMoE computes).
@@ -209,9 +224,10 @@ def write_gguf(
     """
     import gguf
 
-    if qtype not in EXPORT_TYPES:
+    if qtype not in EXPORT_TYPES and qtype not in MIXES:
         raise ConfigError(
-            f"GGUF type {qtype!r} not supported; use one of {sorted(EXPORT_TYPES)}"
+            f"GGUF type {qtype!r} not supported; use one of "
+            f"{sorted(EXPORT_TYPES) + sorted(MIXES)}"
         )
     out = Path(out)
     check_output_file(out, force)
@@ -223,8 +239,6 @@ def write_gguf(
     if vocab is None:
         vocab = _checkpoint_vocab(ckpt)
     permute = family.gguf_rope_interleaved and not spec.rope_interleaved
-    target = EXPORT_TYPES[qtype]
-
     names = ckpt.names()
     tmp = out.with_name(f".{out.name}.partial")
     guard = _lock_output(out, force) if lock else None
@@ -244,7 +258,11 @@ def write_gguf(
         for n in names:
             w_shape = _shape_of(ckpt, n)
             kept = getattr(ckpt, "stored_type", lambda name: None)(n)
-            t = kept if kept is not None else tensor_type(n, w_shape, target)
+            t = (
+                kept
+                if kept is not None
+                else tensor_type(n, w_shape, target_type(n, qtype))
+            )
             plan.append((n, t, w_shape))
             nbytes = _nbytes(t, w_shape)
             byte_shape = w_shape if t == GGML_F32 else _byte_shape(t, w_shape)

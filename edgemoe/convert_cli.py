@@ -20,8 +20,9 @@ def add_parsers(sub) -> None:
     )
     c.add_argument(
         "--backbone-type",
-        default="Q8_0",
-        help="backbone weights: Q8_0 (default), F16, F32, Q4_0",
+        default="Q4_K_M",
+        help="backbone weights: Q4_K_M (default: Q4_K, the head and attn_v "
+        "Q6_K, as llama.cpp's mix), Q8_0, Q6_K, Q4_K, Q4_0, F16, F32",
     )
     c.add_argument("--calib", help="calibration text file (default: built-in)")
     c.add_argument("--calib-tokens", type=int, default=4096)

@@ -223,7 +223,10 @@ def test_exported_gguf_runs_in_llamacpp_like_edgemoe(converted, tmp_path, cli):
         ]
         m.reset()
         our_logits = m.eval(prompt)
-    with LlamaCpp(out2, n_ctx=128, f32_cache=True) as ref:
+    # llama.cpp at its defaults, as EdgeMoE at its own: both repack the
+    # Q4_K backbone for ggml's interleaved kernels, which round a prefill
+    # differently from the plain ones (~2e-2 in these logits, in both).
+    with LlamaCpp(out2, n_ctx=128, f32_cache=True, extra_bufts=True) as ref:
         expected, _ = ref.greedy(prompt, 32)
         ref.reset()
         ref_logits = ref.eval(prompt)
@@ -233,9 +236,13 @@ def test_exported_gguf_runs_in_llamacpp_like_edgemoe(converted, tmp_path, cli):
     out4 = tmp_path / "l4.gguf"
     proc = cli("export-gguf", converted, "--level", 4, "--type", "Q4_K", "-o", out4)
     assert proc.returncode == 0, proc.stderr
-    with edgemoe.load(out4) as g, LlamaCpp(out4, n_ctx=128, f32_cache=True) as ref:
+    with (
+        edgemoe.load(out4) as g,
+        LlamaCpp(out4, n_ctx=128, f32_cache=True, extra_bufts=True) as ref,
+    ):
         types = {g.checkpoint.info(n)[0] for n in g.checkpoint.names()}
-        assert "Q4_K" in types and "Q8_0" in types  # experts Q4_K, backbone as stored
+        # Experts Q4_K; the backbone as stored (Q4_K_M: Q4_K, head and attn_v Q6_K).
+        assert "Q4_K" in types and "Q6_K" in types
         got = [
             r.token
             for r in g.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True)
@@ -266,7 +273,9 @@ def test_onnx_export_runs_in_onnxruntime_like_edgemoe(converted, tmp_path, level
     assert got.shape == ours.shape
     diff = np.abs(got - ours).max()
     assert diff < 0.05 * np.abs(ours).max()
-    assert (got.argmax(-1) == ours.argmax(-1)).mean() >= 0.95
+    # At most one near-tie top token flips (19 positions; the Q4_K_M
+    # backbone's 8-bit activations in ggml against float in onnxruntime).
+    assert (got.argmax(-1) != ours.argmax(-1)).sum() <= 1
     for other in {2, 4, 8} - {level}:
         with edgemoe.load(converted, force_level=other) as m:
             assert diff < np.abs(got - m.logits(ids)).max()
@@ -326,3 +335,27 @@ def test_gguf_source_converts(fixture_dir, tmp_path):
     assert abs(ppl(out, text, force_level=8) / ppl(src, text) - 1) < 0.005
     with edgemoe.load(out) as m, edgemoe.load(src) as g:
         assert m.tokenize(text[:500]) == g.tokenize(text[:500])
+
+
+def test_default_backbone_is_the_q4_k_m_mix(converted_fixture):
+    """A conversion's backbone is llama.cpp's Q4_K_M mix, simplified: the head
+    and the value projections Q6_K, the other matrices Q4_K, vectors and
+    routers F32; an unknown type is refused by name."""
+    from edgemoe.checkpoint.gguf_file import GGUFCheckpoint
+    from edgemoe.converters.llama_gguf import write_gguf
+
+    bb = GGUFCheckpoint(converted_fixture / "backbone.gguf", backbone_only=True)
+    try:
+        types = {n: bb.info(n)[0] for n in bb.names()}
+    finally:
+        bb.close()
+    assert types["output.weight"] == "Q6_K"
+    assert all(t == "Q6_K" for n, t in types.items() if n.endswith("attn_v.weight"))
+    assert all(
+        t == "Q4_K"
+        for n, t in types.items()
+        if n.endswith(("attn_q.weight", "attn_k.weight", "attn_output.weight"))
+    )
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32"
+    with pytest.raises(ConfigError, match="Q4_K_M"):
+        write_gguf(bb, converted_fixture / "never.gguf", "Q3_K_L")

@@ -40,7 +40,9 @@ def quarter_budget(path) -> int:
 
 def test_budget_cache_is_lossless(converted):
     prompt = "def parse_args(argv):\n    parser = "
-    with edgemoe.load(converted, force_level=8, **SMALL) as m:
+    # Unrepacked, as the streamed model's backbone: ggml's repacked Q4_K
+    # kernels round a prefill differently (~1e-6), which is no part of the cache.
+    with edgemoe.load(converted, force_level=8, repack=False, **SMALL) as m:
         ids = m.tokenize(prompt)
         expected_logits = m.logits(ids)
         expected = [
@@ -412,7 +414,7 @@ def test_baselines_are_lossless_and_validated(converted):
     """The benchmark's baselines (LRU eviction, synchronous loading) compute
     the same model; bad option values are refused by name."""
     prompt = "for i in range(10):"
-    with edgemoe.load(converted, force_level=8, **SMALL) as m:
+    with edgemoe.load(converted, force_level=8, repack=False, **SMALL) as m:
         ids = m.tokenize(prompt)
         expected = m.logits(ids)
     with edgemoe.load(

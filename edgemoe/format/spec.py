@@ -275,7 +275,10 @@ def _parse(d: Any, path: str) -> Manifest:
             raise _fail(
                 path, f"hotness of layer {i} has {len(row)} entries, expected {want}"
             )
-    if backbone_type not in BLOCK_TYPES and backbone_type not in ("F16", "F32", "Q4_0"):
+    # A ggml type, or a mix of them (converters/llama_gguf.py MIXES): only
+    # reported; the backbone's GGUF states each tensor's own type.
+    known = ("F16", "F32", "Q4_0", "Q4_K_M")
+    if backbone_type not in BLOCK_TYPES and backbone_type not in known:
         raise _fail(path, f"backbone_type {backbone_type!r}")
     source = d.get("source") or {}
     template = d.get("chat_template")
