@@ -239,16 +239,19 @@ def release_pages(a: np.ndarray) -> None:
     """Give the whole pages inside ``a``'s bytes back to the kernel (Linux;
     elsewhere they stay)."""
     import ctypes
+    import mmap
     import sys
 
     if not sys.platform.startswith("linux"):
         return
-    page = 4096
+    page = mmap.PAGESIZE
     start = -(-a.ctypes.data // page) * page
     end = (a.ctypes.data + a.nbytes) // page * page
     if end > start:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)
+        libc.madvise(
+            ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED
+        )
 
 
 class WeightSet:
@@ -371,13 +374,11 @@ class WeightSet:
             )
             if not self._repack_buffer:
                 raise GGMLError("could not allocate ggml's CPU_REPACK buffer")
-            for t, *_ in self._repacks:
+            for t in [t for t, *_ in self._repacks] + self._repack_filled:
                 if not TensorMirror.from_address(t.ptr).extra:
                     # Device.repacks said it would: a ggml change.
                     raise GGMLError(f"ggml did not repack a type-{t.qtype} tensor")
             for t in self._repack_filled:
-                if not TensorMirror.from_address(t.ptr).extra:
-                    raise GGMLError(f"ggml did not repack a type-{t.qtype} tensor")
                 self.repacked_bytes += int(g.ggml_nbytes(t.ptr))
             while self._repacks:
                 t, data, release = self._repacks.pop(0)  # drop each as copied

@@ -36,7 +36,9 @@ class MemoryPlan:
 
 
 def kv_bytes(spec, n_ctx: int, kv_type: str = "f32") -> int:
-    size = 2 if kv_type == "f16" else 4
+    from edgemoe.runtime.kv import KV_TYPES
+
+    size = np.dtype(KV_TYPES[kv_type][0]).itemsize
     return 2 * spec.n_layer * spec.n_head_kv * n_ctx * spec.head_dim * size
 
 
@@ -62,7 +64,7 @@ def min_budget(
     one token's experts (plus the zero slots, and at a forced level the
     protected experts' planes above it)."""
     m = ckpt.manifest
-    plane = _plane_bytes(ckpt)
+    plane = plane_bytes(ckpt)
     fixed = _fixed(ckpt, n_ctx, n_batch, kv_type)
     need = 1 if force_level is None else m.plan.n_planes(force_level)
     k = ckpt.spec.n_expert_used
@@ -90,7 +92,8 @@ def backbone_bytes(ckpt, n_ctx: int) -> int:
     return total - size + min(size, touched)
 
 
-def _plane_bytes(ckpt) -> tuple[int, ...]:
+def plane_bytes(ckpt) -> tuple[int, ...]:
+    """Bytes of one expert's plane p (gate + up + down), per plane."""
     shapes = ckpt.plane_shapes()
     return tuple(
         sum(bt.row_bytes(kk) * n for n, kk in shapes.values())
@@ -118,20 +121,31 @@ def resident_budget(
 ) -> int:
     """The smallest budget that keeps every plane the policy runs resident
     (no streaming: in-memory speed), the load's staging array included."""
-    from edgemoe.runtime.dual_routing import LevelPolicy
     from edgemoe.runtime.resident import staging_bytes
 
-    m, spec = ckpt.manifest, ckpt.spec
-    plane = _plane_bytes(ckpt)
-    policy = LevelPolicy.make(m.plan, m.protected, quality, force_level)
-    used = policy.planes_used(spec.n_expert_used)
-    experts = len(m.moe_layers) * (spec.n_expert + 1) * sum(plane[:used])
+    used = _planes_used(ckpt, force_level, quality)
+    plane = plane_bytes(ckpt)
     return (
         _fixed(ckpt, n_ctx, n_batch, kv_type)
         + runtime
-        + experts
-        + staging_bytes(spec.n_expert, plane[:used])
+        + _resident_experts(ckpt, used)
+        + staging_bytes(ckpt.spec.n_expert, plane[:used])
     )
+
+
+def _planes_used(ckpt, force_level, quality) -> int:
+    from edgemoe.runtime.dual_routing import LevelPolicy
+
+    m = ckpt.manifest
+    policy = LevelPolicy.make(m.plan, m.protected, quality, force_level)
+    return policy.planes_used(ckpt.spec.n_expert_used)
+
+
+def _resident_experts(ckpt, n_planes: int) -> int:
+    """Bytes of the first ``n_planes`` planes of every expert, held per MoE
+    layer with a zero slot each (runtime/resident.py)."""
+    n = len(ckpt.manifest.moe_layers) * (ckpt.spec.n_expert + 1)
+    return n * sum(plane_bytes(ckpt)[:n_planes])
 
 
 def memory_plan(
@@ -152,9 +166,8 @@ def memory_plan(
 
     m = ckpt.manifest
     spec = ckpt.spec
-    plane = _plane_bytes(ckpt)
-    n_layers = len(m.moe_layers)
-    n_total = n_layers * spec.n_expert
+    plane = plane_bytes(ckpt)
+    n_total = len(m.moe_layers) * spec.n_expert
     fixed_parts = (
         backbone_bytes(ckpt, n_ctx),
         kv_bytes(spec, n_ctx, kv_type),
@@ -163,8 +176,8 @@ def memory_plan(
     )
 
     def resident(n: int) -> MemoryPlan:
-        experts = n_layers * (spec.n_expert + 1) * sum(plane[:n])
         slots = (n_total,) * n + (0,) * (len(plane) - n)
+        experts = _resident_experts(ckpt, n)
         return MemoryPlan(total_budget, *fixed_parts, experts, slots)
 
     if budget is None:
@@ -172,9 +185,9 @@ def memory_plan(
         return resident(len(plane))
     total_budget = parse_size(budget)
     fits = resident_budget(ckpt, n_ctx, n_batch, force_level, quality, runtime, kv_type)
-    policy = LevelPolicy.make(m.plan, m.protected, quality, force_level)
     if total_budget >= fits:
-        return resident(policy.planes_used(spec.n_expert_used))
+        return resident(_planes_used(ckpt, force_level, quality))
+    policy = LevelPolicy.make(m.plan, m.protected, quality, force_level)
     need = 1 if force_level is None else m.plan.n_planes(force_level)
     counts = policy.counts(spec.n_expert_used)
     try:

@@ -51,16 +51,15 @@ class ResidentPlanes:
         self.n_expert = e = ckpt.spec.n_expert
         self.moe_layers = m.moe_layers
         self.verify = verify
+        from edgemoe.runtime.offload import plane_bytes
+
         shapes = ckpt.plane_shapes()
         self._shape = {
             (p, proj): (shapes[proj][0], bt.row_bytes(shapes[proj][1]))
             for p, bt in enumerate(self.planes)
             for proj in PROJS
         }
-        self.plane_bytes = [
-            sum(n * rb for (q, _), (n, rb) in self._shape.items() if q == p)
-            for p in range(len(self.planes))
-        ]
+        self.plane_bytes = list(plane_bytes(ckpt))
         self._tensors: dict[int, tuple[tuple[T, T, T], ...]] = {}
         for layer in self.moe_layers:
             self._tensors[layer] = tuple(
