@@ -24,14 +24,32 @@ def q8_k(x: np.ndarray) -> np.ndarray:
     value, q = round-half-even(x/d) capped at 127). Written from ggml's
     reference quantizer's definition; with it the reference below matches
     ggml to ~1e-6 instead of ~1e-2."""
+    return q8_k_ties(x)[0]
+
+
+def q8_k_ties(x: np.ndarray, eps: float = 1e-3):
+    """q8_k(x), and the roundings too close to call: where x/d lies within
+    ``eps`` of a half step, ggml's float32 x (its SwiGLU, its sums) may round
+    the other way, moving one value by one step. Returns (q8_k(x), ties) with
+    ties a list of (index, signed step to the other rounding)."""
     x = x.astype(np.float32).reshape(-1, 256)
     peak = x[np.arange(len(x)), np.abs(x).argmax(1)]
     out = np.zeros_like(x)
     nz = peak != 0
     iscale = np.float32(-127.0) / peak[nz]
-    q = np.minimum(127, np.rint(iscale[:, None] * x[nz]))
-    out[nz] = q * (np.float32(1.0) / iscale)[:, None]
-    return out.reshape(-1).astype(np.float64)
+    v = iscale[:, None] * x[nz]
+    q = np.minimum(127, np.rint(v))
+    d = (np.float32(1.0) / iscale)[:, None]
+    out[nz] = q * d
+    frac = v - np.floor(v)
+    near = (np.abs(frac - 0.5) < eps) & (np.abs(v) < 126.5)
+    other = np.where(q > v, q - 1, q + 1)  # the rounding not taken
+    rows = np.flatnonzero(nz)
+    ties = [
+        (int(rows[b]) * 256 + int(j), float((other[b, j] - q[b, j]) * d[b, 0]))
+        for b, j in zip(*np.nonzero(near))
+    ]
+    return out.reshape(-1).astype(np.float64), ties
 
 
 class Recorder:
@@ -98,15 +116,41 @@ class Reference:
     def layer_output(self, record, planes: int | None = None) -> np.ndarray:
         """sum_k w_k expert_k(x), each pair at the planes it ran with (or all
         at ``planes``)."""
+        return self.layer_output_ties(record, planes)[0]
+
+    def layer_output_ties(self, record, planes: int | None = None):
+        """layer_output, and what each too-close-to-call rounding of an
+        expert's SwiGLU output would add to it if ggml rounded it the other
+        way (a list of arrays shaped like the output)."""
         layer, hn, ids, rw, levels, _ = record
         out = np.zeros(hn.shape, dtype=np.float64)
+        ties = []
         for (t, k), n in levels.items():
             gate, up, down = self.weights(planes or n, layer)
             e, x = int(ids[t, k]), q8_k(hn[t])
             a, b = gate[e] @ x, up[e] @ x
             h = (a / (1 + np.exp(-a)) * b).astype(np.float32)  # SwiGLU
-            out[t] += rw[t, k] * (down[e] @ q8_k(h))
-        return out
+            hq, near = q8_k_ties(h)
+            out[t] += rw[t, k] * (down[e] @ hq)
+            for j, step in near:
+                flip = np.zeros(hn.shape, dtype=np.float64)
+                flip[t] = rw[t, k] * step * down[e][:, j]
+                ties.append(flip)
+        return out, ties
+
+
+def explained(actual: np.ndarray, ref: np.ndarray, ties: list) -> float:
+    """rel(actual, ref) once the reference takes, of its too-close-to-call
+    roundings, the ones ggml's output shows (a least-squares fit over the
+    ties, each taken whole or not at all)."""
+    if not ties:
+        return rel(actual, ref)
+    basis = np.stack([f.reshape(-1) for f in ties], axis=1)  # [out, ties]
+    c = np.linalg.lstsq(basis, (actual - ref).reshape(-1), rcond=None)[0]
+    taken = np.clip(np.rint(c), 0, 1)
+    if np.abs(c - taken).max() > 0.1:  # not whole flips: not rounding
+        return rel(actual, ref)
+    return rel(actual, ref + (basis @ taken).reshape(ref.shape))
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -135,8 +179,8 @@ def test_dual_routing_computes_the_levels_it_chose(converted_fixture, budget):
     assert len(rec.records) == 12 * len(ref.ckpt.manifest.moe_layers)
     assert len(mixed) >= len(rec.records) // 4  # dual routing chose lower levels
     assert any(r[1].shape[0] > 1 for r in rec.records)  # prefill was checked too
-    for r in rec.records:
-        assert rel(r[5], ref.layer_output(r)) < 1e-5, (r[0], r[4])
+    for r in rec.records:  # exact, up to roundings too close to call
+        assert explained(r[5], *ref.layer_output_ties(r)) < 1e-5, (r[0], r[4])
     wrong = [rel(r[5], ref.layer_output(r, planes=top)) for r in mixed]
     assert np.median(wrong) > 1e-3
 
