@@ -27,10 +27,12 @@ model files are dropped from the page cache. Engines:
 
 Each run: load, a ``--prompt`` token prefill (TTFT), then ``--gen`` tokens one
 at a time, teacher-forced from the token stream, so both engines see the same
-routing. Per run: decode t/s, TTFT, peak cgroup memory, major faults, bytes
-read from storage, OOM kills. Rows give the median over ``--runs`` with the
-range; ratios are EdgeMoE's median over llama.cpp's best configuration's
-median, and over llama.cpp's defaults on Q4_K_M. Writes
+routing (``bigmoe:q4km``, the expert streamer BigMoeOnEdge, is fed the same
+ids through a file: benchmarks/bigmoe.py). Per run: decode t/s, TTFT, peak
+cgroup memory, major faults, bytes read from storage, OOM kills. Rows give
+the median over ``--runs`` with the range; ratios are EdgeMoE's median over
+llama.cpp's best configuration's median, over llama.cpp's defaults on
+Q4_K_M, and over the streamer's. Writes
 benchmarks/out/pressure.json (``--out``, rewritten after every run) and
 prints markdown (benchmarks/pressure_report.py, which also merges files),
 with the routing statistics of the token stream (edgemoe/locality.py).
@@ -56,10 +58,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
-FIXTURE = HERE.parent.parent / "shared" / "fixtures" / "code-mixtral"
 sys.path.insert(0, str(HERE))
 
+import bigmoe  # noqa: E402
 import pressure_report  # noqa: E402
+from pressure_models import drop_cache, prepare, token_stream  # noqa: E402
 
 LIMITS = "1.5,0.75,0.5,0.3,0.2"
 ENGINES = {
@@ -81,99 +84,14 @@ ENGINES = {
         "edge",
         {"force_level": 8, "eviction": "lru", "prefetch": False},
     ),
+    # A llama.cpp-based expert streamer (benchmarks/bigmoe.py): --bigmoe BINARY.
+    "bigmoe:q4km": ("bigmoe", "q4km", {}),
 }
 DEFAULT_ENGINES = [
-    n for n in ENGINES if not n.endswith(("-t1", "-t2", "noverify", "lru8"))
+    n
+    for n in ENGINES
+    if not n.endswith(("-t1", "-t2", "noverify", "lru8")) and n != "bigmoe:q4km"
 ]
-LAYERS = 8
-
-
-# -- models ---------------------------------------------------------------------
-def _edgemoe(*args: str) -> None:
-    cmd = [sys.executable, "-m", "edgemoe", *args]
-    print("$ edgemoe " + " ".join(args), file=sys.stderr)
-    subprocess.run(cmd, check=True, cwd=OUT, stdout=subprocess.DEVNULL)
-
-
-def _q4km(src_hf: Path, dst: Path) -> None:
-    """llama.cpp's own Q4_K_M: our F16 export of the source, quantized by
-    llama.cpp (in a child: it holds the whole model)."""
-    f16 = dst.with_suffix(".f16.gguf")
-    _edgemoe("export-gguf", str(src_hf), "-o", str(f16), "--type", "F16", "--force")
-    code = (
-        "import llama_cpp as L, sys\n"
-        "p = L.llama_model_quantize_default_params()\n"
-        "p.ftype = L.LLAMA_FTYPE_MOSTLY_Q4_K_M\n"
-        "src, dst = (a.encode() for a in sys.argv[1:])\n"
-        "sys.exit(L.llama_model_quantize(src, dst, p))"
-    )
-    subprocess.run([sys.executable, "-c", code, str(f16), str(dst)], check=True)
-    f16.unlink()
-
-
-def prepare(name: str) -> dict:
-    """Paths of the model's files, made where missing."""
-    from edgemoe.converters import synth
-    from edgemoe.converters.synth_routing import TopicRouting
-
-    work = OUT / "pressure" / name
-    work.mkdir(parents=True, exist_ok=True)
-    if name == "fixture":
-        hf = FIXTURE
-    else:
-        hf = work / "hf"
-        if not (hf / "config.json").exists():
-            print(f"synthesising {hf} ...", file=sys.stderr)
-            cfg = synth.preset_config(
-                "olmoe-1b-7b", layers=LAYERS, routing=TopicRouting()
-            )
-            synth.write_hf(cfg, hf, force=True)
-    paths = {
-        "hf": hf,
-        "edge": work / "edge",
-        "l4": work / "level4-Q4_K.gguf",
-        "q4km": work / "Q4_K_M.gguf",
-    }
-    if not (paths["edge"] / "manifest.json").exists():
-        _edgemoe("convert", str(hf), "-o", str(paths["edge"]), "--force")
-    if not paths["l4"].exists():
-        _edgemoe(
-            "export-gguf", str(paths["edge"]), "-o", str(paths["l4"]),
-            "--level", "4", "--type", "Q4_K",
-        )  # fmt: skip
-    if not paths["q4km"].exists():
-        _q4km(hf, paths["q4km"])
-    return paths
-
-
-def token_stream(name: str, paths: dict, n: int) -> list[int]:
-    if name == "fixture":
-        from edgemoe.checkpoint import open_checkpoint, tokenizer_for
-
-        ckpt = open_checkpoint(paths["edge"])
-        try:
-            text = (FIXTURE / "heldout.txt").read_text()
-            ids = tokenizer_for(ckpt).encode(text, False)
-        finally:
-            ckpt.close()
-        return (ids * (n // len(ids) + 1))[:n]
-    from edgemoe.converters.synth_routing import TopicRouting
-
-    cfg = json.loads((paths["hf"] / "config.json").read_text())
-    routing = TopicRouting.from_dict(cfg["edgemoe_routing"])
-    return routing.stream(n, cfg["vocab_size"])
-
-
-def model_files(path: Path) -> list[Path]:
-    return sorted(path.iterdir()) if path.is_dir() else [path]
-
-
-def drop_cache(paths: list[Path]) -> None:
-    from edgemoe.runtime.io_queue import drop_cached
-
-    for p in paths:
-        for f in model_files(p):
-            drop_cached(f)
 
 
 # -- the worker (runs inside the cgroup) -----------------------------------------
@@ -270,15 +188,22 @@ def settle(busy: bool, wait: float = 30.0) -> None:
 def run_one(args, group_name: str, limit: int, engine: str, path: Path, options):
     from cgroup import Cgroup
 
-    cmd = [
-        sys.executable, __file__, "--worker", engine, "--path", str(path),
-        "--limit", str(limit), "--options", json.dumps(options),
-        "--tokens", str(args.tokens_file), "--prompt", str(args.prompt),
-        "--gen", str(args.gen),
-    ]  # fmt: skip
+    env = None
+    if engine == "bigmoe":
+        cmd, env = bigmoe.command(
+            Path(args.bigmoe), path, limit, args.tokens_file, args.prompt,
+            args.gen, threads=_threads(),
+        )  # fmt: skip
+    else:
+        cmd = [
+            sys.executable, __file__, "--worker", engine, "--path", str(path),
+            "--limit", str(limit), "--options", json.dumps(options),
+            "--tokens", str(args.tokens_file), "--prompt", str(args.prompt),
+            "--gen", str(args.gen),
+        ]  # fmt: skip
     group = Cgroup.create(group_name, limit)
     try:
-        res = group.run(cmd, timeout=args.timeout, cwd=OUT)
+        res = group.run(cmd, timeout=args.timeout, cwd=OUT, env=env)
     finally:
         group.remove()
     row = {
@@ -290,7 +215,9 @@ def run_one(args, group_name: str, limit: int, engine: str, path: Path, options)
         "read_bytes": res.read_bytes,
         "timed_out": res.timed_out,
     }
-    if res.returncode == 0:
+    if res.returncode == 0 and engine == "bigmoe":
+        row.update(bigmoe.parse(res.stdout), cmd=cmd[1:], status="ok")
+    elif res.returncode == 0:
         row.update(json.loads(res.stdout.strip().splitlines()[-1]))
         row["status"] = "ok"
     else:
@@ -342,6 +269,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--bigmoe", help="BigMoeOnEdge's bmoe-cli (benchmarks/bigmoe.py)")
     ap.add_argument("--trace-tokens", type=int, default=2048)
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--out", default="pressure.json")
@@ -362,6 +290,8 @@ def main() -> int:
     unknown = sorted(set(engines) - set(ENGINES))
     if unknown:
         ap.error(f"unknown engine(s) {unknown}; known: {', '.join(ENGINES)}")
+    if "bigmoe:q4km" in engines and not args.bigmoe:
+        ap.error("bigmoe:q4km needs --bigmoe BINARY (benchmarks/bigmoe.py builds it)")
     try:
         limits = [float(x) for x in args.limits.split(",")]
     except ValueError:

@@ -210,7 +210,9 @@ class Cgroup:
                 fh.write(str(os.getpid()))
 
         oom_before = self.oom_kills()
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        # A program's output need not be UTF-8 (a random-weight model's text).
+        tmp = dict(mode="w+", errors="replace")
+        with tempfile.TemporaryFile(**tmp) as out, tempfile.TemporaryFile(**tmp) as err:
             t0 = time.perf_counter()
             proc = subprocess.Popen(
                 cmd, stdout=out, stderr=err, env=env, cwd=cwd, preexec_fn=join

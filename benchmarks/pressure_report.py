@@ -69,8 +69,9 @@ def markdown(report: dict) -> str:
         "of n runs [range]",
         "",
         "| limit | engine | n | decode t/s [range] | x llama.cpp best | x llama.cpp "
-        "defaults | TTFT s | peak MiB | major faults | read MiB | OOM kills |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "defaults | x streamer | TTFT s | peak MiB | major faults | read MiB | "
+        "OOM kills |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = report["rows"]
     for frac in sorted({r["fraction"] for r in rows}, reverse=True):
@@ -82,12 +83,13 @@ def markdown(report: dict) -> str:
         ]
         best = max(llama) if llama else None
         default = summ.get("llama-default:q4km", {})
+        streamer = summ.get("bigmoe:q4km", {})
         limit = statistics.median(r["limit"] for r in group) / 2**20
         for n in names:
             s = summ[n]
             head = f"| {frac:.0%} ({limit:,.0f} MiB) | {n} | {s['n']} |"
             if "tps" not in s:
-                lines.append(f"{head} {s['status']} | | | | | | | |")
+                lines.append(f"{head} {s['status']} | | | | | | | | |")
                 continue
             is_edge = n.startswith("edgemoe")
             r_best = f"{s['tps'] / best:.2f}x" if is_edge and best else ""
@@ -96,10 +98,14 @@ def markdown(report: dict) -> str:
                 r_def = f"{s['tps'] / default['tps']:.2f}x"
             elif is_edge and default:
                 r_def = f"(llama.cpp {default['status']})"
+            r_str = ""
+            if is_edge and "tps" in streamer:
+                r_str = f"{s['tps'] / streamer['tps']:.2f}x"
             note = "" if s["status"] == "ok" else f" ({s['status']})"
             lines.append(
                 f"{head} {s['tps']:.2f}{note} [{s['lo']:.2f}-{s['hi']:.2f}] | "
-                f"{r_best} | {r_def} | {s['ttft']:.2f} | {s['peak'] / 2**20:,.0f} | "
+                f"{r_best} | {r_def} | {r_str} | {s['ttft']:.2f} | "
+                f"{s['peak'] / 2**20:,.0f} | "
                 f"{s['faults']:,.0f} | {s['read'] / 2**20:,.0f} | {s['oom']} |"
             )
     return "\n".join(lines)
