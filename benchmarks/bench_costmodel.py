@@ -36,6 +36,7 @@ def ensure_fixture() -> Path:
     out = OUT / "convert" / "fixture-costmodel"
     manifest = out / "manifest.json"
     if not manifest.exists() or '"next"' not in manifest.read_text():
+        out.parent.mkdir(parents=True, exist_ok=True)
         convert(FIXTURE, out, ConvertOptions(calib_tokens=1024, force=True))
     return out
 
@@ -91,8 +92,17 @@ def main() -> int:
     if args.profile:
         profile = load_profile(args.profile)
     else:
-        shard = sorted(synthetic.glob("experts-*.gguf"))[0]
-        profile = measure(OUT, args.threads, lambda m: print("measuring", m), shard)
+        # Storage is read from a large shard: the synthetic model's, or the
+        # routed one bench_pressure.py makes.
+        big = [synthetic, OUT / "pressure" / "routed" / "edge"]
+        shards = [s for d in big for s in sorted(d.glob("experts-*.gguf"))]
+        if not shards:
+            ap.error(
+                "no model shard to measure storage with in "
+                f"{' or '.join(map(str, big))} (python benchmarks/bench_convert.py "
+                "--layers 4 makes the first)"
+            )
+        profile = measure(OUT, args.threads, lambda m: print("measuring", m), shards[0])
         write_profile(profile, OUT / "profile-local.toml")
     print(profile.to_toml())
     wanted = args.models.split(",")

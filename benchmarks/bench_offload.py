@@ -2,13 +2,15 @@
 baselines, with each run's physical limit measured on the same machine.
 
     python benchmarks/bench_offload.py [--model DIR] [--budgets 0.75,0.5,0.3]
-    python benchmarks/bench_offload.py --model FIXTURE_DIR --text heldout.txt --ppl
+    python benchmarks/bench_offload.py --model fixture \
+        --text ../shared/fixtures/code-mixtral/heldout.txt --ppl
 
 MODEL is a converted model (default: the OLMoE-shaped one bench_convert.py
-writes; run that first). A budget is a fraction of the level-8 expert bytes,
-in slots on top of backbone, KV cache, scratch and 32 MiB for the runtime. For
-each budget it runs, each in a fresh process with the expert shards dropped
-from the page cache:
+writes; run that first), or ``fixture``: the trained fixture, converted into
+benchmarks/out/convert/fixture where missing. A budget is a fraction of the
+level-8 expert bytes, in slots on top of backbone, KV cache, scratch and 32
+MiB for the runtime. For each budget it runs, each in a fresh process with
+the expert shards dropped from the page cache:
 
 - ``lru-8``: on-demand loading, LRU eviction, no prefetch, every expert at
   8 bits (each layer waits for its reads)
@@ -37,7 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "out"
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
 
 CONFIGS = {
     "lru-8": dict(force_level=8, eviction="lru", prefetch=False),
@@ -154,6 +157,26 @@ def run(args, options: dict, probe: bool = False) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _model(ap, name: str) -> Path:
+    """A converted model's directory; ``fixture`` converts the fixture."""
+    if name == "fixture":
+        from edgemoe.converters.convert import ConvertOptions, convert
+
+        path = OUT / "convert" / "fixture"
+        if not (path / "manifest.json").exists():
+            fixture = HERE.parents[1] / "shared" / "fixtures" / "code-mixtral"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            convert(fixture, path, ConvertOptions(force=True))
+        return path
+    path = Path(name).resolve()
+    if not (path / "manifest.json").exists():
+        ap.error(
+            f"{path}: no converted model (make the default one with "
+            "python benchmarks/bench_convert.py --layers 4, or pass --model fixture)"
+        )
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(OUT / "convert" / "edge"))
@@ -171,7 +194,7 @@ def main() -> int:
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.model = Path(args.model).resolve()
+    args.model = _model(ap, args.model)
     if args.worker or args.probe:
         print(json.dumps(worker(args)))
         return 0

@@ -139,12 +139,19 @@ def build(src: Path, llama_cpp: Path) -> Path:
     return build_dir / "cli" / "bmoe-cli"
 
 
-def expert_bytes(gguf: Path) -> int:
-    """Bytes of the routed experts' tensors (what it streams)."""
+def expert_bytes(gguf: Path) -> tuple[int, int]:
+    """Bytes of the routed experts' tensors (what it streams), and of the
+    experts one token routes to across the layers (its cache's cycle)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(gguf))
-    return sum(int(t.n_bytes) for t in reader.tensors if "_exps." in t.name)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+
+    def meta(key: str) -> int:
+        return int(reader.fields[f"{arch}.{key}"].parts[-1][0])
+
+    total = sum(int(t.n_bytes) for t in reader.tensors if "_exps." in t.name)
+    return total, total * meta("expert_used_count") // meta("expert_count")
 
 
 def command(binary: Path, gguf: Path, limit: int, tokens: Path, prompt: int,
@@ -152,10 +159,14 @@ def command(binary: Path, gguf: Path, limit: int, tokens: Path, prompt: int,
     """Its CLI and environment: the first ``prompt`` ids of the JSON list
     ``tokens`` prefilled, the next ``gen`` decoded; an expert cache of what
     the limit leaves after the dense weights (which it holds in anonymous
-    memory, its default) and RESERVE, capped at every expert."""
-    experts = expert_bytes(gguf)
+    memory, its default) and RESERVE, capped at every expert. A cache that
+    cannot hold one token's experts is off (0): below that cycle its LRU
+    evicts what the next layer needs, and its docs/cache-sizing.md says 0
+    is then strictly better."""
+    experts, cycle = expert_bytes(gguf)
     dense = gguf.stat().st_size - experts
-    cache = max(0, min(experts, limit - dense - RESERVE)) // MIB
+    cache = max(0, min(experts, limit - dense - RESERVE))
+    cache = cache // MIB if cache >= cycle else 0
     cmd = [
         str(binary), "-m", str(gguf), "--moe-stream", "--cache-mb", str(cache),
         "-t", str(threads), "-c", str(prompt + gen + 8), "-n", str(gen),
