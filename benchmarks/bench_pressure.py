@@ -76,6 +76,10 @@ ENGINES = {
     # Fixed thread counts, against the default's tuning (runtime/threads.py).
     "edgemoe-t1": ("edgemoe", "edge", {"n_threads": 1}),
     "edgemoe-t2": ("edgemoe", "edge", {"n_threads": 2}),
+    # Reads: more I/O threads, and O_DIRECT (the default is 2, buffered).
+    "edgemoe-io4": ("edgemoe", "edge", {"io_threads": 4}),
+    "edgemoe-direct": ("edgemoe", "edge", {"io": "direct"}),
+    "edgemoe-direct4": ("edgemoe", "edge", {"io": "direct", "io_threads": 4}),
     # What CRC-checking every plane read costs (verify=False: none).
     "edgemoe-noverify": ("edgemoe", "edge", {"verify": False}),
     # The on-demand baseline: level 8, LRU eviction, no prefetch.
@@ -90,7 +94,8 @@ ENGINES = {
 DEFAULT_ENGINES = [
     n
     for n in ENGINES
-    if not n.endswith(("-t1", "-t2", "noverify", "lru8")) and n != "bigmoe:q4km"
+    if not n.endswith(("-t1", "-t2", "noverify", "lru8", "io4", "direct", "direct4"))
+    and n != "bigmoe:q4km"
 ]
 
 
