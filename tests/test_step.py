@@ -153,16 +153,21 @@ def test_slots_in_the_backends_own_buffer_compute_the_same(converted_fixture, bu
     kernels round differently, in llama.cpp too) against slabs streamed under
     a budget a byte short of holding them all; under a small budget, streamed
     slots (each read landing at its slot's offset, evicted and rewritten)
-    against those slabs. By default the resident planes are repacked."""
+    against those slabs. By default the resident planes are repacked where
+    this CPU repacks their type."""
     from test_budget_floor import reported_minimum
 
     from edgemoe.checkpoint import open_checkpoint
+    from edgemoe.runtime.ggml_binding import TensorMirror
     from edgemoe.runtime.offload import resident_budget
 
     opts = dict(n_ctx=128, force_level=8)
     with edgemoe.load(converted_fixture, **opts) as m:
-        kinds = {buffer_type(t) for t in m.routed.cache.tensors_for(0)[0]}
-        assert kinds == {b"CPU_REPACK"}
+        # ggml repacks a type only where this CPU has its kernels (CI's
+        # machine may not): repacked wherever it can be.
+        for t in m.routed.cache.tensors_for(0)[0]:
+            can = m.device.repacks(TensorMirror.from_address(t.ptr).type)
+            assert buffer_type(t) == (b"CPU_REPACK" if can else b"CPU")
     if budget:
         opts["budget"] = reported_minimum(converted_fixture, **opts) + (1 << 20)
     else:
