@@ -78,8 +78,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--io",
         default="pread",
-        choices=("pread", "direct"),
-        help="expert reads: buffered pread (default) or O_DIRECT",
+        choices=("auto", "pread", "direct"),
+        help="expert reads: buffered pread (default), O_DIRECT, or auto "
+        "(O_DIRECT where the model's file system takes it)",
     )
     from edgemoe.profile_cli import add_load_args
 

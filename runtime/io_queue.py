@@ -9,7 +9,9 @@ first, prefetches after. Backends differ in how they keep reads cold:
 - ``pread``  buffered read, then ``posix_fadvise(DONTNEED)`` on the span, so
   expert bytes never pile up in the page cache (which on unified-memory
   devices competes with the budget);
-- ``direct`` ``O_DIRECT`` into an aligned bounce buffer, then copies.
+- ``direct`` ``O_DIRECT`` into an aligned bounce buffer, then copies;
+- ``auto``   ``direct`` where the model's file system serves ``O_DIRECT``
+  reads (a probe read of its first shard), else ``pread``.
 """
 
 from __future__ import annotations
@@ -192,6 +194,8 @@ class IOQueue(ABC):
 class PreadQueue(IOQueue):
     """Buffered ``preadv`` into the slot views, then drop the pages."""
 
+    kind = "pread"
+
     def read(self, req: ReadRequest) -> None:
         fd = self.fd(req.path)
         bufs, pos = [], 0
@@ -213,6 +217,7 @@ class DirectQueue(IOQueue):
     """``O_DIRECT`` reads (no page cache) through a page-aligned bounce buffer."""
 
     PAGE = 4096
+    kind = "direct"
 
     def __init__(self, threads: int = 2, on_done=None, throttle=None):
         super().__init__(threads, on_done, throttle)
@@ -237,15 +242,42 @@ class DirectQueue(IOQueue):
             dest[...] = buf[base + off : base + off + n].reshape(dest.shape)
 
 
+def direct_reads_work(path: Path) -> bool:
+    """Whether ``path``'s file system serves ``O_DIRECT`` reads: tmpfs before
+    Linux 6.6 and some FUSE and network file systems refuse the flag at open
+    or at the read."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    try:
+        buf = aligned_empty((DirectQueue.PAGE,), np.uint8, DirectQueue.PAGE)
+        os.preadv(fd, [memoryview(buf)], 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def get_io_backend(
-    kind: str = "pread", threads: int = 2, on_done=None, throttle=None
+    kind: str = "pread",
+    threads: int = 2,
+    on_done=None,
+    throttle=None,
+    probe: Path | None = None,
 ) -> IOQueue:
-    """The I/O queue for ``kind``: "pread" (default) or "direct" (O_DIRECT);
-    ``throttle`` (bytes/s, latency s) emulates slower storage."""
+    """The I/O queue for ``kind``: "pread", "direct" (O_DIRECT) or "auto"
+    (direct where a read of ``probe`` with O_DIRECT works); ``throttle``
+    (bytes/s, latency s) emulates slower storage."""
+    if kind == "auto":
+        kind = "direct" if probe is not None and direct_reads_work(probe) else "pread"
     if kind == "pread":
         return PreadQueue(threads, on_done, throttle)
     if kind == "direct":
         if not hasattr(os, "O_DIRECT"):
             raise ConfigError("O_DIRECT is not available on this platform")
         return DirectQueue(threads, on_done, throttle)
-    raise ConfigError(f"io backend must be 'pread' or 'direct', got {kind!r}")
+    raise ConfigError(f"io backend must be 'auto', 'pread' or 'direct', got {kind!r}")

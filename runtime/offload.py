@@ -235,6 +235,7 @@ def setup(model, ckpt, options, plan: MemoryPlan):
         options.io_threads,
         on_done=lambda req: cache_ref[0].notify(req),
         throttle=options.throttle,
+        probe=ckpt.root / m.shards[0].file if m.shards else None,
     )
     if plan.resident:
         cache = ResidentPlanes(

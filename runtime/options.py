@@ -35,7 +35,8 @@ class LoadOptions:
     prefetch: bool = True
     """Under a budget: load the next layer's predicted experts ahead."""
     io: str = "pread"
-    """Expert reads: "pread" (buffered, pages dropped after) or "direct"."""
+    """Expert reads: "pread" (buffered, pages dropped after), "direct"
+    (O_DIRECT) or "auto" (direct where the model's file system takes it)."""
     io_threads: int = 2
     verify: bool = True
     """Check each expert plane's CRC-32 the first time it is read."""
@@ -74,6 +75,10 @@ class LoadOptions:
         if self.eviction not in ("score", "lru"):
             raise ConfigError(
                 f"eviction must be 'score' or 'lru', got {self.eviction!r}"
+            )
+        if self.io not in ("auto", "pread", "direct"):
+            raise ConfigError(
+                f"io backend must be 'auto', 'pread' or 'direct', got {self.io!r}"
             )
         if self.device not in ("cpu", "gpu", "auto"):
             raise ConfigError(

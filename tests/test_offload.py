@@ -397,17 +397,47 @@ def test_budget_run_reports_metrics_and_quality(converted, fixture_dir):
 
 
 def test_direct_io_backend(converted):
-    """O_DIRECT reads (page-aligned bounce buffer) give the same model."""
+    """O_DIRECT reads (page-aligned bounce buffer) give the same model as
+    buffered ones."""
     prompt = "import os\nclass A:"
-    with edgemoe.load(
-        converted, force_level=8, budget=quarter_budget(converted), **SMALL
-    ) as m:
+    opts = dict(force_level=8, budget=quarter_budget(converted), **SMALL)
+    with edgemoe.load(converted, io="pread", **opts) as m:
+        assert m.routed.cache.io.kind == "pread"
         expected = m.logits(m.tokenize(prompt))
-    with edgemoe.load(
-        converted, force_level=8, budget=quarter_budget(converted), io="direct", **SMALL
-    ) as m:
+    with edgemoe.load(converted, io="direct", **opts) as m:
+        assert m.routed.cache.io.kind == "direct"
         assert np.array_equal(m.logits(m.tokenize(prompt)), expected)
         assert m.routed.cache.io.bytes_read > 0
+
+
+def test_auto_io_reads_direct_where_the_file_system_takes_it(converted, monkeypatch):
+    """``io="auto"`` probes the first shard: O_DIRECT where a read with it
+    works, buffered reads where the file system refuses the flag (as tmpfs
+    and some FUSE mounts do), never an error."""
+    import os
+
+    from edgemoe.runtime.io_queue import direct_reads_work
+
+    shard = next(converted.glob("experts-*.gguf"))
+    budget = quarter_budget(converted)
+    works = direct_reads_work(shard)
+    with edgemoe.load(converted, force_level=8, budget=budget, io="auto", **SMALL) as m:
+        assert m.routed.cache.io.kind == ("direct" if works else "pread")
+    real_open = os.open
+
+    def refuse_direct(path, flags, *a, **k):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", refuse_direct)
+    assert not direct_reads_work(shard)
+    with edgemoe.load(converted, force_level=8, budget=budget, io="auto", **SMALL) as m:
+        assert m.routed.cache.io.kind == "pread"
+        m.logits(m.tokenize("import os"))
+        assert m.routed.cache.io.bytes_read > 0
+    with pytest.raises(ConfigError, match="io backend must be"):
+        edgemoe.load(converted, budget=budget, io="mmap", **SMALL)
 
 
 def test_baselines_are_lossless_and_validated(converted):
