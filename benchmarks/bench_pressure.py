@@ -133,6 +133,8 @@ def worker(args) -> dict:
     t1 = time.perf_counter()
     m.eval(prompt)
     ttft = time.perf_counter() - t1
+    # Stall during decode alone: the prefill's waits are part of its TTFT.
+    stall0 = m.counters()["stall_s"] if args.engine == "edgemoe" else 0.0
     step = []
     for tok in gen:
         t = time.perf_counter()
@@ -155,6 +157,8 @@ def worker(args) -> dict:
             thread_use=m.device.tuner.summary(),
             expert_bytes_read=c["bytes_read"],
             stall_s=c["stall_s"],
+            decode_stall_s=c["stall_s"] - stall0,
+            decode_s=sum(step),
         )
     else:
         out["threads"] = _threads()

@@ -43,6 +43,11 @@ def summary(rows: list[dict]) -> dict:
         "faults": statistics.median(r["major_faults"] for r in ok),
         "read": statistics.median(r["read_bytes"] for r in ok),
         "oom": sum(r["oom_kills"] for r in rows),
+        # EdgeMoE's own counter: time decode steps waited on expert reads.
+        "stall": statistics.median(
+            [r["decode_stall_s"] / r["decode_s"] for r in ok if "decode_stall_s" in r]
+            or [float("nan")]
+        ),
     }
 
 
@@ -69,9 +74,9 @@ def markdown(report: dict) -> str:
         "of n runs [range]",
         "",
         "| limit | engine | n | decode t/s [range] | x llama.cpp best | x llama.cpp "
-        "defaults | x streamer | TTFT s | peak MiB | major faults | read MiB | "
-        "OOM kills |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "defaults | x streamer | stall | TTFT s | peak MiB | major faults | "
+        "read MiB | OOM kills |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = report["rows"]
     for frac in sorted({r["fraction"] for r in rows}, reverse=True):
@@ -89,7 +94,7 @@ def markdown(report: dict) -> str:
             s = summ[n]
             head = f"| {frac:.0%} ({limit:,.0f} MiB) | {n} | {s['n']} |"
             if "tps" not in s:
-                lines.append(f"{head} {s['status']} | | | | | | | | |")
+                lines.append(f"{head} {s['status']} | | | | | | | | | |")
                 continue
             is_edge = n.startswith("edgemoe")
             r_best = f"{s['tps'] / best:.2f}x" if is_edge and best else ""
@@ -102,9 +107,10 @@ def markdown(report: dict) -> str:
             if is_edge and "tps" in streamer:
                 r_str = f"{s['tps'] / streamer['tps']:.2f}x"
             note = "" if s["status"] == "ok" else f" ({s['status']})"
+            stall = "" if s["stall"] != s["stall"] else f"{s['stall']:.0%}"
             lines.append(
                 f"{head} {s['tps']:.2f}{note} [{s['lo']:.2f}-{s['hi']:.2f}] | "
-                f"{r_best} | {r_def} | {r_str} | {s['ttft']:.2f} | "
+                f"{r_best} | {r_def} | {r_str} | {stall} | {s['ttft']:.2f} | "
                 f"{s['peak'] / 2**20:,.0f} | "
                 f"{s['faults']:,.0f} | {s['read'] / 2**20:,.0f} | {s['oom']} |"
             )
