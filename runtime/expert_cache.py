@@ -24,7 +24,7 @@ import numpy as np
 from edgemoe.checkpoint.base import Weight, aligned_empty
 from edgemoe.format.spec import PROJS
 from edgemoe.runtime.device import T, WeightSet
-from edgemoe.runtime.io_queue import DEMAND, PREFETCH, IOQueue, ReadRequest
+from edgemoe.runtime.io_queue import DEMAND, PAGE, PREFETCH, IOQueue, ReadRequest
 
 EMPTY, LOADING, READY = 0, 1, 2
 
@@ -115,7 +115,7 @@ class PlaneCache:
                     # slot's offset (poll). The zero slot is cleared there.
                     tensors.append(weights.add_device(name, bt.ggml, shape))
                     continue
-                slab = aligned_empty((slots[p] + 1, n, bt.row_bytes(k)), np.uint8)
+                slab = aligned_empty((slots[p] + 1, n, bt.row_bytes(k)), np.uint8, PAGE)
                 # Zero it all: slot S_p is the zero slot, and committing every
                 # page now keeps memory flat instead of growing as slots fill.
                 slab.fill(0)
@@ -288,7 +288,9 @@ class PlaneCache:
         ref = self.manifest.experts[layer][expert][p]
         shard = self.ckpt.root / self.manifest.shards[ref.shard].file
         if self.store == "device":
-            dest = [aligned_empty((self._row[p, proj],), np.uint8) for proj in PROJS]
+            dest = [
+                aligned_empty((self._row[p, proj],), np.uint8, PAGE) for proj in PROJS
+            ]
         else:
             dest = [self.slabs[p][proj][slot] for proj in PROJS]
         req = ReadRequest(

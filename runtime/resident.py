@@ -21,7 +21,7 @@ from edgemoe.checkpoint.base import aligned_empty
 from edgemoe.format.spec import PROJS
 from edgemoe.runtime.device import T, WeightSet
 from edgemoe.runtime.expert_cache import CacheCounters
-from edgemoe.runtime.io_queue import DEMAND, IOQueue, ReadRequest
+from edgemoe.runtime.io_queue import DEMAND, PAGE, IOQueue, ReadRequest
 
 
 def staging_bytes(n_expert: int, plane_bytes) -> int:
@@ -86,7 +86,10 @@ class ResidentPlanes:
         e = self.n_expert
         rows = {proj: max(self._shape[p, proj][1] * self._shape[p, proj][0]
                           for p in range(self.n_planes)) for proj in PROJS}  # fmt: skip
-        raw = {proj: aligned_empty(((e + 1) * rows[proj],), np.uint8) for proj in PROJS}
+        raw = {
+            proj: aligned_empty(((e + 1) * rows[proj],), np.uint8, PAGE)
+            for proj in PROJS
+        }
         for layer in self.moe_layers:
             for p in range(self.n_planes):
                 stage = {}

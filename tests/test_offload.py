@@ -410,6 +410,55 @@ def test_direct_io_backend(converted):
         assert m.routed.cache.io.bytes_read > 0
 
 
+def test_direct_reads_land_in_place_when_aligned(tmp_path):
+    """O_DIRECT reads go straight into page-aligned slots (the gaps between
+    parts into scratch) and through the bounce buffer otherwise; both give
+    the file's bytes, and a short file is a typed error."""
+    from edgemoe.checkpoint.base import aligned_empty
+    from edgemoe.runtime.io_queue import DirectQueue, ReadRequest, direct_reads_work
+
+    page = 4096
+    data = np.random.default_rng(0).integers(0, 256, 12 * page, dtype=np.uint8)
+    path = tmp_path / "shard.bin"
+    path.write_bytes(data.tobytes())
+    if not direct_reads_work(path):
+        pytest.skip(f"{tmp_path}'s file system refuses O_DIRECT")
+    # Two parts of 2 and 3 pages with a one-page gap, starting at page 2.
+    parts = ((0, 2 * page), (3 * page, 3 * page))
+    q = DirectQueue(2)
+    q.start()
+    try:
+
+        def read(dest):
+            req = ReadRequest((0,), 0, (0, 0, 0), path, 2 * page, 6 * page, parts, dest)
+            q.submit(req).done.wait(10)
+            return req
+
+        aligned = [
+            aligned_empty((2, page), np.uint8, page),
+            aligned_empty((3 * page,), np.uint8, page),
+        ]
+        assert read(aligned).error is None and q.copied_bytes == 0
+        np.testing.assert_array_equal(aligned[0].ravel(), data[2 * page : 4 * page])
+        np.testing.assert_array_equal(aligned[1], data[5 * page : 8 * page])
+        odd = [
+            aligned_empty((2 * page + 64,), np.uint8, page)[64:],
+            np.empty(3 * page, np.uint8),
+        ]
+        assert read(odd).error is None and q.copied_bytes == 6 * page
+        np.testing.assert_array_equal(odd[0], data[2 * page : 4 * page])
+        np.testing.assert_array_equal(odd[1], data[5 * page : 8 * page])
+        short = ReadRequest(
+            (0,), 0, (0, 0, 1), path, 8 * page, 6 * page, parts, aligned
+        )
+        q.submit(short).done.wait(10)
+        assert isinstance(short.error, ModelFileError) and "truncated" in str(
+            short.error
+        )
+    finally:
+        q.close()
+
+
 def test_auto_io_reads_direct_where_the_file_system_takes_it(converted, monkeypatch):
     """``io="auto"`` probes the first shard: O_DIRECT where a read with it
     works, buffered reads where the file system refuses the flag (as tmpfs
