@@ -76,10 +76,12 @@ ENGINES = {
     # Fixed thread counts, against the default's tuning (runtime/threads.py).
     "edgemoe-t1": ("edgemoe", "edge", {"n_threads": 1}),
     "edgemoe-t2": ("edgemoe", "edge", {"n_threads": 2}),
-    # Reads: more I/O threads, and O_DIRECT (the default is 2, buffered).
-    "edgemoe-io4": ("edgemoe", "edge", {"io_threads": 4}),
-    "edgemoe-direct": ("edgemoe", "edge", {"io": "direct"}),
+    # Reads: buffered or O_DIRECT, on 2, 4 or 8 I/O threads.
+    "edgemoe-pread": ("edgemoe", "edge", {"io": "pread", "io_threads": 2}),
+    "edgemoe-io4": ("edgemoe", "edge", {"io": "pread", "io_threads": 4}),
+    "edgemoe-direct": ("edgemoe", "edge", {"io": "direct", "io_threads": 2}),
     "edgemoe-direct4": ("edgemoe", "edge", {"io": "direct", "io_threads": 4}),
+    "edgemoe-direct8": ("edgemoe", "edge", {"io": "direct", "io_threads": 8}),
     # What CRC-checking every plane read costs (verify=False: none).
     "edgemoe-noverify": ("edgemoe", "edge", {"verify": False}),
     # The on-demand baseline: level 8, LRU eviction, no prefetch.
@@ -91,12 +93,20 @@ ENGINES = {
     # A llama.cpp-based expert streamer (benchmarks/bigmoe.py): --bigmoe BINARY.
     "bigmoe:q4km": ("bigmoe", "q4km", {}),
 }
-DEFAULT_ENGINES = [
-    n
-    for n in ENGINES
-    if not n.endswith(("-t1", "-t2", "noverify", "lru8", "io4", "direct", "direct4"))
-    and n != "bigmoe:q4km"
-]
+VARIANTS = {
+    "edgemoe-t1",
+    "edgemoe-t2",
+    "edgemoe-pread",
+    "edgemoe-io4",
+    "edgemoe-direct",
+    "edgemoe-direct4",
+    "edgemoe-direct8",
+    "edgemoe-noverify",
+    "edgemoe-lru8",
+    "bigmoe:q4km",
+}
+"""Engines run only when named (``--engines``)."""
+DEFAULT_ENGINES = [n for n in ENGINES if n not in VARIANTS]
 
 
 # -- the worker (runs inside the cgroup) -----------------------------------------
@@ -159,6 +169,8 @@ def worker(args) -> dict:
             stall_s=c["stall_s"],
             decode_stall_s=c["stall_s"] - stall0,
             decode_s=sum(step),
+            io=m.routed.cache.io.kind,
+            io_copied_bytes=getattr(m.routed.cache.io, "copied_bytes", 0),
         )
     else:
         out["threads"] = _threads()
