@@ -183,6 +183,11 @@ def compare_levels(args) -> int:
                 )
             row = _row(runs, f"level {level} / {qtype}", threads, gguf_path)
             row["note"] = note
+            # The same tokens at different bits: compare bytes x tokens/s.
+            row["bytes_per_token"] = {
+                "edgemoe": touched_bytes(model, level),
+                "llamacpp": touched_bytes(gguf_path),
+            }
             rows.append(row)
     report = {
         "benchmark": "inmemory-levels",
@@ -196,6 +201,38 @@ def compare_levels(args) -> int:
     (OUT / "inmemory-levels.json").write_text(json.dumps(report, indent=1))
     print(markdown(report, f"{model.name} (converted)"))
     return 0
+
+
+def touched_bytes(path: Path, level: int | None = None) -> float:
+    """Weight bytes a decode token reads, with routing spread evenly: every
+    backbone matrix (the token embedding only if it is also the head: else
+    one row), and n_used / n_expert of the routed experts' bytes (for a
+    converted model at ``level``, its protected experts at the top one)."""
+    from edgemoe.checkpoint import open_checkpoint
+    from edgemoe.runtime.offload import plane_bytes
+
+    ckpt = open_checkpoint(path)
+    try:
+        spec = ckpt.spec
+        share = spec.n_expert_used / spec.n_expert
+        total = 0.0
+        for name in ckpt.names():
+            if name == "token_embd.weight" and not spec.tie_embeddings:
+                continue
+            total += ckpt.info(name)[2] * (share if "_exps." in name else 1)
+        if level is not None:  # a converted model: experts are planes
+            m = ckpt.manifest
+            planes = plane_bytes(ckpt)
+            at_level = sum(planes[: m.plan.n_planes(level)])
+            for layer in m.moe_layers:
+                top = len(m.protected[layer])
+                mean = (at_level * (spec.n_expert - top) + sum(planes) * top) / (
+                    spec.n_expert
+                )
+                total += spec.n_expert_used * mean
+        return total
+    finally:
+        ckpt.close()
 
 
 def _row(runs: dict, label: str, threads: int, model: Path) -> dict:
@@ -303,6 +340,26 @@ def markdown(report: dict, model: str) -> str:
             f"| | | **ratio** | **{r['prefill_ratio']:.2f}x** | "
             f"**{r['decode_ratio']:.2f}x** | |"
         )
+    if any("bytes_per_token" in r for r in report["rows"]):
+        lines += [
+            "",
+            "Effective weight bandwidth (weight bytes a decode token reads, "
+            "routing spread evenly, x decode t/s):",
+            "",
+            "| level | threads | engine | MiB per token | GB/s | ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in report["rows"]:
+            bw = {
+                e: r["bytes_per_token"][e] * r[e]["decode_tps"] / 1e9
+                for e in ("llamacpp", "edgemoe")
+            }
+            for e, label in (("llamacpp", "llama.cpp"), ("edgemoe", "EdgeMoE")):
+                ratio = f"**{bw[e] / bw['llamacpp']:.2f}x**" if e == "edgemoe" else ""
+                lines.append(
+                    f"| {r['type']} | {r['threads']} | {label} | "
+                    f"{r['bytes_per_token'][e] / 2**20:.1f} | {bw[e]:.2f} | {ratio} |"
+                )
     by_note: dict[str, list[str]] = {}
     for r in report["rows"]:
         if r.get("note"):
