@@ -7,6 +7,16 @@ import math
 import numpy as np
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX, where llama.cpp's extra buffer types (its
+    defaults) crash on MoE GGUFs (shared/docs/engine.md §8)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return any(line.startswith("flags") and " amx_tile" in line for line in fh)
+    except OSError:
+        return False
+
+
 def q8(x: np.ndarray, block: int) -> np.ndarray:
     """ggml's activation quantization (Q8_K per 256 / Q8_0 per 32), dequantized."""
     out = np.empty_like(x)
