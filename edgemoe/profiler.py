@@ -352,7 +352,12 @@ def measure(
         st = storage(directory, threads=threads)
         where = f"a scratch file in {directory}"
     rates = {}
-    for name, t in (("q8_0", "Q8_0"), ("q4_k", "Q4_K"), ("q2_k", "Q2_K")):
+    for name, t in (
+        ("q8_0", "Q8_0"),
+        ("q4_k", "Q4_K"),
+        ("q2_k", "Q2_K"),
+        ("q6_k", "Q6_K"),
+    ):
         progress(f"ggml {t} matvec")
         rates[name] = matmul_rate(t, threads)
     info = meminfo()

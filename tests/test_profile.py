@@ -91,6 +91,23 @@ def test_bad_profiles_name_the_field(tmp_path, edit, match):
     assert str(f) in str(e.value)
 
 
+def test_a_q6_k_rate_is_optional_and_used_for_q6_k_weights(tmp_path):
+    """A measured profile states Q6_K's rate (a Q4_K_M backbone's head); the
+    cost model uses it for Q6_K tensors and Q4_K's where a profile has none."""
+    from edgemoe.runtime.costmodel import _type_rate
+
+    text = GOOD.replace("q2_k = ", "q6_k = 7.5\nq2_k = ")
+    p = parse_profile(text, "with-q6")
+    assert p.matmul["q6_k"] == 7.5 and parse_profile(p.to_toml(), "again") == p
+    assert _type_rate(p, "Q6_K") == 7.5 and _type_rate(p, "Q5_K") == p.matmul["q4_k"]
+    plain = load_profile("generic-cpu")
+    assert _type_rate(plain, "Q6_K") == plain.matmul["q4_k"]
+    f = tmp_path / "bad.toml"
+    f.write_text(GOOD.replace("q2_k = ", "q6_k = -1\nq2_k = "))
+    with pytest.raises(ProfileError, match="matmul_gbs.q6_k must be GB/s"):
+        load_profile(f)
+
+
 def test_unknown_profile_lists_known_ones(tmp_path):
     with pytest.raises(ProfileError, match="orin-nano-8gb"):
         load_profile("orin-nano-4gb")
