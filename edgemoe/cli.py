@@ -77,10 +77,10 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--io",
-        default="pread",
+        default="auto",
         choices=("auto", "pread", "direct"),
-        help="expert reads: buffered pread (default), O_DIRECT, or auto "
-        "(O_DIRECT where the model's file system takes it)",
+        help="expert reads: O_DIRECT where the model's file system takes it, "
+        "else buffered pread (auto, the default), or either one",
     )
     from edgemoe.profile_cli import add_load_args
 

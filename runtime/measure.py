@@ -88,16 +88,18 @@ def matmul_rate(
 
 def queue_reads(path, size: int, count: int = 24, seed: int = 0) -> float:
     """Median seconds for one ``size``-byte read of ``path`` at a random
-    offset through the runtime's own I/O queue (buffered pread, pages dropped
-    after), one at a time: what a plane miss costs before its bytes are in."""
+    offset through the runtime's own I/O queue as it reads by default (O_DIRECT
+    where the file system takes it, else buffered pread with the pages
+    dropped), one at a time: what a plane miss costs before its bytes are in."""
     import os
+    from pathlib import Path
 
-    from edgemoe.runtime.io_queue import ReadRequest, get_io_backend
+    from edgemoe.runtime.io_queue import PAGE, ReadRequest, get_io_backend
 
     total = os.path.getsize(path)
     rng = np.random.default_rng(seed)
-    dest = aligned_empty((size,), np.uint8)
-    q = get_io_backend("pread", threads=1)
+    dest = aligned_empty((size,), np.uint8, PAGE)
+    q = get_io_backend("auto", threads=1, probe=Path(path))
     q.start()
     times = []
     try:

@@ -299,11 +299,17 @@ def test_heat_sums_the_routing_weight_each_plane_serves():
     np.testing.assert_allclose(only[1], [1.1, 0.7], atol=1e-6)
 
 
-def test_io_error_mid_generation_is_clean(converted, monkeypatch):
+@pytest.mark.parametrize("io", ["pread", "direct"])
+def test_io_error_mid_generation_is_clean(converted, monkeypatch, io):
     from edgemoe.runtime import io_queue
 
+    queue = {"pread": io_queue.PreadQueue, "direct": io_queue.DirectQueue}[io]
+    if io == "direct" and not io_queue.direct_reads_work(
+        next(converted.glob("experts-*.gguf"))
+    ):
+        pytest.skip(f"{converted}'s file system refuses O_DIRECT")
     budget = quarter_budget(converted)
-    real = io_queue.PreadQueue.read
+    real = queue.read
     calls = {"n": 0}
 
     def flaky(self, req):
@@ -312,8 +318,8 @@ def test_io_error_mid_generation_is_clean(converted, monkeypatch):
             raise OSError(5, "Input/output error")
         return real(self, req)
 
-    monkeypatch.setattr(io_queue.PreadQueue, "read", flaky)
-    with edgemoe.load(converted, budget=budget, **SMALL) as m:
+    monkeypatch.setattr(queue, "read", flaky)
+    with edgemoe.load(converted, budget=budget, io=io, **SMALL) as m:
         with pytest.raises(ModelFileError, match="read failed .* Input/output error"):
             for _ in m.generate(
                 "def main():", max_tokens=64, temperature=0, ignore_eos=True
