@@ -246,12 +246,8 @@ def run_one(args, group_name: str, limit: int, engine: str, path: Path, options)
         if "is below the minimum" in tail[0]:  # EdgeMoE's own refusal
             need = tail[0].split("the minimum ")[1].split(" (")[0]
             tail = [f"refused: the minimum budget is {need}"]
-        row["status"] = (
-            "OOM-killed"
-            if res.oom_kills
-            else "timeout"
-            if res.timed_out
-            else f"failed ({res.returncode}): {tail[0][:160]}"
+        row["status"] = pressure_report.failure(
+            res.returncode, res.oom_kills, res.timed_out, tail[0]
         )
     return row
 

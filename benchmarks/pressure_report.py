@@ -17,9 +17,29 @@ import sys
 from pathlib import Path
 
 
+def failure(returncode: int, oom_kills: int, timed_out: bool, last_line: str) -> str:
+    """A failed run's status: OOM-killed, timeout, crashed (a signal, as
+    llama.cpp's defaults segfault on AMX CPUs) or the error's last line."""
+    if oom_kills:
+        return "OOM-killed"
+    if timed_out:
+        return "timeout"
+    if returncode < 0:
+        return f"crashed (signal {-returncode})"
+    return f"failed ({returncode}): {last_line[:160]}"
+
+
+def status(row: dict) -> str:
+    """``row``'s status; older files wrote a crash as "failed (-N): "."""
+    s = row["status"]
+    if s.startswith("failed (-"):
+        return f"crashed (signal {s[len('failed (-') :].split(')')[0]})"
+    return s
+
+
 def progress(row: dict) -> str:
     if row["status"] != "ok":
-        return f"{row['fraction']:.0%} {row['engine']}: {row['status']}"
+        return f"{row['fraction']:.0%} {row['engine']}: {status(row)}"
     return (
         f"{row['fraction']:.0%} {row['engine']}: {row['decode_tps']:.2f} t/s, "
         f"TTFT {row['ttft_s']:.2f} s, peak {row['peak_cgroup'] / 2**20:,.0f} MiB, "
@@ -30,7 +50,7 @@ def progress(row: dict) -> str:
 def summary(rows: list[dict]) -> dict:
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
-        return {"status": rows[0]["status"] if rows else "-", "n": len(rows)}
+        return {"status": status(rows[0]) if rows else "-", "n": len(rows)}
     tps = [r["decode_tps"] for r in ok]
     return {
         "status": "ok" if len(ok) == len(rows) else f"{len(rows) - len(ok)} failed",
