@@ -75,10 +75,12 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not load the next layer's predicted experts ahead",
     )
+    from edgemoe.runtime.options import IO_KINDS
+
     p.add_argument(
         "--io",
         default="auto",
-        choices=("auto", "pread", "direct"),
+        choices=IO_KINDS,
         help="expert reads: O_DIRECT where the model's file system takes it, "
         "else buffered pread (auto, the default), or either one",
     )

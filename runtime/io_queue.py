@@ -31,6 +31,7 @@ import numpy as np
 from edgemoe.checkpoint.base import aligned_empty
 from edgemoe.errors import ConfigError, ModelFileError
 from edgemoe.format.crc import crc32
+from edgemoe.runtime.options import io_kind_error
 
 DEMAND, PREFETCH = 0, 1
 PAGE = 4096
@@ -221,7 +222,6 @@ class DirectQueue(IOQueue):
     every piece is page-aligned (slots of a page multiple, as the usual
     expert shapes give), else through a page-aligned bounce buffer."""
 
-    PAGE = PAGE
     kind = "direct"
 
     def __init__(self, threads: int = 2, on_done=None, throttle=None):
@@ -242,9 +242,9 @@ class DirectQueue(IOQueue):
                     f"truncated: wanted {want} bytes at {req.offset}, got {got}",
                 )
             return
-        start = req.offset - req.offset % self.PAGE
+        start = req.offset - req.offset % PAGE
         end = req.offset + req.length
-        size = -(-(end - start) // self.PAGE) * self.PAGE
+        size = -(-(end - start) // PAGE) * PAGE
         buf = self._scratch(size)
         got = os.preadv(fd, [memoryview(buf[:size])], start)
         if got < end - start:
@@ -261,12 +261,11 @@ class DirectQueue(IOQueue):
         """The iovecs of a read straight into ``req.dest`` (the gaps between
         parts into scratch), or None where O_DIRECT's alignment rules (file
         offset, address and length of every piece) do not hold."""
-        page = self.PAGE
-        if req.offset % page:
+        if req.offset % PAGE:
             return None
         bufs, pos = [], 0
         for (off, n), dest in zip(req.parts, req.dest):
-            if off % page or n % page or dest.ctypes.data % page:
+            if off % PAGE or n % PAGE or dest.ctypes.data % PAGE:
                 return None
             if not dest.flags.c_contiguous or dest.nbytes != n:
                 return None
@@ -279,7 +278,7 @@ class DirectQueue(IOQueue):
     def _scratch(self, size: int) -> np.ndarray:
         buf = getattr(self._bounce, "buf", None)
         if buf is None or buf.nbytes < size:
-            buf = self._bounce.buf = aligned_empty((size,), np.uint8, self.PAGE)
+            buf = self._bounce.buf = aligned_empty((size,), np.uint8, PAGE)
         return buf
 
 
@@ -294,7 +293,7 @@ def direct_reads_work(path: Path) -> bool:
     except OSError:
         return False
     try:
-        buf = aligned_empty((DirectQueue.PAGE,), np.uint8, DirectQueue.PAGE)
+        buf = aligned_empty((PAGE,), np.uint8, PAGE)
         os.preadv(fd, [memoryview(buf)], 0)
         return True
     except OSError:
@@ -321,4 +320,4 @@ def get_io_backend(
         if not hasattr(os, "O_DIRECT"):
             raise ConfigError("O_DIRECT is not available on this platform")
         return DirectQueue(threads, on_done, throttle)
-    raise ConfigError(f"io backend must be 'auto', 'pread' or 'direct', got {kind!r}")
+    raise ConfigError(io_kind_error(kind))

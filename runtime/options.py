@@ -6,6 +6,14 @@ from dataclasses import dataclass
 
 from edgemoe.errors import ConfigError
 
+IO_KINDS = ("auto", "pread", "direct")
+"""How expert planes are read (``LoadOptions.io``; runtime/io_queue.py)."""
+
+
+def io_kind_error(kind: object) -> str:
+    return "io backend must be 'auto', 'pread' or 'direct', got " + repr(kind)
+
+
 MAX_THREADS = 512
 
 
@@ -77,10 +85,8 @@ class LoadOptions:
             raise ConfigError(
                 f"eviction must be 'score' or 'lru', got {self.eviction!r}"
             )
-        if self.io not in ("auto", "pread", "direct"):
-            raise ConfigError(
-                f"io backend must be 'auto', 'pread' or 'direct', got {self.io!r}"
-            )
+        if self.io not in IO_KINDS:
+            raise ConfigError(io_kind_error(self.io))
         if self.device not in ("cpu", "gpu", "auto"):
             raise ConfigError(
                 f"device must be 'cpu', 'gpu' or 'auto', got {self.device!r}"
