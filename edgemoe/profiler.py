@@ -16,7 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe.errors import ConfigError
-from edgemoe.profile import DeviceProfile, ProfileError, load_profile
+from edgemoe.profile import (
+    MATMUL_OPTIONAL,
+    MATMUL_TYPES,
+    DeviceProfile,
+    ProfileError,
+    load_profile,
+)
 
 MiB = 1 << 20
 
@@ -352,14 +358,9 @@ def measure(
         st = storage(directory, threads=threads)
         where = f"a scratch file in {directory}"
     rates = {}
-    for name, t in (
-        ("q8_0", "Q8_0"),
-        ("q4_k", "Q4_K"),
-        ("q2_k", "Q2_K"),
-        ("q6_k", "Q6_K"),
-    ):
-        progress(f"ggml {t} matvec")
-        rates[name] = matmul_rate(t, threads)
+    for name in MATMUL_TYPES + MATMUL_OPTIONAL:
+        progress(f"ggml {name.upper()} matvec")
+        rates[name] = matmul_rate(name.upper(), threads)
     info = meminfo()
     total = info.get("MemTotal", base.memory_total)
     prof = DeviceProfile(
