@@ -209,6 +209,7 @@ def touched_bytes(path: Path, level: int | None = None) -> float:
     one row), and n_used / n_expert of the routed experts' bytes (for a
     converted model at ``level``, its protected experts at the top one)."""
     from edgemoe.checkpoint import open_checkpoint
+    from edgemoe.runtime.costmodel import token_tensors
     from edgemoe.runtime.offload import plane_bytes
 
     ckpt = open_checkpoint(path)
@@ -216,10 +217,8 @@ def touched_bytes(path: Path, level: int | None = None) -> float:
         spec = ckpt.spec
         share = spec.n_expert_used / spec.n_expert
         total = 0.0
-        for name in ckpt.names():
-            if name == "token_embd.weight" and not spec.tie_embeddings:
-                continue
-            total += ckpt.info(name)[2] * (share if "_exps." in name else 1)
+        for name, _, _, n in token_tensors(ckpt):
+            total += n * (share if "_exps." in name else 1)
         if level is not None:  # a converted model: experts are planes
             m = ckpt.manifest
             planes = plane_bytes(ckpt)

@@ -67,15 +67,21 @@ def _type_rate(profile: DeviceProfile, ggml_type: str) -> float:
     return profile.matmul["q8_0"]
 
 
-def backbone_ms(ckpt, profile: DeviceProfile) -> float:
-    """Time for the backbone matrices one token streams: every weight but the
-    embedding table, which is a row lookup (unless the head shares it)."""
-    ms = 0.0
+def token_tensors(ckpt):
+    """(name, ggml type, shape, bytes) of each stored tensor a decode token
+    reads whole: every one but the embedding table, which is a row lookup
+    (unless the head shares it)."""
     tied = ckpt.spec.tie_embeddings
     for name in ckpt.names():
         if name == "token_embd.weight" and not tied:
             continue
-        ggml_type, shape, n = ckpt.info(name)
+        yield (name, *ckpt.info(name)[:3])
+
+
+def backbone_ms(ckpt, profile: DeviceProfile) -> float:
+    """Time for the backbone matrices one token streams (``token_tensors``)."""
+    ms = 0.0
+    for _, ggml_type, shape, n in token_tensors(ckpt):
         if len(shape) < 2:
             continue  # norms and biases: negligible
         ms += n / (_type_rate(profile, ggml_type) * 1e9) * 1e3
