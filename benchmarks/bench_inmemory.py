@@ -322,18 +322,22 @@ def markdown(report: dict, model: str) -> str:
     lines = [
         f"{model}, random weights; "
         f"{report['prompt']}-token prompt, {report['gen']} greedy tokens; "
-        f"median of {report['runs']} runs",
+        f"median of {report['runs']} runs [range]",
         "",
         "| GGUF | threads | engine | prefill t/s | decode t/s | peak RSS MiB |",
         "|---|---|---|---|---|---|",
     ]
+
+    def spread(r: dict, e: str, key: str) -> str:
+        runs = [x[key] for x in r["runs"][e]]
+        return f"{r[e][key]:.1f} [{min(runs):.1f}-{max(runs):.1f}]"
+
     for r in report["rows"]:
         for e, label in (("llamacpp", "llama.cpp"), ("edgemoe", "EdgeMoE")):
-            m = r[e]
             lines.append(
                 f"| {r['type']} ({r['file_mib']:.0f} MiB) | {r['threads']} | {label} | "
-                f"{m['prefill_tps']:.1f} | {m['decode_tps']:.1f} | "
-                f"{m['peak_rss_mib']:.0f} |"
+                f"{spread(r, e, 'prefill_tps')} | {spread(r, e, 'decode_tps')} | "
+                f"{r[e]['peak_rss_mib']:.0f} |"
             )
         lines.append(
             f"| | | **ratio** | **{r['prefill_ratio']:.2f}x** | "

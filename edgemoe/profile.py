@@ -25,8 +25,9 @@ MATMUL_TYPES = ("q8_0", "q4_k", "q2_k")
 and the nested planes' Q4_K and Q2_K."""
 MATMUL_OPTIONAL = ("q6_k",)
 """Types a profile may state (a measured one does): Q6_K, the head and
-attn_v of a Q4_K_M backbone, runs at its own rate (1.6x Q4_K's per byte on
-an AVX-512 machine here); without it, Q4_K's is used."""
+attn_v of a Q4_K_M backbone, runs at its own rate, not Q4_K's (faster per
+byte on the AVX-512 machine test_costmodel failed on); without it, Q4_K's
+is used."""
 
 
 class ProfileError(ConfigError):
