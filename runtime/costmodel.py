@@ -160,7 +160,8 @@ def replay(
     drops the planes above it. An expert without plane 1 (or at a forced
     level) has its wanted planes read and waited for; one with plane 1 runs at
     its resident level while a missing upgrade is read for next time, when
-    no other read is in flight (one per layer at most). With
+    no other read is in flight once the layer's own misses are queued (one
+    per layer at most; a plane 1 on its way counts as there). With
     ``prefetch``, each layer first loads the first plane of the experts the
     converter recorded as the runtime's guess for the next MoE layer."""
     m = ckpt.manifest
@@ -208,7 +209,10 @@ def replay(
                                 break
                             fetched += counted
                             background += 1
-                upgraded = False
+                # The runtime queues an upgrade after the layer's own reads,
+                # and only if none is in flight then.
+                misses = any(pools.where[0].get((layer, e)) is None for e in ids)
+                upgraded = busy or misses
                 for e, n in zip(ids, wants[li][t].tolist()):
                     ran = 0
                     # Without plane 1 every wanted plane is loaded and waited
@@ -221,7 +225,7 @@ def replay(
                             if slots[p] == 0:
                                 break
                             if not wait:
-                                if busy or upgraded:
+                                if upgraded:
                                     break
                                 upgraded = True
                                 background += 1

@@ -174,6 +174,13 @@ class PlaneCache:
             n += 1
         return n
 
+    def planes_present(self, layer: int, expert: int) -> int:
+        """How many planes, from the first, are loaded or being read."""
+        n = 0
+        while (layer, expert, n) in self.where and n < len(self.planes):
+            n += 1
+        return n
+
     def tensors_for(self, layer: int) -> tuple[tuple[T, T, T], ...]:
         """Plane p's (gate, up, down) slot tensors, shared by every layer."""
         return tuple(self.tensors)

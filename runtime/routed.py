@@ -103,29 +103,31 @@ class CachedRouted:
         # Per-expert bookkeeping in plain Python: decode sees K pairs a layer,
         # where numpy's per-call cost would dominate.
         top: dict[int, int] = {}
+        upgrades: list[tuple[int, int]] = []  # (expert, planes) to fetch
         for e, n in zip(ids.ravel().tolist(), want.ravel().tolist()):
             top[e] = max(top.get(e, 0), n)
         cap = np.full(cache.n_expert, len(cache.planes), dtype=want.dtype)
         if policy.force_level is None:
-            # Run at the resident level rather than stall on an upgrade, and
-            # fetch the upgrade in the background while the disk is idle:
+            # Run at the level already loaded or on its way (a prefetched
+            # plane 1 in flight is not joined by a demand read of plane 2:
+            # on the routed benchmark model at a 50% limit that halved the
+            # decode stall) rather than stall on an upgrade, and fetch the
+            # upgrade in the background while the disk is idle:
             # where reads are the bottleneck, upgrades queued behind misses
             # and prefetches were mostly evicted unused (on the routed
             # benchmark model at a 50% limit they doubled the bytes read
             # per token for a tenth more level-4 runs).
             for e, target in top.items():
-                have = cache.resident_planes(layer, e)
+                have = cache.planes_present(layer, e)
                 if 0 < have < target:
-                    if not cache.pending:
-                        cache.prefetch(layer, [e], planes=target)
+                    upgrades.append((e, target))
                     cap[e] = top[e] = have
             want = np.minimum(want, cap[ids])
-        if carry.rows == 1 and self.prefetch_enabled:
-            self._predict_next(carry, layer)
         pending = sorted(top)
         # A forced level is exact: an expert granted only some of its planes
         # (upper pools full of pinned planes) waits for a later batch.
         forced = policy.force_level is not None
+        speculated = False
         while True:
             granted = cache.acquire(layer, self._heat(pending, ids, rw, want))
             batch = [e for e in pending if granted[e] >= (top[e] if forced else 1)]
@@ -143,6 +145,11 @@ class CachedRouted:
                 cap[e] = top[e] = min(top[e], granted[e])
             want = np.minimum(want, cap[ids])
             self._held.append((layer, granted))
+            if not speculated:
+                # After this layer's own reads are queued, so they never
+                # wait behind a speculative read an I/O thread took first.
+                self._speculate(carry, layer, upgrades)
+                speculated = True
             self._wait(layer, batch, top)
             counts = self._fill(carry, layer, ids, rw, want, batch)
             pending = [e for e in pending if e not in batch]
@@ -229,6 +236,16 @@ class CachedRouted:
             carry.pids[p].reshape(-1)[: r * kp] = slots.ravel()
         carry.rw.reshape(-1)[: r * counts[0]] = weights[:, : counts[0]].ravel()
         return tuple(counts)
+
+    def _speculate(self, carry, layer: int, upgrades) -> None:
+        """Reads this step may not need: an upgrade only while the disk is
+        idle, then the next MoE layer's predicted experts."""
+        cache = self.cache
+        if upgrades and not cache.pending:  # one, the heaviest expert's
+            e, target = upgrades[0]
+            cache.prefetch(layer, [e], planes=target)
+        if carry.rows == 1 and self.prefetch_enabled:
+            self._predict_next(carry, layer)
 
     def _predict_next(self, carry, layer: int) -> None:
         nxt = self.next_moe.get(layer)

@@ -655,6 +655,49 @@ def test_prefetch_predicts_next_layer_and_changes_nothing(converted, fixture_dir
     assert fetched > 0 and used / fetched > 0.35, (fetched, used)
 
 
+def test_a_layers_own_reads_go_first_and_planes_on_their_way_count(
+    converted, fixture_dir
+):
+    """Under dual routing, a layer queues the reads it waits for before any
+    speculative one (the next layer's predicted experts, an upgrade), and an
+    expert whose plane 1 is still being read (prefetched) runs at that level:
+    it gets no demand read of plane 2 on top (which would double the wait).
+    Reads are slowed (an emulated 20 MB/s disk) so prefetches are still in
+    flight when their layer comes."""
+    from edgemoe.runtime.io_queue import DEMAND
+
+    text = (fixture_dir / "heldout.txt").read_text()[:1500]
+    with edgemoe.load(
+        converted, budget=quarter_budget(converted), throttle=(20e6, 0.0), **SMALL
+    ) as m:
+        cache, routed = m.routed.cache, m.routed
+        steps = []  # per place(): its layer's planes in flight, its submissions
+        submit, place = cache.io.submit, routed.place
+
+        def record_submit(req):
+            steps[-1][1].append((req.key, req.priority[0]))
+            return submit(req)
+
+        def record_place(layer, carry, run_partial):
+            steps.append(({k for k in cache.pending if k[0] == layer}, []))
+            return place(layer, carry, run_partial)
+
+        cache.io.submit, routed.place = record_submit, record_place
+        ids = m.tokenize(text, add_special=False)[:48]
+        m.eval(ids[:8])
+        for t in ids[8:]:
+            m.eval([t])
+    prefetched_in_flight = 0
+    for before, subs in steps:
+        kinds = [k for _, k in subs]
+        assert kinds == sorted(kinds), subs  # every DEMAND before any PREFETCH
+        demand = {key for key, k in subs if k == DEMAND}
+        for layer, e, p in demand:
+            assert p == 0 or (layer, e, p - 1) in demand, (layer, e, p, subs)
+        prefetched_in_flight += sum(1 for key in before if key[2] == 0)
+    assert prefetched_in_flight > 0  # the case arose
+
+
 def test_host_slots_refuse_a_gpu_device(converted, monkeypatch):
     """Host slabs refilled in place cannot feed a device that computes from its
     own memory: slot_store "host" on a non-host device is refused before
