@@ -82,6 +82,15 @@ class LevelPolicy:
         out = [k] + [math.ceil(s * k - 1e-9) for s in shares[1:]]
         return tuple(min(c, out[i - 1]) if i else c for i, c in enumerate(out))
 
+    def rank_planes(self, k: int) -> np.ndarray | None:
+        """Planes the expert of each rank (0 = largest weight) runs, [K],
+        when counts are fixed (a preset or forced level); else None."""
+        counts = self.counts(k)
+        if counts is None:
+            return None
+        # Rank r runs the planes whose count exceeds r.
+        return np.array([sum(1 for c in counts if c > r) for r in range(k)])
+
     def planes_used(self, k: int) -> int:
         """How many planes, from the first, this policy can ever run."""
         counts = self.counts(k)
@@ -96,12 +105,8 @@ class LevelPolicy:
     def planes(self, layer: int, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Planes each (token, chosen expert) runs with; ``ids``/``weights`` [T, K]."""
         top = self.top
-        counts = self.counts(ids.shape[1])
-        if counts is not None:
-            # Rank r (0 = largest weight) runs the planes whose count exceeds r.
-            per_rank = np.array(
-                [sum(1 for c in counts if c > r) for r in range(ids.shape[1])]
-            )
+        per_rank = self.rank_planes(ids.shape[1])
+        if per_rank is not None:
             order = np.argsort(-weights, axis=1, kind="stable")
             out = np.empty(ids.shape, dtype=np.int64)
             np.put_along_axis(out, order, np.broadcast_to(per_rank, ids.shape), 1)

@@ -68,6 +68,20 @@ class TensorMirror(ctypes.Structure):
     ]
 
 
+class _TypeTraits(ctypes.Structure):
+    """``struct ggml_type_traits`` (ggml.h)."""
+
+    _fields_ = [
+        ("type_name", c_char_p),
+        ("blck_size", c_int64),
+        ("blck_size_interleave", c_int64),
+        ("type_size", c_size_t),
+        ("is_quantized", c_bool),
+        ("to_float", P),
+        ("from_float_ref", P),
+    ]
+
+
 _SIGNATURES: list[tuple[str, object, list]] = [
     ("ggml_init", P, [InitParams]),
     ("ggml_log_set", None, [P, P]),
@@ -152,9 +166,11 @@ _SIGNATURES: list[tuple[str, object, list]] = [
     ("ggml_backend_dev_backend_reg", P, [P]),
     ("ggml_backend_reg_get_proc_address", P, [P, c_char_p]),
     ("ggml_backend_load_all_from_path", None, [c_char_p]),
+    ("ggml_get_type_traits", POINTER(_TypeTraits), [c_int]),
 ]
 
 SetNThreads = ctypes.CFUNCTYPE(None, P, c_int)
+ToFloat = ctypes.CFUNCTYPE(None, P, P, c_int64)
 
 
 LogCallback = ctypes.CFUNCTYPE(None, c_int, c_char_p, P)
@@ -249,6 +265,24 @@ class GGMLLib:
                 return bufts[i]
             i += 1
         return None
+
+    def to_float_fn(self, qtype: int):
+        """ggml's own row dequantizer of ``qtype`` (``fn(src, dst, n)``: n
+        values from whole blocks), or None where ggml has none or its traits
+        do not read as this binding lays them out (callers then dequantize
+        in numpy)."""
+        traits = self.ggml_get_type_traits(qtype)
+        if not traits:
+            return None
+        t = traits.contents
+        if (
+            t.type_name != self.ggml_type_name(qtype)
+            or t.blck_size != self.ggml_blck_size(qtype)
+            or t.type_size != self.ggml_type_size(qtype)
+            or not t.to_float
+        ):
+            return None
+        return ToFloat(t.to_float)
 
     def set_n_threads_fn(self, dev: int):
         """The device's ``set_n_threads`` entry from its registry, or None."""

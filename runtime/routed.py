@@ -54,6 +54,17 @@ class CachedRouted:
         """Expert weight bytes the computed planes span (memory traffic)."""
         self._held: list[tuple[int, dict[int, int]]] = []
 
+    @property
+    def policy(self) -> LevelPolicy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: LevelPolicy) -> None:
+        self._policy = policy
+        self._rank_tally: dict[int, tuple[np.ndarray, int]] = {}
+        """K -> (pairs per plane count, their bytes) of one row by rank."""
+        self._protected = [frozenset(p) for p in policy.protected]
+
     def experts_for(self, layer: int) -> ExpertPlanes:
         c, policy = self.cache, self.policy
         shifts = tuple(
@@ -72,15 +83,32 @@ class CachedRouted:
             protected=tuple(protected),
         )
 
-    def count_resident(self, layer: int, routes: np.ndarray) -> None:
-        """Statistics of a step whose experts ran in the graph: ``routes``
-        [R, K], heaviest first (protected experts at the top level)."""
-        k = routes.shape[1]
-        rank_weights = np.broadcast_to(
-            np.arange(k, 0, -1, dtype=np.float32), routes.shape
-        )
-        self._count(self.policy.planes(layer, routes, rank_weights))
-        self.cache.counters.hits[0] += routes.size
+    def count_resident(self, routes: dict[int, np.ndarray]) -> None:
+        """Statistics of a step whose experts ran in the graph: per MoE layer
+        its rows' experts [R, K], heaviest first. Rank r runs the planes the
+        preset gives it (protected experts the top level), so a step without
+        protected experts adds a per-rank tally: per-layer numpy work here
+        was most of a small model's host time per token."""
+        rows = 0  # pairs' rows that take the per-rank tally
+        k = 0
+        for layer, ids in routes.items():
+            k = ids.shape[1]
+            protected = self._protected[layer] if layer < len(self._protected) else ()
+            if protected and not protected.isdisjoint(ids.ravel().tolist()):
+                rank_weights = np.broadcast_to(np.arange(k, 0, -1), ids.shape)
+                self._count(self.policy.planes(layer, ids, rank_weights))
+            else:
+                rows += ids.shape[0]
+            self.cache.counters.hits[0] += ids.size
+        if rows:
+            tally = self._rank_tally.get(k)
+            if tally is None:
+                runs = np.bincount(
+                    self.policy.rank_planes(k), minlength=len(self.planes_run)
+                )
+                tally = self._rank_tally[k] = (runs, int(runs @ self._level_bytes))
+            self.planes_run += rows * tally[0]
+            self.bytes_computed += rows * tally[1]
 
     # -- between graphs ------------------------------------------------------------
     def place(self, layer: int, carry, run_partial) -> tuple[int, ...]:

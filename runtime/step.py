@@ -66,13 +66,16 @@ class Carry:
 class StepIO:
     """The host arrays of one step shape: inputs, carries and outputs."""
 
-    def __init__(self, spec, shape: StepShape, n_planes: int, moe_layers):
+    def __init__(self, spec, shape: StepShape, n_planes: int, moe_layers, n_cells: int):
         t, d = shape.t, spec.n_embd
         self.shape = shape
         self.x = _a((t, d))
         self.pos = _a((t,), np.int32)
         self.cells = _a((t,), np.int32)
-        self.v_rows = _a((t * spec.n_head_kv * spec.head_dim,), np.int32)
+        kv_dim = spec.n_head_kv * spec.head_dim
+        self.v_rows = _a((t * kv_dim,), np.int32)
+        self.v_stride = np.arange(kv_dim, dtype=np.int32) * n_cells
+        """Where element j of a cell's value row lies (V transposed)."""
         self.mask = _a((t, shape.n_kv))
         self.out_ids = _a((shape.n_out,), np.int32)
         self.logits = _a((shape.n_out, spec.n_vocab))
@@ -117,7 +120,7 @@ class Step:
     # -- running ---------------------------------------------------------------
     def io(self, shape: StepShape) -> StepIO:
         if shape.t > CACHED_T:
-            return StepIO(self.spec, shape, self.n_planes, self.moe_layers)
+            return self._new_io(shape)
         io = self._io.get(shape)
         if io is None:
             # A new span (n_kv) replaces the old one's graphs: memory stays
@@ -126,10 +129,13 @@ class Step:
                 del self._io[old]
                 for key in [k for k in self._graphs if k[0] == old]:
                     self._graphs.pop(key).free()
-            io = self._io[shape] = StepIO(
-                self.spec, shape, self.n_planes, self.moe_layers
-            )
+            io = self._io[shape] = self._new_io(shape)
         return io
+
+    def _new_io(self, shape: StepShape) -> StepIO:
+        return StepIO(
+            self.spec, shape, self.n_planes, self.moe_layers, self.cache.n_cells
+        )
 
     def run(self, io: StepIO) -> None:
         """Every graph of the step, host decisions between them."""

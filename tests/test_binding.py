@@ -428,3 +428,35 @@ def test_isolated_runner_reports_graph_errors(tmp_path):
     proc = run_isolated("x = g.input(arr((4, 32)))\ng.reshape(x, 3, 3)", tmp_path)
     assert proc.returncode == 0, proc.stderr[-300:]
     assert "GGMLError: reshape" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "qtype",
+    [
+        GGMLQuantizationType.F16,
+        GGMLQuantizationType.BF16,
+        GGMLQuantizationType.Q8_0,
+        GGMLQuantizationType.Q4_0,
+        GGMLQuantizationType.Q4_K,
+        GGMLQuantizationType.Q6_K,
+    ],
+)
+def test_ggml_row_dequantizer_matches_gguf_numpy(qtype):
+    """The embedding rows a step reads are dequantized by ggml's own C
+    (``to_float_fn``, its type traits read through the binding); they equal
+    gguf-py's numpy dequantizer, written independently of ggml's C."""
+    g = gb.lib()
+    rng = np.random.default_rng(int(qtype))
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    raw = np.zeros((3, g.ggml_row_size(int(qtype), 512)), np.uint8)
+    g.ggml_quantize_chunk(int(qtype), x.ctypes.data, raw.ctypes.data, 0, 3, 512, None)
+    fn = g.to_float_fn(int(qtype))
+    assert fn is not None
+    out = np.zeros((3, 512), np.float32)
+    fn(raw.ctypes.data, out.ctypes.data, out.size)
+    np.testing.assert_array_equal(out, dequantize(raw, qtype).reshape(3, 512))
+
+
+def test_row_dequantizer_is_none_where_ggml_has_none():
+    """F32 has no dequantizer: callers copy its rows."""
+    assert gb.lib().to_float_fn(GGML_F32) is None

@@ -98,6 +98,45 @@ def test_embedding_rows_are_read_from_the_file(converted_fixture):
         read.close()
 
 
+def test_embedding_rows_through_one_open_file(converted_fixture, tmp_path):
+    """A running model reads embedding rows through one fd it holds
+    (FileRows): the same rows as the mapped table, for every batch shape
+    in turn; a file replaced at its path keeps being read as opened; a
+    truncated one is a typed error naming it; a closed reader refuses."""
+    import os
+
+    from edgemoe.checkpoint.base import FileRows
+    from edgemoe.errors import ModelFileError
+
+    path = tmp_path / "backbone.gguf"
+    shutil.copy(converted_fixture / "backbone.gguf", path)
+    mapped = GGUFCheckpoint(converted_fixture / "backbone.gguf", backbone_only=True)
+    read = GGUFCheckpoint(path, backbone_only=True, in_memory=True)
+    rows = FileRows(read.load("token_embd.weight"))
+    try:
+        full = mapped.load("token_embd.weight")
+        for ids in ([3], [0, 5, 5, full.shape[0] - 1], [7], list(range(40))):
+            ids = np.array(ids)
+            np.testing.assert_array_equal(rows.raw_rows(ids), full.raw_rows(ids))
+        # Replaced: a new file at the path; the reader keeps the one it opened.
+        os.replace(path, tmp_path / "old.gguf")
+        path.write_bytes(b"GGUF")
+        np.testing.assert_array_equal(
+            rows.raw_rows(np.array([9])), full.raw_rows(np.array([9]))
+        )
+        # Truncated under it: the row past the end is a typed error.
+        os.truncate(tmp_path / "old.gguf", rows.w.offset + rows.row)
+        with pytest.raises(ModelFileError, match="truncated"):
+            rows.raw_rows(np.array([1]))
+        rows.close()
+        with pytest.raises(ValueError, match="after close"):
+            rows.raw_rows(np.array([0]))
+    finally:
+        rows.close()
+        mapped.close()
+        read.close()
+
+
 def test_a_model_runs_with_its_embedding_read_per_row(converted_fixture):
     with edgemoe.load(converted_fixture, n_ctx=128) as m:
         assert m.embed.data.nbytes == 0

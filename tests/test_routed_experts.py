@@ -273,3 +273,46 @@ def test_a_plane_without_a_pool_is_not_counted_as_a_miss(converted_fixture):
         c = m.counters()
     assert c["misses"][1:] == [0, 0] and c["upgrades"] == 0, c
     assert c["misses"][0] > 0  # plane 1 streamed
+
+
+def test_resident_statistics_give_each_rank_the_planes_the_policy_gives(
+    converted_fixture,
+):
+    """A model in memory tallies the planes each (token, expert) ran by rank,
+    without asking the policy per layer; the tally equals the policy's own
+    per-pair levels over the logged routing, protected experts (given the top
+    level) and a quality switch included."""
+    import dataclasses
+
+    with edgemoe.load(converted_fixture, n_ctx=256) as m:
+        routed = m.routed
+        assert routed.resident
+        # Bookkeeping only: expert 3 of layer 1 counts as protected.
+        routed.policy = dataclasses.replace(routed.policy, protected=((), (3,), (), ()))
+        protected_pairs = 0
+        for quality in ("balanced", "min"):
+            if quality != "balanced":
+                m.set_quality(quality)
+                routed.policy = dataclasses.replace(
+                    routed.policy, protected=((), (3,), (), ())
+                )
+            m.reset()
+            m.route_log = []
+            runs0, bytes0 = routed.planes_run.copy(), routed.bytes_computed
+            ids = list(range(10, 40))
+            m.eval(ids[:20])
+            for t in ids[20:]:
+                m.eval([t])
+            expected = np.zeros_like(runs0)
+            for step in m.route_log:
+                for layer, routes in step.items():
+                    k = routes.shape[1]
+                    ranks = np.broadcast_to(np.arange(k, 0, -1), routes.shape)
+                    want = routed.policy.planes(layer, routes, ranks)
+                    expected += np.bincount(want.ravel(), minlength=len(expected))
+                    if layer == 1:
+                        protected_pairs += int((routes[:, 1:] == 3).sum())
+            assert np.array_equal(routed.planes_run - runs0, expected), quality
+            level_bytes = np.concatenate([[0], np.cumsum(routed.cache.plane_bytes)])
+            assert routed.bytes_computed - bytes0 == int(expected @ level_bytes)
+        assert protected_pairs > 0  # a protected expert ran below rank 0

@@ -65,12 +65,18 @@ class Weight:
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Float32 rows ``ids`` of a 2-D weight (embedding lookup) without
         dequantizing the whole matrix."""
+        raw = self.raw_rows(ids)
+        return Weight(
+            self.name, self.qtype, (len(ids), self.shape[1]), raw
+        ).to_float32()
+
+    def raw_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` of a 2-D weight as stored, uint8 [len(ids), row
+        bytes] (F32 rows as float32 [len(ids), K])."""
+        n = self.shape[0]
         if self.qtype == GGML_F32:
             return self.data.reshape(self.shape)[ids]
-        n, k = self.shape
-        row_bytes = self.nbytes // n
-        picked = self.data.view(np.uint8).reshape(n, row_bytes)[ids]
-        return Weight(self.name, self.qtype, (len(ids), k), picked).to_float32()
+        return self.data.view(np.uint8).reshape(n, self.nbytes // n)[ids]
 
 
 @dataclass(frozen=True)
@@ -110,11 +116,55 @@ class FileWeight(Weight):
     def to_float32(self) -> np.ndarray:
         return self._as(self.shape, self._read([(self.offset, self.size)])).to_float32()
 
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        n, k = self.shape
-        row = self.size // n
-        spans = [(self.offset + int(i) * row, row) for i in ids]
-        return self._as((len(spans), k), self._read(spans)).to_float32()
+    def raw_rows(self, ids: np.ndarray) -> np.ndarray:
+        rows = FileRows(self)
+        try:
+            return rows.raw_rows(ids).copy()
+        finally:
+            rows.close()
+
+
+class FileRows:
+    """A FileWeight's rows through one fd held open, into one reused buffer:
+    a decode step reads a row per token, and opening the file (and building
+    arrays) for each cost more than the read. The fd keeps reading the file
+    it opened if the path is replaced."""
+
+    def __init__(self, w: FileWeight):
+        from edgemoe.checkpoint.files import open_regular
+
+        self.w = w
+        self.row = w.size // w.shape[0]
+        self.fd: int | None = open_regular(w.path, os.O_NOFOLLOW)
+        self._buf = np.empty((0, self.row), np.uint8)
+
+    def raw_rows(self, ids: np.ndarray) -> np.ndarray:
+        """As ``Weight.raw_rows``; valid until the next call."""
+        from edgemoe.errors import ModelFileError
+
+        w, row = self.w, self.row
+        if self.fd is None:
+            raise ValueError(f"rows of {w.name!r} read after close()")
+        if len(self._buf) != len(ids):
+            self._buf = aligned_empty((len(ids), row), np.uint8)
+        for j, i in enumerate(ids.tolist()):
+            start = w.offset + i * row
+            try:
+                got = os.preadv(self.fd, [self._buf[j]], start)
+            except OSError as e:
+                raise ModelFileError(
+                    w.path, f"cannot read: {e.strerror or e}"
+                ) from None
+            if got != row:
+                raise ModelFileError(
+                    w.path, f"truncated: {w.name!r} needs bytes {start}..{start + row}"
+                )
+        return self._buf.view(np.float32) if w.qtype == GGML_F32 else self._buf
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class Checkpoint(Protocol):

@@ -65,10 +65,10 @@ def member(root: str | Path, name: str, what: str) -> os.stat_result:
     return st
 
 
-@contextmanager
-def opened(path: str | Path, flags: int = 0) -> Iterator[int]:
-    """A read-only fd of regular file ``path``; a FIFO, device or directory is
-    refused without blocking on it, and OSErrors become ModelFileErrors."""
+def open_regular(path: str | Path, flags: int = 0) -> int:
+    """A read-only fd of regular file ``path`` (the caller closes it); a FIFO,
+    device or directory is refused without blocking on it, and OSErrors
+    become ModelFileErrors."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | flags)
     except FileNotFoundError:
@@ -76,8 +76,22 @@ def opened(path: str | Path, flags: int = 0) -> Iterator[int]:
     except OSError as e:
         raise ModelFileError(path, f"cannot open: {e.strerror or e}") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ModelFileError(path, "not a regular file")
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError as e:
+        os.close(fd)
+        raise ModelFileError(path, f"cannot read: {e.strerror or e}") from None
+    if not regular:
+        os.close(fd)
+        raise ModelFileError(path, "not a regular file")
+    return fd
+
+
+@contextmanager
+def opened(path: str | Path, flags: int = 0) -> Iterator[int]:
+    """``open_regular`` for a ``with`` block; read errors become
+    ModelFileErrors too."""
+    fd = open_regular(path, flags)
+    try:
         yield fd
     except OSError as e:
         raise ModelFileError(path, f"cannot read: {e.strerror or e}") from None
