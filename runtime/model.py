@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 
 from edgemoe.checkpoint import open_checkpoint, tokenizer_for
-from edgemoe.checkpoint.base import GGML_F32, FileRows, FileWeight, Weight
+from edgemoe.checkpoint.base import Weight
 from edgemoe.errors import ConfigError, ContextOverflowError
 from edgemoe.runtime import token_ids as token_ids_mod
 from edgemoe.runtime.device import Device, WeightSet
+from edgemoe.runtime.embedding import EmbeddingRows
 from edgemoe.runtime.kv import KVCache, Sequence
 from edgemoe.runtime.layers import build_layers, to_f32
 from edgemoe.runtime.options import LoadOptions
@@ -117,16 +118,7 @@ class Model:
             experts, self.routed = setup(self, checkpoint, options, self.memory)
         layers = build_layers(spec, load_weight, self.weights, base_of, experts)
         self.embed = checkpoint.load("token_embd.weight")
-        self._embed_src = (
-            FileRows(self.embed) if isinstance(self.embed, FileWeight) else self.embed
-        )
-        # ggml's C dequantizer for the rows a step reads (numpy's took a
-        # third of a small model's host time per token); None: numpy.
-        self._embed_to_float = (
-            None
-            if self.embed.qtype == GGML_F32
-            else self.device.g.to_float_fn(self.embed.qtype)
-        )
+        self._embedding = EmbeddingRows(self.embed, self.device.g)
         norm = to_f32(checkpoint.load("output_norm.weight"))
         out_norm = self.weights.add(norm, base_of(norm))
         out = self.embed if spec.tie_embeddings else checkpoint.load("output.weight")
@@ -267,7 +259,7 @@ class Model:
         t = len(pos)
         shape = StepShape(t, self.cache.n_kv(), len(out))
         io = self.step.io(shape)
-        self._embed_rows(np.array([x for _, ts in items for x in ts]), io.x)
+        self._embedding.into(np.array([x for _, ts in items for x in ts]), io.x)
         io.pos[...] = pos
         io.cells[...] = cells
         # V is stored transposed: element j of a cell's row lies n_cells apart.
@@ -294,18 +286,6 @@ class Model:
         if self.route_log is not None:
             self.route_log.append(self.step.routes(io))
         return io.logits.copy()  # the next step reuses io
-
-    def _embed_rows(self, ids: np.ndarray, out: np.ndarray) -> None:
-        """The embedding rows of ``ids`` into ``out`` [T, D] (float32)."""
-        raw = self._embed_src.raw_rows(ids)
-        if self._embed_to_float is not None:
-            self._embed_to_float(raw.ctypes.data, out.ctypes.data, out.size)
-        elif self.embed.qtype == GGML_F32:
-            out[...] = raw
-        else:
-            out[...] = Weight(
-                self.embed.name, self.embed.qtype, out.shape, raw
-            ).to_float32()
 
     def logits(self, token_ids) -> np.ndarray:
         """Logits ``[T, vocab]`` (float32) for every position of a fresh sequence."""
@@ -439,8 +419,7 @@ class Model:
         close = getattr(self.tokenizer, "close", None)
         if close:
             close()
-        if isinstance(self._embed_src, FileRows):
-            self._embed_src.close()
+        self._embedding.close()
         self.checkpoint.close()
 
     def __enter__(self) -> Model:
