@@ -135,6 +135,8 @@ class PlaneCache:
         self.last = [np.zeros(s, dtype=np.float64) for s in slots]
         self.pinned = [np.zeros(s, dtype=np.int32) for s in slots]
         self.pending: dict[tuple[int, int, int], ReadRequest] = {}
+        self.first_planes = np.zeros(ckpt.spec.n_layer, dtype=np.int64)
+        """Per layer, how many experts have plane 1 loaded or being read."""
         self.prefetched: set[tuple[int, int, int]] = set()
         """Planes loaded by prefetch and not used yet."""
         self.verify = verify
@@ -248,6 +250,8 @@ class PlaneCache:
             layer, expert = divmod(int(key), self.n_expert)
             self.where.pop((layer, expert, p), None)
             self.prefetched.discard((layer, expert, p))
+            if p == 0:
+                self.first_planes[layer] -= 1
         self.owner[p][slot] = -1
         self.state[p][slot] = EMPTY
         self.pinned[p][slot] = 0
@@ -313,6 +317,8 @@ class PlaneCache:
         )
         self.where[key] = slot
         self.owner[p][slot] = layer * self.n_expert + expert
+        if p == 0:
+            self.first_planes[layer] += 1
         self.state[p][slot] = LOADING
         self.last[p][slot] = self.step
         self.pending[key] = self.io.submit(req)

@@ -278,7 +278,9 @@ class CachedRouted:
     def _predict_next(self, carry, layer: int) -> None:
         nxt = self.next_moe.get(layer)
         router = self.routers.get(nxt)
-        if router is None:
+        if router is None or self.cache.first_planes[nxt] >= self.cache.n_expert:
+            # Every expert of that layer has plane 1: a guess would read
+            # nothing, and computing it costs host time every layer.
             return
         logits = carry.hn[0] @ router.T  # [E]
         k = self.cache.ckpt.spec.n_expert_used

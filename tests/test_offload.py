@@ -698,6 +698,43 @@ def test_a_layers_own_reads_go_first_and_planes_on_their_way_count(
     assert prefetched_in_flight > 0  # the case arose
 
 
+def test_no_guess_for_a_layer_whose_experts_all_have_plane_1(converted, fixture_dir):
+    """The next-layer guess costs host time every layer; once a layer holds
+    plane 1 of every expert (a budget with a plane-1 slot for each), there is
+    nothing to fetch and it is not computed. The per-layer count of plane 1s
+    it reads is checked against the slot table."""
+    with edgemoe.load(converted, **SMALL) as m:
+        plan = m.memory
+    half = plan.backbone + plan.kv_cache + plan.scratch + plan.experts // 2
+    text = (fixture_dir / "heldout.txt").read_text()[:2000]
+    with edgemoe.load(converted, budget=half, **SMALL) as m:
+        cache = m.routed.cache
+        assert not m.routed.in_memory and cache.slots[0] >= cache.n_expert * len(
+            cache.moe_layers
+        )
+        guesses = []  # (layer, did it hold plane 1 of every expert then)
+        prefetch = cache.prefetch
+
+        def record(layer, experts, planes=1):
+            if planes == 1:
+                guesses.append((layer, cache.first_planes[layer] >= cache.n_expert))
+            return prefetch(layer, experts, planes)
+
+        cache.prefetch = record
+        ids = m.tokenize(text, add_special=False)[:160]
+        m.eval(ids[:8])
+        full_layers = set()
+        for t in ids[8:]:
+            m.eval([t])
+            for layer in cache.moe_layers:
+                held = sum(1 for (x, _, p) in cache.where if x == layer and p == 0)
+                assert cache.first_planes[layer] == held
+                if held == cache.n_expert:
+                    full_layers.add(layer)
+        assert full_layers  # the case arose
+        assert guesses and not any(full for _, full in guesses)
+
+
 def test_host_slots_refuse_a_gpu_device(converted, monkeypatch):
     """Host slabs refilled in place cannot feed a device that computes from its
     own memory: slot_store "host" on a non-host device is refused before
