@@ -176,12 +176,13 @@ class PlaneCache:
             n += 1
         return n
 
-    def planes_present(self, layer: int, expert: int) -> int:
-        """How many planes, from the first, are loaded or being read."""
-        n = 0
-        while (layer, expert, n) in self.where and n < len(self.planes):
-            n += 1
-        return n
+    def level_on_hand(self, layer: int, expert: int) -> int:
+        """Planes an expert can run with without waiting on an upgrade: its
+        loaded planes from the first, or 1 while plane 1 is being read (a
+        prefetch: the layer waits for it either way)."""
+        return self.resident_planes(layer, expert) or int(
+            (layer, expert, 0) in self.where
+        )
 
     def tensors_for(self, layer: int) -> tuple[tuple[T, T, T], ...]:
         """Plane p's (gate, up, down) slot tensors, shared by every layer."""

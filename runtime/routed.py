@@ -136,17 +136,17 @@ class CachedRouted:
             top[e] = max(top.get(e, 0), n)
         cap = np.full(cache.n_expert, len(cache.planes), dtype=want.dtype)
         if policy.force_level is None:
-            # Run at the level already loaded or on its way (a prefetched
-            # plane 1 in flight is not joined by a demand read of plane 2:
-            # on the routed benchmark model at a 50% limit that halved the
-            # decode stall) rather than stall on an upgrade, and fetch the
+            # Run at the level on hand (a prefetched plane 1 in flight is not
+            # joined by a demand read of plane 2: on the routed benchmark
+            # model at a 50% limit that halved the decode stall; an upgrade
+            # in flight is not waited for) rather than stall, and fetch the
             # upgrade in the background while the disk is idle:
             # where reads are the bottleneck, upgrades queued behind misses
             # and prefetches were mostly evicted unused (on the routed
             # benchmark model at a 50% limit they doubled the bytes read
             # per token for a tenth more level-4 runs).
             for e, target in top.items():
-                have = cache.planes_present(layer, e)
+                have = cache.level_on_hand(layer, e)
                 if 0 < have < target:
                     upgrades.append((e, target))
                     cap[e] = top[e] = have

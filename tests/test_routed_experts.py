@@ -260,6 +260,23 @@ def test_planes_still_loading_are_dropped_when_they_land(small_cache):
     assert [int((s == READY).sum()) for s in c.state[1:]] == [0, 0]
 
 
+def test_level_on_hand_counts_a_plane_1_in_flight_but_not_an_upgrade(small_cache):
+    """Dual routing runs an expert at the level it has on hand: a plane 1
+    still being read counts (the layer waits for it anyway, and must not add
+    a demand read of plane 2 to that wait); an upgrade still being read does
+    not (it is never waited for)."""
+    c = small_cache
+    assert c.level_on_hand(0, 1) == 0
+    c.prefetch(0, [1])  # plane 1, in flight (reads take 0.3 s here)
+    assert c.resident_planes(0, 1) == 0 and c.level_on_hand(0, 1) == 1
+    settle(c)
+    assert c.level_on_hand(0, 1) == 1
+    c.prefetch(0, [1], planes=3)  # planes 2 and 3, in flight
+    assert resident(c, 0, 1) == [0, 1, 2] and c.level_on_hand(0, 1) == 1
+    settle(c)
+    assert c.level_on_hand(0, 1) == 3
+
+
 def test_a_plane_without_a_pool_is_not_counted_as_a_miss(converted_fixture):
     """At the minimum dual-routing budget the plan gives planes 2 and 3 no
     slots: wanting them is neither a miss nor an upgrade (it was counted as
