@@ -166,6 +166,9 @@ class FileRows:
             os.close(self.fd)
             self.fd = None
 
+    def __del__(self) -> None:  # a model that failed to load never closes it
+        self.close()
+
 
 class Checkpoint(Protocol):
     """What the runtime and converters read from any source format."""
