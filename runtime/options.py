@@ -11,7 +11,8 @@ IO_KINDS = ("auto", "pread", "direct")
 
 
 def io_kind_error(kind: object) -> str:
-    return "io backend must be 'auto', 'pread' or 'direct', got " + repr(kind)
+    *first, last = (repr(k) for k in IO_KINDS)
+    return f"io backend must be {', '.join(first)} or {last}, got {kind!r}"
 
 
 MAX_THREADS = 512
