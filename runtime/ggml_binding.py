@@ -124,6 +124,7 @@ _SIGNATURES: list[tuple[str, object, list]] = [
         [P, P, P, P, c_int, c_int, c_int] + [c_float] * 6,
     ),
     ("ggml_soft_max_ext", P, [P, P, P, c_float, c_float]),
+    ("ggml_flash_attn_ext", P, [P, P, P, P, P, c_float, c_float, c_float]),
     ("ggml_argsort_top_k", P, [P, P, c_int]),
     ("ggml_permute", P, [P, P, c_int, c_int, c_int, c_int]),
     ("ggml_cont", P, [P, P]),

@@ -15,10 +15,14 @@ import numpy as np
 
 from edgemoe.errors import GGMLError
 from edgemoe.runtime.device import Context, Device, T, ne_of
-from edgemoe.runtime.ggml_binding import F32, I32
+from edgemoe.runtime.ggml_binding import F16, F32, I32
 from edgemoe.runtime.step_ops import StepOps
 
-_DTYPE_TO_GGML = {np.dtype(np.float32): F32, np.dtype(np.int32): I32}
+_DTYPE_TO_GGML = {
+    np.dtype(np.float32): F32,
+    np.dtype(np.float16): F16,  # attention masks
+    np.dtype(np.int32): I32,
+}
 # Types ggml's CPU backend multiplies as weights: floats and block quants.
 WEIGHT_TYPES = frozenset(
     {
@@ -88,10 +92,12 @@ class Graph(StepOps):
 
     # -- inputs and outputs -------------------------------------------------
     def input(self, array: np.ndarray, base: np.ndarray | None = None) -> T:
-        """A tensor reading ``array`` (float32 or int32, C-contiguous)."""
+        """A tensor reading ``array`` (float32, float16 or int32, C-contiguous)."""
         qtype = _DTYPE_TO_GGML.get(array.dtype)
         if qtype is None:
-            raise GGMLError(f"graph inputs are float32 or int32, got {array.dtype}")
+            raise GGMLError(
+                f"graph inputs are float32, float16 or int32, got {array.dtype}"
+            )
         t = self._ctx.new(qtype, ne_of(array.shape))
         if self.device.is_host:
             self._ctx.bind(t, array, base)

@@ -3,9 +3,9 @@
 The cache is one pool of ``n_ctx`` cells per layer shared by every sequence,
 as llama.cpp's unified KV cache: a token's keys and values go to a free cell,
 and each token attends to the cells its sequence owns at positions up to its
-own (a mask the host builds per step). A lone sequence fills cells 0, 1, 2 ...
-in order. Keys are stored a cell per row, values transposed (a cell per
-column) so attention multiplies both without copying the cache every step.
+own (a mask the host builds per step; ggml's flash attention skips the cells
+it hides). A lone sequence fills cells 0, 1, 2 ... in order. Keys and values
+are stored a cell per row.
 Legend: C cells (n_ctx), Dkv = kv heads x head dim, T tokens in a step.
 """
 
@@ -44,9 +44,8 @@ KV_TYPES = {"f16": (np.float16, GGML_F16), "f32": (np.float32, GGML_F32)}
 
 
 class KVCache:
-    """Keys ``[C, Dkv]`` and values ``[Dkv, C]`` (ggml: K ne (Dkv, C), V ne
-    (C, Dkv)) of every layer as ggml tensors (``kv_type``), plus cell
-    ownership."""
+    """Keys and values ``[C, Dkv]`` (ggml ne (Dkv, C)) of every layer as
+    ggml tensors (``kv_type``), plus cell ownership."""
 
     def __init__(
         self, spec, n_ctx: int, weights, commit: bool = False, kv_type: str = "f32"
@@ -63,7 +62,7 @@ class KVCache:
         for il in range(spec.n_layer):
             # calloc maps pages lazily: memory grows with the cells used.
             k = aligned_empty((n_ctx, self.kv_dim), dtype, zeros=True)
-            v = aligned_empty((self.kv_dim, n_ctx), dtype, zeros=True)
+            v = aligned_empty((n_ctx, self.kv_dim), dtype, zeros=True)
             if commit:
                 k.fill(0)
                 v.fill(0)
@@ -137,12 +136,12 @@ class KVCache:
     def mask(
         self, seq_ids: np.ndarray, pos: np.ndarray, n_kv: int, window: int | None
     ) -> np.ndarray:
-        """[T, n_kv] float32: 0 where token t may attend to cell c (its own
-        sequence, an earlier or equal position, inside the sliding window),
-        else -inf."""
+        """[T, n_kv] float16 (flash attention's mask type): 0 where token t
+        may attend to cell c (its own sequence, an earlier or equal position,
+        inside the sliding window), else -inf."""
         owner = self.seq_of[None, :n_kv]
         cpos = self.pos_of[None, :n_kv]
         ok = (owner == seq_ids[:, None]) & (cpos <= pos[:, None])
         if window:
             ok &= cpos > pos[:, None] - window
-        return np.where(ok, np.float32(0), np.float32(-np.inf)).astype(np.float32)
+        return np.where(ok, np.float16(0), np.float16(-np.inf))

@@ -262,8 +262,6 @@ class Model:
         self._embedding.into(np.array([x for _, ts in items for x in ts]), io.x)
         io.pos[...] = pos
         io.cells[...] = cells
-        # V is stored transposed: element j of a cell's row lies n_cells apart.
-        np.add(io.v_stride[None, :], io.cells[:, None], out=io.v_rows.reshape(t, -1))
         io.mask[...] = self.cache.mask(
             np.array(seq_ids), io.pos.astype(np.int64), shape.n_kv,
             self.spec.sliding_window,

@@ -66,17 +66,13 @@ class Carry:
 class StepIO:
     """The host arrays of one step shape: inputs, carries and outputs."""
 
-    def __init__(self, spec, shape: StepShape, n_planes: int, moe_layers, n_cells: int):
+    def __init__(self, spec, shape: StepShape, n_planes: int, moe_layers):
         t, d = shape.t, spec.n_embd
         self.shape = shape
         self.x = _a((t, d))
         self.pos = _a((t,), np.int32)
         self.cells = _a((t,), np.int32)
-        kv_dim = spec.n_head_kv * spec.head_dim
-        self.v_rows = _a((t * kv_dim,), np.int32)
-        self.v_stride = np.arange(kv_dim, dtype=np.int32) * n_cells
-        """Where element j of a cell's value row lies (V transposed)."""
-        self.mask = _a((t, shape.n_kv))
+        self.mask = _a((t, shape.n_kv), np.float16)  # flash_attn_ext's type
         self.out_ids = _a((shape.n_out,), np.int32)
         self.logits = _a((shape.n_out, spec.n_vocab))
         k = max(spec.n_expert_used, 1)
@@ -133,9 +129,7 @@ class Step:
         return io
 
     def _new_io(self, shape: StepShape) -> StepIO:
-        return StepIO(
-            self.spec, shape, self.n_planes, self.moe_layers, self.cache.n_cells
-        )
+        return StepIO(self.spec, shape, self.n_planes, self.moe_layers)
 
     def run(self, io: StepIO) -> None:
         """Every graph of the step, host decisions between them."""
@@ -241,7 +235,6 @@ class Step:
         self._in = {
             "pos": g.input(io.pos),
             "cells": g.ids(io.cells, self.cache.n_cells),
-            "v_rows": g.ids(io.v_rows, self.cache.n_cells * self.cache.kv_dim),
             "mask": g.input(io.mask),
             "out": (g.ids(io.out_ids, shape.t) if shape.n_out < shape.t else None),
         }
@@ -324,10 +317,10 @@ class Step:
         mode = ROPE_NORMAL if s.rope_interleaved else ROPE_NEOX
         q = g.rope(q, self._in["pos"], hd, mode, s.rope_theta)
         k = g.rope(k, self._in["pos"], hd, mode, s.rope_theta)
-        kc = g.set_rows(
-            self.cache.k[il], g.reshape(k, hd * s.n_head_kv, t), self._in["cells"]
+        kc, vc = (
+            g.set_rows(cache[il], g.reshape(y, hd * s.n_head_kv, t), self._in["cells"])
+            for cache, y in ((self.cache.k, k), (self.cache.v, v))
         )
-        vc = g.store_v_t(self.cache.v[il], v, self._in["v_rows"])
         n_kv = self._in["mask"].ne[0]
         out = g.attention(q, kc, vc, self._in["mask"], n_kv, s.n_head_kv, hd**-0.5)
         return g.reshape(out, hd * s.n_head, t)

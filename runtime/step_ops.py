@@ -108,24 +108,12 @@ class StepOps:
             beta_slow, qtype=F32, ne=x.ne,
         )  # fmt: skip
 
-    def soft_max(self, a, mask=None, scale: float = 1.0):
-        """softmax(a * scale + mask) along ne0; ``mask`` F32 [ne0, >= ne1]
-        broadcast over ne2 and ne3 (-inf hides a position)."""
+    def soft_max(self, a):
+        """softmax(a) along ne0 (routing's probabilities)."""
         if a.qtype != F32 or not a.contiguous:
             raise GGMLError("soft_max: input must be contiguous float32")
-        if mask is not None:
-            if mask.qtype not in (F32, F16) or not mask.contiguous:
-                raise GGMLError("soft_max: the mask must be contiguous F32 or F16")
-            if (
-                mask.ne[0] != a.ne[0]
-                or mask.ne[1] < a.ne[1]
-                or a.ne[2] % mask.ne[2]
-                or a.ne[3] % mask.ne[3]
-            ):
-                raise GGMLError(f"soft_max: mask ne {mask.ne} for input ne {a.ne}")
-        m = None if mask is None else mask.ptr
         return self._op(
-            1, self.g.ggml_soft_max_ext, a.ptr, m, scale, 0.0, qtype=F32, ne=a.ne
+            1, self.g.ggml_soft_max_ext, a.ptr, None, 1.0, 0.0, qtype=F32, ne=a.ne
         )
 
     def top_k(self, a, k: int):
@@ -247,44 +235,38 @@ class StepOps:
             contiguous=nb1 == ne0 * es and nb2 == ne0 * ne1 * es, view=True,
         )  # fmt: skip
 
-    def store_v_t(self, v_cache, v, flat_rows):
-        """Write this step's values ``v`` (F32 [Dkv, T]) into the transposed
-        cache ``v_cache`` (F16 or F32 ne (C, Dkv): a cell per column) as
-        set_rows of single values: element (j, t) goes to flat row j * C + cell_t, which
-        ``flat_rows`` (I32 [Dkv * T], from ``Graph.ids``) lists t-major."""
-        c, dkv = v_cache.ne[0], v_cache.ne[1]
-        if v.ne[0] != dkv or flat_rows.ne[0] != v.n:
-            raise GGMLError(
-                f"store_v_t: values ne {v.ne} and {flat_rows.ne[0]} rows for a "
-                f"cache of ne {v_cache.ne}"
-            )
-        flat = self.reshape(v_cache, 1, c * dkv)
-        return self.set_rows(flat, self.reshape(v, 1, v.n), flat_rows)
-
     def attention(self, q, k_cache, v_cache, mask, n_kv: int, n_head_kv: int, scale):
         """Causal GQA attention of ``q`` (F32 [head_dim, heads, T], RoPE
-        applied) over the first ``n_kv`` cells of the caches: keys ne
-        (head_dim * kv_heads, C), a cell per row; values transposed, ne
-        (C, head_dim * kv_heads) or that flattened (``store_v_t``'s result).
-        Pass the ``set_rows`` results so the reads come after this step's
-        writes. ``mask`` F32 [n_kv, T] adds -inf where a token must not
-        look. -> [head_dim, heads, T]. Query head h reads kv head h //
-        (heads / kv_heads), as ggml's mul_mat broadcasts."""
-        hd, heads = q.ne[0], q.ne[1]
+        applied) over the first ``n_kv`` cells of the caches (F32 or F16 ne
+        (head_dim * kv_heads, C), a cell per row; pass the ``set_rows``
+        results so the reads come after this step's writes), as one
+        ``flash_attn_ext``: it skips the cells the mask hides, so a token of
+        one sequence in a batch costs only its own sequence's cells. ``mask``
+        F16 [n_kv, T] adds -inf where a token must not look. -> [head_dim,
+        heads, T]. Query head h reads kv head h // (heads / kv_heads)."""
+        hd, heads, t = q.ne[0], q.ne[1], q.ne[2]
         c, dkv = k_cache.ne[1], k_cache.ne[0]
-        if heads % n_head_kv or dkv != hd * n_head_kv:
+        if heads % n_head_kv or dkv != hd * n_head_kv or v_cache.ne != k_cache.ne:
             raise GGMLError(
-                f"attention: {heads} query heads of {hd} over a cache row of "
-                f"{dkv} for {n_head_kv} kv heads"
+                f"attention: {heads} query heads of {hd} over caches of ne "
+                f"{k_cache.ne} and {v_cache.ne} for {n_head_kv} kv heads"
             )
-        if v_cache.n != c * dkv or not 0 < n_kv <= c:
+        if k_cache.qtype != v_cache.qtype or not 0 < n_kv <= c:
             raise GGMLError(f"attention: {n_kv} positions of caches {k_cache.ne}")
-        es = 4 if k_cache.qtype == F32 else 2  # float16 caches, as llama.cpp's
-        kh = self.permute(  # [hd, n_kv, kvh]
-            self.view_3d(k_cache, hd, n_head_kv, n_kv, hd * es, dkv * es), 0, 2, 1, 3
+        if (
+            mask is None
+            or mask.qtype != F16
+            or not mask.contiguous
+            or mask.ne[:2] != (n_kv, t)
+        ):
+            raise GGMLError(f"attention: the mask must be contiguous F16 [{n_kv}, {t}]")
+        es = 4 if k_cache.qtype == F32 else 2
+        kh, vh = (  # [hd, n_kv, kvh]
+            self.view_3d(cache, hd, n_kv, n_head_kv, dkv * es, hd * es)
+            for cache in (k_cache, v_cache)
         )
         qh = self.permute(q, 0, 2, 1, 3)  # [hd, T, heads]
-        kq = self.soft_max(self.mul_mat(kh, qh), mask, scale)  # [n_kv, T, heads]
-        vh = self.view_3d(v_cache, n_kv, hd, n_head_kv, c * es, hd * c * es)
-        out = self.mul_mat(vh, kq)  # [hd, T, heads]
-        return self.cont(self.permute(out, 0, 2, 1, 3))  # [hd, heads, T]
+        return self._op(  # [hd, heads, T]
+            1, self.g.ggml_flash_attn_ext, qh.ptr, kh.ptr, vh.ptr, mask.ptr,
+            scale, 0.0, 0.0, qtype=F32, ne=(hd, heads, t, 1),
+        )  # fmt: skip
