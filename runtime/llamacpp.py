@@ -36,6 +36,7 @@ class LlamaCpp:
         n_batch: int = 512,
         extra_bufts: bool = False,
         f32_cache: bool = False,
+        n_seq_max: int = 1,
     ):
         prepare_environment()
         import llama_cpp as L
@@ -57,6 +58,7 @@ class LlamaCpp:
         cp.n_ctx = n_ctx
         cp.n_batch = cp.n_ubatch = n_batch
         cp.n_threads = cp.n_threads_batch = n_threads
+        cp.n_seq_max = n_seq_max
         if f32_cache:
             # Exact comparisons: f16 caches round K/V, and flash attention with
             # them; the float path keeps llama.cpp's attention in float32.
@@ -87,6 +89,35 @@ class LlamaCpp:
         self.n_past += len(tokens)
         ptr = self.L.llama_get_logits_ith(self.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def decode_batch(self, items: list[tuple[int, int, list[int]]]) -> list[np.ndarray]:
+        """One ``llama_decode`` over several sequences: ``items`` is [(seq id
+        < n_seq_max, its first position, tokens), ...]; each sequence's
+        last-token logits [vocab] (copies)."""
+        L = self.L
+        n = sum(len(toks) for _, _, toks in items)
+        batch = L.llama_batch_init(n, 0, 1)
+        try:
+            i, last = 0, []
+            for seq, p0, toks in items:
+                for j, tok in enumerate(toks):
+                    batch.token[i], batch.pos[i] = tok, p0 + j
+                    batch.n_seq_id[i], batch.seq_id[i][0] = 1, seq
+                    batch.logits[i] = j == len(toks) - 1
+                    i += 1
+                last.append(i - 1)
+            batch.n_tokens = n
+            rc = L.llama_decode(self.ctx, batch)
+            if rc != 0:
+                raise ConfigError(f"llama_decode failed with {rc}")
+            return [
+                np.ctypeslib.as_array(
+                    L.llama_get_logits_ith(self.ctx, k), shape=(self.n_vocab,)
+                ).copy()
+                for k in last
+            ]
+        finally:
+            L.llama_batch_free(batch)
 
     def greedy(self, prompt: list[int], n: int) -> tuple[list[int], LlamaTimings]:
         """``n`` greedy tokens after ``prompt``, with prefill/decode timings."""
