@@ -100,13 +100,19 @@ def encode_tensor(w: Weight, qtype: int, spec: ModelSpec, permute: bool) -> np.n
     """The bytes (or float array) to store for ``w`` at ggml type ``qtype``."""
     if w.qtype == qtype and not permute:
         return w.data
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
-
     x = w.to_float32()
     if permute:
         heads = spec.n_head if ".attn_q." in w.name else spec.n_head_kv
         x = permute_rows(x, heads)
+    return quantize_rows(x, qtype)
+
+
+def quantize_rows(x: np.ndarray, qtype: int) -> np.ndarray:
+    """Float rows ``x`` [..., K] in ggml type ``qtype`` (an EXPORT_TYPES
+    value): K-quants by edgemoe.quant, the rest by gguf-py."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
     if qtype == GGML_F32:
         return np.ascontiguousarray(x, dtype=np.float32)
     if qtype == GGML_F16:

@@ -266,12 +266,14 @@ class SyntheticCheckpoint:
     def _quantized(self, name: str, shape: tuple[int, ...]) -> Weight:
         from gguf import GGMLQuantizationType
         from gguf.constants import GGML_QUANT_SIZES
-        from gguf.quants import quantize
+
+        from edgemoe.converters.llama_gguf import quantize_rows
 
         qt = GGMLQuantizationType(self._qtype)
         block, size = GGML_QUANT_SIZES[qt]
         if self._qpool is None:
-            self._qpool = quantize(self._pool.reshape(-1, block), qt).reshape(-1, size)
+            rows = self._pool.reshape(-1, block)
+            self._qpool = quantize_rows(rows, self._qtype).reshape(-1, size)
         n_blocks = int(np.prod(shape)) // block
         start = hash_name(name) % len(self._qpool)
         blocks = np.resize(np.roll(self._qpool, -start, axis=0), (n_blocks, size))

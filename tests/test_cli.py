@@ -214,6 +214,27 @@ def test_synth_gguf_then_inspect(tmp_path, capsys):
     assert rep["spec"]["n_expert"] == 8
 
 
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q4_K", "Q6_K", "Q4_0"])
+def test_synth_gguf_of_each_quant_type_runs_as_in_llamacpp(tmp_path, capsys, qtype):
+    """K-quant synth GGUFs are quantized by edgemoe.quant (gguf-py has no
+    K-quant encoder): llama.cpp loads them and computes the logits EdgeMoE does."""
+    import numpy as np
+
+    import edgemoe
+    from edgemoe.runtime.llamacpp import LlamaCpp
+
+    out = tmp_path / f"demo-{qtype}.gguf"
+    run_main(
+        capsys, "synth", "--preset", "demo", "--layers", 1, "--gguf", qtype, "-o", out
+    )
+    prompt = list(range(10, 30))
+    with LlamaCpp(out, n_ctx=64, f32_cache=True) as ref:
+        want = ref.eval(prompt)
+    with edgemoe.load(out, n_ctx=64) as model:
+        got = model.eval(prompt)
+    assert np.abs(got - want).max() < 1e-3 * max(1.0, np.abs(want).max())
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
