@@ -9,6 +9,7 @@ engine.md) the run is repeated with them off and the table says so.
 
     python benchmarks/bench_inmemory.py                 # OLMoE shape, 4 layers
     python benchmarks/bench_inmemory.py --types Q8_0 --threads 2 --runs 3
+    python benchmarks/bench_inmemory.py --types Q4_K --no-repack  # plain kernels
 
 With ``--converted DIR`` it compares a converted EdgeMoE model held in memory
 at each level against llama.cpp on that level exported by ``export-gguf``
@@ -272,6 +273,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--converted", help="converted model: compare its levels")
     ap.add_argument("--levels", default="8:Q8_0,4:Q4_K")
+    ap.add_argument(
+        "--no-repack", action="store_true", help="EdgeMoE with repack=False"
+    )
     ap.add_argument("--worker", choices=("edgemoe", "llamacpp"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--options", default="{}", help=argparse.SUPPRESS)
@@ -300,7 +304,10 @@ def main() -> int:
             for _ in range(args.runs):
                 res, note = llamacpp_best(model, threads, args)
                 runs["llamacpp"].append(res)
-                runs["edgemoe"].append(run_worker("edgemoe", model, threads, args))
+                opts = {"repack": False} if args.no_repack else None
+                runs["edgemoe"].append(
+                    run_worker("edgemoe", model, threads, args, opts)
+                )
             rows.append(dict(_row(runs, qtype, threads, model), note=note))
 
     report = {
@@ -310,6 +317,7 @@ def main() -> int:
         "prompt": args.prompt,
         "gen": args.gen,
         "runs": args.runs,
+        "repack": not args.no_repack,
         "machine": _machine(),
         "rows": rows,
     }
@@ -332,8 +340,9 @@ def markdown(report: dict, model: str) -> str:
         runs = [x[key] for x in r["runs"][e]]
         return f"{r[e][key]:.1f} [{min(runs):.1f}-{max(runs):.1f}]"
 
+    ours = "EdgeMoE" if report.get("repack", True) else "EdgeMoE, repack=False"
     for r in report["rows"]:
-        for e, label in (("llamacpp", "llama.cpp"), ("edgemoe", "EdgeMoE")):
+        for e, label in (("llamacpp", "llama.cpp"), ("edgemoe", ours)):
             lines.append(
                 f"| {r['type']} ({r['file_mib']:.0f} MiB) | {r['threads']} | {label} | "
                 f"{spread(r, e, 'prefill_tps')} | {spread(r, e, 'decode_tps')} | "

@@ -49,6 +49,12 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
         help="KV cache precision (default: f32; f16 halves its memory)",
     )
     p.add_argument(
+        "--no-repack",
+        action="store_true",
+        help="keep weights in their file layout (faster MoE prefill, slower "
+        "decode for Q4_0/Q4_K on CPUs with interleaved kernels)",
+    )
+    p.add_argument(
         "--device",
         default="cpu",
         choices=("cpu", "gpu", "auto"),
@@ -99,6 +105,7 @@ def _load(args: argparse.Namespace, **overrides: Any):
         n_threads=args.threads,
         n_batch=args.batch,
         kv_type=args.cache_type,
+        repack=not args.no_repack,
         device=args.device,
         force_level=args.level,
         budget=args.budget,

@@ -235,6 +235,19 @@ def test_synth_gguf_of_each_quant_type_runs_as_in_llamacpp(tmp_path, capsys, qty
     assert np.abs(got - want).max() < 1e-3 * max(1.0, np.abs(want).max())
 
 
+@pytest.mark.parametrize("flag, repack", [([], True), (["--no-repack"], False)])
+def test_no_repack_reaches_the_loader(monkeypatch, flag, repack):
+    """``--no-repack`` (llama.cpp's flag) loads weights in the file's layout."""
+    from edgemoe import cli
+    from edgemoe.runtime import model
+
+    seen = {}
+    monkeypatch.setattr(model, "load", lambda path, **options: seen.update(options))
+    args = cli.build_parser().parse_args(["run", "m.gguf", "-p", "x", *flag])
+    cli._load(args)
+    assert seen["repack"] is repack
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
