@@ -66,9 +66,11 @@ def worker(
             model, n_ctx=n_ctx, n_threads=threads, n_batch=512, **(options or {})
         )
     load_s = time.perf_counter() - t0
-    # Both expose reset() and eval(tokens) -> last logits.
-    m.eval(prompt[:8])  # warm-up: page the weights in, build decode graphs
-    m.eval([prompt[8]])
+    # Both expose reset() and eval(tokens) -> last logits. Warm-up: the whole
+    # prompt pages in (nearly) every expert of a file llama.cpp maps, which
+    # the page cache may have dropped since the last run; builds the graphs.
+    m.eval(prompt)
+    m.eval([prompt[0]])
     m.reset()
     t1 = time.perf_counter()
     logits = m.eval(prompt)
