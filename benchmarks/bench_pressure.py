@@ -82,6 +82,8 @@ ENGINES = {
     "edgemoe-direct": ("edgemoe", "edge", {"io": "direct", "io_threads": 2}),
     "edgemoe-direct4": ("edgemoe", "edge", {"io": "direct", "io_threads": 4}),
     "edgemoe-direct8": ("edgemoe", "edge", {"io": "direct", "io_threads": 8}),
+    # Weights as read: plain kernels, slots filled in place (no repack).
+    "edgemoe-plain": ("edgemoe", "edge", {"repack": False}),
     # What CRC-checking every plane read costs (verify=False: none).
     "edgemoe-noverify": ("edgemoe", "edge", {"verify": False}),
     # The on-demand baseline: level 8, LRU eviction, no prefetch.
@@ -102,6 +104,7 @@ VARIANTS = {
     "edgemoe-direct4",
     "edgemoe-direct8",
     "edgemoe-noverify",
+    "edgemoe-plain",
     "edgemoe-lru8",
     "bigmoe:q4km",
 }

@@ -99,7 +99,6 @@ class Model:
                 f"{checkpoint.path}: force_level and budget apply to converted "
                 "models (edgemoe convert); this one stores experts at one precision"
             )
-        streams = self.memory is not None and not self.memory.resident
         self.weights = WeightSet(
             self.device,
             # Weights, expert planes (per layer, or shared slots), KV cache.
@@ -107,9 +106,9 @@ class Model:
             + 8
             + 3 * n_planes * (spec.n_layer + 1)
             + 2 * spec.n_layer,
-            # Repacked weights are a copy made at load; streamed slots are
-            # rewritten in place, so a streaming model keeps the layout it reads.
-            repack=options.repack and not streams,
+            # Repacked weights are a copy made at load, one weight at a time
+            # (each source released as it is copied).
+            repack=options.repack,
         )
         experts, self.routed = None, None
         if manifest is not None:
