@@ -84,6 +84,8 @@ ENGINES = {
     "edgemoe-direct8": ("edgemoe", "edge", {"io": "direct", "io_threads": 8}),
     # Weights as read: plain kernels, slots filled in place (no repack).
     "edgemoe-plain": ("edgemoe", "edge", {"repack": False}),
+    # Without the next layer's guessed experts read ahead.
+    "edgemoe-noprefetch": ("edgemoe", "edge", {"prefetch": False}),
     # What CRC-checking every plane read costs (verify=False: none).
     "edgemoe-noverify": ("edgemoe", "edge", {"verify": False}),
     # The on-demand baseline: level 8, LRU eviction, no prefetch.
@@ -105,6 +107,7 @@ VARIANTS = {
     "edgemoe-direct8",
     "edgemoe-noverify",
     "edgemoe-plain",
+    "edgemoe-noprefetch",
     "edgemoe-lru8",
     "bigmoe:q4km",
 }
