@@ -16,6 +16,7 @@ level overrides all of it (evaluation, lossless runs).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -85,11 +86,22 @@ class LevelPolicy:
     def rank_planes(self, k: int) -> np.ndarray | None:
         """Planes the expert of each rank (0 = largest weight) runs, [K],
         when counts are fixed (a preset or forced level); else None."""
-        counts = self.counts(k)
-        if counts is None:
-            return None
-        # Rank r runs the planes whose count exceeds r.
-        return np.array([sum(1 for c in counts if c > r) for r in range(k)])
+        ranks = self._rank_list(k)
+        return None if ranks is None else np.array(ranks)
+
+    def _rank_list(self, k: int) -> tuple[int, ...] | None:
+        # Memoized per k in the instance dict (the policy is frozen; asked
+        # once per MoE layer per step).
+        memo = self.__dict__.setdefault("_ranks", {})
+        if k not in memo:
+            counts = self.counts(k)
+            # Rank r runs the planes whose count exceeds r.
+            memo[k] = (
+                None
+                if counts is None
+                else tuple(sum(1 for c in counts if c > r) for r in range(k))
+            )
+        return memo[k]
 
     def planes_used(self, k: int) -> int:
         """How many planes, from the first, this policy can ever run."""
@@ -98,15 +110,24 @@ class LevelPolicy:
             return self.top
         return sum(1 for c in counts if c)
 
-    @property
+    @functools.cached_property
     def top(self) -> int:
         return len(self.plan.planes)
 
     def planes(self, layer: int, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Planes each (token, chosen expert) runs with; ``ids``/``weights`` [T, K]."""
         top = self.top
-        per_rank = self.rank_planes(ids.shape[1])
-        if per_rank is not None:
+        per_rank = self._rank_list(ids.shape[1])
+        if per_rank is not None and ids.shape[0] == 1:
+            # Decode asks once per MoE layer: plain Python beats numpy's
+            # per-call cost on K values.
+            w = weights[0].tolist()
+            order = sorted(range(len(w)), key=lambda j: -w[j])  # stable
+            row = [0] * len(w)
+            for rank, j in enumerate(order):
+                row[j] = per_rank[rank]
+            out = np.array([row], dtype=np.int64)
+        elif per_rank is not None:
             order = np.argsort(-weights, axis=1, kind="stable")
             out = np.empty(ids.shape, dtype=np.int64)
             np.put_along_axis(out, order, np.broadcast_to(per_rank, ids.shape), 1)

@@ -375,8 +375,12 @@ def test_dual_routing_one_token_matches_batched():
     w[40:80] = [0.4, 0.2, 0.2, 0.1, 0.1, 0.0, 0.0, 0.0]  # sums hit 0.6 and 0.9
     w[80:90] = 0.0  # no weight at all
     ids = np.tile(np.arange(8), (len(w), 1))  # [S, 8]
-    for quality in ("balanced", "fast", "high", "min", (0.2, 0.5)):
-        policy = LevelPolicy.make(plan, ((5,),), quality)
+    policies = [LevelPolicy.make(plan, ((5,),), force_level=4)] + [
+        LevelPolicy.make(plan, ((5,),), q)
+        for q in ("balanced", "fast", "high", "min", (0.2, 0.5))
+    ]
+    for policy in policies:
+        quality = policy.thresholds, policy.force_level
         batched = policy.planes(0, ids, w)  # [S, 8]
         one = np.vstack(
             [policy.planes(0, ids[i : i + 1], w[i : i + 1]) for i in range(len(w))]

@@ -9,6 +9,7 @@ runtime multiplies by a level as the sum of ggml matmuls over its planes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from edgemoe.errors import ConfigError
@@ -83,7 +84,7 @@ class NestedQuant:
             ) from None
         return cls(levels)
 
-    @property
+    @functools.cached_property
     def planes(self) -> tuple[BlockType, ...]:
         steps = [self.levels[0]] + [b - a for a, b in zip(self.levels, self.levels[1:])]
         return tuple(BLOCK_TYPES[PLANE_FOR_BITS[s]] for s in steps)
