@@ -15,6 +15,7 @@ soon its layer comes round again; losing plane 1 drops the planes above it.
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,17 +60,13 @@ def hebf_order(heat: dict[int, list[float]]) -> list[tuple[int, int]]:
 
     ``heat[e][p]`` is how much demand plane p of expert e carries (its
     frequency). Each expert is a queue of its planes, most significant first;
-    repeatedly the queue whose head is hottest gives up its head.
+    repeatedly the queue whose head is hottest gives up its head (ties: the
+    lower expert id). That is ``heapq.merge`` of the queues, in ascending
+    expert order (it breaks ties by input order), without a Python scan of
+    every head per pick (this runs once per MoE layer).
     """
-    heads = {e: 0 for e, h in heat.items() if h}
-    order = []
-    while heads:
-        e = max(heads, key=lambda x: (heat[x][heads[x]], -x))
-        order.append((e, heads[e]))
-        heads[e] += 1
-        if heads[e] >= len(heat[e]):
-            del heads[e]
-    return order
+    queues = [[(h, e, p) for p, h in enumerate(heat[e])] for e in sorted(heat)]
+    return [(e, p) for _, e, p in heapq.merge(*queues, key=lambda q: -q[0])]
 
 
 class PlaneCache:

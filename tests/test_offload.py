@@ -240,6 +240,24 @@ def test_hebf_order():
     """D2MoE's example: A's planes carry demand (10, 8, 2), B's (9, 9, 1)."""
     heat = {0: [10.0, 8.0, 2.0], 1: [9.0, 9.0, 1.0], 2: [3.0]}
     assert hebf_order(heat) == [(0, 0), (1, 0), (1, 1), (0, 1), (2, 0), (0, 2), (1, 2)]
+    # The rule as written (take the hottest head, ties to the lower expert),
+    # on random queues with ties, unordered heats and empty queues.
+    rng = np.random.default_rng(4)
+    for _ in range(300):
+        heat = {
+            int(e): rng.choice(
+                [0.1, 0.5, 0.9, rng.random()], rng.integers(0, 4)
+            ).tolist()
+            for e in rng.choice(64, 8, replace=False)
+        }
+        heads, want = {e: 0 for e, h in heat.items() if h}, []
+        while heads:
+            e = max(heads, key=lambda x: (heat[x][heads[x]], -x))
+            want.append((e, heads[e]))
+            heads[e] += 1
+            if heads[e] == len(heat[e]):
+                del heads[e]
+        assert hebf_order(heat) == want, heat
 
 
 def test_loads_are_queued_in_hebf_order(converted):
