@@ -83,15 +83,11 @@ class LevelPolicy:
         out = [k] + [math.ceil(s * k - 1e-9) for s in shares[1:]]
         return tuple(min(c, out[i - 1]) if i else c for i, c in enumerate(out))
 
-    def rank_planes(self, k: int) -> np.ndarray | None:
+    def rank_planes(self, k: int) -> tuple[int, ...] | None:
         """Planes the expert of each rank (0 = largest weight) runs, [K],
-        when counts are fixed (a preset or forced level); else None."""
-        ranks = self._rank_list(k)
-        return None if ranks is None else np.array(ranks)
-
-    def _rank_list(self, k: int) -> tuple[int, ...] | None:
-        # Memoized per k in the instance dict (the policy is frozen; asked
-        # once per MoE layer per step).
+        when counts are fixed (a preset or forced level); else None.
+        Memoized per k in the instance dict (the policy is frozen; asked
+        once per MoE layer per step)."""
         memo = self.__dict__.setdefault("_ranks", {})
         if k not in memo:
             counts = self.counts(k)
@@ -117,7 +113,7 @@ class LevelPolicy:
     def planes(self, layer: int, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Planes each (token, chosen expert) runs with; ``ids``/``weights`` [T, K]."""
         top = self.top
-        per_rank = self._rank_list(ids.shape[1])
+        per_rank = self.rank_planes(ids.shape[1])
         if per_rank is not None and ids.shape[0] == 1:
             # Decode asks once per MoE layer: plain Python beats numpy's
             # per-call cost on K values.
