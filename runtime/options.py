@@ -59,9 +59,9 @@ class LoadOptions:
     """CPU: copy matmul weights into ggml's CPU_REPACK layout where this CPU
     has interleaved kernels for their type (llama.cpp's default); the copy
     replaces the mapped or read bytes in memory, one weight at a time. Never
-    for streamed slots: laying out each read costs an I/O thread ~3 GB/s of
-    CPU, which cost more decode speed than the layout gave at every
-    benchmark limit (README)."""
+    for streamed slots: laying out each read costs an I/O thread CPU time,
+    which in an experiment cost more decode speed than the layout gave
+    (README, "How it computes")."""
     eviction: str = "score"
     """Expert slot eviction: "score" (recency, use, hotness, layer distance)
     or "lru" (a baseline)."""
