@@ -18,72 +18,102 @@ from edgemoe.runtime.device import Device, WeightSet
 from edgemoe.runtime.graph import Graph
 
 
-def matmul_rate(
-    type_name: str,
-    n_threads: int | None = None,
-    ffn: int = 1024,
-    dim: int = 2048,
-    experts: int = 64,
-    used: int = 8,
-    seconds: float = 0.6,
-) -> float:
-    """GB/s of ``type_name`` expert weights that one token's expert FFN graph
-    streams: gate and up ``mul_mat_id``, SwiGLU, down ``mul_mat_id``, the
-    shape of a decode step's routed experts."""
-    bt = BLOCK_TYPES[type_name]
-    rng = np.random.default_rng(0)
-    device = Device("cpu", n_threads)
-    ws = WeightSet(device, capacity=4)
-    g = Graph(device, n_tensors=32)
-    try:
-        mats = {}
-        for name, (n, k) in {
-            "gate": (ffn, dim),
-            "up": (ffn, dim),
-            "down": (dim, ffn),
-        }.items():
-            one = codec(type_name).quantize(
-                rng.standard_normal((n, k)).astype(np.float32)
-            )  # [n, row bytes]
-            slab = aligned_empty((experts, n, bt.row_bytes(k)), np.uint8)
-            slab[:] = one  # the same valid blocks in every expert: only bytes matter
-            mats[name] = ws.add(Weight(f"bench.{name}", bt.ggml, (experts, n, k), slab))
-        ws.finalize()
-        x = aligned_empty((1, 1, dim), np.float32)
-        x[:] = rng.standard_normal(dim)
-        ids = aligned_empty((1, used), np.int32)
-        out = aligned_empty((1, used, dim), np.float32)
-        tid = g.ids(ids, experts)
-        xin = g.input(x)
-        act = g.swiglu(
-            g.mul_mat_id(mats["gate"], xin, tid), g.mul_mat_id(mats["up"], xin, tid)
-        )  # [1, U, F]
-        g.output(g.mul_mat_id(mats["down"], act, tid), out)
-        g.build()
-        step = 0
+class MatmulProbe:
+    """A decode step's routed-expert FFN graph over ``type_name`` weights:
+    gate and up ``mul_mat_id``, SwiGLU, down ``mul_mat_id``, one token, built
+    once so that its rate can be sampled again and again (a timing test
+    interleaves samples with the decodes it compares them to)."""
 
-        def run() -> None:
-            nonlocal step
-            # Consecutive calls touch disjoint experts: nothing stays cached.
-            ids[0] = (np.arange(used) + step * used) % experts
-            step += 1
-            g.compute()
-
+    def __init__(
+        self,
+        type_name: str,
+        n_threads: int | None = None,
+        ffn: int = 1024,
+        dim: int = 2048,
+        experts: int = 64,
+        used: int = 8,
+    ):
+        bt = BLOCK_TYPES[type_name]
+        rng = np.random.default_rng(0)
+        self.experts, self.used = experts, used
+        self.bytes_per_token = used * (
+            2 * ffn * bt.row_bytes(dim) + dim * bt.row_bytes(ffn)
+        )
+        self._device = Device("cpu", n_threads)
+        self._ws = WeightSet(self._device, capacity=4)
+        self._g = g = Graph(self._device, n_tensors=32)
+        try:
+            mats = {}
+            for name, (n, k) in {
+                "gate": (ffn, dim),
+                "up": (ffn, dim),
+                "down": (dim, ffn),
+            }.items():
+                one = codec(type_name).quantize(
+                    rng.standard_normal((n, k)).astype(np.float32)
+                )  # [n, row bytes]
+                slab = aligned_empty((experts, n, bt.row_bytes(k)), np.uint8)
+                slab[:] = (
+                    one  # the same valid blocks in every expert: only bytes matter
+                )
+                w = Weight(f"bench.{name}", bt.ggml, (experts, n, k), slab)
+                mats[name] = self._ws.add(w)
+            self._ws.finalize()
+            x = aligned_empty((1, 1, dim), np.float32)
+            x[:] = rng.standard_normal(dim)
+            self._ids = aligned_empty((1, used), np.int32)
+            out = aligned_empty((1, used, dim), np.float32)
+            tid = g.ids(self._ids, experts)
+            xin = g.input(x)
+            act = g.swiglu(
+                g.mul_mat_id(mats["gate"], xin, tid), g.mul_mat_id(mats["up"], xin, tid)
+            )  # [1, U, F]
+            g.output(g.mul_mat_id(mats["down"], act, tid), out)
+            g.build()
+        except BaseException:
+            self.close()
+            raise
+        self._step = 0
         for _ in range(experts // used):
-            run()
+            self._run()
+
+    def _run(self) -> None:
+        # Consecutive calls touch disjoint experts: nothing stays cached.
+        self._ids[0] = (np.arange(self.used) + self._step * self.used) % self.experts
+        self._step += 1
+        self._g.compute()
+
+    def rate(self, seconds: float = 0.6) -> float:
+        """GB/s of expert weights streamed: the median step of ``seconds`` of
+        steps (at least 8), as a decode step sees it: cold weights, waking
+        threads."""
         times, t0 = [], time.perf_counter()
         while time.perf_counter() - t0 < seconds or len(times) < 8:
             t = time.perf_counter()
-            run()
+            self._run()
             times.append(time.perf_counter() - t)
-        # The median, as a decode step sees it: cold weights, waking threads.
-        median = float(np.median(times))
-        per_expert = 2 * ffn * bt.row_bytes(dim) + dim * bt.row_bytes(ffn)
-        return used * per_expert / median / 1e9
-    finally:
-        g.free()
-        ws.free()
-        device.close()
+        return self.bytes_per_token / float(np.median(times)) / 1e9
+
+    def close(self) -> None:
+        self._g.free()
+        self._ws.free()
+        self._device.close()
+
+    def __enter__(self) -> MatmulProbe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def matmul_rate(
+    type_name: str, n_threads: int | None = None, seconds: float = 0.6, **shape: int
+) -> float:
+    """GB/s of ``type_name`` expert weights that one token's expert FFN graph
+    streams, measured over ``seconds``; ``shape``: ``MatmulProbe``'s ffn,
+    dim, experts and used."""
+    with MatmulProbe(type_name, n_threads, **shape) as probe:
+        return probe.rate(seconds)
 
 
 def queue_reads(path, size: int, count: int = 24, seed: int = 0) -> float:

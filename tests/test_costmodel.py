@@ -4,7 +4,8 @@ Each byte term is checked against a measured time difference between two
 configurations that differ only in that term: the expert term between forced
 levels 8 and 2 of one model, the backbone term between two models that differ
 only in their output head. Then the whole prediction, with this machine's
-matvec rates and its per-token and per-plane overheads measured on a tiny
+matvec rates (sampled in the same rounds as the decodes) and its per-token
+and per-plane overheads measured on a tiny
 model of the same depth, against a dual-routing decode of the larger model.
 The bounds (±40%) allow this shared machine's noise; a term off by 2x or 3x
 (the backbone counted twice, the expert rate a third) falls outside them.
@@ -46,40 +47,52 @@ def models(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def profile():
-    """This machine's ggml matvec rates at one thread (the decode below runs
-    one thread), no overheads and no storage: the byte terms alone. Measured
-    at the big model's shapes and working set (all its experts): where a
-    cache holds these small models (480 MiB of L3 on one machine here),
-    their bytes come from it, and so do the rates'."""
-    from edgemoe.profile import load_profile
-    from edgemoe.runtime.measure import matmul_rate
-
-    hidden, ffn, _ = SHAPES["big"]
-    shape = dict(ffn=ffn, dim=hidden, experts=LAYERS * 8, used=2, seconds=0.4)
-    rates = {n: matmul_rate(t, 1, **shape) for n, t in RATE_TYPES}
-    return dataclasses.replace(
-        load_profile("generic-cpu"), matmul=rates, threads=1,
-        token_overhead_ms=0.0, layer_overhead_ms=0.0, plane_overhead_ms=0.0,
-    )  # fmt: skip
-
-
 RATE_TYPES = (("q8_0", "Q8_0"), ("q4_k", "Q4_K"), ("q2_k", "Q2_K"), ("q6_k", "Q6_K"))
 
 
-def decode_ms(runs: dict) -> dict[str, float]:
-    """ms per decoded token of each loaded model: the fastest of interleaved
-    rounds (so that drift hits all alike; the fastest is the least disturbed
-    by the machine's other load)."""
+@pytest.fixture(scope="module")
+def probes():
+    """This machine's ggml matvec probes at one thread (the decodes below run
+    one thread), at the big model's shapes and working set (all its experts):
+    where a cache holds these small models (480 MiB of L3 on one machine
+    here), their bytes come from it, and so do the rates'."""
+    from edgemoe.runtime.measure import MatmulProbe
+
+    hidden, ffn, _ = SHAPES["big"]
+    shape = dict(ffn=ffn, dim=hidden, experts=LAYERS * 8, used=2)
+    made = {}
+    try:
+        for name, t in RATE_TYPES:
+            made[name] = MatmulProbe(t, 1, **shape)
+        yield made
+    finally:
+        for p in made.values():
+            p.close()
+
+
+def measure(runs: dict, probes: dict):
+    """ms per decoded token of each loaded model, and a profile of the
+    matvec rates alone (no overheads, no storage: the byte terms), sampled in
+    the same interleaved rounds: the fastest of each, so that drift and the
+    machine's other load hit decodes and rates alike (rates measured once,
+    apart from the decodes, missed them by more than the bounds in a busy
+    spell)."""
+    from edgemoe.profile import load_profile
     from edgemoe.runtime.bench import bench
 
-    samples: dict[str, list[float]] = {k: [] for k in runs}
+    samples: dict = {k: [] for k in runs}
+    rates: dict = {k: [] for k in probes}
     for r in range(ROUNDS):
         for key, model in runs.items():
             (tg,) = bench(model, n_prompt=0, n_gen=N_GEN, reps=1, seed=r)
             samples[key].append(1e3 / tg.tps[-1])
-    return {k: min(v) for k, v in samples.items()}
+        for key, probe in probes.items():
+            rates[key].append(probe.rate(seconds=0.1))
+    profile = dataclasses.replace(
+        load_profile("generic-cpu"), matmul={k: max(v) for k, v in rates.items()},
+        threads=1, token_overhead_ms=0.0, layer_overhead_ms=0.0, plane_overhead_ms=0.0,
+    )  # fmt: skip
+    return {k: min(v) for k, v in samples.items()}, profile
 
 
 def loaded(path, **options):
@@ -107,7 +120,7 @@ def close_all(runs: dict) -> None:
         m.close()
 
 
-def test_expert_term_against_level_8_minus_level_2(models, profile):
+def test_expert_term_against_level_8_minus_level_2(models, probes):
     """Levels 8 and 2 of one model run the same backbone and experts; their
     difference is the expert planes' bytes plus a per-plane cost, which the
     tiny model (bytes that hardly count) measures."""
@@ -117,7 +130,7 @@ def test_expert_term_against_level_8_minus_level_2(models, profile):
         for lv in (2, 8)
     }
     try:
-        ms = decode_ms(runs)
+        ms, profile = measure(runs, probes)
         pred = {k: predict(m, profile) for k, m in runs.items()}
     finally:
         close_all(runs)
@@ -135,7 +148,7 @@ def test_expert_term_against_level_8_minus_level_2(models, profile):
     assert within(predicted, measured), (predicted, measured, ms)
 
 
-def test_backbone_term_against_a_larger_output_head(models, profile):
+def test_backbone_term_against_a_larger_output_head(models, probes):
     """Two models alike but for the vocabulary: their decode times differ by
     the output head's matvec (the embedding is a row lookup). The head is
     one 55 MB Q6_K matrix read with the rest of the model (about as much
@@ -143,16 +156,15 @@ def test_backbone_term_against_a_larger_output_head(models, profile):
     head-sized matrices in turn. (Measured at the experts' 82 MB, or at the
     head alone, the rate missed one way or the other, as this machine's
     shared 480 MiB cache held the head or not.)"""
-    from edgemoe.runtime.measure import matmul_rate
+    from edgemoe.runtime.measure import MatmulProbe
 
     hidden, _, vocab = SHAPES["bighead"]
     # gate, up and down of ffn rows: 3 x ffn ~ the head's rows (a multiple of 256).
     ffn = vocab // 3 // 256 * 256
-    head_rate = matmul_rate("Q6_K", 1, ffn=ffn, dim=hidden, experts=2, used=1)
-    profile = dataclasses.replace(profile, matmul={**profile.matmul, "q6_k": head_rate})
     runs = {name: loaded(models[name], force_level=2) for name in ("big", "bighead")}
     try:
-        ms = decode_ms(runs)
+        with MatmulProbe("Q6_K", 1, ffn=ffn, dim=hidden, experts=2, used=1) as head:
+            ms, profile = measure(runs, {**probes, "q6_k": head})
         pred = {k: predict(m, profile) for k, m in runs.items()}
     finally:
         close_all(runs)
@@ -162,7 +174,7 @@ def test_backbone_term_against_a_larger_output_head(models, profile):
     assert within(predicted, measured), (predicted, measured, ms)
 
 
-def test_decode_prediction_end_to_end(models, profile):
+def test_decode_prediction_end_to_end(models, probes):
     """With the overheads measured on the tiny model (same depth and routing
     shape: per plane from level 8 minus level 2, per token from its dual-routing
     decode), the big model's dual-routing decode is predicted within 40%."""
@@ -173,7 +185,7 @@ def test_decode_prediction_end_to_end(models, profile):
         "big": loaded(models["big"]),
     }
     try:
-        ms = decode_ms(runs)
+        ms, profile = measure(runs, probes)
         p = {k: predict(m, profile) for k, m in runs.items()}
     finally:
         close_all(runs)
