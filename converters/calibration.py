@@ -133,7 +133,7 @@ class LayerRunner:
 
     def __init__(self, spec: ModelSpec, window: int):
         self.spec = spec
-        self.rope = RoPE(spec.head_dim, spec.rope_theta, window, spec.rope_interleaved)
+        self.rope = RoPE(spec, window)
         one = dataclasses.replace(
             spec,
             n_layer=1,

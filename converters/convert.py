@@ -78,7 +78,7 @@ class _Backbone:
             self.tokenizer_fields = ckpt.tokenizer_fields
 
     def names(self) -> list[str]:
-        return [n for n in self._ckpt.names() if "_exps." not in n]
+        return [n for n in self._ckpt.names() if not n.endswith("_exps.weight")]
 
     def load(self, name: str) -> Weight:
         return self._ckpt.load(name)

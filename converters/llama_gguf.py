@@ -62,6 +62,20 @@ _MATH_FIELDS = (
     "shared_expert_ffn",
     "shared_expert_gated",
     "moe_layers",
+    "swa_layers",
+    "attn_sinks",
+    "rope_scaling",
+    "rope_factor",
+    "rope_orig_ctx",
+    "rope_beta_fast",
+    "rope_beta_slow",
+    "rope_attn_factor",
+    "rope_truncate",
+    "router",
+    "moe_bias",
+    "ffn_act",
+    "swiglu_alpha",
+    "swiglu_limit",
 )
 
 
@@ -80,7 +94,7 @@ def tensor_type(name: str, shape: tuple[int, ...], target: int) -> int:
     into the target's blocks fall back to F16."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):
+    if len(shape) == 1 or name.endswith(("ffn_gate_inp.weight", ".bias")):
         return GGML_F32
     block = GGML_QUANT_SIZES[GGMLQuantizationType(target)][0]
     return target if shape[-1] % block == 0 else GGML_F16
@@ -253,11 +267,7 @@ def write_gguf(
         writer.add_name(name or Path(ckpt.path).name)
         writer.add_file_type(_file_type(qtype))
         for key, value in fields.items():
-            full = f"{arch}.{key}"
-            if isinstance(value, float):
-                writer.add_float32(full, value)
-            else:
-                writer.add_uint32(full, int(value))
+            _add_field(writer, f"{arch}.{key}", value)
         for key, value in vocab.items():
             _add_field(writer, key, value)
         plan = []
@@ -278,7 +288,7 @@ def write_gguf(
                 else (np.float16 if t == GGML_F16 else np.uint8)
             )
             writer.add_tensor_info(
-                n,
+                family.to_gguf_name(n),
                 byte_shape,
                 np.dtype(dtype),
                 nbytes,

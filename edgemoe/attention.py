@@ -24,15 +24,16 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 class RoPE:
     """Rotary embedding tables for positions ``0..n_ctx-1``."""
 
-    def __init__(self, head_dim: int, theta: float, n_ctx: int, interleaved: bool):
-        inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-        ang = (
-            np.arange(n_ctx, dtype=np.float64)[:, None] * inv[None, :]
-        )  # [n_ctx, Dh/2]
-        self.cos = np.cos(ang).astype(np.float32)
-        self.sin = np.sin(ang).astype(np.float32)
-        self.interleaved = interleaved
-        self.half = head_dim // 2
+    def __init__(self, spec: ModelSpec, n_ctx: int):
+        from edgemoe import rope
+
+        inv = rope.inv_freq(spec)  # [Dh/2], YaRN-scaled where the model is
+        ang = np.arange(n_ctx, dtype=np.float64)[:, None] * inv[None, :]  # [C, Dh/2]
+        scale = rope.attn_factor(spec)
+        self.cos = (np.cos(ang) * scale).astype(np.float32)
+        self.sin = (np.sin(ang) * scale).astype(np.float32)
+        self.interleaved = spec.rope_interleaved
+        self.half = spec.head_dim // 2
 
     def apply(self, x: np.ndarray, pos: int) -> np.ndarray:
         """Rotate ``x`` [T, heads, Dh] whose first token sits at ``pos``."""

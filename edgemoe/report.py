@@ -29,7 +29,7 @@ def inspect_report(path: str, verify: bool = False) -> dict[str, Any]:
                 n *= d
             params += n
             stored += nbytes
-            if "_exps." in name:
+            if name.endswith("_exps.weight"):
                 expert_params += n
             tensors.append(
                 {"name": name, "type": dtype, "shape": list(shape), "bytes": nbytes}

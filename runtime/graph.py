@@ -205,15 +205,20 @@ class Graph(StepOps):
             raise GGMLError("rms_norm: input must be contiguous float32")
         return self._new_op(self.g.ggml_rms_norm(self._ctx.ctx, a.ptr, eps), F32, a.ne)
 
-    def swiglu(self, gate: T, up: T) -> T:
-        """silu(gate) * up, fused."""
+    def swiglu(self, gate: T, up: T, oai: tuple[float, float] | None = None) -> T:
+        """silu(gate) * up, fused; with ``oai`` = (alpha, limit) gpt-oss's
+        clamped form: gate clamped above at limit, up to ±limit, then
+        gate·σ(alpha·gate)·(up + 1)."""
         if (
             gate.ne != up.ne
             or gate.qtype != up.qtype
             or not (gate.contiguous and up.contiguous)
         ):
             raise GGMLError(f"swiglu: gate {gate.ne} and up {up.ne} must match")
-        ptr = self.g.ggml_swiglu_split(self._ctx.ctx, gate.ptr, up.ptr)
+        if oai is None:
+            ptr = self.g.ggml_swiglu_split(self._ctx.ctx, gate.ptr, up.ptr)
+        else:
+            ptr = self.g.ggml_swiglu_oai(self._ctx.ctx, gate.ptr, up.ptr, *oai)
         return self._new_op(ptr, gate.qtype, gate.ne)
 
     def sigmoid(self, a: T) -> T:

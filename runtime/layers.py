@@ -60,8 +60,13 @@ class LayerWeights:
     bo: T | None = None
     q_norm: T | None = None
     k_norm: T | None = None
+    sinks: T | None = None
     router: T | None = None
+    router_bias: T | None = None
     experts: ExpertPlanes | None = None
+    expert_bias: tuple[T, T, T] | None = None
+    """Per expert (gate [F, E], up [F, E], down [D, E]): added to each
+    projection's sum over planes (gpt-oss)."""
     gate_shexp: T | None = None
     up_shexp: T | None = None
     down_shexp: T | None = None
@@ -111,9 +116,15 @@ def build_layers(
             bo=add(b + "attn_output.bias", True),
             q_norm=add(b + "attn_q_norm.weight", True),
             k_norm=add(b + "attn_k_norm.weight", True),
+            sinks=add(b + "attn_sinks.weight", True),
         )
         if moe:
             lw.router = add(b + "ffn_gate_inp.weight")
+            lw.router_bias = add(b + "ffn_gate_inp.bias", True)
+            if spec.moe_bias:
+                lw.expert_bias = tuple(
+                    add(b + f"ffn_{p}_exps.bias", True) for p in ("gate", "up", "down")
+                )
             if experts is not None:
                 lw.experts = experts(i)
             else:

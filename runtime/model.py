@@ -261,10 +261,14 @@ class Model:
         self._embedding.into(np.array([x for _, ts in items for x in ts]), io.x)
         io.pos[...] = pos
         io.cells[...] = cells
-        io.mask[...] = self.cache.mask(
-            np.array(seq_ids), io.pos.astype(np.int64), shape.n_kv,
-            self.spec.sliding_window,
-        )  # fmt: skip
+        sids, p64, window = np.array(seq_ids), io.pos.astype(np.int64), None
+        if io.mask_swa is not None:  # windowed and full layers: a mask each
+            io.mask_swa[...] = self.cache.mask(
+                sids, p64, shape.n_kv, self.spec.sliding_window
+            )
+        else:
+            window = self.spec.sliding_window
+        io.mask[...] = self.cache.mask(sids, p64, shape.n_kv, window)
         io.out_ids[...] = out
         # Decode steps tune the thread count (runtime/threads.py).
         tuner = self.device.tuner if t <= len(items) else None

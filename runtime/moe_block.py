@@ -10,6 +10,8 @@ R rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from edgemoe.checkpoint.base import aligned_empty
@@ -18,7 +20,30 @@ from edgemoe.runtime.graph import Graph
 from edgemoe.runtime.layers import ExpertPlanes
 
 
-def in_graph(g: Graph, hn: T, ids: T, weights: T, ep: ExpertPlanes, table) -> T:
+@dataclass(frozen=True)
+class ExpertMath:
+    """What an expert computes beyond its planes' products."""
+
+    bias: tuple[T, T, T] | None = None
+    """gate [F, E], up [F, E], down [D, E]: each projection's bias, added by
+    expert id to the sum over planes."""
+    oai: tuple[float, float] | None = None
+    """gpt-oss's clamped SwiGLU (alpha, limit); None: plain SwiGLU."""
+
+    def ffn(self, g: Graph, project, x: T, eids: T | None) -> T:
+        """down(act(gate(x), up(x))) [D, K, R] with the biases, ``project(j,
+        x)`` the sum over planes of projection j, ``eids`` [K, R] expert ids."""
+
+        def proj(j: int, y: T) -> T:
+            out = project(j, y)
+            return out if self.bias is None else g.add_id(out, self.bias[j], eids)
+
+        return proj(2, g.swiglu(proj(0, x), proj(1, x), self.oai))  # [F, K, R] inside
+
+
+def in_graph(
+    g: Graph, hn: T, ids: T, weights: T, ep: ExpertPlanes, table, math: ExpertMath
+) -> T:
     """Routed experts chosen in-graph: hn [D, R], ids [K, R] (heaviest
     first) -> [D, R]. Plane p runs on each row's ``ep.counts[p]`` first
     experts; protected experts run it on the other rows too, through a
@@ -53,8 +78,8 @@ def in_graph(g: Graph, hn: T, ids: T, weights: T, ep: ExpertPlanes, table) -> T:
                 acc = g.add(acc, y) if n == k else g.acc_rows(acc, y, start)
         return acc
 
-    act = g.swiglu(project(0, x3), project(1, x3))  # [F, K, R]
-    return sum_k(g, g.mul(project(2, act), weights), d, k, r)
+    y = math.ffn(g, project, x3, ids)  # [D, K, R]
+    return sum_k(g, g.mul(y, weights), d, k, r)
 
 
 def protect_table(ep: ExpertPlanes) -> np.ndarray:
@@ -66,10 +91,11 @@ def protect_table(ep: ExpertPlanes) -> np.ndarray:
     return table
 
 
-def host_placed(g: Graph, c, ep: ExpertPlanes, counts) -> T:
+def host_placed(g: Graph, c, ep: ExpertPlanes, counts, math: ExpertMath) -> T:
     """Experts placed by the host: ``counts[p]`` per row run plane p, the
     first ones of ``c.pids[p]`` (each row's experts ordered by planes,
-    most first), plane scales from ``c.scales``."""
+    most first; their expert ids in ``c.eids``), plane scales from
+    ``c.scales``."""
     d, r, k = c.hn.shape[1], c.rows, counts[0]
     hn = g.input(c.hn)
     x3 = g.reshape(hn, d, 1, r)
@@ -94,8 +120,11 @@ def host_placed(g: Graph, c, ep: ExpertPlanes, counts) -> T:
                 acc = g.add(acc, y) if kp == k else g.acc_rows(acc, y, 0)
         return acc
 
-    act = g.swiglu(project(0, x3), project(1, x3))  # [F, K, R]
-    return sum_k(g, g.mul(project(2, act), rw), d, k, r)
+    eids = None
+    if math.bias is not None:
+        eids = g.ids(_prefix(c.eids, r, k), ep.n_experts, c.eids)
+    y = math.ffn(g, project, x3, eids)  # [D, K, R]
+    return sum_k(g, g.mul(y, rw), d, k, r)
 
 
 def sum_k(g: Graph, y: T, d: int, k: int, r: int) -> T:

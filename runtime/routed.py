@@ -246,6 +246,7 @@ class CachedRouted:
                     cache.slot(layer, e, p) for _, e, _ in rows[:kp]
                 ]
             carry.rw.reshape(-1)[: counts[0]] = [w for _, _, w in rows[: counts[0]]]
+            carry.eids.reshape(-1)[: counts[0]] = [e for _, e, _ in rows[: counts[0]]]
             return tuple(counts)
         run = np.isin(ids, batch)
         planes = np.where(run, want, 0)  # [R, K]
@@ -263,6 +264,7 @@ class CachedRouted:
                 slots[use & (experts[:, :kp] == e)] = cache.slot(layer, int(e), p)
             carry.pids[p].reshape(-1)[: r * kp] = slots.ravel()
         carry.rw.reshape(-1)[: r * counts[0]] = weights[:, : counts[0]].ravel()
+        carry.eids.reshape(-1)[: r * counts[0]] = experts[:, : counts[0]].ravel()
         return tuple(counts)
 
     def _speculate(self, carry, layer: int, upgrades) -> None:

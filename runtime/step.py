@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgemoe import rope
 from edgemoe.checkpoint.base import aligned_empty
 from edgemoe.runtime import moe_block
 from edgemoe.runtime.device import T
@@ -57,6 +58,8 @@ class Carry:
         self.h, self.hn = _a((rows, d)), _a((rows, d))
         self.ids, self.w = _a((rows, k), np.int32), _a((rows, k, 1))
         self.pids = _a((n_planes, rows, k), np.int32)
+        self.eids = _a((rows, k), np.int32)
+        """The expert ids of ``pids``' order (expert biases index them)."""
         self.rw = _a((rows, k))
         self.scales = _a((n_planes, 3))
         self.xout = _a((rows, d))
@@ -73,6 +76,8 @@ class StepIO:
         self.pos = _a((t,), np.int32)
         self.cells = _a((t,), np.int32)
         self.mask = _a((t, shape.n_kv), np.float16)  # flash_attn_ext's type
+        self.mask_swa = _a((t, shape.n_kv), np.float16) if spec.swa_layers else None
+        """Windowed layers' mask where the model mixes them with full ones."""
         self.out_ids = _a((shape.n_out,), np.int32)
         self.logits = _a((shape.n_out, spec.n_vocab))
         k = max(spec.n_expert_used, 1)
@@ -112,6 +117,11 @@ class Step:
         """Tests: host-routed layers also output their residual after the
         experts (``Carry.xout``); set before the first step."""
         self.compute_s = 0.0
+        ff = rope.freq_factors(spec)
+        self._rope_ff = None if ff is None else _a(ff.shape)
+        if ff is not None:
+            self._rope_ff[:] = ff
+        self._rope_scale = rope.attn_factor(spec)
 
     # -- running ---------------------------------------------------------------
     def io(self, shape: StepShape) -> StepIO:
@@ -169,7 +179,10 @@ class Step:
         )
         try:
             ep = self.layers[layer].experts
-            out = g.add(g.input(carry.h), moe_block.host_placed(g, carry, ep, counts))
+            math = self._math(layer)
+            out = g.add(
+                g.input(carry.h), moe_block.host_placed(g, carry, ep, counts, math)
+            )
             acc = _a(carry.h.shape)
             g.output(out, acc)
             g.build()
@@ -236,6 +249,8 @@ class Step:
             "pos": g.input(io.pos),
             "cells": g.ids(io.cells, self.cache.n_cells),
             "mask": g.input(io.mask),
+            "mask_swa": g.input(io.mask_swa) if io.mask_swa is not None else None,
+            "rope_ff": g.input(self._rope_ff) if self._rope_ff is not None else None,
             "out": (g.ids(io.out_ids, shape.t) if shape.n_out < shape.t else None),
         }
         first, last = self._span(s)
@@ -247,7 +262,9 @@ class Step:
             c = io.carry[self._rows(io, layer)]
             x = g.add(
                 g.input(c.h),
-                moe_block.host_placed(g, c, self.layers[layer].experts, counts),
+                moe_block.host_placed(
+                    g, c, self.layers[layer].experts, counts, self._math(layer)
+                ),
             )
             if self.probe:
                 g.output(x, c.xout)
@@ -277,9 +294,11 @@ class Step:
                 shared = g.mul(shared, g.sigmoid(g.mul_mat(w.gate_inp_shexp, hn)))
             h = g.add(h, shared)
         s = self.spec
-        ids, weights = g.route_softmax_topk(
-            g.mul_mat(w.router, hn), s.n_expert_used, s.norm_topk_prob
-        )  # [K, R], [1, K, R]
+        logits = g.mul_mat(w.router, hn)  # [E, R]
+        if w.router_bias is not None:
+            logits = g.add(logits, w.router_bias)
+        ids, weights = g.route(logits, s.n_expert_used, s.router, s.norm_topk_prob)
+        # ids [K, R], weights [1, K, R]
         rows = g.cont(ids)
         if split:
             c = io.carry[hn.ne[1]]
@@ -291,7 +310,8 @@ class Step:
         if ep.protected and il not in self._tables:
             self._tables[il] = moe_block.protect_table(ep)
         table = self._tables.get(il)
-        return g.add(h, moe_block.in_graph(g, hn, ids, weights, ep, table))
+        math = self._math(il)
+        return g.add(h, moe_block.in_graph(g, hn, ids, weights, ep, table, math))
 
     def _attention(self, g: Graph, il: int, w: LayerWeights, xn: T) -> T:
         """Self-attention of normed xn [D, T] -> [H * Dh, T] (before wo)."""
@@ -315,16 +335,34 @@ class Step:
             q = g.mul(g.rms_norm(q, eps), w.q_norm)
             k = g.mul(g.rms_norm(k, eps), w.k_norm)
         mode = ROPE_NORMAL if s.rope_interleaved else ROPE_NEOX
-        q = g.rope(q, self._in["pos"], hd, mode, s.rope_theta)
-        k = g.rope(k, self._in["pos"], hd, mode, s.rope_theta)
+        q, k = (
+            g.rope(
+                y,
+                self._in["pos"],
+                hd,
+                mode,
+                s.rope_theta,
+                attn_factor=self._rope_scale,
+                freq_factors=self._in["rope_ff"],
+            )  # fmt: skip
+            for y in (q, k)
+        )
         kc, vc = (
             g.set_rows(cache[il], g.reshape(y, hd * s.n_head_kv, t), self._in["cells"])
             for cache, y in ((self.cache.k, k), (self.cache.v, v))
         )
-        n_kv = self._in["mask"].ne[0]
-        out = g.attention(q, kc, vc, self._in["mask"], n_kv, s.n_head_kv, hd**-0.5)
+        windowed = s.swa_layers and s.swa_layers[il]
+        mask = self._in["mask_swa" if windowed else "mask"]
+        n_kv = mask.ne[0]
+        out = g.attention(q, kc, vc, mask, n_kv, s.n_head_kv, hd**-0.5, w.sinks)
         return g.reshape(out, hd * s.n_head, t)
 
     @staticmethod
     def _mlp(g: Graph, x: T, gate: T, up: T, down: T) -> T:
         return g.mul_mat(down, g.swiglu(g.mul_mat(gate, x), g.mul_mat(up, x)))
+
+    def _math(self, layer: int) -> moe_block.ExpertMath:
+        """Layer ``layer``'s expert biases and activation."""
+        s = self.spec
+        oai = (s.swiglu_alpha, s.swiglu_limit) if s.ffn_act == "swiglu_oai" else None
+        return moe_block.ExpertMath(self.layers[layer].expert_bias, oai)

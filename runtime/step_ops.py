@@ -89,9 +89,11 @@ class StepOps:
         attn_factor: float = 1.0,
         beta_fast: float = 32.0,
         beta_slow: float = 1.0,
+        freq_factors=None,
     ):
         """Rotary embedding of ``x`` (F32 [head_dim, heads, T]) at positions
-        ``pos`` (I32 [T]), over the first ``n_dims`` of each head."""
+        ``pos`` (I32 [T]), over the first ``n_dims`` of each head; pair i's
+        frequency divided by ``freq_factors`` (F32 [n_dims / 2]) if given."""
         if mode not in (ROPE_NORMAL, ROPE_NEOX):
             raise GGMLError(f"rope: mode {mode} (normal 0 or neox 2)")
         if x.qtype != F32 or not x.contiguous or x.ne[3] != 1:
@@ -102,8 +104,16 @@ class StepOps:
             raise GGMLError(f"rope: n_dims {n_dims} for heads of {x.ne[0]}")
         if not freq_base > 0:
             raise GGMLError(f"rope: freq_base must be > 0, got {freq_base}")
+        if freq_factors is not None and (
+            freq_factors.qtype != F32 or freq_factors.ne != (n_dims // 2, 1, 1, 1)
+        ):
+            raise GGMLError(
+                f"rope: freq_factors must be float32 [{n_dims // 2}], "
+                f"got ne {freq_factors.ne}"
+            )
+        ff = freq_factors.ptr if freq_factors is not None else None
         return self._op(
-            1, self.g.ggml_rope_ext, x.ptr, pos.ptr, None, n_dims, mode,
+            1, self.g.ggml_rope_ext, x.ptr, pos.ptr, ff, n_dims, mode,
             n_ctx_orig, freq_base, freq_scale, ext_factor, attn_factor, beta_fast,
             beta_slow, qtype=F32, ne=x.ne,
         )  # fmt: skip
@@ -161,13 +171,22 @@ class StepOps:
             qtype=F32, ne=a.ne,
         )  # fmt: skip
 
-    def route_softmax_topk(self, logits, k: int, normalize: bool):
-        """In-graph ``edgemoe.routing.softmax_topk``: router ``logits`` (F32
-        [E, T]) -> expert ids (I32 [K, T], largest first) and their weights
-        (F32 [1, K, T]), renormalised to sum 1 if ``normalize``."""
+    def route(self, logits, k: int, kind: str, normalize: bool):
+        """In-graph routing: router ``logits`` (F32 [E, T]) -> expert ids (I32
+        [K, T], largest first) and their weights (F32 [1, K, T]). ``kind``
+        "softmax_topk" (``edgemoe.routing.softmax_topk``): the top k of the
+        softmax over every expert, renormalised to sum 1 if ``normalize``;
+        "topk_softmax": the softmax over the k largest logits."""
         e, t = logits.ne[0], logits.ne[1]
         if logits.ne[2:] != (1, 1):
             raise GGMLError(f"route: logits must be [E, T], got ne {logits.ne}")
+        if kind == "topk_softmax":
+            ids = self.top_k(logits, k)  # [K, T]
+            top = self.get_rows(self.reshape(logits, 1, e, t), ids)  # [1, K, T]
+            w = self.reshape(self.soft_max(self.reshape(top, k, t)), 1, k, t)
+            return ids, w
+        if kind != "softmax_topk":
+            raise GGMLError(f"route: unknown routing {kind!r}")
         probs = self.soft_max(logits)  # [E, T]
         ids = self.top_k(probs, k)  # [K, T]
         w = self.get_rows(self.reshape(probs, 1, e, t), ids)  # [1, K, T]
@@ -235,15 +254,36 @@ class StepOps:
             contiguous=nb1 == ne0 * es and nb2 == ne0 * ne1 * es, view=True,
         )  # fmt: skip
 
-    def attention(self, q, k_cache, v_cache, mask, n_kv: int, n_head_kv: int, scale):
+    def add_id(self, a, b, ids):
+        """``a`` [N, K, T] + row ``ids[k, t]`` of ``b`` [N, E]: each expert's
+        bias on its own rows (``ids`` from ``Graph.ids`` or ``top_k``)."""
+        self._rows("add_id", ids, b.ne[1])
+        if a.qtype != F32 or b.qtype != F32 or not b.contiguous:
+            raise GGMLError("add_id: float32 operands, contiguous bias rows")
+        if (
+            a.ne[0] != b.ne[0]
+            or a.ne[1:3] != ids.ne[:2]
+            or a.ne[3] != 1
+            or b.ne[2:] != (1, 1)
+        ):
+            raise GGMLError(f"add_id: a ne {a.ne}, b ne {b.ne}, ids ne {ids.ne}")
+        return self._op(
+            1, self.g.ggml_add_id, a.ptr, b.ptr, ids.ptr, qtype=F32, ne=a.ne
+        )
+
+    def attention(
+        self, q, k_cache, v_cache, mask, n_kv: int, n_head_kv: int, scale, sinks=None
+    ):
         """Causal GQA attention of ``q`` (F32 [head_dim, heads, T], RoPE
         applied) over the first ``n_kv`` cells of the caches (F32 or F16 ne
         (head_dim * kv_heads, C), a cell per row; pass the ``set_rows``
         results so the reads come after this step's writes), as one
         ``flash_attn_ext``: it skips the cells the mask hides, so a token of
         one sequence in a batch costs only its own sequence's cells. ``mask``
-        F16 [n_kv, T] adds -inf where a token must not look. -> [head_dim,
-        heads, T]. Query head h reads kv head h // (heads / kv_heads)."""
+        F16 [n_kv, T] adds -inf where a token must not look; ``sinks`` (F32
+        [heads]) one more logit per head in each softmax, with no value.
+        -> [head_dim, heads, T]. Query head h reads kv head h // (heads /
+        kv_heads)."""
         hd, heads, t = q.ne[0], q.ne[1], q.ne[2]
         c, dkv = k_cache.ne[1], k_cache.ne[0]
         if heads % n_head_kv or dkv != hd * n_head_kv or v_cache.ne != k_cache.ne:
@@ -265,8 +305,13 @@ class StepOps:
             self.view_3d(cache, hd, n_kv, n_head_kv, dkv * es, hd * es)
             for cache in (k_cache, v_cache)
         )
+        if sinks is not None and (sinks.qtype != F32 or sinks.ne != (heads, 1, 1, 1)):
+            raise GGMLError(f"attention: sinks must be float32 [{heads}]")
         qh = self.permute(q, 0, 2, 1, 3)  # [hd, T, heads]
-        return self._op(  # [hd, heads, T]
+        out = self._op(  # [hd, heads, T]
             1, self.g.ggml_flash_attn_ext, qh.ptr, kh.ptr, vh.ptr, mask.ptr,
             scale, 0.0, 0.0, qtype=F32, ne=(hd, heads, t, 1),
         )  # fmt: skip
+        if sinks is not None:
+            self.g.ggml_flash_attn_ext_add_sinks(out.ptr, sinks.ptr)
+        return out

@@ -58,6 +58,30 @@ TINY_CONFIGS = {
         num_experts_per_tok=2,
         norm_topk_prob=True,
     ),
+    # gpt-oss: windowed layer first, sinks, YaRN with its unrounded range
+    # (positions past original_max_position_embeddings), clamped SwiGLU.
+    "gpt_oss": dict(
+        cls="GptOssConfig",
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=150000.0,
+            factor=4.0,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            truncate=False,
+            original_max_position_embeddings=64,
+        ),
+        swiglu_limit=2.0,
+    ),  # fmt: skip
     "olmoe": dict(
         cls="OlmoeConfig",
         hidden_size=64,

@@ -24,9 +24,13 @@ import edgemoe
 from edgemoe.arch.validate import MAX_EXPERT, MAX_FFN, MAX_LAYER, MAX_VOCAB
 from edgemoe.errors import ConfigError, EdgeMoEError, ModelFileError
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-N_EXPERT_KEY = {"mixtral": "num_local_experts"}
-EXPERT_FFN_KEY = {"mixtral": "intermediate_size", "olmoe": "intermediate_size"}
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
+N_EXPERT_KEY = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts"}
+EXPERT_FFN_KEY = {
+    "mixtral": "intermediate_size",
+    "olmoe": "intermediate_size",
+    "gpt_oss": "intermediate_size",
+}
 HUGE = 10**3999  # 4000 digits: json parses it, float() overflows, repr is long
 
 NAN, INF = math.nan, math.inf
@@ -104,6 +108,16 @@ def _cases(family: str) -> list[tuple[str, object, str]]:
         cases += [(key, v, key) for v in (-1, 1.5, None, MAX_FFN + 1, NAN)]
     if family == "olmoe":
         cases += [("clip_qkv", v, "clip_qkv") for v in (-1.0, 0, NAN, INF, "6")]
+    if family == "gpt_oss":
+        cases += [("swiglu_limit", v, "swiglu_limit") for v in (-1.0, 0, NAN, "7")]
+        cases += [
+            ("layer_types", ["sliding_attention"], "layer_types must list 2"),
+            ("layer_types", ["full_attention", "linear"], "layer_types must list 2"),
+            ("layer_types", "full", "layer_types"),
+            ("rope_parameters", {"rope_type": "yarn", "factor": 4.0}, "original_max"),
+            ("rope_parameters", {"rope_type": "dynamic"}, "rope_type 'dynamic'"),
+            ("rope_parameters", [1], "rope_parameters must be an object"),
+        ]
     return cases
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgemoe.arch.base import ModelSpec
 from edgemoe.attention import RoPE
 from edgemoe.checkpoint.base import Weight, aligned_empty
 from edgemoe.errors import GGMLError
@@ -104,14 +105,104 @@ def test_set_rows_writes_cache_rows_in_place(device):
     assert not cache[:5].any() and not cache[8:].any()
 
 
+def rope_spec(hd: int, theta: float, interleaved: bool, **yarn) -> ModelSpec:
+    return ModelSpec(
+        family="test", n_vocab=8, n_embd=hd, n_layer=1, n_head=1, n_head_kv=1,
+        head_dim=hd, n_ctx_train=4096, rms_eps=1e-5, rope_theta=theta,
+        rope_interleaved=interleaved, dense_ffn=8, moe_layers=(False,), **yarn,
+    )  # fmt: skip
+
+
+YARN = [
+    {},
+    dict(
+        rope_scaling="yarn", rope_factor=32.0, rope_orig_ctx=4096, rope_truncate=False
+    ),
+    dict(rope_scaling="yarn", rope_factor=4.0, rope_orig_ctx=256),
+]
+
+
+@pytest.mark.parametrize("yarn", YARN, ids=["plain", "yarn-exact", "yarn-truncated"])
 @pytest.mark.parametrize("interleaved, mode", [(True, ROPE_NORMAL), (False, ROPE_NEOX)])
-def test_rope_matches_the_numpy_tables(device, interleaved, mode):
-    t, heads, hd, theta, start = 5, 4, 64, 10000.0, 7
+def test_rope_matches_the_numpy_tables(device, interleaved, mode, yarn):
+    """ggml's RoPE with the per-pair frequency factors and attention factor
+    of ``edgemoe.rope`` against the numpy tables; positions past the
+    original context of the truncated case (ggml turns angles in float32,
+    so far larger positions differ by more than the tolerance)."""
+    from edgemoe import rope
+
+    t, heads, hd, theta, start = 5, 4, 64, 150000.0, 300
+    spec = rope_spec(hd, theta, interleaved, **yarn)
     x = RNG.standard_normal((t, heads, hd)).astype(F)  # [T, H, Dh]
     pos = np.arange(start, start + t, dtype=I32)
-    out = run(device, lambda g: g.rope(g.inp(x), g.inp(pos), hd, mode, theta), x.shape)
-    ref = RoPE(hd, theta, start + t, interleaved).apply(x, start)
+    ff = rope.freq_factors(spec)
+
+    def build(g):
+        f = g.inp(ff) if ff is not None else None
+        return g.rope(
+            g.inp(x), g.inp(pos), hd, mode, theta, attn_factor=rope.attn_factor(spec),
+            freq_factors=f,
+        )  # fmt: skip
+
+    out = run(device, build, x.shape)
+    ref = RoPE(spec, start + t).apply(x, start)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_yarn_frequencies_are_transformers_own():
+    """``edgemoe.rope`` against transformers' YaRN (truncated or not) and its
+    attention factor."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from edgemoe import rope
+
+    for truncate in (True, False):
+        cfg = transformers.GptOssConfig(
+            head_dim=64, num_attention_heads=4, hidden_size=256,
+            rope_parameters=dict(
+                rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
+                beta_slow=1.0, truncate=truncate, original_max_position_embeddings=4096,
+            ),
+        )  # fmt: skip
+        inv, scale = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+        spec = rope_spec(
+            64, 150000.0, False, rope_scaling="yarn", rope_factor=32.0,
+            rope_orig_ctx=4096, rope_truncate=truncate,
+        )  # fmt: skip
+        np.testing.assert_allclose(rope.inv_freq(spec), inv.numpy(), rtol=1e-6)
+        assert rope.attn_factor(spec) == pytest.approx(scale)
+
+
+def test_top_k_softmax_routing_and_expert_biases(device):
+    """gpt-oss's routing (softmax over the top-k logits) and add_id (each
+    expert's bias row on its own rows) against numpy."""
+    t, e, k, n = 5, 8, 3, 16
+    logits = RNG.standard_normal((t, e)).astype(F)  # [T, E]
+    bias = RNG.standard_normal((e, n)).astype(F)  # [E, N]
+    y = RNG.standard_normal((t, k, n)).astype(F)  # [T, K, N]
+    ids_out, w_out, z_out = (
+        aligned_empty((t, k), I32), aligned_empty((t, k, 1), F),
+        aligned_empty((t, k, n), F),
+    )  # fmt: skip
+    g = G(device, n_tensors=32)
+    try:
+        ids, w = g.route(g.inp(logits), k, "topk_softmax", False)
+        g.output(g.cont(ids), ids_out)
+        g.output(g.cont(w), w_out)
+        g.output(g.add_id(g.inp(y), g.inp(bias), ids), z_out)
+        g.build()
+        g.compute()
+    finally:
+        g.free()
+    ref_ids = np.argsort(-logits, axis=1)[:, :k]
+    top = np.take_along_axis(logits, ref_ids, 1)
+    ref_w = np.exp(top - top.max(1, keepdims=True))
+    np.testing.assert_array_equal(ids_out, ref_ids)
+    np.testing.assert_allclose(
+        w_out[..., 0], ref_w / ref_w.sum(1, keepdims=True), rtol=1e-5
+    )
+    np.testing.assert_allclose(z_out, y + bias[ref_ids], rtol=1e-6)
 
 
 def test_soft_max(device):
@@ -164,10 +255,38 @@ def _attend(g, cache, n_kv):
         (lambda g: _attend(g, _m(g, 4, 8), 2), "kv heads"),
         (lambda g: _attend(g, _m(g, 4, 16), 5), "5 positions"),
         (lambda g: _attend(g, _m(g, 4, 16), 4), "contiguous F16"),
+        (
+            lambda g: g.attention(
+                _x(g), _m(g, 4, 16), _m(g, 4, 16), g.inp(np.zeros((2, 4), np.float16)),
+                4, 2, 1.0, g.inp(np.zeros(3, F)),
+            ),
+            "sinks must be float32",
+        ),  # fmt: skip
+        (
+            lambda g: g.rope(
+                _x(g), g.inp(np.zeros(2, I32)), 8, 2, 1e4,
+                freq_factors=g.inp(np.ones(8, F)),
+            ),
+            "freq_factors must be float32",
+        ),  # fmt: skip
+        (
+            lambda g: g.add_id(
+                g.inp(np.zeros((2, 2, 8), F)), _m(g, 4, 8), g.inp(np.zeros((2, 2), I32))
+            ),
+            "Graph.ids",
+        ),
+        (
+            lambda g: g.add_id(
+                g.inp(np.zeros((2, 2, 8), F)), _m(g, 4, 8),
+                g.ids(A(np.zeros((2, 2), I32)), 5),
+            ),
+            "bound of at most 4",
+        ),  # fmt: skip
     ],
     ids=[
         "rope-pos", "rope-dims", "rope-mode", "top-k",
         "permute", "strided-out", "view-3d", "attn-heads", "attn-kv", "attn-mask",
+        "attn-sinks", "rope-freq-factors", "add-id-unchecked", "add-id-bound",
     ],
 )  # fmt: skip
 def test_shapes_ggml_would_assert_on_are_refused(device, build, needle):
@@ -240,7 +359,7 @@ def test_in_graph_routing_matches_the_numpy_router(device, normalize):
     ws.finalize()
     g = G(device, n_tensors=64)
     try:
-        ids, w = g.route_softmax_topk(g.inp(logits), k, normalize)
+        ids, w = g.route(g.inp(logits), k, "softmax_topk", normalize)
         g.output(g.cont(ids), ids_out)
         g.output(g.cont(w), w_out)
         g.output(g.mul_mat_id(we, g.inp(x), ids), y_out)

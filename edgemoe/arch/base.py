@@ -51,7 +51,27 @@ class ModelSpec:
     projection, OLMoE)."""
     clip_qkv: float | None = None
     sliding_window: int | None = None
+    swa_layers: tuple[bool, ...] = ()
+    """Per layer: True where ``sliding_window`` applies (gpt-oss alternates
+    windowed and full layers); () applies it to every layer."""
+    attn_sinks: bool = False
+    """A learned logit per head joins each softmax and takes its share
+    (``blk.N.attn_sinks.weight``, gpt-oss)."""
+    rope_scaling: str | None = None
+    """None, or "yarn": the frequencies of YaRN below."""
+    rope_factor: float = 1.0
+    rope_orig_ctx: int = 0
+    """YaRN's original context (``original_max_position_embeddings``)."""
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_attn_factor: float | None = None
+    """YaRN's scale of cos and sin; None: 0.1·ln(rope_factor) + 1."""
+    rope_truncate: bool = True
+    """YaRN's correction range rounded to whole dimensions (transformers'
+    default, and llama.cpp's only way); gpt-oss's config turns it off."""
     router: str = "softmax_topk"
+    """"softmax_topk": top-k of the softmax over all experts; "topk_softmax":
+    softmax over the k largest logits (gpt-oss)."""
     n_expert: int = 0
     n_expert_used: int = 0
     expert_ffn: int = 0
@@ -60,6 +80,13 @@ class ModelSpec:
     shared_expert_ffn: int = 0
     shared_expert_gated: bool = False
     """Shared expert output scaled by sigmoid(x . w) (Qwen2-MoE)."""
+    moe_bias: bool = False
+    """The router and every expert projection carry a bias (gpt-oss)."""
+    ffn_act: str = "swiglu"
+    """"swiglu", or "swiglu_oai": gate clamped above at ``swiglu_limit``, up
+    clamped to ±limit, gate·σ(alpha·gate)·(up + 1) (gpt-oss's experts)."""
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     dense_ffn: int = 0
     moe_layers: tuple[bool, ...] = ()
     """Per layer: True for a sparse MoE block, False for a dense MLP."""
@@ -136,20 +163,60 @@ def eos_tuple(value: Any) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
+class Part:
+    """An internal tensor cut from a stacked ``[E, ...]`` source tensor: its
+    last two axes swapped if ``transpose``, then every ``step``-th index of
+    axis 1 from ``first``. gpt-oss stores each expert's gate and up as one
+    ``x @ W`` matrix, their columns interleaved."""
+
+    name: str
+    transpose: bool = False
+    first: int = 0
+    step: int = 1
+    mxfp4: str | None = None
+    """"blocks" or "scales": one half of an MXFP4 tensor in the HF layout
+    (``[E, N, G, 16]`` codes, ``[E, N, G]`` scale bytes; edgemoe.quant.mxfp4)."""
+
+    def shape(self, src: tuple[int, ...]) -> tuple[int, ...]:
+        """The cut's shape from the source's (an axis too short for the cut
+        gives 0, which no layout expects), in weights."""
+        out = list(src)
+        if self.mxfp4 == "blocks" and len(out) >= 2:
+            out = [*out[:-2], out[-2] * out[-1] * 2]
+        elif self.mxfp4 == "scales" and out:
+            out[-1] *= 32
+        if self.transpose and len(out) >= 3:
+            out[-1], out[-2] = out[-2], out[-1]
+        if len(out) >= 2:
+            out[1] = max(0, out[1] - self.first + self.step - 1) // self.step
+        return tuple(out)
+
+    def cut(self, a):
+        """The cut of array ``a`` (a strided view)."""
+        if self.transpose and a.ndim >= 3:
+            a = a.swapaxes(-1, -2)
+        return a[:, self.first :: self.step]
+
+
+@dataclass(frozen=True)
 class TensorRoute:
     """Where one source tensor goes: an internal name, and the expert slot if the
-    target is a stacked ``[E, N, K]`` tensor."""
+    target is a stacked ``[E, N, K]`` tensor, or the part of it cut out."""
 
     name: str
     expert: int | None = None
+    part: Part | None = None
 
 
 @dataclass
 class TensorMap:
-    """HF name templates (``{bid}`` layer, ``{xid}`` expert) -> GGUF names."""
+    """HF name templates (``{bid}`` layer, ``{xid}`` expert) -> GGUF names, or
+    to the ``Part``s cut from a stacked source."""
 
-    table: dict[str, str]
-    _compiled: list[tuple[re.Pattern[str], str]] = field(default_factory=list)
+    table: dict[str, str | tuple[Part, ...]]
+    _compiled: list[tuple[re.Pattern[str], str | tuple[Part, ...]]] = field(
+        default_factory=list
+    )
 
     def __post_init__(self) -> None:
         for src, dst in self.table.items():
@@ -161,25 +228,34 @@ class TensorMap:
         """The HF names internal tensor ``name`` is made of, with expert slots;
         the first matching table entry wins (the inverse of ``route``)."""
         for src, dst in self.table.items():
-            pat = re.escape(dst).replace(r"\{bid\}", r"(?P<bid>\d+)")
-            m = re.fullmatch(pat, name)
-            if m is None:
-                continue
-            bid = m.groupdict().get("bid", "")
-            if "{xid}" in src:
-                return [(src.format(bid=bid, xid=e), e) for e in range(n_expert)]
-            return [(src.format(bid=bid), None)]
+            for target in (dst,) if isinstance(dst, str) else (p.name for p in dst):
+                pat = re.escape(target).replace(r"\{bid\}", r"(?P<bid>\d+)")
+                m = re.fullmatch(pat, name)
+                if m is None:
+                    continue
+                bid = m.groupdict().get("bid", "")
+                if "{xid}" in src:
+                    return [(src.format(bid=bid, xid=e), e) for e in range(n_expert)]
+                return [(src.format(bid=bid), None)]
         return []
 
-    def route(self, hf_name: str) -> TensorRoute | None:
+    def route(self, hf_name: str) -> list[TensorRoute]:
+        """Where source ``hf_name`` goes: [] if nowhere, several routes for a
+        source cut into parts."""
         for pat, dst in self._compiled:
             m = pat.match(hf_name)
             if m:
                 groups = m.groupdict()
-                name = dst.format(bid=groups.get("bid", ""))
+                bid = groups.get("bid", "")
+                if not isinstance(dst, str):
+                    return [TensorRoute(p.name.format(bid=bid), part=p) for p in dst]
                 xid = groups.get("xid")
-                return TensorRoute(name, int(xid) if xid is not None else None)
-        return None
+                return [
+                    TensorRoute(
+                        dst.format(bid=bid), int(xid) if xid is not None else None
+                    )
+                ]
+        return []
 
 
 class Family:
@@ -192,6 +268,23 @@ class Family:
     gguf_rope_interleaved: ClassVar[bool] = False
     """llama.cpp's converter permutes Q/K rows for pairwise RoPE (``llama``)."""
     tensor_map: ClassVar[TensorMap]
+    gguf_renames: ClassVar[dict[str, str]] = {}
+    """Tensor name endings llama.cpp spells otherwise for this architecture
+    (internal -> GGUF)."""
+
+    @classmethod
+    def to_gguf_name(cls, name: str) -> str:
+        for ours, theirs in cls.gguf_renames.items():
+            if name.endswith("." + ours):
+                return name[: -len(ours)] + theirs
+        return name
+
+    @classmethod
+    def from_gguf_name(cls, name: str) -> str:
+        for ours, theirs in cls.gguf_renames.items():
+            if name.endswith("." + theirs):
+                return name[: -len(theirs)] + ours
+        return name
 
     @classmethod
     def spec_from_hf(cls, config: dict[str, Any]) -> ModelSpec:

@@ -32,6 +32,8 @@ MAX_WINDOW = 2**31 - 1
 """A sliding window only masks positions; ggml and ONNX take it as an int32."""
 MAX_EPS = 1.0
 MAX_ROPE_THETA = 1e12
+MAX_ROPE_FACTOR = 1e6
+"""YaRN's context factor and its beta corrections."""
 MAX_CLIP = 3.0e38
 """ggml takes the clamp as a float32; anything larger is infinity there."""
 MAX_EOS = 1024
@@ -53,6 +55,7 @@ INTS: dict[str, tuple[int, int]] = {
     "shared_expert_ffn": (0, MAX_FFN),
     "dense_ffn": (0, MAX_FFN),
     "sliding_window": (1, MAX_WINDOW),
+    "rope_orig_ctx": (0, MAX_CTX),
     # Kinds used by the parsers, not ModelSpec fields:
     "experts": (1, MAX_EXPERT),
     "ffn": (1, MAX_FFN),
@@ -75,6 +78,7 @@ SPEC_INTS = (
     "expert_ffn",
     "shared_expert_ffn",
     "dense_ffn",
+    "rope_orig_ctx",
 )
 """The int ModelSpec fields that are never None, checked in this order."""
 
@@ -82,17 +86,28 @@ FLOATS: dict[str, float] = {
     "rms_eps": MAX_EPS,
     "rope_theta": MAX_ROPE_THETA,
     "clip_qkv": MAX_CLIP,
+    "rope_factor": MAX_ROPE_FACTOR,
+    "rope_attn_factor": MAX_ROPE_FACTOR,
+    "rope_beta_fast": MAX_ROPE_FACTOR,
+    "rope_beta_slow": MAX_ROPE_FACTOR,
+    "swiglu_alpha": MAX_CLIP,
+    "swiglu_limit": MAX_CLIP,
 }
 """Upper bounds; every float field must be finite and > 0."""
 
 BOOLS = (
     "rope_interleaved",
+    "attn_sinks",
+    "rope_truncate",
+    "moe_bias",
     "norm_topk_prob",
     "shared_expert_gated",
     "tie_embeddings",
 )
 ATTENTION_KINDS = ("gqa",)
-ROUTER_KINDS = ("softmax_topk",)
+ROUTER_KINDS = ("softmax_topk", "topk_softmax")
+ROPE_SCALING_KINDS = (None, "yarn")
+FFN_ACT_KINDS = ("swiglu", "swiglu_oai")
 QK_NORM_KINDS = (None, "head", "full")
 
 HF_KINDS: dict[str, str] = {
@@ -247,7 +262,7 @@ def check_spec(spec: Any) -> dict[str, float]:
     floats = {
         n: check_float(n, getattr(spec, n), FLOATS[n])
         for n in FLOATS
-        if n != "clip_qkv" or spec.clip_qkv is not None
+        if getattr(spec, n) is not None or n not in ("clip_qkv", "rope_attn_factor")
     }
     if spec.sliding_window is not None:
         check_kind("sliding_window", spec.sliding_window, "sliding_window")
@@ -257,6 +272,8 @@ def check_spec(spec: Any) -> dict[str, float]:
         ("attention", ATTENTION_KINDS),
         ("router", ROUTER_KINDS),
         ("qk_norm", QK_NORM_KINDS),
+        ("rope_scaling", ROPE_SCALING_KINDS),
+        ("ffn_act", FFN_ACT_KINDS),
     ):
         if getattr(spec, name) not in kinds:
             raise ConfigError(
@@ -271,6 +288,24 @@ def check_spec(spec: Any) -> dict[str, float]:
     if len(layers) != spec.n_layer:
         raise ConfigError(
             f"moe_layers has {len(layers)} entries for {spec.n_layer} layers"
+        )
+    swa = spec.swa_layers
+    if not isinstance(swa, tuple) or not all(isinstance(m, bool) for m in swa):
+        raise ConfigError(
+            f"swa_layers must list true/false for each layer, got {show(swa)}"
+        )
+    if swa and len(swa) != spec.n_layer:
+        raise ConfigError(
+            f"swa_layers has {len(swa)} entries for {spec.n_layer} layers"
+        )
+    if any(swa) and spec.sliding_window is None:
+        raise ConfigError(
+            "swa_layers marks windowed layers but sliding_window is unset"
+        )
+    if spec.rope_scaling == "yarn" and spec.rope_orig_ctx < 1:
+        raise ConfigError(
+            f"YaRN RoPE needs its original context (rope_orig_ctx), "
+            f"got {show(spec.rope_orig_ctx)}"
         )
     _check_shapes(spec)
     if spec.bos_token_id is not None:

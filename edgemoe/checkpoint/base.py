@@ -12,6 +12,8 @@ from edgemoe.arch.base import ModelSpec
 
 # ggml type ids (ggml.h enum ggml_type) for the float types we name directly.
 GGML_F32, GGML_F16, GGML_BF16 = 0, 1, 30
+GGML_MXFP4 = 39
+"""gpt-oss's experts as stored (edgemoe.quant.mxfp4)."""
 ALIGNMENT = 64
 """Byte alignment of every array we hand to ggml (it needs 32)."""
 
@@ -208,6 +210,8 @@ def tensor_layout(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], bool]]:
                 b + "ffn_norm.weight": ((d,), True),
             }
         )
+        if spec.attn_sinks:
+            out[b + "attn_sinks.weight"] = ((spec.n_head,), True)
         if spec.qk_norm == "head":
             out[b + "attn_q_norm.weight"] = ((hd,), True)
             out[b + "attn_k_norm.weight"] = ((hd,), True)
@@ -220,6 +224,11 @@ def tensor_layout(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], bool]]:
             out[b + "ffn_gate_exps.weight"] = ((e, f, d), True)
             out[b + "ffn_up_exps.weight"] = ((e, f, d), True)
             out[b + "ffn_down_exps.weight"] = ((e, d, f), True)
+            if spec.moe_bias:
+                out[b + "ffn_gate_inp.bias"] = ((e,), True)
+                out[b + "ffn_gate_exps.bias"] = ((e, f), True)
+                out[b + "ffn_up_exps.bias"] = ((e, f), True)
+                out[b + "ffn_down_exps.bias"] = ((e, d), True)
             if spec.shared_expert_ffn:
                 s = spec.shared_expert_ffn
                 out[b + "ffn_gate_shexp.weight"] = ((s, d), True)

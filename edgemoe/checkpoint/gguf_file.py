@@ -204,12 +204,14 @@ class GGUFCheckpoint:
             or k.endswith("_id")
             or k in ("tokenizer.ggml.model", "tokenizer.ggml.pre")
         }
-        self._tensors = {t.name: t for t in self.reader.tensors}
         arch = self.fields.get("general.architecture")
         if not arch:
             raise ModelFileError(p, "no general.architecture in the GGUF metadata")
         self.architecture = str(arch)
         self.family = family_for_gguf(self.architecture, self.path)
+        self._tensors = {
+            self.family.from_gguf_name(t.name): t for t in self.reader.tensors
+        }
         n_tokens = (
             len(self.reader.fields["tokenizer.ggml.tokens"].data)
             if ("tokenizer.ggml.tokens" in self.reader.fields)
@@ -254,7 +256,7 @@ class GGUFCheckpoint:
     def _layout(self) -> dict:
         layout = tensor_layout(self.spec)
         if self._backbone_only:
-            layout = {n: v for n, v in layout.items() if "_exps." not in n}
+            layout = {n: v for n, v in layout.items() if not n.endswith("_exps.weight")}
         return layout
 
     def _check_layout(self) -> None:

@@ -16,7 +16,13 @@ import numpy as np
 
 from edgemoe.arch import family_for_hf
 from edgemoe.checkpoint import files
-from edgemoe.checkpoint.base import GGML_F32, Weight, aligned_empty, tensor_layout
+from edgemoe.checkpoint.base import (
+    GGML_F32,
+    GGML_MXFP4,
+    Weight,
+    aligned_empty,
+    tensor_layout,
+)
 from edgemoe.checkpoint.safetensors import SafetensorsFile
 from edgemoe.errors import ConfigError, ModelFileError
 
@@ -128,17 +134,18 @@ class HFCheckpoint:
         unknown = []
         for f in self._files.values():
             for name in f.tensors:
-                route = tmap.route(name)
-                if route is None:
+                routes = tmap.route(name)
+                if not routes:
                     if not name.endswith(_IGNORED_SUFFIXES):
                         unknown.append(name)
                     continue
-                if route.name not in layout:
-                    if route.name == "output.weight" and self.spec.tie_embeddings:
-                        continue  # some tied checkpoints still store lm_head
-                    unknown.append(name)
-                    continue
-                sources[route.name].append((f, name, route.expert))
+                for route in routes:
+                    if route.name not in layout:
+                        if route.name == "output.weight" and self.spec.tie_embeddings:
+                            continue  # some tied checkpoints still store lm_head
+                        unknown.append(name)
+                        continue
+                    sources[route.name].append((f, name, route.expert, route.part))
         if unknown:
             more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
             raise ModelFileError(
@@ -166,7 +173,7 @@ class HFCheckpoint:
         stacked = pieces[0][2] is not None
         if stacked:
             n = shape[0]
-            for f, src, e in pieces:
+            for f, src, e, _ in pieces:
                 if e >= n:
                     raise ModelFileError(
                         f.path,
@@ -187,12 +194,17 @@ class HFCheckpoint:
                     f"missing tensors: {', '.join(srcs[e] for e in missing[:3])}{more}",
                 )
             want = shape[1:]
+        elif any(part is not None and part.mxfp4 for *_, part in pieces):
+            self._check_mxfp4(pieces)
+            want = shape
         elif len(pieces) != 1:
             raise ModelFileError(self.root, f"{name}: stored more than once")
         else:
             want = shape
-        for f, src, _ in pieces:
+        for f, src, _, part in pieces:
             got = f.tensors[src].shape
+            if part is not None:
+                got = part.shape(got)
             # Size-1 axes may differ (a [1, D] gate stored for a [D] vector); any
             # other difference, a transposed matrix included, is a wrong tensor.
             if _squeezed(got) != _squeezed(want):
@@ -201,25 +213,61 @@ class HFCheckpoint:
                     f"tensor {src!r} has shape {list(got)}, expected {list(want)}",
                 )
 
+    def _check_mxfp4(self, pieces: list) -> None:
+        """An MXFP4 tensor: its blocks and its scales, uint8, rows alike."""
+        kinds = {part.mxfp4: (f, src) for f, src, _, part in pieces}
+        srcs = [src for _, src, _, _ in pieces]
+        for kind in ("blocks", "scales"):
+            if kind not in kinds:
+                have = srcs[0]
+                other = have.rsplit("_", 1)[0] + "_" + kind
+                raise ModelFileError(
+                    self.root, f"missing tensors: {other} (the MXFP4 pair of {have})"
+                )
+        if len(pieces) != 2:
+            raise ModelFileError(self.root, f"{srcs[0]}: stored more than once")
+        for kind, (f, src) in kinds.items():
+            meta = f.tensors[src]
+            if meta.dtype != "U8":
+                raise ModelFileError(
+                    f.path, f"tensor {src!r} is {meta.dtype}, MXFP4 {kind} are U8"
+                )
+        (fb, b), (fs, sc) = kinds["blocks"], kinds["scales"]
+        blocks, scales = fb.tensors[b].shape, fs.tensors[sc].shape
+        if len(blocks) < 2 or blocks[-1] != 16 or tuple(blocks[:-1]) != tuple(scales):
+            raise ModelFileError(
+                fb.path,
+                f"tensor {b!r} has shape {list(blocks)}: MXFP4 blocks of 16 bytes "
+                f"for the scales {sc!r} of shape {list(scales)}",
+            )
+
     def names(self) -> list[str]:
         return list(self._sources)
 
     def info(self, name: str) -> tuple[str, tuple[int, ...], int]:
         """(stored dtype, shape, stored bytes) without reading the data."""
         pieces = self._sources[name]
-        metas = [f.tensors[src] for f, src, _ in pieces]
-        dtypes = sorted({m.dtype for m in metas})
+        metas = [(f.tensors[src], part) for f, src, _, part in pieces]
+        dtypes = sorted({m.dtype for m, _ in metas})
         shape = tensor_layout(self.spec)[name][0]
-        return "/".join(dtypes), shape, sum(m.end - m.begin for m in metas)
+        stored = sum(
+            (m.end - m.begin) // (part.step if part else 1) for m, part in metas
+        )
+        return "/".join(dtypes), shape, stored
 
     def load(self, name: str) -> Weight:
         """Tensor ``name`` as aligned float32, expert tensors stacked ``[E, N, K]``."""
         pieces = self._sources[name]
         shape = tensor_layout(self.spec)[name][0]
+        if pieces[0][3] is not None and pieces[0][3].mxfp4:
+            return self._load_mxfp4(name, pieces, shape)
         out = aligned_empty(shape, np.float32)
-        for f, src, expert in pieces:
+        for f, src, expert, part in pieces:
             dst = out if expert is None else out[expert]
-            if f.tensors[src].dtype == "BF16":
+            if part is not None:  # a cut of a stacked source (gpt-oss's gate_up)
+                full = f.float32(src).reshape(f.tensors[src].shape)
+                dst[...] = part.cut(full)
+            elif f.tensors[src].dtype == "BF16":
                 # Widen straight into the destination: no float32 temporary.
                 np.left_shift(
                     f.raw(src).astype(np.uint32).reshape(dst.shape),
@@ -230,6 +278,27 @@ class HFCheckpoint:
                 dst[...] = f.float32(src).reshape(dst.shape)
             f.release(src)
         return Weight(name, GGML_F32, shape, out)
+
+    def stored_type(self, name: str) -> int | None:
+        """The ggml type to write ``name`` in as it is: MXFP4 experts stay
+        MXFP4 (as llama.cpp's converter keeps gpt-oss's); None: the export's."""
+        part = self._sources[name][0][3]
+        return GGML_MXFP4 if part is not None and part.mxfp4 else None
+
+    def _load_mxfp4(self, name: str, pieces: list, shape: tuple[int, ...]) -> Weight:
+        """Stored MXFP4 experts as ggml's MXFP4 rows (the same codes and scale
+        bytes, reordered): run as stored, dequantized only to convert."""
+        from edgemoe.quant import mxfp4
+
+        halves = {}
+        for f, src, _, part in pieces:
+            raw = f.raw(src).reshape(f.tensors[src].shape)
+            halves[part.mxfp4] = part.cut(raw)  # rows of gate or up
+        data = aligned_empty((*shape[:-1], shape[-1] // 32 * 17), np.uint8)
+        data[...] = mxfp4.ggml_from_hf(halves["blocks"], halves["scales"])
+        for f, src, _, _ in pieces:
+            f.release(src)
+        return Weight(name, GGML_MXFP4, shape, data)
 
     def close(self) -> None:
         for f in self._files.values():

@@ -168,8 +168,9 @@ def _parse(d: Any, path: str) -> Manifest:
     spec_d = _get(d, "spec", dict, path)
     try:
         spec_d = dict(spec_d)
-        spec_d["moe_layers"] = tuple(spec_d["moe_layers"])
-        spec_d["eos_token_ids"] = tuple(spec_d["eos_token_ids"])
+        for key in ("moe_layers", "swa_layers", "eos_token_ids"):
+            if isinstance(spec_d.get(key), list):  # JSON has no tuples
+                spec_d[key] = tuple(spec_d[key])
         spec = ModelSpec(**spec_d)
     except (TypeError, KeyError) as e:
         raise _fail(path, f"spec: {e}") from None

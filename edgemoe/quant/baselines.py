@@ -48,7 +48,7 @@ class ExpertsTransformed:
         from edgemoe.checkpoint.base import Weight, aligned_empty
 
         w = self._ckpt.load(name)
-        if "_exps." not in name:
+        if not name.endswith("_exps.weight"):
             return w
         out = aligned_empty(w.shape, np.float32)
         for e in range(w.shape[0]):

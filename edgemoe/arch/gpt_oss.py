@@ -1,0 +1,284 @@
+"""gpt-oss (``GptOssForCausalLM``; GGUF ``gpt-oss``).
+
+Windowed and full attention layers alternate (``layer_types``), each head
+has a learned attention sink, q/k/v/o carry biases, RoPE is YaRN-scaled
+(unrounded correction range). The router has a bias and takes the softmax
+over its top-k logits; every expert projection has a bias, and the experts'
+SwiGLU is clamped (``swiglu_limit``) with σ(1.702·gate). The checkpoint
+stores each expert's gate and up as one ``x @ W`` matrix, columns
+interleaved, and down transposed: cut into llama.cpp's layout on read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from edgemoe.arch import register
+from edgemoe.arch.base import (
+    Family,
+    GGUFMeta,
+    HFConfig,
+    ModelSpec,
+    Part,
+    TensorMap,
+    common_gguf_fields,
+    eos_tuple,
+)
+from edgemoe.arch.validate import FLOATS, check_float
+from edgemoe.errors import ConfigError
+
+_L = "model.layers.{bid}."
+_B = "blk.{bid}."
+
+TENSOR_MAP = TensorMap(
+    {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+        _L + "input_layernorm.weight": _B + "attn_norm.weight",
+        _L + "post_attention_layernorm.weight": _B + "ffn_norm.weight",
+        **{
+            _L + f"self_attn.{p}_proj.{kind}": _B + f"attn_{g}.{kind}"
+            for p, g in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "output"))
+            for kind in ("weight", "bias")
+        },
+        _L + "self_attn.sinks": _B + "attn_sinks.weight",
+        _L + "mlp.router.weight": _B + "ffn_gate_inp.weight",
+        _L + "mlp.router.bias": _B + "ffn_gate_inp.bias",
+        _L + "mlp.experts.gate_up_proj": (
+            Part(_B + "ffn_gate_exps.weight", transpose=True, first=0, step=2),
+            Part(_B + "ffn_up_exps.weight", transpose=True, first=1, step=2),
+        ),
+        _L + "mlp.experts.gate_up_proj_bias": (
+            Part(_B + "ffn_gate_exps.bias", first=0, step=2),
+            Part(_B + "ffn_up_exps.bias", first=1, step=2),
+        ),
+        _L + "mlp.experts.down_proj": (
+            Part(_B + "ffn_down_exps.weight", transpose=True),
+        ),
+        _L + "mlp.experts.down_proj_bias": _B + "ffn_down_exps.bias",
+        # The published checkpoints: MXFP4 experts, rows already [E, N, K].
+        **{
+            _L + f"mlp.experts.gate_up_proj_{kind}": (
+                Part(_B + "ffn_gate_exps.weight", first=0, step=2, mxfp4=kind),
+                Part(_B + "ffn_up_exps.weight", first=1, step=2, mxfp4=kind),
+            )
+            for kind in ("blocks", "scales")
+        },
+        **{
+            _L + f"mlp.experts.down_proj_{kind}": (
+                Part(_B + "ffn_down_exps.weight", mxfp4=kind),
+            )
+            for kind in ("blocks", "scales")
+        },
+    }
+)
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+@dataclass
+class ArchConfig(HFConfig):
+    aliases = {"num_experts": "num_local_experts"}
+
+    vocab_size: int = 201088
+    hidden_size: int = 2880
+    intermediate_size: int = 2880
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 64
+    num_key_value_heads: int | None = 8
+    head_dim: int | None = 64
+    max_position_embeddings: int = 131072
+    rms_norm_eps: float = 1e-5
+    num_local_experts: int = 128
+    num_experts_per_tok: int = 4
+    sliding_window: int | None = 128
+    layer_types: list[str] | None = None
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: Any = None
+
+
+def _rope(config: dict[str, Any]) -> dict[str, Any]:
+    """ModelSpec's RoPE fields from ``rope_parameters`` (transformers 5) or
+    ``rope_scaling`` and a top-level ``rope_theta`` (the hub's config)."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(
+            f"config.json: rope_parameters must be an object, got {params!r}"
+        )
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta", config.get("rope_theta", 150000.0))
+
+    def num(key: str, value: Any, field: str) -> float:
+        return check_float(f"config.json: rope_parameters.{key}", value, FLOATS[field])
+
+    out: dict[str, Any] = {"rope_theta": num("rope_theta", theta, "rope_theta")}
+    if kind in ("default", None):
+        return out
+    if kind != "yarn":
+        raise ConfigError(
+            f"config.json: rope_type {kind!r} is not supported for gpt-oss"
+        )
+    orig = params.get("original_max_position_embeddings")
+    if type(orig) is not int or orig < 1:
+        raise ConfigError(
+            "config.json: rope_parameters.original_max_position_embeddings must be "
+            f"a positive integer, got {orig!r}"
+        )
+    truncate = params.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ConfigError("config.json: rope_parameters.truncate must be true or false")
+    attn = params.get("attention_factor")
+    out.update(
+        rope_scaling="yarn",
+        rope_factor=num("factor", params.get("factor"), "rope_factor"),
+        rope_orig_ctx=orig,
+        rope_beta_fast=num(
+            "beta_fast", params.get("beta_fast") or 32.0, "rope_beta_fast"
+        ),
+        rope_beta_slow=num(
+            "beta_slow", params.get("beta_slow") or 1.0, "rope_beta_slow"
+        ),
+        rope_truncate=truncate,
+        rope_attn_factor=None
+        if attn is None
+        else num("attention_factor", attn, "rope_attn_factor"),
+    )
+    return out
+
+
+@register
+class GptOss(Family):
+    name = "gpt_oss"
+    hf_architectures = ("GptOssForCausalLM",)
+    gguf_architectures = ("gpt-oss",)
+    gguf_renames = {"ffn_norm.weight": "post_attention_norm.weight"}
+    tensor_map = TENSOR_MAP
+
+    @classmethod
+    def spec_from_hf(cls, config: dict[str, Any]) -> ModelSpec:
+        c = ArchConfig.from_dict(config)
+        n = c.num_hidden_layers
+        types = c.layer_types
+        if types is None:  # transformers' default: windowed first, then alternating
+            types = [LAYER_TYPES[i % 2] for i in range(n)]
+        if len(types) != n or any(t not in LAYER_TYPES for t in types):
+            raise ConfigError(
+                f"config.json: layer_types must list {n} of "
+                f"{' / '.join(LAYER_TYPES)}, got {types!r}"
+            )
+        swa = tuple(t == "sliding_attention" for t in types)
+        return ModelSpec(
+            family=cls.name,
+            n_vocab=c.vocab_size,
+            n_embd=c.hidden_size,
+            n_layer=n,
+            n_head=c.num_attention_heads,
+            n_head_kv=c.num_key_value_heads or c.num_attention_heads,
+            head_dim=c.head_dim or c.hidden_size // c.num_attention_heads,
+            n_ctx_train=c.max_position_embeddings,
+            rms_eps=c.rms_norm_eps,
+            **_rope(config),
+            sliding_window=c.sliding_window if any(swa) else None,
+            swa_layers=swa if any(swa) else (),
+            attn_sinks=True,
+            router="topk_softmax",
+            n_expert=c.num_local_experts,
+            n_expert_used=c.num_experts_per_tok,
+            expert_ffn=c.intermediate_size,
+            moe_bias=True,
+            ffn_act="swiglu_oai",
+            swiglu_alpha=c.swiglu_alpha,
+            swiglu_limit=c.swiglu_limit,
+            moe_layers=(True,) * n,
+            tie_embeddings=c.tie_word_embeddings,
+            bos_token_id=c.bos_token_id,
+            eos_token_ids=eos_tuple(c.eos_token_id),
+        )
+
+    @classmethod
+    def spec_from_gguf(cls, meta: GGUFMeta) -> ModelSpec:
+        common = meta.common_spec(cls.name)
+        n = common["n_layer"]
+        window = meta.get_int("attention.sliding_window", "sliding_window")
+        # llama.cpp: a bool per layer, else every other layer windowed from 0.
+        pattern = meta.get("attention.sliding_window_pattern", None)
+        if pattern is None:
+            swa = tuple(i % 2 == 0 for i in range(n))
+        elif (
+            isinstance(pattern, list)
+            and len(pattern) == n
+            and all(type(b).__name__ in ("bool", "bool_") for b in pattern)
+        ):
+            swa = tuple(bool(b) for b in pattern)
+        else:
+            raise ConfigError(
+                f"{meta.source}: {meta.arch}.attention.sliding_window_pattern must "
+                f"list true/false for each of {n} layers"
+            )
+        rope: dict[str, Any] = {}
+        kind = meta.get("rope.scaling.type", "none")
+        if kind == "yarn":
+            rope = dict(
+                rope_scaling="yarn",
+                rope_factor=meta.get_float("rope.scaling.factor", "rope_factor"),
+                rope_orig_ctx=meta.get_int(
+                    "rope.scaling.original_context_length", "rope_orig_ctx"
+                ),
+                rope_beta_fast=meta.get_float(
+                    "rope.scaling.yarn_beta_fast", "rope_beta_fast", 32.0
+                ),
+                rope_beta_slow=meta.get_float(
+                    "rope.scaling.yarn_beta_slow", "rope_beta_slow", 1.0
+                ),
+                # Ours: llama.cpp always rounds YaRN's range (see gguf_fields).
+                rope_truncate=meta.get("rope.scaling.yarn_truncate", True) is not False,
+            )
+        elif kind != "none":
+            raise ConfigError(f"{meta.source}: rope.scaling.type {kind!r} for gpt-oss")
+        return meta.make_spec(
+            **common,
+            **rope,
+            sliding_window=window,
+            swa_layers=swa,
+            attn_sinks=True,
+            router="topk_softmax",
+            expert_ffn=meta.get_int("expert_feed_forward_length", "ffn"),
+            moe_bias=True,
+            # llama.cpp's graph fixes the clamped SwiGLU's constants.
+            ffn_act="swiglu_oai",
+            swiglu_alpha=1.702,
+            swiglu_limit=7.0,
+            moe_layers=(True,) * n,
+        )
+
+    @classmethod
+    def gguf_fields(cls, spec: ModelSpec) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            **common_gguf_fields(spec),
+            "expert_feed_forward_length": spec.expert_ffn,
+            "feed_forward_length": spec.expert_ffn,
+            "attention.sliding_window": spec.sliding_window or spec.n_ctx_train,
+            "attention.sliding_window_pattern": list(
+                spec.swa_layers or (False,) * spec.n_layer
+            ),
+        }
+        if spec.rope_scaling == "yarn":
+            fields.update(
+                {
+                    "rope.scaling.type": "yarn",
+                    "rope.scaling.factor": float(spec.rope_factor),
+                    "rope.scaling.original_context_length": spec.rope_orig_ctx,
+                    "rope.scaling.yarn_beta_fast": float(spec.rope_beta_fast),
+                    "rope.scaling.yarn_beta_slow": float(spec.rope_beta_slow),
+                }
+            )
+            if not spec.rope_truncate:
+                # llama.cpp ignores this key and rounds YaRN's range, as it
+                # does for the published gpt-oss; EdgeMoE reads it back.
+                fields["rope.scaling.yarn_truncate"] = False
+        return fields

@@ -1,0 +1,276 @@
+"""gpt-oss against transformers: windowed and full layers with attention
+sinks, YaRN RoPE, the router's bias and top-k softmax, expert biases and the
+clamped SwiGLU, in two configurations; prompts short, past the window, and
+past YaRN's original context."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TINY_CONFIGS
+
+import edgemoe
+
+YARN = TINY_CONFIGS["gpt_oss"]["rope_parameters"]
+CONFIGS = {
+    # conftest's: windowed first, YaRN unrounded, limit 2 (clamps bite).
+    "alternating": {},
+    # Full, windowed, full; plain RoPE; top-3 of 4; the default clamp.
+    "full-first": dict(
+        num_hidden_layers=3,
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        num_experts_per_tok=3,
+        swiglu_limit=7.0,
+        sliding_window=16,
+    ),
+    # What llama.cpp's gpt-oss graph computes: YaRN's range rounded, limit 7.
+    "llama": dict(rope_parameters={**YARN, "truncate": True}, swiglu_limit=7.0),
+}
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    from conftest import build_tiny
+
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            out = tmp_path_factory.mktemp(f"gpt-oss-{name}")
+            made[name] = build_tiny(
+                "gpt_oss", out, max_position_embeddings=1024, **CONFIGS[name]
+            )
+        return made[name]
+
+    return get
+
+
+def reference(path):
+    from test_reference_transformers import hf_reference
+
+    return hf_reference(path)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(gpt_oss, name):
+    import torch
+
+    path = gpt_oss(name)
+    ids = np.random.default_rng(1).integers(1, 384, size=32).tolist()
+    with torch.no_grad():
+        expected = reference(path)(input_ids=torch.tensor([ids])).logits[0].numpy()
+    with edgemoe.load(path) as model:
+        assert model.spec.attn_sinks and model.spec.router == "topk_softmax"
+        got = model.logits(ids)
+    assert np.abs(expected).max() > 1.0, "logits too small to reveal errors"
+    assert np.abs(got - expected).max() <= 1e-3
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_greedy_decode_matches_transformers(gpt_oss, name):
+    import torch
+
+    path = gpt_oss(name)
+    ids = np.random.default_rng(2).integers(1, 384, size=32).tolist()
+    with torch.no_grad():
+        out = reference(path).generate(
+            torch.tensor([ids]), max_new_tokens=32, do_sample=False
+        )
+    with edgemoe.load(path) as model:
+        got = [
+            r.token
+            for r in model.generate(ids, max_tokens=32, temperature=0, ignore_eos=True)
+        ]
+    assert got == out[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_600_token_prompt_matches_transformers(gpt_oss, name):
+    """Far past the window (8 or 16) and YaRN's original context (64): every
+    position's logits, prefilled in ubatches."""
+    import torch
+
+    path = gpt_oss(name)
+    ids = np.random.default_rng(3).integers(1, 384, size=600).tolist()
+    with torch.no_grad():
+        expected = reference(path)(input_ids=torch.tensor([ids])).logits[0].numpy()
+    with edgemoe.load(path, n_ctx=1024) as model:
+        got = model.logits(ids)
+    assert np.abs(got - expected).max() <= 1e-3
+
+
+def test_the_configurations_exercise_the_quirks(gpt_oss):
+    with (
+        edgemoe.load(gpt_oss("alternating")) as ma,
+        edgemoe.load(gpt_oss("full-first")) as mb,
+    ):
+        a, b = ma.spec, mb.spec
+    assert a.swa_layers == (True, False) and b.swa_layers == (False, True, False)
+    assert a.rope_scaling == "yarn" and not a.rope_truncate and b.rope_scaling is None
+    assert (a.swiglu_limit, b.swiglu_limit) == (2.0, 7.0)
+    assert a.moe_bias and a.ffn_act == "swiglu_oai"
+
+
+def export(src, out, qtype: str):
+    from edgemoe.checkpoint import open_checkpoint
+    from edgemoe.converters.llama_gguf import write_gguf
+
+    ckpt = open_checkpoint(src)
+    try:
+        return write_gguf(ckpt, out, qtype)
+    finally:
+        ckpt.close()
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_our_gguf_matches_llamacpp_and_transformers(gpt_oss, tmp_path, qtype):
+    """Our GGUF in llama.cpp: 32 greedy tokens and the logits at every prompt
+    position agree with EdgeMoE on the same file; EdgeMoE on the float file
+    agrees with transformers on the HF original (so a metadata mistake
+    written and read back the same way cannot pass)."""
+    import torch
+
+    from edgemoe.runtime.llamacpp import LlamaCpp
+
+    src = gpt_oss("llama")
+    path = export(src, tmp_path / f"gpt-oss-{qtype}.gguf", qtype)
+    prompt = np.random.default_rng(6).integers(1, 384, size=32).tolist()
+    with LlamaCpp(path, n_ctx=256, f32_cache=True) as ref:
+        expected, _ = ref.greedy(prompt, 32)
+        ref.reset()
+        ref_logits = np.stack([ref.eval([t]) for t in prompt])  # [T, V]
+    with edgemoe.load(path) as model:
+        assert model.spec.swa_layers == (True, False)
+        got = [
+            r.token
+            for r in model.generate(
+                prompt, max_tokens=32, temperature=0, ignore_eos=True
+            )
+        ]
+        ours = model.logits(prompt)
+    assert got == expected
+    assert np.abs(ours - ref_logits).max() < 1e-3
+    if qtype == "F32":
+        with torch.no_grad():
+            hf = reference(src)(input_ids=torch.tensor([prompt])).logits[0].numpy()
+        assert np.abs(ours - hf).max() <= 1e-3
+
+
+def test_export_refuses_what_llamacpp_cannot_compute(gpt_oss, tmp_path):
+    """llama.cpp's gpt-oss graph fixes the SwiGLU clamp at 7: a model with
+    another limit is refused by name, and nothing is written."""
+    from edgemoe.errors import ConfigError
+
+    out = tmp_path / "m.gguf"
+    with pytest.raises(ConfigError, match=r"swiglu_limit=2\.0 \(llama.cpp: 7\.0\)"):
+        export(gpt_oss("alternating"), out, "F32")
+    assert not out.exists()
+
+
+def mxfp4_pair(model_dir, out_mx, out_deq):
+    """The model's experts quantized to MXFP4 in the published checkpoints'
+    layout (``out_mx``), and the same model with those experts dequantized
+    back to float32 for transformers (``out_deq``)."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from edgemoe.quant import mxfp4
+
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    mx, deq = {}, {}
+    for name, w in tensors.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = mxfp4.quantize_hf(w.transpose(0, 2, 1))  # rows [E, N, K]
+            mx[name + "_blocks"], mx[name + "_scales"] = blocks, scales
+            deq[name] = np.ascontiguousarray(
+                mxfp4.dequantize_hf(blocks, scales).transpose(0, 2, 1)
+            )
+        else:
+            mx[name] = deq[name] = w
+    for out, t in ((out_mx, mx), (out_deq, deq)):
+        shutil.copytree(model_dir, out)
+        (out / "model.safetensors").unlink()
+        save_file(t, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((out_mx / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    (out_mx / "config.json").write_text(json.dumps(cfg))
+    return out_mx, out_deq
+
+
+def test_mxfp4_layout_is_transformers_own():
+    """Our MXFP4 codec against transformers' dequantizer: the nibble order
+    and the scale's exponent bias."""
+    import torch
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from edgemoe.quant import mxfp4
+
+    w = np.random.default_rng(7).standard_normal((2, 8, 64)).astype(np.float32)
+    blocks, scales = mxfp4.quantize_hf(w)  # [2, 8, 2, 16], [2, 8, 2]
+    ref = convert_moe_packed_tensors(
+        torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32
+    )  # [2, 64, 8]: transposed for x @ W
+    np.testing.assert_array_equal(
+        mxfp4.dequantize_hf(blocks, scales), ref.numpy().transpose(0, 2, 1)
+    )
+    assert np.abs(mxfp4.dequantize_hf(blocks, scales) - w).max() < 0.5 * np.abs(w).max()
+
+
+def test_mxfp4_experts_run_as_stored(gpt_oss, tmp_path):
+    """A checkpoint with MXFP4 experts (quantized here from the tiny model)
+    runs them as ggml MXFP4. ggml multiplies MXFP4 by activations rounded to
+    Q8_0 (its CPU kernels' pairing, llama.cpp's too), so against transformers
+    on the dequantized weights the logits agree to a relative error of about
+    2%, where a wrong nibble order or row split gives over 50%; against
+    llama.cpp on our GGUF of it (experts kept MXFP4) they agree to 1e-3 at
+    every position, and 32 greedy tokens are the same."""
+    import torch
+
+    from edgemoe.checkpoint.base import GGML_MXFP4
+    from edgemoe.runtime.llamacpp import LlamaCpp
+
+    src = gpt_oss("llama")
+    mx, deq = mxfp4_pair(src, tmp_path / "mx", tmp_path / "deq")
+    ids = np.random.default_rng(8).integers(1, 384, size=32).tolist()
+    ref = reference(deq)
+    with torch.no_grad():
+        expected = ref(input_ids=torch.tensor([ids])).logits[0].numpy()
+    with edgemoe.load(mx) as model:
+        assert model.checkpoint.load("blk.0.ffn_up_exps.weight").qtype == GGML_MXFP4
+        got = model.logits(ids)
+    rel = np.sqrt(((got - expected) ** 2).mean() / (expected**2).mean())
+    assert rel < 0.05, rel
+    gguf = export(mx, tmp_path / "mx.gguf", "F32")
+    with LlamaCpp(gguf, n_ctx=256, f32_cache=True) as lc:
+        want, _ = lc.greedy(ids, 32)
+        lc.reset()
+        ref_logits = np.stack([lc.eval([t]) for t in ids])  # [T, V]
+    with edgemoe.load(gguf) as model:
+        assert model.checkpoint.load("blk.1.ffn_down_exps.weight").qtype == GGML_MXFP4
+        assert np.abs(model.logits(ids) - ref_logits).max() < 1e-3
+        assert np.abs(model.logits(ids) - got).max() < 1e-4  # the same model
+        tokens = [
+            r.token
+            for r in model.generate(ids, max_tokens=32, temperature=0, ignore_eos=True)
+        ]
+    assert tokens == want
+
+
+def test_mxfp4_scales_missing_is_one_clear_error(gpt_oss, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from edgemoe.errors import ModelFileError
+
+    mx, _ = mxfp4_pair(gpt_oss("alternating"), tmp_path / "mx", tmp_path / "deq")
+    path = mx / "model.safetensors"
+    t = load_file(str(path))
+    del t["model.layers.1.mlp.experts.down_proj_scales"]
+    save_file(t, str(path), metadata={"format": "pt"})
+    with pytest.raises(ModelFileError) as info:
+        edgemoe.load(mx)
+    msg = str(info.value)
+    assert "model.layers.1.mlp.experts.down_proj_scales" in msg and "\n" not in msg
