@@ -138,6 +138,7 @@ class LayerRunner:
             spec,
             n_layer=1,
             moe_layers=(True,),
+            swa_layers=(),  # each layer's window is passed in
             n_expert=max(spec.n_expert, 1),
             n_expert_used=max(spec.n_expert_used, 1),
             expert_ffn=max(spec.expert_ffn, 1),
@@ -145,9 +146,12 @@ class LayerRunner:
         self.cache = KVCache(one, window)
         self.attn = Attention(one, self.rope, self.cache)
 
-    def attention(self, x: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
+    def attention(
+        self, x: np.ndarray, w: dict[str, np.ndarray], layer: int = 0
+    ) -> np.ndarray:
         """x + attention(x) for every window; ``x`` [W, T, D]."""
         s = self.spec
+        window = s.sliding_window if not s.swa_layers or s.swa_layers[layer] else None
         out = np.empty_like(x)
         for i, xw in enumerate(x):
             xn = rms_norm(xw, w["attn_norm"], s.rms_eps)
@@ -159,7 +163,10 @@ class LayerRunner:
                     v + w["attn_v.bias"],
                 )
             a = np.empty((xw.shape[0], s.n_head * s.head_dim), dtype=np.float32)
-            self.attn(0, q, k, v, 0, a, w.get("attn_q_norm"), w.get("attn_k_norm"))
+            self.attn(
+                0, q, k, v, 0, a, w.get("attn_q_norm"), w.get("attn_k_norm"),
+                window, w.get("attn_sinks"),
+            )  # fmt: skip
             o = a @ w["attn_output"].T
             if "attn_output.bias" in w:
                 o = o + w["attn_output.bias"]
@@ -167,15 +174,24 @@ class LayerRunner:
         return out
 
     def moe(
-        self, hn: np.ndarray, router: np.ndarray, expert: Callable
+        self,
+        hn: np.ndarray,
+        router: np.ndarray,
+        expert: Callable,
+        router_bias: np.ndarray | None = None,
+        bias: Callable | None = None,
     ) -> tuple[np.ndarray, ExpertStats]:
         """Sum of routed experts for tokens ``hn`` [N, D], and the statistics.
 
-        ``expert(e)`` gives expert e's float (gate [F, D], up [F, D], down [D, F]).
+        ``expert(e)`` gives expert e's float (gate [F, D], up [F, D], down [D, F]),
+        ``bias(e)`` its biases (gate [F], up [F], down [D]) where it has them.
         """
         s = self.spec
         n, d = hn.shape
-        ids, weights = route(s, hn @ router.T)  # [N, K]
+        logits = hn @ router.T  # [N, E]
+        if router_bias is not None:
+            logits = logits + router_bias
+        ids, weights = route(s, logits)  # [N, K]
         e_count = s.n_expert
         traced = trace_rows(n)
         stats = ExpertStats(
@@ -193,10 +209,8 @@ class LayerRunner:
             stats.count[e] = rows.size
             if rows.size == 0:
                 continue
-            g, u, dn = expert(e)
             x = hn[rows]  # [n_e, D]
-            act = silu(x @ g.T) * (x @ u.T)  # [n_e, F]
-            y = act @ dn.T  # [n_e, D]
+            y = expert_ffn(s, x, *expert(e), bias(e) if bias else None)  # [n_e, D]
             w = weights[rows, slot]
             stats.weight[e] = float(w.sum())
             stats.in_sq[e] = np.square(x).sum(axis=0)
@@ -207,6 +221,20 @@ class LayerRunner:
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
+
+
+def expert_ffn(spec: ModelSpec, x, gate, up, down, bias=None) -> np.ndarray:
+    """One expert on rows ``x`` [N, D]: SwiGLU, or gpt-oss's clamped form
+    with its biases (``bias`` = (gate [F], up [F], down [D]))."""
+    bg, bu, bd = bias if bias is not None else (0.0, 0.0, 0.0)
+    a, b = x @ gate.T + bg, x @ up.T + bu  # [N, F]
+    if spec.ffn_act == "swiglu_oai":
+        lim = spec.swiglu_limit
+        a, b = np.minimum(a, lim), np.clip(b, -lim, lim)
+        act = a / (1.0 + np.exp(-spec.swiglu_alpha * a)) * (b + 1.0)
+    else:
+        act = silu(a) * b
+    return act @ down.T + bd
 
 
 def dense_mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray):

@@ -107,12 +107,18 @@ def _expert_float(w: Weight, e: int, rows: int) -> np.ndarray:
     return out
 
 
-def _pad_cols(x: np.ndarray, cols: int) -> np.ndarray:
+def _pad_cols(x: np.ndarray, cols: int, fill: float = 0.0) -> np.ndarray:
     if x.shape[1] == cols:
         return x
-    out = np.zeros((x.shape[0], cols), dtype=np.float32)
+    out = np.full((x.shape[0], cols), fill, dtype=np.float32)
     out[:, : x.shape[1]] = x
     return out
+
+
+def d_pad(n_embd: int, plan) -> int:
+    """The experts' stored hidden width: ``n_embd`` up to whole plane blocks
+    (gpt-oss's 2,880 -> 3,072). The runtime pads the activations to it."""
+    return math.ceil(n_embd / plan.block) * plan.block
 
 
 def convert(
@@ -133,11 +139,6 @@ def convert(
         spec = ckpt.spec
         if not any(spec.moe_layers):
             raise ConfigError(f"{src}: the model has no MoE layers to convert")
-        if spec.n_embd % plan.block:
-            raise ConfigError(
-                f"{src}: hidden size {spec.n_embd} is not a multiple of {plan.block}, "
-                "which the K-quant planes need (padding activations is not supported)"
-            )
         f_pad = math.ceil(spec.expert_ffn / plan.block) * plan.block
         tokens, calib_source = _calibration_tokens(ckpt, opts)
         with ModelWriter(out, force=opts.force) as writer:
@@ -208,8 +209,8 @@ def _convert(
             if f.exists():
                 writer.copy_file(f)
     moe_layers = [i for i, m in enumerate(spec.moe_layers) if m]
-    d = spec.n_embd
-    shapes = {"gate": (f_pad, d), "up": (f_pad, d), "down": (d, f_pad)}
+    d, ds = spec.n_embd, d_pad(spec.n_embd, plan)
+    shapes = {"gate": (f_pad, ds), "up": (f_pad, ds), "down": (ds, f_pad)}
     writer.begin_experts(
         moe_layers, spec.n_expert, plan.planes, shapes, opts.max_shard_bytes
     )
@@ -241,10 +242,11 @@ def _convert(
                 "attn_k.bias",
                 "attn_v.bias",
                 "attn_output.bias",
+                "attn_sinks",
             )
         }
         attn_w = {k: v for k, v in attn_w.items() if v is not None}
-        h = runner.attention(x, attn_w)  # [W, T, D]
+        h = runner.attention(x, attn_w, layer)  # [W, T, D]
         del attn_w
         hn = rms_norm_rows(h, f32("ffn_norm"), spec.rms_eps).reshape(-1, d)
         if spec.moe_layers[layer]:
@@ -290,6 +292,7 @@ def _convert(
             spec=manifest_spec,
             levels=plan.levels,
             expert_ffn=f_pad,
+            expert_dim=ds if ds != d else 0,
             shifts=tuple(shifts),
             backbone_type=opts.backbone_type,
             hotness=tuple(hotness),
@@ -352,6 +355,9 @@ def _next_layer_guess(ckpt, layer: int, hn: np.ndarray, names) -> np.ndarray | N
         return None
     router = ckpt.load(name).to_float32()  # [E, D]
     logits = hn[trace_rows(len(hn))] @ router.T  # [S, E]
+    bias = f"blk.{nxt}.ffn_gate_inp.bias"
+    if bias in names:
+        logits = logits + ckpt.load(bias).to_float32()
     return np.argsort(-logits, axis=1, kind="stable")[:, : spec.n_expert_used]
 
 
@@ -369,7 +375,16 @@ def _moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step):
             _expert_float(down, e, spec.n_embd),
         )
 
-    routed, stats = runner.moe(hn, f32("ffn_gate_inp"), expert)
+    bias = None
+    if spec.moe_bias:  # [E, F], [E, F], [E, D]: rows by expert
+        biases = [f32(f"ffn_{p}_exps.bias") for p in ("gate", "up", "down")]
+
+        def bias(e: int):
+            return tuple(b[e] for b in biases)
+
+    routed, stats = runner.moe(
+        hn, f32("ffn_gate_inp"), expert, f32("ffn_gate_inp.bias"), bias
+    )
     if b + "ffn_gate_shexp.weight" in names:
         shared = dense_mlp(
             hn, f32("ffn_gate_shexp"), f32("ffn_up_shexp"), f32("ffn_down_shexp")
@@ -387,12 +402,15 @@ def _moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step):
     def quantize(e: int) -> list:
         g, u, dn = expert(e)
         imat = stats.imatrix(e)  # down is not weighted: see calibration.py
+        d = d_pad(spec.n_embd, plan)
+        if d != spec.n_embd:  # padded inputs are zero: any weight will do
+            imat = _pad_cols(imat[None], d, imat.mean())[0]
         return [
             quantize_nested(m, plan, sh, w)[0].planes
             for m, sh, w in (
-                (_pad_rows(g, f_pad), layer_shifts[0], imat),
-                (_pad_rows(u, f_pad), layer_shifts[1], imat),
-                (_pad_cols(dn, f_pad), layer_shifts[2], None),
+                (_pad_cols(_pad_rows(g, f_pad), d), layer_shifts[0], imat),
+                (_pad_cols(_pad_rows(u, f_pad), d), layer_shifts[1], imat),
+                (_pad_rows(_pad_cols(dn, f_pad), d), layer_shifts[2], None),
             )
         ]
 

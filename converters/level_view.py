@@ -85,7 +85,10 @@ class LevelCheckpoint:
         m = self._ckpt.manifest
         bt = m.plan.planes[0]
         single = self.n_planes == 1 and bt.name == self.target
-        if not single or m.expert_ffn != self.spec.expert_ffn:
+        if not single or (m.expert_ffn, m.stored_dim) != (
+            self.spec.expert_ffn,
+            self.spec.n_embd,
+        ):
             return None
         shift = m.shifts[layer][proj][0]
         n, k = self._ckpt.plane_shapes()[PROJS[proj]]

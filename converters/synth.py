@@ -108,6 +108,34 @@ PRESETS: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-6,
         rope_theta=1e6,
     ),
+    # openai/gpt-oss-20b shapes (its experts as BF16 here; the hub's are MXFP4).
+    "gpt-oss-20b": dict(
+        architectures=["GptOssForCausalLM"],
+        model_type="gpt_oss",
+        hidden_size=2880,
+        intermediate_size=2880,
+        num_hidden_layers=24,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=64,
+        num_local_experts=32,
+        num_experts_per_tok=4,
+        sliding_window=128,
+        vocab_size=201088,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=150000.0,
+            factor=32.0,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            truncate=False,
+            original_max_position_embeddings=4096,
+        ),
+        swiglu_limit=7.0,
+        attention_bias=True,
+    ),
 }
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -321,20 +349,29 @@ def _write_hf(ckpt: SyntheticCheckpoint, config: dict, out: Path) -> Path:
     from edgemoe.checkpoint.safetensors import write_safetensors
 
     tmap = ckpt.family.tensor_map
-    entries = []
+    entries = []  # (HF name, HF shape, () -> float32 array)
+    covered = set()
+    for hf_name, cut in _assembled(ckpt, tmap).items():
+        covered.update(n for _, n in cut)
+        full = _assemble(ckpt, cut, shape_only=True)
+        entries.append((hf_name, full, lambda cut=cut: _assemble(ckpt, cut)))
     for name in ckpt.names():
+        if name in covered:
+            continue
         shape = ckpt._layout[name][0]
         for hf_name, expert in tmap.source_names(name, ckpt.spec.n_expert):
             hf_shape = shape if expert is None else shape[1:]
             if name.endswith("ffn_gate_inp_shexp.weight"):
                 hf_shape = (1, shape[0])  # an nn.Linear(hidden, 1) in transformers
-            entries.append((hf_name, hf_shape, name, expert))
+
+            def floats(name=name, expert=expert):
+                w = ckpt.load(name).data
+                return w if expert is None else w[expert]
+
+            entries.append((hf_name, hf_shape, floats))
 
     def tensor_bytes(entry) -> bytes:
-        _, hf_shape, name, expert = entry
-        w = ckpt.load(name).data
-        part = w if expert is None else w[expert]
-        bits = np.ascontiguousarray(part, dtype=np.float32).view(np.uint32)
+        bits = np.ascontiguousarray(entry[2](), dtype=np.float32).view(np.uint32)
         # Round to nearest even, then keep the high half: float32 -> bf16.
         return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
 
@@ -350,6 +387,35 @@ def _write_hf(ckpt: SyntheticCheckpoint, config: dict, out: Path) -> Path:
     except OSError as e:  # disk full, permissions
         raise ModelFileError(out, f"cannot write: {e.strerror or e}") from None
     return out
+
+
+def _assembled(ckpt: SyntheticCheckpoint, tmap) -> dict[str, list]:
+    """HF tensors made of several internal ones (gpt-oss's gate_up): HF name
+    -> [(Part, internal name)], for the float layout (not MXFP4's)."""
+    out = {}
+    for src, dst in tmap.table.items():
+        if isinstance(dst, str) or any(p.mxfp4 for p in dst):
+            continue
+        for bid in range(ckpt.spec.n_layer):
+            cut = [(p, p.name.format(bid=bid)) for p in dst]
+            if all(n in ckpt._layout for _, n in cut):
+                out[src.format(bid=bid)] = cut
+    return out
+
+
+def _assemble(ckpt: SyntheticCheckpoint, cut: list, shape_only: bool = False):
+    """The inverse of ``Part.cut``: the parts interleaved along axis 1, then
+    the last two axes swapped back (or just that tensor's shape)."""
+    first, name = cut[0]
+    shape = list(ckpt._layout[name][0])
+    shape[1] *= first.step
+    swap = first.transpose and len(shape) >= 3
+    if shape_only:
+        return (*shape[:-2], shape[-1], shape[-2]) if swap else tuple(shape)
+    full = np.empty(shape, np.float32)
+    for part, n in cut:
+        full[:, part.first :: part.step] = ckpt.load(n).data
+    return full.swapaxes(-1, -2) if swap else full
 
 
 def write_gguf(

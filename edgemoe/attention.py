@@ -89,9 +89,15 @@ class Attention:
         out: np.ndarray,
         q_norm: np.ndarray | None = None,
         k_norm: np.ndarray | None = None,
+        window: int | None | bool = True,
+        sinks: np.ndarray | None = None,
     ) -> None:
-        """Write attention output [T, H*Dh] into ``out`` for tokens at ``pos``."""
+        """Write attention output [T, H*Dh] into ``out`` for tokens at ``pos``;
+        ``window``: the layer's sliding window (True: the spec's), ``sinks``
+        [H]: a logit per head that joins each softmax with no value."""
         s = self.spec
+        if window is True:
+            window = s.sliding_window
         t, hd, hkv = q.shape[0], s.head_dim, s.n_head_kv
         g = s.n_head // hkv
         if s.qk_norm == "full":
@@ -111,22 +117,28 @@ class Attention:
         self.cache.k[layer, :, pos:end] = k.transpose(1, 0, 2)
         self.cache.v[layer, :, pos:end] = v.reshape(t, hkv, hd).transpose(1, 0, 2)
         start = 0
-        if s.sliding_window:
-            start = max(0, end - t - s.sliding_window + 1)
+        if window:
+            start = max(0, end - t - window + 1)
         keys = self.cache.k[layer, :, start:end]  # [Hkv, S, Dh]
         vals = self.cache.v[layer, :, start:end]
         qh = q.transpose(1, 0, 2).reshape(hkv, g * t, hd) * np.float32(self.scale)
         scores = np.matmul(qh, keys.transpose(0, 2, 1))  # [Hkv, G*T, S]
         scores = scores.reshape(hkv, g, t, -1)  # [Hkv, G, T, S]
-        if t > 1 or s.sliding_window:
+        if t > 1 or window:
             qpos = np.arange(pos, end)[:, None]  # [T, 1]
             kpos = np.arange(start, end)[None, :]  # [1, S]
             masked = kpos > qpos
-            if s.sliding_window:
-                masked |= kpos <= qpos - s.sliding_window
+            if window:
+                masked |= kpos <= qpos - window
             scores[..., masked] = -np.inf
-        scores -= scores.max(axis=-1, keepdims=True)
+        top = scores.max(axis=-1, keepdims=True)
+        if sinks is not None:  # [H] as [Hkv, G, 1, 1]
+            top = np.maximum(top, sinks.reshape(hkv, g, 1, 1))
+        scores -= top
         np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
+        total = scores.sum(axis=-1, keepdims=True)
+        if sinks is not None:
+            total += np.exp(sinks.reshape(hkv, g, 1, 1) - top)
+        scores /= total
         ctx = np.matmul(scores.reshape(hkv, g * t, -1), vals)  # [Hkv, G*T, Dh]
         out[...] = ctx.reshape(s.n_head, t, hd).transpose(1, 0, 2).reshape(t, -1)

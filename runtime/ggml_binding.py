@@ -133,6 +133,7 @@ _SIGNATURES: list[tuple[str, object, list]] = [
     ("ggml_cont", P, [P, P]),
     ("ggml_sum_rows", P, [P, P]),
     ("ggml_clamp", P, [P, P, c_float, c_float]),
+    ("ggml_pad", P, [P, P, c_int, c_int, c_int, c_int]),
     ("ggml_div", P, [P, P, P]),
     ("ggml_new_graph_custom", P, [P, c_size_t, c_bool]),
     ("ggml_build_forward_expand", None, [P, P]),

@@ -101,6 +101,18 @@ def build_layers(
         # Nothing reads a layer's weights on the host after load.
         return weights.add(w, base(w), release=True)
 
+    def add_rows(name: str, n: int) -> T:
+        """A per-expert bias [E, F] (or [E, D]) padded with zeros to [E, n]: a
+        converted model stores its experts' FFN and hidden width padded to
+        whole quant blocks, and padded rows stay zero with a zero bias."""
+        w = to_f32(load(name))
+        if w.shape[1] < n:
+            out = aligned_empty((w.shape[0], n), np.float32)
+            out.fill(0)
+            out[:, : w.shape[1]] = w.data.reshape(w.shape)
+            w = Weight(w.name, GGML_F32, out.shape, out)
+        return weights.add(w, base(w), release=True)
+
     for i, moe in enumerate(spec.moe_layers):
         b = f"blk.{i}."
         lw = LayerWeights(
@@ -121,10 +133,6 @@ def build_layers(
         if moe:
             lw.router = add(b + "ffn_gate_inp.weight")
             lw.router_bias = add(b + "ffn_gate_inp.bias", True)
-            if spec.moe_bias:
-                lw.expert_bias = tuple(
-                    add(b + f"ffn_{p}_exps.bias", True) for p in ("gate", "up", "down")
-                )
             if experts is not None:
                 lw.experts = experts(i)
             else:
@@ -132,6 +140,13 @@ def build_layers(
                     add(b + f"ffn_{p}_exps.weight") for p in ("gate", "up", "down")
                 )
                 lw.experts = ExpertPlanes((stacked,), ((0, 0, 0),), (spec.n_expert,))
+            if spec.moe_bias:
+                f = lw.experts.tensors[0][0].ne[1]  # stored FFN, padded to blocks
+                lw.expert_bias = (
+                    add_rows(b + "ffn_gate_exps.bias", f),
+                    add_rows(b + "ffn_up_exps.bias", f),
+                    add_rows(b + "ffn_down_exps.bias", lw.experts.tensors[0][2].ne[1]),
+                )
             lw.gate_shexp = add(b + "ffn_gate_shexp.weight")
             lw.up_shexp = add(b + "ffn_up_shexp.weight")
             lw.down_shexp = add(b + "ffn_down_shexp.weight")

@@ -59,7 +59,7 @@ def in_graph(
             rest = ids if c == 0 else g.id_rows(ids, c, k - c)
             slots = g.lookup(g.input(table), rest, ep.n_slots[p] + 1)
             runs.append((p, c, slots, ep.tensors[p]))
-    x3 = g.reshape(hn, d, 1, r)  # [D, 1, R]
+    x3 = _widen(g, g.reshape(hn, d, 1, r), ep)  # [Ds, 1, R]
 
     def project(j: int, x: T) -> T:  # sum over the planes, [N, K, R]
         acc = None
@@ -78,8 +78,15 @@ def in_graph(
                 acc = g.add(acc, y) if n == k else g.acc_rows(acc, y, start)
         return acc
 
-    y = math.ffn(g, project, x3, ids)  # [D, K, R]
+    y = math.ffn(g, project, x3, ids)  # [Ds, K, R]
     return sum_k(g, g.mul(y, weights), d, k, r)
+
+
+def _widen(g: Graph, x3: T, ep: ExpertPlanes) -> T:
+    """x3 [D, 1, R] padded with zeros to the experts' stored width Ds (the
+    hidden size up to whole quant blocks, gpt-oss's 2,880 -> 3,072)."""
+    stored = ep.tensors[0][0].ne[0]
+    return x3 if stored == x3.ne[0] else g.pad(x3, stored - x3.ne[0])
 
 
 def protect_table(ep: ExpertPlanes) -> np.ndarray:
@@ -98,7 +105,7 @@ def host_placed(g: Graph, c, ep: ExpertPlanes, counts, math: ExpertMath) -> T:
     ``c.scales``."""
     d, r, k = c.hn.shape[1], c.rows, counts[0]
     hn = g.input(c.hn)
-    x3 = g.reshape(hn, d, 1, r)
+    x3 = _widen(g, g.reshape(hn, d, 1, r), ep)  # [Ds, 1, R]
     rw = g.reshape(g.input(_prefix(c.rw, r, k), c.rw), 1, k, r)  # [1, K, R]
     ids = [
         g.ids(_prefix(c.pids[p], r, kp), ep.n_slots[p] + 1, c.pids)
@@ -122,16 +129,19 @@ def host_placed(g: Graph, c, ep: ExpertPlanes, counts, math: ExpertMath) -> T:
 
     eids = None
     if math.bias is not None:
-        eids = g.ids(_prefix(c.eids, r, k), ep.n_experts, c.eids)
-    y = math.ffn(g, project, x3, eids)  # [D, K, R]
+        n_expert = math.bias[0].ne[1]  # [F, E]: the layer's experts, not slots
+        eids = g.ids(_prefix(c.eids, r, k), n_expert, c.eids)
+    y = math.ffn(g, project, x3, eids)  # [Ds, K, R]
     return sum_k(g, g.mul(y, rw), d, k, r)
 
 
 def sum_k(g: Graph, y: T, d: int, k: int, r: int) -> T:
-    """y [D, K, R] summed over K -> [D, R]."""
-    out = g.view_2d(y, d, r, d * k * 4, 0)
+    """y [Ds, K, R] summed over K -> [D, R]: the first d of each row (Ds >=
+    d: rows padded past the hidden size are dropped)."""
+    ds = y.ne[0]
+    out = g.view_2d(y, d, r, ds * k * 4, 0)
     for j in range(1, k):
-        out = g.add(g.view_2d(y, d, r, d * k * 4, j * d * 4), out)
+        out = g.add(g.view_2d(y, d, r, ds * k * 4, j * ds * 4), out)
     if k == 1:  # a view is no output and no residual operand: copy it
         out = g.cont(out)
     return out

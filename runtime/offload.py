@@ -266,11 +266,14 @@ def setup(model, ckpt, options, plan: MemoryPlan):
     if options.prefetch and streams:
         for layer in m.moe_layers:
             # A copy: the backbone's bytes may be released once repacked.
-            routers[layer] = np.array(
+            w = np.array(
                 to_f32(ckpt.load(f"blk.{layer}.ffn_gate_inp.weight")).data,
                 dtype=np.float32,
                 order="C",
             )
+            b = f"blk.{layer}.ffn_gate_inp.bias"
+            bias = ckpt.load(b).to_float32().copy() if b in ckpt.names() else 0.0
+            routers[layer] = (w, bias)
     routed = CachedRouted(
         cache,
         policy,

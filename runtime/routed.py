@@ -37,7 +37,8 @@ class CachedRouted:
     ):
         self.cache = cache
         self.policy = policy
-        self.routers = routers  # layer -> float32 router [E, D], for prediction
+        self.routers = routers
+        """layer -> its router (float32 [E, D], bias [E] or 0.0), for prediction."""
         self.next_moe = {a: b for a, b in zip(cache.moe_layers, cache.moe_layers[1:])}
         self.prefetch_enabled = prefetch
         self.shifts = shifts
@@ -284,7 +285,7 @@ class CachedRouted:
             # Every expert of that layer has plane 1: a guess would read
             # nothing, and computing it costs host time every layer.
             return
-        logits = carry.hn[0] @ router.T  # [E]
+        logits = carry.hn[0] @ router[0].T + router[1]  # [E]
         k = self.cache.ckpt.spec.n_expert_used
         top = np.argpartition(-logits, k - 1)[:k]
         self.cache.prefetch(nxt, [int(e) for e in top[np.argsort(-logits[top])]])

@@ -302,6 +302,8 @@ class Step:
         rows = g.cont(ids)
         if split:
             c = io.carry[hn.ne[1]]
+            if weights.view:  # topk_softmax's reshape: an output needs its own data
+                weights = g.cont(weights)
             for t, a_ in ((h, c.h), (hn, c.hn), (rows, c.ids), (weights, c.w)):
                 g.output(t, a_)
             return None

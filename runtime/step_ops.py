@@ -218,6 +218,16 @@ class StepOps:
             raise GGMLError("clamp: float32 only")
         return self._op(1, self.g.ggml_clamp, a.ptr, lo, hi, qtype=F32, ne=a.ne)
 
+    def pad(self, a, n0: int):
+        """``a`` with ``n0`` zeros after each row (ne0 + n0): activations
+        widened to experts stored padded to whole quant blocks."""
+        if a.qtype != F32 or not a.contiguous or n0 < 0:
+            raise GGMLError(f"pad: contiguous float32 and n0 >= 0, got {n0}")
+        return self._op(
+            1, self.g.ggml_pad, a.ptr, n0, 0, 0, 0, qtype=F32,
+            ne=(a.ne[0] + n0, *a.ne[1:]),
+        )  # fmt: skip
+
     def permute(self, a, *axes: int):
         """``a`` with dimension i moved to ``axes[i]`` (ggml_permute): a view."""
         if sorted(axes) != [0, 1, 2, 3]:

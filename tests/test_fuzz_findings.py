@@ -100,6 +100,9 @@ def test_ordinary_lipsum_and_tojson_still_work():
         (lambda d: d["hotness"][0][0].update(weight=10**400), "hotness"),
         (lambda d: d["hotness"][0].append(d["hotness"][0][0]), "has 9 entries"),
         (lambda d: d["hotness"][0].pop(), "has 7 entries"),
+        (lambda d: d.update(expert_dim=1.5), "expert_dim 1.5"),
+        (lambda d: d.update(expert_dim=10**9), "expert_dim 1000000000"),
+        (lambda d: d.update(expert_dim=d["spec"]["n_embd"] - 1), "expert_dim"),
     ],
     ids=[
         "source",
@@ -112,6 +115,9 @@ def test_ordinary_lipsum_and_tojson_still_work():
         "hot",
         "hot-grown",
         "hot-shrunk",
+        "dim-float",
+        "dim-huge",
+        "dim-short",
     ],
 )
 def test_manifest_entries(converted_fixture, tmp_path, cli, edit, needle):

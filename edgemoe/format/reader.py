@@ -119,7 +119,7 @@ class EdgeCheckpoint:
 
     def plane_shapes(self) -> dict[str, tuple[int, int]]:
         """(rows, row length) of each projection as stored."""
-        d, f = self.spec.n_embd, self.manifest.expert_ffn
+        d, f = self.manifest.stored_dim, self.manifest.expert_ffn
         return {"gate": (f, d), "up": (f, d), "down": (d, f)}
 
     def level_bytes(self) -> dict[int, int]:

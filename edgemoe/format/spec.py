@@ -90,8 +90,17 @@ class Manifest:
     tokenizer: str
     """"hf" (tokenizer.json in the directory) or "gguf" (in backbone.gguf)."""
     chat_template: str | None = None
+    expert_dim: int = 0
+    """Stored hidden width of the expert matrices: the model's, padded with
+    zero columns (gate, up) and rows (down) to the plane block; 0: the
+    model's (manifests before gpt-oss's 2,880)."""
     version: int = VERSION
     source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stored_dim(self) -> int:
+        """The expert matrices' hidden width as stored (padded or not)."""
+        return self.expert_dim or self.spec.n_embd
 
     @property
     def plan(self) -> NestedQuant:
@@ -291,6 +300,11 @@ def _parse(d: Any, path: str) -> Manifest:
     # The stored FFN is the spec's padded up to whole quant blocks.
     if not spec.expert_ffn <= expert_ffn <= 1 << 20:
         raise _fail(path, f"expert_ffn {expert_ffn} for a model of {spec.expert_ffn}")
+    expert_dim = d.get("expert_dim", 0)
+    if type(expert_dim) is not int or not (
+        expert_dim == 0 or spec.n_embd <= expert_dim <= spec.n_embd + 1024
+    ):
+        raise _fail(path, f"expert_dim {expert_dim!r} for a model of {spec.n_embd}")
     tokenizer = _get(d, "tokenizer", str, path)
     if tokenizer not in ("hf", "gguf"):
         raise _fail(path, f"tokenizer must be 'hf' or 'gguf', got {tokenizer!r}")
@@ -299,6 +313,7 @@ def _parse(d: Any, path: str) -> Manifest:
         spec=spec,
         levels=plan.levels,
         expert_ffn=expert_ffn,
+        expert_dim=expert_dim,
         shifts=shifts,
         backbone=_file_ref(_get(d, "backbone", dict, path), path, "backbone"),
         backbone_type=backbone_type,
