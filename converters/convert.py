@@ -9,7 +9,6 @@ calibration activations and one layer's experts.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from edgemoe.converters.calibration import (
     read_text,
     trace_rows,
 )
+from edgemoe.converters.padding import d_pad, pad_cols, pad_rows
 from edgemoe.errors import ConfigError
 from edgemoe.format.spec import Hotness, Manifest
 from edgemoe.format.writer import ModelWriter
@@ -107,20 +107,6 @@ def _expert_float(w: Weight, e: int, rows: int) -> np.ndarray:
     return out
 
 
-def _pad_cols(x: np.ndarray, cols: int, fill: float = 0.0) -> np.ndarray:
-    if x.shape[1] == cols:
-        return x
-    out = np.full((x.shape[0], cols), fill, dtype=np.float32)
-    out[:, : x.shape[1]] = x
-    return out
-
-
-def d_pad(n_embd: int, plan) -> int:
-    """The experts' stored hidden width: ``n_embd`` up to whole plane blocks
-    (gpt-oss's 2,880 -> 3,072). The runtime pads the activations to it."""
-    return math.ceil(n_embd / plan.block) * plan.block
-
-
 def convert(
     src: str | Path,
     out: str | Path,
@@ -139,7 +125,7 @@ def convert(
         spec = ckpt.spec
         if not any(spec.moe_layers):
             raise ConfigError(f"{src}: the model has no MoE layers to convert")
-        f_pad = math.ceil(spec.expert_ffn / plan.block) * plan.block
+        f_pad = d_pad(spec.expert_ffn, plan)
         tokens, calib_source = _calibration_tokens(ckpt, opts)
         with ModelWriter(out, force=opts.force) as writer:
             return _convert(
@@ -404,13 +390,13 @@ def _moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step):
         imat = stats.imatrix(e)  # down is not weighted: see calibration.py
         d = d_pad(spec.n_embd, plan)
         if d != spec.n_embd:  # padded inputs are zero: any weight will do
-            imat = _pad_cols(imat[None], d, imat.mean())[0]
+            imat = pad_cols(imat[None], d, imat.mean())[0]
         return [
             quantize_nested(m, plan, sh, w)[0].planes
             for m, sh, w in (
-                (_pad_cols(_pad_rows(g, f_pad), d), layer_shifts[0], imat),
-                (_pad_cols(_pad_rows(u, f_pad), d), layer_shifts[1], imat),
-                (_pad_rows(_pad_cols(dn, f_pad), d), layer_shifts[2], None),
+                (pad_cols(pad_rows(g, f_pad), d), layer_shifts[0], imat),
+                (pad_cols(pad_rows(u, f_pad), d), layer_shifts[1], imat),
+                (pad_rows(pad_cols(dn, f_pad), d), layer_shifts[2], None),
             )
         ]
 
@@ -434,11 +420,3 @@ def _moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step):
             for p in range(len(plan.planes)):
                 writer.add_plane(layer, done, p, [planes[j][p] for j in range(3)])
     return routed, stats, layer_shifts
-
-
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-    if x.shape[0] == rows:
-        return x
-    out = np.zeros((rows, x.shape[1]), dtype=np.float32)
-    out[: x.shape[0]] = x
-    return out

@@ -63,6 +63,7 @@ _MATH_FIELDS = (
     "shared_expert_gated",
     "moe_layers",
     "swa_layers",
+    "attn_bias",
     "attn_sinks",
     "rope_scaling",
     "rope_factor",

@@ -367,3 +367,15 @@ def test_synth_preset_writes_what_transformers_reads(tmp_path):
         assert model.spec.rope_scaling == "yarn" and not model.spec.rope_truncate
         got = model.logits(ids)
     assert np.abs(got - expected).max() <= 1e-3 * max(1.0, np.abs(expected).max())
+
+
+@pytest.mark.parametrize("quality", ["balanced", "fast"])
+def test_presets_in_the_graph_equal_the_host_path(converted, quality):
+    """Dual routing's mixed levels with expert biases and the clamped SwiGLU:
+    the in-graph path (views of the slots by rank, biases by expert id) and
+    the host-routed path (slot ids, biases by the slot order's expert ids)
+    give the same logits, unlike any forced level."""
+    from test_step import presets_in_graph_equal_host_path
+
+    prompt = np.random.default_rng(12).integers(1, 384, size=24).tolist()
+    presets_in_graph_equal_host_path(converted, quality, prompt)

@@ -124,15 +124,20 @@ def test_presets_in_the_graph_equal_the_host_path(converted_fixture, quality):
     layer's slots, protected experts through the zero-slot table), give the
     logits the host-routed path computes from slot ids, and they differ from
     every forced level (the mix is real)."""
-    prompt = RNG.integers(1, 1000, 24).tolist()
-    with edgemoe.load(converted_fixture, n_ctx=128, quality=quality) as m:
+    presets_in_graph_equal_host_path(
+        converted_fixture, quality, RNG.integers(1, 1000, 24).tolist()
+    )
+
+
+def presets_in_graph_equal_host_path(path, quality: str, prompt: list[int]) -> None:
+    with edgemoe.load(path, n_ctx=128, quality=quality) as m:
         assert m.routed.resident
         graph = m.logits(prompt)
         host_routed(m)
         assert m.step.splits
         np.testing.assert_allclose(m.logits(prompt), graph, rtol=0, atol=1e-5)
     for level in (2, 4, 8):
-        with edgemoe.load(converted_fixture, n_ctx=128, force_level=level) as m:
+        with edgemoe.load(path, n_ctx=128, force_level=level) as m:
             assert np.abs(m.logits(prompt) - graph).max() > 1e-3
 
 

@@ -54,6 +54,9 @@ class ModelSpec:
     swa_layers: tuple[bool, ...] = ()
     """Per layer: True where ``sliding_window`` applies (gpt-oss alternates
     windowed and full layers); () applies it to every layer."""
+    attn_bias: bool = False
+    """q, k, v and the output projection all carry biases (gpt-oss); else
+    each is optional (Qwen2-MoE has q/k/v's)."""
     attn_sinks: bool = False
     """A learned logit per head joins each softmax and takes its share
     (``blk.N.attn_sinks.weight``, gpt-oss)."""

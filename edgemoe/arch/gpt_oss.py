@@ -97,6 +97,7 @@ class ArchConfig(HFConfig):
     layer_types: list[str] | None = None
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
+    attention_bias: bool = True
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: Any = None
@@ -185,6 +186,7 @@ class GptOss(Family):
             **_rope(config),
             sliding_window=c.sliding_window if any(swa) else None,
             swa_layers=swa if any(swa) else (),
+            attn_bias=c.attention_bias,
             attn_sinks=True,
             router="topk_softmax",
             n_expert=c.num_local_experts,
@@ -245,6 +247,7 @@ class GptOss(Family):
             **rope,
             sliding_window=window,
             swa_layers=swa,
+            attn_bias=True,  # llama.cpp's gpt-oss graph requires them
             attn_sinks=True,
             router="topk_softmax",
             expert_ffn=meta.get_int("expert_feed_forward_length", "ffn"),

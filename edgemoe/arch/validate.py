@@ -97,6 +97,7 @@ FLOATS: dict[str, float] = {
 
 BOOLS = (
     "rope_interleaved",
+    "attn_bias",
     "attn_sinks",
     "rope_truncate",
     "moe_bias",

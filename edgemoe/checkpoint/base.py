@@ -203,10 +203,10 @@ def tensor_layout(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], bool]]:
                 b + "attn_k.weight": ((kv_dim, d), True),
                 b + "attn_v.weight": ((kv_dim, d), True),
                 b + "attn_output.weight": ((d, q_dim), True),
-                b + "attn_q.bias": ((q_dim,), False),
-                b + "attn_k.bias": ((kv_dim,), False),
-                b + "attn_v.bias": ((kv_dim,), False),
-                b + "attn_output.bias": ((d,), False),
+                b + "attn_q.bias": ((q_dim,), spec.attn_bias),
+                b + "attn_k.bias": ((kv_dim,), spec.attn_bias),
+                b + "attn_v.bias": ((kv_dim,), spec.attn_bias),
+                b + "attn_output.bias": ((d,), spec.attn_bias),
                 b + "ffn_norm.weight": ((d,), True),
             }
         )
