@@ -142,6 +142,12 @@ class IOQueue(ABC):
                     f"read failed for layer {req.key[0]} expert "
                     f"{req.key[1]} plane {req.key[2]}: {e.strerror or e}",
                 )
+            except Exception as e:  # noqa: BLE001 - a dead I/O thread hangs the step
+                req.error = ModelFileError(
+                    req.path,
+                    f"read failed for layer {req.key[0]} expert "
+                    f"{req.key[1]} plane {req.key[2]}: {type(e).__name__}: {e}",
+                )
             if self._throttle is not None:
                 self._emulate(req)
             req.finished = time.perf_counter()

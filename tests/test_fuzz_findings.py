@@ -100,6 +100,9 @@ def test_ordinary_lipsum_and_tojson_still_work():
         (lambda d: d["hotness"][0][0].update(weight=10**400), "hotness"),
         (lambda d: d["hotness"][0].append(d["hotness"][0][0]), "has 9 entries"),
         (lambda d: d["hotness"][0].pop(), "has 7 entries"),
+        # A part of 1 byte was read, then failed to reshape in an I/O thread
+        # while the step waited for it (the fuzzer's manifest #170).
+        (lambda d: d["experts"][0][0][1]["parts"][1].__setitem__(1, 1), "parts of"),
         (lambda d: d.update(expert_dim=1.5), "expert_dim 1.5"),
         (lambda d: d.update(expert_dim=10**9), "expert_dim 1000000000"),
         (lambda d: d.update(expert_dim=d["spec"]["n_embd"] - 1), "expert_dim"),
@@ -115,6 +118,7 @@ def test_ordinary_lipsum_and_tojson_still_work():
         "hot",
         "hot-grown",
         "hot-shrunk",
+        "part-size",
         "dim-float",
         "dim-huge",
         "dim-short",

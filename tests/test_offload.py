@@ -488,6 +488,37 @@ def test_direct_reads_land_in_place_when_aligned(tmp_path):
         q.close()
 
 
+@pytest.mark.parametrize("kind", ["pread", "direct"])
+def test_a_read_that_fails_in_any_way_is_an_error_not_a_dead_thread(tmp_path, kind):
+    """A destination too small for its part (what a manifest with a wrong
+    part size once caused) raises a ValueError inside the I/O thread: it
+    becomes the request's typed error, the thread lives on, and the next
+    read is served (before, the thread died and the step waited forever)."""
+    from edgemoe.checkpoint.base import aligned_empty
+    from edgemoe.runtime.io_queue import ReadRequest, direct_reads_work, get_io_backend
+
+    page = 4096
+    path = tmp_path / "shard.bin"
+    path.write_bytes(bytes(range(256)) * (4 * page // 256))
+    if kind == "direct" and not direct_reads_work(path):
+        pytest.skip(f"{tmp_path}'s file system refuses O_DIRECT")
+    q = get_io_backend(kind, threads=1, probe=path)
+    q.start()
+    try:
+        parts = ((0, 2 * page),)
+        bad = ReadRequest(
+            (0,), 0, (0, 0, 0), path, 0, 2 * page, parts, [np.empty(1, np.uint8)]
+        )
+        assert q.submit(bad).done.wait(10)
+        assert isinstance(bad.error, ModelFileError) and str(path) in str(bad.error)
+        dest = aligned_empty((2 * page,), np.uint8, page)
+        good = ReadRequest((0,), 0, (0, 0, 1), path, 0, 2 * page, parts, [dest])
+        assert q.submit(good).done.wait(10) and good.error is None
+        assert dest[:256].tolist() == list(range(256))
+    finally:
+        q.close()
+
+
 def test_auto_io_reads_direct_where_the_file_system_takes_it(converted, monkeypatch):
     """``io="auto"`` probes the first shard: O_DIRECT where a read with it
     works, buffered reads where the file system refuses the flag (as tmpfs

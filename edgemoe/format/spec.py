@@ -199,8 +199,22 @@ def _parse(d: Any, path: str) -> Manifest:
         _file_ref(s, path, f"shard {i}")
         for i, s in enumerate(_get(d, "shards", list, path))
     )
+    expert_ffn = _get(d, "expert_ffn", int, path)
+    # The stored FFN is the spec's padded up to whole quant blocks.
+    if not spec.expert_ffn <= expert_ffn <= 1 << 20:
+        raise _fail(path, f"expert_ffn {expert_ffn} for a model of {spec.expert_ffn}")
+    expert_dim = d.get("expert_dim", 0)
+    if type(expert_dim) is not int or not (
+        expert_dim == 0 or spec.n_embd <= expert_dim <= spec.n_embd + 1024
+    ):
+        raise _fail(path, f"expert_dim {expert_dim!r} for a model of {spec.n_embd}")
     moe = [i for i, m in enumerate(spec.moe_layers) if m]
     n_planes = len(plan.planes)
+    dim = expert_dim or spec.n_embd
+    part_bytes = [  # gate, up, down of each plane, as stored
+        (expert_ffn * bt.row_bytes(dim),) * 2 + (dim * bt.row_bytes(expert_ffn),)
+        for bt in plan.planes
+    ]
     experts_d = _get(d, "experts", list, path)
     if len(experts_d) != spec.n_layer:
         raise _fail(
@@ -247,6 +261,13 @@ def _parse(d: Any, path: str) -> Manifest:
                 if any(o < 0 or o + n > ref.length for o, n in ref.parts):
                     raise _fail(
                         path, f"layer {layer} expert {e} plane {p}: parts outside span"
+                    )
+                sizes = tuple(n for _, n in ref.parts)
+                if sizes != part_bytes[p]:
+                    raise _fail(
+                        path,
+                        f"layer {layer} expert {e} plane {p}: parts of {list(sizes)} "
+                        f"bytes, expected {list(part_bytes[p])}",
                     )
                 refs.append(ref)
             rows.append(tuple(refs))
@@ -296,15 +317,6 @@ def _parse(d: Any, path: str) -> Manifest:
         raise _fail(path, f"source must be an object, got {type(source).__name__}")
     if template is not None and not isinstance(template, str):
         raise _fail(path, "chat_template must be a string")
-    expert_ffn = _get(d, "expert_ffn", int, path)
-    # The stored FFN is the spec's padded up to whole quant blocks.
-    if not spec.expert_ffn <= expert_ffn <= 1 << 20:
-        raise _fail(path, f"expert_ffn {expert_ffn} for a model of {spec.expert_ffn}")
-    expert_dim = d.get("expert_dim", 0)
-    if type(expert_dim) is not int or not (
-        expert_dim == 0 or spec.n_embd <= expert_dim <= spec.n_embd + 1024
-    ):
-        raise _fail(path, f"expert_dim {expert_dim!r} for a model of {spec.n_embd}")
     tokenizer = _get(d, "tokenizer", str, path)
     if tokenizer not in ("hf", "gguf"):
         raise _fail(path, f"tokenizer must be 'hf' or 'gguf', got {tokenizer!r}")
