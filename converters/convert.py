@@ -125,6 +125,11 @@ def convert(
         spec = ckpt.spec
         if not any(spec.moe_layers):
             raise ConfigError(f"{src}: the model has no MoE layers to convert")
+        if spec.attention == "mla":  # calibration's numpy forward has no MLA
+            raise ConfigError(
+                f"{src}: converting {ckpt.architecture} (MLA attention) into nested "
+                "planes is not supported yet; run it from its own files"
+            )
         f_pad = d_pad(spec.expert_ffn, plan)
         tokens, calib_source = _calibration_tokens(ckpt, opts)
         with ModelWriter(out, force=opts.force) as writer:

@@ -253,6 +253,10 @@ def write_gguf(
     out = Path(out)
     check_output_file(out, force)
     spec, family = ckpt.spec, ckpt.family
+    if not family.gguf_architectures:
+        raise ConfigError(
+            f"{ckpt.path}: writing {family.name} as GGUF is not supported yet"
+        )
     arch = family.gguf_architectures[0]
     fields = family.gguf_fields(spec)
     if check_llamacpp:

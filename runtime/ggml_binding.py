@@ -111,6 +111,7 @@ _SIGNATURES: list[tuple[str, object, list]] = [
     ("ggml_sigmoid", P, [P, P]),
     ("ggml_reshape_2d", P, [P, P, c_int64, c_int64]),
     ("ggml_reshape_3d", P, [P, P, c_int64, c_int64, c_int64]),
+    ("ggml_reshape_4d", P, [P, P, c_int64, c_int64, c_int64, c_int64]),
     ("ggml_view_2d", P, [P, P, c_int64, c_int64, c_size_t, c_size_t]),
     (
         "ggml_view_3d",
@@ -134,6 +135,7 @@ _SIGNATURES: list[tuple[str, object, list]] = [
     ("ggml_sum_rows", P, [P, P]),
     ("ggml_clamp", P, [P, P, c_float, c_float]),
     ("ggml_pad", P, [P, P, c_int, c_int, c_int, c_int]),
+    ("ggml_concat", P, [P, P, P, c_int]),
     ("ggml_div", P, [P, P, P]),
     ("ggml_new_graph_custom", P, [P, c_size_t, c_bool]),
     ("ggml_build_forward_expand", None, [P, P]),

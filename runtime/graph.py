@@ -232,8 +232,10 @@ class Graph(StepOps):
             ptr = self.g.ggml_reshape_2d(self._ctx.ctx, a.ptr, *ne)
         elif len(ne) == 3:
             ptr = self.g.ggml_reshape_3d(self._ctx.ctx, a.ptr, *ne)
+        elif len(ne) == 4:
+            ptr = self.g.ggml_reshape_4d(self._ctx.ctx, a.ptr, *ne)
         else:
-            raise GGMLError("reshape: 2 or 3 dims")
+            raise GGMLError("reshape: 2 to 4 dims")
         t = self._new_op(ptr, a.qtype, tuple(ne) + (1,) * (4 - len(ne)))
         return T(t.ptr, t.qtype, t.ne, view=True)
 

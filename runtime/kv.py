@@ -43,6 +43,16 @@ class Sequence:
 KV_TYPES = {"f16": (np.float16, GGML_F16), "f32": (np.float32, GGML_F32)}
 
 
+def cache_dims(spec) -> tuple[int, int]:
+    """Floats a token keeps per layer: (keys, values). MLA keeps its normed
+    latent and RoPE key in one row that serves as both (values are the
+    latent's first ``kv_lora_rank`` floats)."""
+    if spec.attention == "mla":
+        return spec.kv_lora_rank + spec.head_dim, 0
+    d = spec.n_head_kv * spec.head_dim
+    return d, d
+
+
 class KVCache:
     """Keys and values ``[C, Dkv]`` (ggml ne (Dkv, C)) of every layer as
     ggml tensors (``kv_type``), plus cell ownership."""
@@ -54,7 +64,7 @@ class KVCache:
         uploaded once elsewhere); ``commit``: touch every page now (a budget
         counts the whole cache up front instead of as it fills)."""
         self.n_cells = n_ctx
-        self.kv_dim = spec.n_head_kv * spec.head_dim
+        self.kv_dim, v_dim = cache_dims(spec)
         self.k, self.v = [], []
         self._arrays = []
         # float32 by default (exact); float16 as llama.cpp's default cache.
@@ -62,13 +72,16 @@ class KVCache:
         for il in range(spec.n_layer):
             # calloc maps pages lazily: memory grows with the cells used.
             k = aligned_empty((n_ctx, self.kv_dim), dtype, zeros=True)
-            v = aligned_empty((n_ctx, self.kv_dim), dtype, zeros=True)
             if commit:
                 k.fill(0)
-                v.fill(0)
-            self._arrays += [k, v]
+            self._arrays.append(k)
             self.k.append(weights.add(Weight(f"cache_k.{il}", qtype, k.shape, k)))
-            self.v.append(weights.add(Weight(f"cache_v.{il}", qtype, v.shape, v)))
+            if v_dim:
+                v = aligned_empty((n_ctx, v_dim), dtype, zeros=True)
+                if commit:
+                    v.fill(0)
+                self._arrays.append(v)
+                self.v.append(weights.add(Weight(f"cache_v.{il}", qtype, v.shape, v)))
         self.seq_of = np.full(n_ctx, -1, dtype=np.int64)  # owner, -1 free
         self.pos_of = np.zeros(n_ctx, dtype=np.int64)
         self.sequences: dict[int, Sequence] = {}

@@ -45,15 +45,30 @@ class ExpertPlanes:
 
 
 @dataclass
+class LatentAttention:
+    """DeepSeek's MLA projections (ggml handles; norms as float32)."""
+
+    wq: T | None  # [H * (nope + rope), D]: a full query, or
+    wq_a: T | None  # [q_lora, D] then
+    q_a_norm: T | None
+    wq_b: T | None  # [H * (nope + rope), q_lora]
+    wkv_a: T  # [kv_lora + rope, D]
+    kv_a_norm: T
+    wk_b: T  # [H, kv_lora, nope]: latent -> each head's key
+    wv_b: T  # [H, v, kv_lora]: latent -> each head's value
+
+
+@dataclass
 class LayerWeights:
     """ggml handles of one layer's tensors (norms and biases as float32)."""
 
     attn_norm: T
-    wq: T
-    wk: T
-    wv: T
+    wq: T | None
+    wk: T | None
+    wv: T | None
     wo: T
     ffn_norm: T
+    mla: LatentAttention | None = None
     bq: T | None = None
     bk: T | None = None
     bv: T | None = None
@@ -63,6 +78,8 @@ class LayerWeights:
     sinks: T | None = None
     router: T | None = None
     router_bias: T | None = None
+    select_bias: T | None = None
+    """DeepSeek-V3's e_score_correction_bias: moves the choice, not the weights."""
     experts: ExpertPlanes | None = None
     expert_bias: tuple[T, T, T] | None = None
     """Per expert (gate [F, E], up [F, E], down [D, E]): added to each
@@ -130,9 +147,21 @@ def build_layers(
             k_norm=add(b + "attn_k_norm.weight", True),
             sinks=add(b + "attn_sinks.weight", True),
         )
+        if spec.attention == "mla":
+            lw.mla = LatentAttention(
+                wq=lw.wq,
+                wq_a=add(b + "attn_q_a.weight"),
+                q_a_norm=add(b + "attn_q_a_norm.weight", True),
+                wq_b=add(b + "attn_q_b.weight"),
+                wkv_a=add(b + "attn_kv_a_mqa.weight"),
+                kv_a_norm=add(b + "attn_kv_a_norm.weight", True),
+                wk_b=add(b + "attn_k_b.weight"),
+                wv_b=add(b + "attn_v_b.weight"),
+            )
         if moe:
             lw.router = add(b + "ffn_gate_inp.weight")
             lw.router_bias = add(b + "ffn_gate_inp.bias", True)
+            lw.select_bias = add(b + "exp_probs_b.bias", True)
             if experts is not None:
                 lw.experts = experts(i)
             else:

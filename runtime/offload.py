@@ -36,10 +36,10 @@ class MemoryPlan:
 
 
 def kv_bytes(spec, n_ctx: int, kv_type: str = "f32") -> int:
-    from edgemoe.runtime.kv import KV_TYPES
+    from edgemoe.runtime.kv import KV_TYPES, cache_dims
 
     size = np.dtype(KV_TYPES[kv_type][0]).itemsize
-    return 2 * spec.n_layer * spec.n_head_kv * n_ctx * spec.head_dim * size
+    return spec.n_layer * n_ctx * sum(cache_dims(spec)) * size
 
 
 def scratch_bytes(spec, n_ctx: int, n_batch: int, ffn: int) -> int:

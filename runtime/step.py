@@ -23,11 +23,11 @@ import numpy as np
 
 from edgemoe import rope
 from edgemoe.checkpoint.base import aligned_empty
-from edgemoe.runtime import moe_block
+from edgemoe.runtime import attention_block, moe_block
 from edgemoe.runtime.device import T
 from edgemoe.runtime.graph import Graph
 from edgemoe.runtime.layers import LayerWeights
-from edgemoe.runtime.step_ops import ROPE_NEOX, ROPE_NORMAL
+from edgemoe.runtime.step_ops import NEG_BIG
 
 CACHED_T = 16
 """Steps of at most this many tokens (decode, batched decode) keep their
@@ -122,6 +122,12 @@ class Step:
         if ff is not None:
             self._rope_ff[:] = ff
         self._rope_scale = rope.attn_factor(spec)
+        self._groups = None
+        if spec.n_group > 1:  # group-limited routing's constants
+            eye, big = _a((spec.n_group, spec.n_group)), _a((1,))
+            eye[:] = np.eye(spec.n_group)
+            big[:] = NEG_BIG
+            self._groups = (spec.topk_group, eye, big)
 
     # -- running ---------------------------------------------------------------
     def io(self, shape: StepShape) -> StepIO:
@@ -251,6 +257,11 @@ class Step:
             "mask": g.input(io.mask),
             "mask_swa": g.input(io.mask_swa) if io.mask_swa is not None else None,
             "rope_ff": g.input(self._rope_ff) if self._rope_ff is not None else None,
+            "groups": (
+                None
+                if self._groups is None
+                else (self._groups[0], *(g.input(a) for a in self._groups[1:]))
+            ),
             "out": (g.ids(io.out_ids, shape.t) if shape.n_out < shape.t else None),
         }
         first, last = self._span(s)
@@ -297,7 +308,10 @@ class Step:
         logits = g.mul_mat(w.router, hn)  # [E, R]
         if w.router_bias is not None:
             logits = g.add(logits, w.router_bias)
-        ids, weights = g.route(logits, s.n_expert_used, s.router, s.norm_topk_prob)
+        ids, weights = g.route(
+            logits, s.n_expert_used, s.router, s.norm_topk_prob, w.select_bias,
+            s.routed_scale, self._in["groups"],
+        )  # fmt: skip
         # ids [K, R], weights [1, K, R]
         rows = g.cont(ids)
         if split:
@@ -316,48 +330,15 @@ class Step:
         return g.add(h, moe_block.in_graph(g, hn, ids, weights, ep, table, math))
 
     def _attention(self, g: Graph, il: int, w: LayerWeights, xn: T) -> T:
-        """Self-attention of normed xn [D, T] -> [H * Dh, T] (before wo)."""
-        s = self.spec
-        t, hd, eps = xn.ne[1], s.head_dim, s.rms_eps
-
-        def proj(wt: T, b: T | None) -> T:
-            y = g.mul_mat(wt, xn)
-            return g.add(y, b) if b is not None else y
-
-        q, k, v = proj(w.wq, w.bq), proj(w.wk, w.bk), proj(w.wv, w.bv)
-        if s.qk_norm == "full":  # over the whole projection (OLMoE)
-            q = g.mul(g.rms_norm(q, eps), w.q_norm)
-            k = g.mul(g.rms_norm(k, eps), w.k_norm)
-        if s.clip_qkv is not None:
-            c = s.clip_qkv
-            q, k, v = (g.clamp(y, -c, c) for y in (q, k, v))
-        q = g.reshape(q, hd, s.n_head, t)  # [Dh, H, T]
-        k = g.reshape(k, hd, s.n_head_kv, t)
-        if s.qk_norm == "head":  # per head (Qwen3)
-            q = g.mul(g.rms_norm(q, eps), w.q_norm)
-            k = g.mul(g.rms_norm(k, eps), w.k_norm)
-        mode = ROPE_NORMAL if s.rope_interleaved else ROPE_NEOX
-        q, k = (
-            g.rope(
-                y,
-                self._in["pos"],
-                hd,
-                mode,
-                s.rope_theta,
-                attn_factor=self._rope_scale,
-                freq_factors=self._in["rope_ff"],
-            )  # fmt: skip
-            for y in (q, k)
-        )
-        kc, vc = (
-            g.set_rows(cache[il], g.reshape(y, hd * s.n_head_kv, t), self._in["cells"])
-            for cache, y in ((self.cache.k, k), (self.cache.v, v))
-        )
-        windowed = s.swa_layers and s.swa_layers[il]
-        mask = self._in["mask_swa" if windowed else "mask"]
-        n_kv = mask.ne[0]
-        out = g.attention(q, kc, vc, mask, n_kv, s.n_head_kv, hd**-0.5, w.sinks)
-        return g.reshape(out, hd * s.n_head, t)
+        """Self-attention of normed xn [D, T] -> [H * Dv, T] (before wo)."""
+        at = attention_block.StepInputs(
+            self.spec, self.cache, self._in["pos"], self._in["cells"],
+            self._in["mask"], self._in["mask_swa"], self._in["rope_ff"],
+            self._rope_scale,
+        )  # fmt: skip
+        if w.mla is not None:
+            return attention_block.latent(g, at, il, w, xn)
+        return attention_block.gqa(g, at, il, w, xn)
 
     @staticmethod
     def _mlp(g: Graph, x: T, gate: T, up: T, down: T) -> T:

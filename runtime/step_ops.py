@@ -14,6 +14,8 @@ from edgemoe.runtime.device import T
 from edgemoe.runtime.ggml_binding import F16, F32, I32
 
 ROPE_NORMAL, ROPE_NEOX = 0, 2
+NEG_BIG = -1e30
+"""Added to the experts of groups a token may not choose (float32-safe)."""
 """ggml rope modes: rotate pairs (2i, 2i+1), or (i, i + n_dims/2)."""
 
 
@@ -171,12 +173,21 @@ class StepOps:
             qtype=F32, ne=a.ne,
         )  # fmt: skip
 
-    def route(self, logits, k: int, kind: str, normalize: bool):
-        """In-graph routing: router ``logits`` (F32 [E, T]) -> expert ids (I32
-        [K, T], largest first) and their weights (F32 [1, K, T]). ``kind``
-        "softmax_topk" (``edgemoe.routing.softmax_topk``): the top k of the
-        softmax over every expert, renormalised to sum 1 if ``normalize``;
-        "topk_softmax": the softmax over the k largest logits."""
+    def route(
+        self, logits, k: int, kind: str, normalize: bool, select=None, scale=1.0,
+        groups=None,
+    ):  # fmt: skip
+        """In-graph routing (``edgemoe.routing``): router ``logits`` (F32 [E,
+        T]) -> expert ids (I32 [K, T], largest first) and their weights (F32
+        [1, K, T]). ``kind`` "softmax_topk": the top k of the softmax over
+        every expert; "sigmoid_topk": of the sigmoid, chosen by the sigmoid
+        plus ``select`` (F32 [E], DeepSeek-V3's correction bias), weighed
+        without it; either renormalised to sum 1 if ``normalize``;
+        "topk_softmax": the softmax over the k largest logits. Weights are
+        multiplied by ``scale``. ``groups`` (topk_group, eye, neg_big): choose
+        only among the experts of each token's ``topk_group`` best groups
+        (``eye`` F32 [G, G] and ``neg_big`` F32 [1] = NEG_BIG: the graph's
+        constants)."""
         e, t = logits.ne[0], logits.ne[1]
         if logits.ne[2:] != (1, 1):
             raise GGMLError(f"route: logits must be [E, T], got ne {logits.ne}")
@@ -185,11 +196,20 @@ class StepOps:
             top = self.get_rows(self.reshape(logits, 1, e, t), ids)  # [1, K, T]
             w = self.reshape(self.soft_max(self.reshape(top, k, t)), 1, k, t)
             return ids, w
-        if kind != "softmax_topk":
+        if kind == "softmax_topk":
+            probs = choice = self.soft_max(logits)  # [E, T]
+        elif kind == "sigmoid_topk":
+            probs = choice = self.sigmoid(logits)
+            if select is not None:
+                choice = self.add(probs, select)
+        else:
             raise GGMLError(f"route: unknown routing {kind!r}")
-        probs = self.soft_max(logits)  # [E, T]
-        ids = self.top_k(probs, k)  # [K, T]
+        if groups is not None:
+            choice = self._best_groups(choice, kind, *groups)
+        ids = self.top_k(choice, k)  # [K, T]
         w = self.get_rows(self.reshape(probs, 1, e, t), ids)  # [1, K, T]
+        if scale != 1.0:
+            w = self.scale(w, scale) if not normalize else w
         if normalize:
             total = self._op(  # [1, 1, T]
                 1, self.g.ggml_sum_rows, self.reshape(w, k, t).ptr,
@@ -199,7 +219,34 @@ class StepOps:
                 1, self.g.ggml_div, w.ptr, self.reshape(total, 1, 1, t).ptr,
                 qtype=F32, ne=w.ne,
             )  # fmt: skip
+            if scale != 1.0:
+                w = self.scale(w, scale)
         return ids, w
+
+    def _best_groups(self, choice, kind: str, topk_group: int, eye, neg_big):
+        """``choice`` [E, T] with NEG_BIG added outside each token's
+        ``topk_group`` best groups (``eye`` [G, G]): a group scores its best
+        expert (softmax, DeepSeek-V2) or its best two (sigmoid, V3)."""
+        e, t, g = choice.ne[0], choice.ne[1], eye.ne[0]
+        per = self.reshape(choice, e // g, g, t)  # [E/G, G, T]
+        n = 1 if kind == "softmax_topk" else 2
+        best = self.get_rows(self.reshape(per, 1, e // g, g, t), self.top_k(per, n))
+        score = self._op(  # [1, G, T]: each group's best n summed
+            1, self.g.ggml_sum_rows, self.reshape(best, n, g, t).ptr,
+            qtype=F32, ne=(1, g, t, 1),
+        )  # fmt: skip
+        chosen = self.top_k(self.reshape(score, g, t), topk_group)  # [tg, T]
+        flat = self.reshape(self.cont(chosen), topk_group * t, 1)
+        self._id_bound[flat.ptr] = g  # top_k's ids, in range by construction
+        onehot = self.reshape(self.get_rows(eye, flat), g, topk_group, t)
+        picked = self._op(  # [1, G, T]: 1 in a chosen group, else 0
+            1, self.g.ggml_sum_rows,
+            self.cont(self.permute(onehot, 1, 0, 2, 3)).ptr,
+            qtype=F32, ne=(1, g, t, 1),
+        )  # fmt: skip
+        # picked * -NEG_BIG + NEG_BIG: exactly 0 in a chosen group.
+        penalty = self.add(self.scale(picked, -NEG_BIG), neg_big)
+        return self.reshape(self.add(per, penalty), e, t)
 
     def lookup(self, table, ids, bound: int):
         """``table`` (I32 [n]) at ``ids`` (I32 [K, T], bound n) -> I32 [K, T]:
@@ -226,6 +273,36 @@ class StepOps:
         return self._op(
             1, self.g.ggml_pad, a.ptr, n0, 0, 0, 0, qtype=F32,
             ne=(a.ne[0] + n0, *a.ne[1:]),
+        )  # fmt: skip
+
+    def concat(self, a, b):
+        """``a`` [n0, ...] and ``b`` [m0, ...] joined along ne0 (float32)."""
+        if a.qtype != F32 or b.qtype != F32 or a.ne[1:] != b.ne[1:]:
+            raise GGMLError(f"concat: float32 ne {a.ne} and {b.ne} must match past ne0")
+        return self._op(
+            1, self.g.ggml_concat, a.ptr, b.ptr, 0, qtype=F32,
+            ne=(a.ne[0] + b.ne[0], *a.ne[1:]),
+        )  # fmt: skip
+
+    def attention_latent(self, q, cache, mask, n_kv: int, dv: int, scale: float):
+        """MLA's attention: ``q`` (F32 [Dk, T, heads], each head's query in
+        latent-plus-RoPE space) over the first ``n_kv`` cells of one cache
+        row per token (ne (Dk, C)), shared by every head as keys, whose first
+        ``dv`` floats are the values. -> [dv, heads, T]."""
+        dk, t, heads = q.ne[0], q.ne[1], q.ne[2]
+        if cache.ne[0] != dk or not 0 < dv <= dk or not 0 < n_kv <= cache.ne[1]:
+            raise GGMLError(
+                f"attention_latent: queries of {dk} over a cache of ne {cache.ne}, "
+                f"{n_kv} cells, values of {dv}"
+            )
+        if mask is None or mask.qtype != F16 or mask.ne[:2] != (n_kv, t):
+            raise GGMLError(f"attention_latent: the mask must be F16 [{n_kv}, {t}]")
+        es = 4 if cache.qtype == F32 else 2
+        k = self.view_3d(cache, dk, n_kv, 1, dk * es, dk * n_kv * es)  # [Dk, n_kv, 1]
+        v = self.view_3d(cache, dv, n_kv, 1, dk * es, dk * n_kv * es)  # strided rows
+        return self._op(
+            1, self.g.ggml_flash_attn_ext, q.ptr, k.ptr, v.ptr, mask.ptr, scale,
+            0.0, 0.0, qtype=F32, ne=(dv, heads, t, 1),
         )  # fmt: skip
 
     def permute(self, a, *axes: int):

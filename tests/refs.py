@@ -56,3 +56,45 @@ def transformers_perplexity(path, text_path, window=256):
         total -= logp[:-1].gather(1, chunk[0, 1:, None]).sum().item()
         count += chunk.shape[1] - 1
     return math.exp(total / count), count
+
+
+def transformers_logits(path, ids: list[int]) -> np.ndarray:
+    """transformers' float32 logits [T, V] for ``ids`` on the model at ``path``."""
+    import torch
+    from test_reference_transformers import hf_reference
+
+    with torch.no_grad():
+        return hf_reference(path)(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+
+def assert_logits_match(path, n: int, seed: int, **load) -> None:
+    """EdgeMoE's logits at every position of a random ``n``-token prompt
+    within 1e-3 of transformers' (and large enough to reveal errors)."""
+    import edgemoe
+
+    ids = np.random.default_rng(seed).integers(1, 384, size=n).tolist()
+    expected = transformers_logits(path, ids)
+    with edgemoe.load(path, **load) as model:
+        got = model.logits(ids)
+    assert np.abs(expected).max() > 1.0, "logits too small to reveal errors"
+    assert np.abs(got - expected).max() <= 1e-3
+
+
+def assert_greedy_matches(path, seed: int, n_prompt: int = 32, n: int = 32) -> None:
+    """``n`` greedy tokens after a random prompt, the same as transformers'."""
+    import torch
+    from test_reference_transformers import hf_reference
+
+    import edgemoe
+
+    ids = np.random.default_rng(seed).integers(1, 384, size=n_prompt).tolist()
+    with torch.no_grad():
+        out = hf_reference(path).generate(
+            torch.tensor([ids]), max_new_tokens=n, do_sample=False
+        )
+    with edgemoe.load(path) as model:
+        got = [
+            r.token
+            for r in model.generate(ids, max_tokens=n, temperature=0, ignore_eos=True)
+        ]
+    assert got == out[0, len(ids) :].tolist()

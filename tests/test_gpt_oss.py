@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import TINY_CONFIGS
+from refs import assert_greedy_matches, assert_logits_match, transformers_logits
 
 import edgemoe
 
@@ -54,50 +55,19 @@ def reference(path):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_match_transformers(gpt_oss, name):
-    import torch
-
-    path = gpt_oss(name)
-    ids = np.random.default_rng(1).integers(1, 384, size=32).tolist()
-    with torch.no_grad():
-        expected = reference(path)(input_ids=torch.tensor([ids])).logits[0].numpy()
-    with edgemoe.load(path) as model:
-        assert model.spec.attn_sinks and model.spec.router == "topk_softmax"
-        got = model.logits(ids)
-    assert np.abs(expected).max() > 1.0, "logits too small to reveal errors"
-    assert np.abs(got - expected).max() <= 1e-3
+    assert_logits_match(gpt_oss(name), 32, seed=1)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_greedy_decode_matches_transformers(gpt_oss, name):
-    import torch
-
-    path = gpt_oss(name)
-    ids = np.random.default_rng(2).integers(1, 384, size=32).tolist()
-    with torch.no_grad():
-        out = reference(path).generate(
-            torch.tensor([ids]), max_new_tokens=32, do_sample=False
-        )
-    with edgemoe.load(path) as model:
-        got = [
-            r.token
-            for r in model.generate(ids, max_tokens=32, temperature=0, ignore_eos=True)
-        ]
-    assert got == out[0, len(ids) :].tolist()
+    assert_greedy_matches(gpt_oss(name), seed=2)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_a_600_token_prompt_matches_transformers(gpt_oss, name):
-    """Far past the window (8 or 16) and YaRN's original context (64): every
-    position's logits, prefilled in ubatches."""
-    import torch
-
-    path = gpt_oss(name)
-    ids = np.random.default_rng(3).integers(1, 384, size=600).tolist()
-    with torch.no_grad():
-        expected = reference(path)(input_ids=torch.tensor([ids])).logits[0].numpy()
-    with edgemoe.load(path, n_ctx=1024) as model:
-        got = model.logits(ids)
-    assert np.abs(got - expected).max() <= 1e-3
+    """Past the window and YaRN's original context (64): every position's
+    logits, prefilled in ubatches."""
+    assert_logits_match(gpt_oss(name), 600, seed=3, n_ctx=1024)
 
 
 def test_the_configurations_exercise_the_quirks(gpt_oss):
@@ -130,7 +100,6 @@ def test_our_gguf_matches_llamacpp_and_transformers(gpt_oss, tmp_path, qtype):
     position agree with EdgeMoE on the same file; EdgeMoE on the float file
     agrees with transformers on the HF original (so a metadata mistake
     written and read back the same way cannot pass)."""
-    import torch
 
     from edgemoe.runtime.llamacpp import LlamaCpp
 
@@ -153,8 +122,7 @@ def test_our_gguf_matches_llamacpp_and_transformers(gpt_oss, tmp_path, qtype):
     assert got == expected
     assert np.abs(ours - ref_logits).max() < 1e-3
     if qtype == "F32":
-        with torch.no_grad():
-            hf = reference(src)(input_ids=torch.tensor([prompt])).logits[0].numpy()
+        hf = transformers_logits(src, prompt)
         assert np.abs(ours - hf).max() <= 1e-3
 
 
@@ -301,12 +269,9 @@ def test_converted_model_follows_transformers(convertible, converted):
     """Level 8 in memory (planes summing to about 8 bits) stays within 10% of
     the float model (2-6% on these random prompts; a plane or bias out of
     line gives tens of percent), and each lower level is further away."""
-    import torch
 
     ids = np.random.default_rng(9).integers(1, 384, size=32).tolist()
-    with torch.no_grad():
-        ref = reference(convertible)(input_ids=torch.tensor([ids]))
-    expected = ref.logits[0].numpy()
+    expected = transformers_logits(convertible, ids)
 
     def rel(level: int) -> float:
         with edgemoe.load(converted, force_level=level) as model:
@@ -350,7 +315,6 @@ def test_synth_preset_writes_what_transformers_reads(tmp_path):
     """The gpt-oss-20b preset (narrowed) written as HF: gate and up
     interleaved back into one transposed gate_up_proj; transformers loads it
     and EdgeMoE computes the same logits."""
-    import torch
 
     from edgemoe.converters.synth import preset_config, write_hf
 
@@ -361,8 +325,7 @@ def test_synth_preset_writes_what_transformers_reads(tmp_path):
     )  # fmt: skip
     path = write_hf(cfg, tmp_path / "oss")
     ids = np.random.default_rng(11).integers(1, 384, size=32).tolist()
-    with torch.no_grad():
-        expected = reference(path)(input_ids=torch.tensor([ids])).logits[0].numpy()
+    expected = transformers_logits(path, ids)
     with edgemoe.load(path) as model:
         assert model.spec.rope_scaling == "yarn" and not model.spec.rope_truncate
         got = model.logits(ids)

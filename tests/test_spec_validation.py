@@ -254,7 +254,8 @@ def with_spec(src: Path, dst: Path, key: str, value) -> Path:
         ("moe_layers", [1, 0], "moe_layers must list true/false"),
         ("tie_embeddings", "no", "tie_embeddings must be true or false"),
         ("qk_norm", "sometimes", "qk_norm must be one of"),
-        ("attention", "mla", "attention must be one of 'gqa'"),
+        ("attention", "mla", "MLA attention needs kv_lora_rank, qk_nope_dim"),
+        ("attention", "sparse", "attention must be one of 'gqa', 'mla'"),
     ],
 )
 def test_bad_manifest_spec(converted, tmp_path, capsys, key, value, needle):

@@ -1,7 +1,8 @@
 """Architecture registry, keyed by HF ``architectures[0]`` and GGUF
 ``general.architecture``.
 
-Every module in this package except ``base`` defines one family and registers it
+Every module in this package but the helpers (``base``, ``validate``,
+``yarn_config``) defines one family and registers it
 with ``@register``; modules are discovered on first lookup, so adding a family is
 adding a file.
 """
@@ -44,7 +45,7 @@ def _discover() -> None:
     if _loaded:
         return
     for mod in pkgutil.iter_modules(__path__):
-        if mod.name != "base":
+        if mod.name not in ("base", "validate", "yarn_config"):  # helpers
             importlib.import_module(f"{__name__}.{mod.name}")
     _loaded = True
 

@@ -46,6 +46,16 @@ class ModelSpec:
     rope_interleaved: bool = False
     """GGUF ``llama`` rotates pairs (2i, 2i+1); HF checkpoints rotate halves (NeoX)."""
     attention: str = "gqa"
+    """"gqa", or "mla" (DeepSeek's latent attention: the fields below; the
+    cache holds each token's normed latent and its RoPE key, shared by every
+    head; ``head_dim`` is the RoPE part)."""
+    q_lora_rank: int = 0
+    """MLA: rank of the query's low-rank projection (0: a full projection)."""
+    kv_lora_rank: int = 0
+    qk_nope_dim: int = 0
+    v_head_dim: int = 0
+    attn_scale: float | None = None
+    """The softmax's scale; None: 1 / sqrt(query head size)."""
     qk_norm: str | None = None
     """None, "head" (RMSNorm over each head, Qwen3) or "full" (over the whole
     projection, OLMoE)."""
@@ -80,6 +90,12 @@ class ModelSpec:
     expert_ffn: int = 0
     norm_topk_prob: bool = False
     """Renormalise the top-k routing weights to sum to one."""
+    n_group: int = 0
+    topk_group: int = 0
+    """Group-limited routing (DeepSeek): experts in ``n_group`` groups, a
+    token picks only from its ``topk_group`` best groups; 0: no groups."""
+    routed_scale: float = 1.0
+    """Routing weights multiplied by this (DeepSeek's routed_scaling_factor)."""
     shared_expert_ffn: int = 0
     shared_expert_gated: bool = False
     """Shared expert output scaled by sigmoid(x . w) (Qwen2-MoE)."""
@@ -180,7 +196,7 @@ class Part:
     """"blocks" or "scales": one half of an MXFP4 tensor in the HF layout
     (``[E, N, G, 16]`` codes, ``[E, N, G]`` scale bytes; edgemoe.quant.mxfp4)."""
 
-    def shape(self, src: tuple[int, ...]) -> tuple[int, ...]:
+    def shape(self, src: tuple[int, ...], spec: ModelSpec) -> tuple[int, ...]:
         """The cut's shape from the source's (an axis too short for the cut
         gives 0, which no layout expects), in weights."""
         out = list(src)
@@ -194,11 +210,39 @@ class Part:
             out[1] = max(0, out[1] - self.first + self.step - 1) // self.step
         return tuple(out)
 
-    def cut(self, a):
+    def fraction(self, src: tuple[int, ...], spec: ModelSpec) -> float:
+        """The share of the source's bytes the cut holds."""
+        return 1 / self.step
+
+    def cut(self, a, spec: ModelSpec):
         """The cut of array ``a`` (a strided view)."""
         if self.transpose and a.ndim >= 3:
             a = a.swapaxes(-1, -2)
         return a[:, self.first :: self.step]
+
+
+@dataclass(frozen=True)
+class LatentPart(Part):
+    """DeepSeek's ``kv_b_proj`` [H * (nope + v), kv_lora] cut per head into
+    the latent's key expansion (``first`` 0: [H, kv_lora, nope], transposed)
+    or its value expansion (``first`` 1: [H, v, kv_lora])."""
+
+    def shape(self, src: tuple[int, ...], spec: ModelSpec) -> tuple[int, ...]:
+        h, nope, v = spec.n_head, spec.qk_nope_dim, spec.v_head_dim
+        if len(src) != 2 or src[0] != h * (nope + v):
+            return (0,)  # no layout expects it: named as a shape mismatch
+        return (h, src[1], nope) if self.first == 0 else (h, v, src[1])
+
+    def fraction(self, src: tuple[int, ...], spec: ModelSpec) -> float:
+        nope, v = spec.qk_nope_dim, spec.v_head_dim
+        return (nope if self.first == 0 else v) / (nope + v)
+
+    def cut(self, a, spec: ModelSpec):
+        h, nope = spec.n_head, spec.qk_nope_dim
+        per_head = a.reshape(h, -1, a.shape[-1])  # [H, nope + v, kv_lora]
+        if self.first == 0:
+            return per_head[:, :nope].swapaxes(1, 2)
+        return per_head[:, nope:]
 
 
 @dataclass(frozen=True)

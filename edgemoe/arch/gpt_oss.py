@@ -25,7 +25,7 @@ from edgemoe.arch.base import (
     common_gguf_fields,
     eos_tuple,
 )
-from edgemoe.arch.validate import FLOATS, check_float
+from edgemoe.arch.yarn_config import rope_fields
 from edgemoe.errors import ConfigError
 
 _L = "model.layers.{bid}."
@@ -103,55 +103,6 @@ class ArchConfig(HFConfig):
     eos_token_id: Any = None
 
 
-def _rope(config: dict[str, Any]) -> dict[str, Any]:
-    """ModelSpec's RoPE fields from ``rope_parameters`` (transformers 5) or
-    ``rope_scaling`` and a top-level ``rope_theta`` (the hub's config)."""
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if not isinstance(params, dict):
-        raise ConfigError(
-            f"config.json: rope_parameters must be an object, got {params!r}"
-        )
-    kind = params.get("rope_type", params.get("type", "default"))
-    theta = params.get("rope_theta", config.get("rope_theta", 150000.0))
-
-    def num(key: str, value: Any, field: str) -> float:
-        return check_float(f"config.json: rope_parameters.{key}", value, FLOATS[field])
-
-    out: dict[str, Any] = {"rope_theta": num("rope_theta", theta, "rope_theta")}
-    if kind in ("default", None):
-        return out
-    if kind != "yarn":
-        raise ConfigError(
-            f"config.json: rope_type {kind!r} is not supported for gpt-oss"
-        )
-    orig = params.get("original_max_position_embeddings")
-    if type(orig) is not int or orig < 1:
-        raise ConfigError(
-            "config.json: rope_parameters.original_max_position_embeddings must be "
-            f"a positive integer, got {orig!r}"
-        )
-    truncate = params.get("truncate", True)
-    if not isinstance(truncate, bool):
-        raise ConfigError("config.json: rope_parameters.truncate must be true or false")
-    attn = params.get("attention_factor")
-    out.update(
-        rope_scaling="yarn",
-        rope_factor=num("factor", params.get("factor"), "rope_factor"),
-        rope_orig_ctx=orig,
-        rope_beta_fast=num(
-            "beta_fast", params.get("beta_fast") or 32.0, "rope_beta_fast"
-        ),
-        rope_beta_slow=num(
-            "beta_slow", params.get("beta_slow") or 1.0, "rope_beta_slow"
-        ),
-        rope_truncate=truncate,
-        rope_attn_factor=None
-        if attn is None
-        else num("attention_factor", attn, "rope_attn_factor"),
-    )
-    return out
-
-
 @register
 class GptOss(Family):
     name = "gpt_oss"
@@ -173,6 +124,8 @@ class GptOss(Family):
                 f"{' / '.join(LAYER_TYPES)}, got {types!r}"
             )
         swa = tuple(t == "sliding_attention" for t in types)
+        rope = rope_fields(config, "gpt-oss", 150000.0)
+        rope.pop("yarn", None)  # mscale and the like: DeepSeek's, not gpt-oss's
         return ModelSpec(
             family=cls.name,
             n_vocab=c.vocab_size,
@@ -183,7 +136,7 @@ class GptOss(Family):
             head_dim=c.head_dim or c.hidden_size // c.num_attention_heads,
             n_ctx_train=c.max_position_embeddings,
             rms_eps=c.rms_norm_eps,
-            **_rope(config),
+            **rope,
             sliding_window=c.sliding_window if any(swa) else None,
             swa_layers=swa if any(swa) else (),
             attn_bias=c.attention_bias,

@@ -56,6 +56,12 @@ INTS: dict[str, tuple[int, int]] = {
     "dense_ffn": (0, MAX_FFN),
     "sliding_window": (1, MAX_WINDOW),
     "rope_orig_ctx": (0, MAX_CTX),
+    "q_lora_rank": (0, MAX_EMBD),
+    "kv_lora_rank": (0, MAX_EMBD),
+    "qk_nope_dim": (0, MAX_HEAD),
+    "v_head_dim": (0, MAX_HEAD),
+    "n_group": (0, MAX_EXPERT),
+    "topk_group": (0, MAX_EXPERT),
     # Kinds used by the parsers, not ModelSpec fields:
     "experts": (1, MAX_EXPERT),
     "ffn": (1, MAX_FFN),
@@ -79,6 +85,12 @@ SPEC_INTS = (
     "shared_expert_ffn",
     "dense_ffn",
     "rope_orig_ctx",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_dim",
+    "v_head_dim",
+    "n_group",
+    "topk_group",
 )
 """The int ModelSpec fields that are never None, checked in this order."""
 
@@ -88,6 +100,8 @@ FLOATS: dict[str, float] = {
     "clip_qkv": MAX_CLIP,
     "rope_factor": MAX_ROPE_FACTOR,
     "rope_attn_factor": MAX_ROPE_FACTOR,
+    "attn_scale": MAX_CLIP,
+    "routed_scale": MAX_CLIP,
     "rope_beta_fast": MAX_ROPE_FACTOR,
     "rope_beta_slow": MAX_ROPE_FACTOR,
     "swiglu_alpha": MAX_CLIP,
@@ -105,8 +119,8 @@ BOOLS = (
     "shared_expert_gated",
     "tie_embeddings",
 )
-ATTENTION_KINDS = ("gqa",)
-ROUTER_KINDS = ("softmax_topk", "topk_softmax")
+ATTENTION_KINDS = ("gqa", "mla")
+ROUTER_KINDS = ("softmax_topk", "topk_softmax", "sigmoid_topk")
 ROPE_SCALING_KINDS = (None, "yarn")
 FFN_ACT_KINDS = ("swiglu", "swiglu_oai")
 QK_NORM_KINDS = (None, "head", "full")
@@ -263,7 +277,8 @@ def check_spec(spec: Any) -> dict[str, float]:
     floats = {
         n: check_float(n, getattr(spec, n), FLOATS[n])
         for n in FLOATS
-        if getattr(spec, n) is not None or n not in ("clip_qkv", "rope_attn_factor")
+        if getattr(spec, n) is not None
+        or n not in ("clip_qkv", "rope_attn_factor", "attn_scale")
     }
     if spec.sliding_window is not None:
         check_kind("sliding_window", spec.sliding_window, "sliding_window")
@@ -334,6 +349,22 @@ def _check_shapes(spec: Any) -> None:
             raise ConfigError(
                 f"expert FFN size (expert_ffn) must be positive, got {spec.expert_ffn}"
             )
+    if (
+        spec.attention == "mla"
+        and min(spec.kv_lora_rank, spec.qk_nope_dim, spec.v_head_dim) <= 0
+    ):
+        raise ConfigError(
+            f"MLA attention needs kv_lora_rank, qk_nope_dim and v_head_dim > 0, got "
+            f"{spec.kv_lora_rank}, {spec.qk_nope_dim}, {spec.v_head_dim}"
+        )
+    if spec.n_group and (
+        spec.n_expert % spec.n_group or not 0 < spec.topk_group <= spec.n_group
+    ):
+        raise ConfigError(
+            f"{spec.n_expert} experts in n_group {spec.n_group} groups, topk_group "
+            f"{spec.topk_group}: the groups must divide the experts and 1 <= "
+            f"topk_group <= n_group"
+        )
     if not all(spec.moe_layers) and spec.dense_ffn <= 0:
         raise ConfigError(
             f"a dense layer needs a positive intermediate size (dense_ffn), "

@@ -196,20 +196,23 @@ def tensor_layout(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], bool]]:
         out["output.weight"] = ((v, d), True)
     for i, moe in enumerate(spec.moe_layers):
         b = f"blk.{i}."
-        out.update(
-            {
-                b + "attn_norm.weight": ((d,), True),
-                b + "attn_q.weight": ((q_dim, d), True),
-                b + "attn_k.weight": ((kv_dim, d), True),
-                b + "attn_v.weight": ((kv_dim, d), True),
-                b + "attn_output.weight": ((d, q_dim), True),
-                b + "attn_q.bias": ((q_dim,), spec.attn_bias),
-                b + "attn_k.bias": ((kv_dim,), spec.attn_bias),
-                b + "attn_v.bias": ((kv_dim,), spec.attn_bias),
-                b + "attn_output.bias": ((d,), spec.attn_bias),
-                b + "ffn_norm.weight": ((d,), True),
-            }
-        )
+        out[b + "attn_norm.weight"] = ((d,), True)
+        if spec.attention == "mla":
+            out.update(_mla_layout(spec, b))
+        else:
+            out.update(
+                {
+                    b + "attn_q.weight": ((q_dim, d), True),
+                    b + "attn_k.weight": ((kv_dim, d), True),
+                    b + "attn_v.weight": ((kv_dim, d), True),
+                    b + "attn_output.weight": ((d, q_dim), True),
+                    b + "attn_q.bias": ((q_dim,), spec.attn_bias),
+                    b + "attn_k.bias": ((kv_dim,), spec.attn_bias),
+                    b + "attn_v.bias": ((kv_dim,), spec.attn_bias),
+                    b + "attn_output.bias": ((d,), spec.attn_bias),
+                }
+            )
+        out[b + "ffn_norm.weight"] = ((d,), True)
         if spec.attn_sinks:
             out[b + "attn_sinks.weight"] = ((spec.n_head,), True)
         if spec.qk_norm == "head":
@@ -224,6 +227,8 @@ def tensor_layout(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], bool]]:
             out[b + "ffn_gate_exps.weight"] = ((e, f, d), True)
             out[b + "ffn_up_exps.weight"] = ((e, f, d), True)
             out[b + "ffn_down_exps.weight"] = ((e, d, f), True)
+            if spec.router == "sigmoid_topk":  # DeepSeek-V3's selection bias
+                out[b + "exp_probs_b.bias"] = ((e,), True)
             if spec.moe_bias:
                 out[b + "ffn_gate_inp.bias"] = ((e,), True)
                 out[b + "ffn_gate_exps.bias"] = ((e, f), True)
@@ -241,4 +246,27 @@ def tensor_layout(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], bool]]:
             out[b + "ffn_gate.weight"] = ((f, d), True)
             out[b + "ffn_up.weight"] = ((f, d), True)
             out[b + "ffn_down.weight"] = ((d, f), True)
+    return out
+
+
+def _mla_layout(spec: ModelSpec, b: str) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """DeepSeek's latent attention, in llama.cpp's names: the query (full or
+    low-rank), the joint latent-and-RoPE-key projection, and the latent's
+    per-head expansions to keys (``attn_k_b`` [H, kv_lora, nope]) and values
+    (``attn_v_b`` [H, v, kv_lora])."""
+    d, h, r = spec.n_embd, spec.n_head, spec.head_dim
+    nope, lora, v = spec.qk_nope_dim, spec.kv_lora_rank, spec.v_head_dim
+    out = {}
+    if spec.q_lora_rank:
+        q = spec.q_lora_rank
+        out[b + "attn_q_a.weight"] = ((q, d), True)
+        out[b + "attn_q_a_norm.weight"] = ((q,), True)
+        out[b + "attn_q_b.weight"] = ((h * (nope + r), q), True)
+    else:
+        out[b + "attn_q.weight"] = ((h * (nope + r), d), True)
+    out[b + "attn_kv_a_mqa.weight"] = ((lora + r, d), True)
+    out[b + "attn_kv_a_norm.weight"] = ((lora,), True)
+    out[b + "attn_k_b.weight"] = ((h, lora, nope), True)
+    out[b + "attn_v_b.weight"] = ((h, v, lora), True)
+    out[b + "attn_output.weight"] = ((d, h * v), True)
     return out

@@ -204,7 +204,7 @@ class HFCheckpoint:
         for f, src, _, part in pieces:
             got = f.tensors[src].shape
             if part is not None:
-                got = part.shape(got)
+                got = part.shape(got, self.spec)
             # Size-1 axes may differ (a [1, D] gate stored for a [D] vector); any
             # other difference, a transposed matrix included, is a wrong tensor.
             if _squeezed(got) != _squeezed(want):
@@ -251,7 +251,8 @@ class HFCheckpoint:
         dtypes = sorted({m.dtype for m, _ in metas})
         shape = tensor_layout(self.spec)[name][0]
         stored = sum(
-            (m.end - m.begin) // (part.step if part else 1) for m, part in metas
+            int((m.end - m.begin) * (part.fraction(m.shape, self.spec) if part else 1))
+            for m, part in metas
         )
         return "/".join(dtypes), shape, stored
 
@@ -266,7 +267,7 @@ class HFCheckpoint:
             dst = out if expert is None else out[expert]
             if part is not None:  # a cut of a stacked source (gpt-oss's gate_up)
                 full = f.float32(src).reshape(f.tensors[src].shape)
-                dst[...] = part.cut(full)
+                dst[...] = part.cut(full, self.spec)
             elif f.tensors[src].dtype == "BF16":
                 # Widen straight into the destination: no float32 temporary.
                 np.left_shift(
@@ -293,7 +294,7 @@ class HFCheckpoint:
         halves = {}
         for f, src, _, part in pieces:
             raw = f.raw(src).reshape(f.tensors[src].shape)
-            halves[part.mxfp4] = part.cut(raw)  # rows of gate or up
+            halves[part.mxfp4] = part.cut(raw, self.spec)  # rows of gate or up
         data = aligned_empty((*shape[:-1], shape[-1] // 32 * 17), np.uint8)
         data[...] = mxfp4.ggml_from_hf(halves["blocks"], halves["scales"])
         for f, src, _, _ in pieces:
