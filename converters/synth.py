@@ -238,8 +238,10 @@ def _write_hf(ckpt: SyntheticCheckpoint, config: dict, out: Path) -> Path:
     covered = set()
     for hf_name, cut in _assembled(ckpt, tmap).items():
         covered.update(n for _, n in cut)
-        full = _assemble(ckpt, cut, shape_only=True)
-        entries.append((hf_name, full, lambda cut=cut: _assemble(ckpt, cut)))
+        part = type(cut[0][0])
+        shapes = [(pt, ckpt._layout[n][0]) for pt, n in cut]
+        shape = part.joined_shape(shapes, ckpt.spec)
+        entries.append((hf_name, shape, lambda cut=cut: _assemble(ckpt, cut)))
     for name in ckpt.names():
         if name in covered:
             continue
@@ -288,19 +290,11 @@ def _assembled(ckpt: SyntheticCheckpoint, tmap) -> dict[str, list]:
     return out
 
 
-def _assemble(ckpt: SyntheticCheckpoint, cut: list, shape_only: bool = False):
-    """The inverse of ``Part.cut``: the parts interleaved along axis 1, then
-    the last two axes swapped back (or just that tensor's shape)."""
-    first, name = cut[0]
-    shape = list(ckpt._layout[name][0])
-    shape[1] *= first.step
-    swap = first.transpose and len(shape) >= 3
-    if shape_only:
-        return (*shape[:-2], shape[-1], shape[-2]) if swap else tuple(shape)
-    full = np.empty(shape, np.float32)
-    for part, n in cut:
-        full[:, part.first :: part.step] = ckpt.load(n).data
-    return full.swapaxes(-1, -2) if swap else full
+def _assemble(ckpt: SyntheticCheckpoint, cut: list):
+    """The HF tensor the parts of ``cut`` [(Part, internal name)] were cut
+    from (the parts' own inverse)."""
+    arrays = [(part, ckpt.load(n).data) for part, n in cut]
+    return type(cut[0][0]).join(arrays, ckpt.spec)
 
 
 def write_gguf(

@@ -119,4 +119,61 @@ PRESETS: dict[str, dict[str, Any]] = {
         swiglu_limit=7.0,
         attention_bias=True,
     ),
+    # deepseek-ai/DeepSeek-V2-Lite shapes: MLA with a full query, greedy softmax.
+    "deepseek-v2-lite": dict(
+        architectures=["DeepseekV2ForCausalLM"],
+        model_type="deepseek_v2",
+        hidden_size=2048,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        first_k_dense_replace=1,
+        topk_method="greedy",
+        routed_scaling_factor=1.0,
+        vocab_size=102400,
+        max_position_embeddings=163840,
+        rms_norm_eps=1e-6,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=40.0,
+            original_max_position_embeddings=4096,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            mscale=0.707,
+            mscale_all_dim=0.707,
+        ),
+    ),
+}
+# moonshotai/Moonlight-16B-A3B: DeepSeek-V2-Lite's shapes on the DeepSeek-V3
+# architecture (sigmoid routing with a correction bias, renormalised, scaled).
+PRESETS["moonlight-16b-a3b"] = {
+    **{
+        k: v
+        for k, v in PRESETS["deepseek-v2-lite"].items()
+        if k not in ("topk_method", "rope_parameters")
+    },
+    **dict(
+        architectures=["DeepseekV3ForCausalLM"],
+        model_type="deepseek_v3",
+        intermediate_size=11264,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.446,
+        vocab_size=163840,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=50000.0,
+    ),
 }

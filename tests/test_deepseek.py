@@ -5,8 +5,9 @@ correction bias and groups, shared experts, dense first layers."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-from refs import assert_greedy_matches, assert_logits_match
+from refs import assert_greedy_matches, assert_logits_match, transformers_logits
 
 import edgemoe
 
@@ -195,3 +196,25 @@ def test_what_is_not_there_yet_says_so(deepseek, tmp_path):
     finally:
         ckpt.close()
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v2-lite", "moonlight-16b-a3b"])
+def test_synth_presets_write_what_transformers_reads(tmp_path, preset):
+    """The presets (narrowed) written as HF: each head's key and value
+    expansions joined back into kv_b_proj; transformers loads them and
+    EdgeMoE computes the same logits."""
+    from edgemoe.converters.synth import preset_config, write_hf
+
+    cfg = preset_config(
+        preset, 2, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+        num_experts_per_tok=2, vocab_size=384,
+    )  # fmt: skip
+    path = write_hf(cfg, tmp_path / preset)
+    ids = np.random.default_rng(13).integers(1, 384, size=32).tolist()
+    expected = transformers_logits(path, ids)
+    with edgemoe.load(path) as model:
+        assert model.spec.attention == "mla" and model.spec.moe_layers == (False, True)
+        got = model.logits(ids)
+    assert np.abs(got - expected).max() <= 1e-3 * max(1.0, np.abs(expected).max())

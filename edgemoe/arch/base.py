@@ -214,6 +214,29 @@ class Part:
         """The share of the source's bytes the cut holds."""
         return 1 / self.step
 
+    @staticmethod
+    def joined_shape(cut: list, spec: ModelSpec) -> tuple[int, ...]:
+        """The source's shape from [(part, the part's shape)]."""
+        first, shape = cut[0]
+        out = [*shape[:1], shape[1] * first.step, *shape[2:]]
+        if first.transpose and len(out) >= 3:
+            out[-1], out[-2] = out[-2], out[-1]
+        return tuple(out)
+
+    @staticmethod
+    def join(cut: list, spec: ModelSpec):
+        """The inverse of cutting: the source from [(part, array)] (float
+        parts of one source; synthetic checkpoints write it)."""
+        import numpy as np
+
+        first, a0 = cut[0]
+        shape = list(a0.shape)
+        shape[1] *= first.step
+        full = np.empty(shape, np.float32)
+        for part, a in cut:
+            full[:, part.first :: part.step] = a
+        return full.swapaxes(-1, -2) if first.transpose and full.ndim >= 3 else full
+
     def cut(self, a, spec: ModelSpec):
         """The cut of array ``a`` (a strided view)."""
         if self.transpose and a.ndim >= 3:
@@ -236,6 +259,19 @@ class LatentPart(Part):
     def fraction(self, src: tuple[int, ...], spec: ModelSpec) -> float:
         nope, v = spec.qk_nope_dim, spec.v_head_dim
         return (nope if self.first == 0 else v) / (nope + v)
+
+    @staticmethod
+    def joined_shape(cut: list, spec: ModelSpec) -> tuple[int, ...]:
+        h, nope, v = spec.n_head, spec.qk_nope_dim, spec.v_head_dim
+        return (h * (nope + v), spec.kv_lora_rank)
+
+    @staticmethod
+    def join(cut: list, spec: ModelSpec):
+        import numpy as np
+
+        k_b, v_b = (a for _, a in sorted(cut, key=lambda pa: pa[0].first))
+        per_head = np.concatenate([k_b.swapaxes(1, 2), v_b], axis=1)  # [H, nope+v, L]
+        return per_head.reshape(-1, per_head.shape[-1])
 
     def cut(self, a, spec: ModelSpec):
         h, nope = spec.n_head, spec.qk_nope_dim
