@@ -146,6 +146,22 @@ def export_onnx(
             raise ConfigError(
                 f"ONNX export does not cover {spec.attention}/{spec.router}"
             )
+        beyond = [  # the math this exporter writes is Mixtral/Qwen/OLMoE's
+            name
+            for name, on in (
+                ("attention sinks", spec.attn_sinks),
+                ("per-layer windows", bool(spec.swa_layers)),
+                ("YaRN RoPE", spec.rope_scaling is not None),
+                ("expert biases", spec.moe_bias),
+                ("clamped SwiGLU", spec.ffn_act != "swiglu"),
+                ("expert groups", spec.n_group > 1),
+                ("scaled routing", spec.routed_scale != 1.0),
+                ("a padded hidden size", m.stored_dim != spec.n_embd),
+            )
+            if on
+        ]
+        if beyond:
+            raise ConfigError(f"ONNX export does not cover {', '.join(beyond)}")
         g = _Graph()
         names = set(ckpt.names())
 

@@ -208,8 +208,6 @@ class StepOps:
             choice = self._best_groups(choice, kind, *groups)
         ids = self.top_k(choice, k)  # [K, T]
         w = self.get_rows(self.reshape(probs, 1, e, t), ids)  # [1, K, T]
-        if scale != 1.0:
-            w = self.scale(w, scale) if not normalize else w
         if normalize:
             total = self._op(  # [1, 1, T]
                 1, self.g.ggml_sum_rows, self.reshape(w, k, t).ptr,
@@ -219,8 +217,8 @@ class StepOps:
                 1, self.g.ggml_div, w.ptr, self.reshape(total, 1, 1, t).ptr,
                 qtype=F32, ne=w.ne,
             )  # fmt: skip
-            if scale != 1.0:
-                w = self.scale(w, scale)
+        if scale != 1.0:
+            w = self.scale(w, scale)
         return ids, w
 
     def _best_groups(self, choice, kind: str, topk_group: int, eye, neg_big):

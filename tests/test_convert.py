@@ -132,6 +132,10 @@ def test_hidden_size_not_a_multiple_of_256_is_padded(tiny_model, tmp_path):
             np.sqrt(((got - expected) ** 2).mean() / (expected**2).mean())
         )
     assert err[8] < 0.1 and err[8] < err[4], err
+    from edgemoe.converters.onnx_export import export_onnx
+
+    with pytest.raises(ConfigError, match="ONNX export does not cover a padded hidden"):
+        export_onnx(out, 8)
 
 
 # -- failures ------------------------------------------------------------------
