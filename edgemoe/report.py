@@ -125,11 +125,30 @@ def print_inspect(rep: dict[str, Any], tensors: bool = False) -> None:
     stored, files = mib(rep["weight_bytes"]), mib(rep["file_bytes"])
     print(f"weights      {stored} stored, files {files}")
     moe = sum(s["moe_layers"])
+    if s["attention"] == "mla":  # every head reads one cached latent
+        heads = (
+            f"MLA {s['n_head']} heads × ({s['qk_nope_dim']} + {s['head_dim']} RoPE), "
+            f"latent {s['kv_lora_rank']}"
+        )
+    else:
+        heads = f"heads {s['n_head']}/{s['n_head_kv']} × {s['head_dim']}"
     print(
         f"shape        {s['n_layer']} layers ({moe} MoE) · hidden {s['n_embd']} · "
-        f"heads {s['n_head']}/{s['n_head_kv']} × {s['head_dim']} · vocab {s['n_vocab']}"
-        f" · context {s['n_ctx_train']}"
+        f"{heads} · vocab {s['n_vocab']} · context {s['n_ctx_train']}"
     )
+    notes = [
+        (
+            f"window {s['sliding_window']} on {sum(s['swa_layers'])} of "
+            f"{s['n_layer']} layers"
+        )
+        if s["swa_layers"]
+        else "",
+        "attention sinks" if s["attn_sinks"] else "",
+        f"YaRN ×{s['rope_factor']:g}" if s["rope_scaling"] == "yarn" else "",
+        f"routing {s['router']}"
+        + (f", {s['topk_group']} of {s['n_group']} groups" if s["n_group"] > 1 else ""),
+    ]
+    print("math         " + " · ".join(n for n in notes if n))
     if s["n_expert"]:
         shared = (
             f" · shared expert FFN {s['shared_expert_ffn']}"

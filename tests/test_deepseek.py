@@ -218,3 +218,11 @@ def test_synth_presets_write_what_transformers_reads(tmp_path, preset):
         assert model.spec.attention == "mla" and model.spec.moe_layers == (False, True)
         got = model.logits(ids)
     assert np.abs(got - expected).max() <= 1e-3 * max(1.0, np.abs(expected).max())
+
+
+def test_inspect_names_the_latent_attention(deepseek, capsys):
+    from test_cli import run_main
+
+    out, _ = run_main(capsys, "inspect", deepseek("v3"))
+    assert "MLA 4 heads × (16 + 8 RoPE), latent 32" in out
+    assert "routing sigmoid_topk, 1 of 2 groups" in out

@@ -342,3 +342,10 @@ def test_presets_in_the_graph_equal_the_host_path(converted, quality):
 
     prompt = np.random.default_rng(12).integers(1, 384, size=24).tolist()
     presets_in_graph_equal_host_path(converted, quality, prompt)
+
+
+def test_inspect_names_the_windows_sinks_and_yarn(gpt_oss, capsys):
+    from test_cli import run_main
+
+    out, _ = run_main(capsys, "inspect", gpt_oss("alternating"))
+    assert "window 8 on 1 of 2 layers · attention sinks · YaRN ×4" in out
