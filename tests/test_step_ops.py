@@ -12,7 +12,7 @@ from edgemoe.checkpoint.base import Weight, aligned_empty
 from edgemoe.errors import GGMLError
 from edgemoe.runtime.device import Device, WeightSet
 from edgemoe.runtime.graph import Graph
-from edgemoe.runtime.step_ops import ROPE_NEOX, ROPE_NORMAL
+from edgemoe.runtime.step_ops import NEG_BIG, ROPE_NEOX, ROPE_NORMAL
 
 RNG = np.random.default_rng(0)
 F, I32 = np.float32, np.int32
@@ -172,6 +172,44 @@ def test_yarn_frequencies_are_transformers_own():
         )  # fmt: skip
         np.testing.assert_allclose(rope.inv_freq(spec), inv.numpy(), rtol=1e-6)
         assert rope.attn_factor(spec) == pytest.approx(scale)
+
+
+@pytest.mark.parametrize("kind", ["softmax_topk", "sigmoid_topk"])
+def test_grouped_routing_matches_the_numpy_router(device, kind):
+    """DeepSeek's routing in the graph (scores, the correction bias moving
+    the choice, the best of 4 groups, renormalised and scaled weights)
+    against ``edgemoe.routing.scored_topk``."""
+    from edgemoe.routing import scored_topk
+
+    t, e, k, g, tg = 7, 16, 3, 4, 1
+    logits = RNG.standard_normal((t, e)).astype(F)  # [T, E]
+    # V3's correction bias (V2's softmax routing has none).
+    select = (
+        (RNG.standard_normal(e) * 0.3).astype(F) if kind == "sigmoid_topk" else None
+    )
+    eye, big = A(np.eye(g, dtype=F)), A(np.full(1, NEG_BIG, F))
+    ids_out, w_out = aligned_empty((t, k), I32), aligned_empty((t, k, 1), F)
+    gr = G(device, n_tensors=96)
+    try:
+        ids, w = gr.route(
+            gr.inp(logits), k, kind, True,
+            None if select is None else gr.inp(select), 2.5,
+            (tg, gr.input(eye), gr.input(big)),
+        )  # fmt: skip
+        gr.output(gr.cont(ids), ids_out)
+        gr.output(gr.cont(w), w_out)
+        gr.build()
+        gr.compute()
+    finally:
+        gr.free()
+    ref_ids, ref_w = scored_topk(
+        logits.astype(np.float64), k, kind, True, select, (g, tg), 2.5
+    )
+    np.testing.assert_array_equal(ids_out, ref_ids)
+    np.testing.assert_allclose(w_out[..., 0], ref_w, rtol=1e-5)
+    # The groups bite: without them some token picks other experts.
+    free, _ = scored_topk(logits.astype(np.float64), k, kind, True, select)
+    assert (np.sort(free, 1) != np.sort(ref_ids, 1)).any()
 
 
 def test_top_k_softmax_routing_and_expert_biases(device):
