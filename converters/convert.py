@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgemoe.checkpoint import open_checkpoint
-from edgemoe.checkpoint.base import Weight
+from edgemoe.checkpoint.base import Weight, is_expert_matrix
 from edgemoe.converters.calibration import (
     ExpertStats,
     LayerRunner,
@@ -78,7 +78,7 @@ class _Backbone:
             self.tokenizer_fields = ckpt.tokenizer_fields
 
     def names(self) -> list[str]:
-        return [n for n in self._ckpt.names() if not n.endswith("_exps.weight")]
+        return [n for n in self._ckpt.names() if not is_expert_matrix(n)]
 
     def load(self, name: str) -> Weight:
         return self._ckpt.load(name)

@@ -17,6 +17,7 @@ def inspect_report(path: str, verify: bool = False) -> dict[str, Any]:
     ``verify`` re-hashes an EdgeMoE model's files against its manifest.
     """
     from edgemoe.checkpoint import open_checkpoint
+    from edgemoe.checkpoint.base import is_expert_matrix
 
     ckpt = open_checkpoint(path)
     try:
@@ -29,7 +30,7 @@ def inspect_report(path: str, verify: bool = False) -> dict[str, Any]:
                 n *= d
             params += n
             stored += nbytes
-            if name.endswith("_exps.weight"):
+            if is_expert_matrix(name):
                 expert_params += n
             tensors.append(
                 {"name": name, "type": dtype, "shape": list(shape), "bytes": nbytes}

@@ -184,6 +184,12 @@ class Checkpoint(Protocol):
     def close(self) -> None: ...
 
 
+def is_expert_matrix(name: str) -> bool:
+    """A routed experts' stacked matrix (``blk.N.ffn_*_exps.weight``), what a
+    converted model stores as planes; their biases are backbone."""
+    return name.endswith("_exps.weight")
+
+
 def tensor_layout(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], bool]]:
     """Every tensor a model of ``spec`` has: internal name -> (shape, required)."""
     d, v, hd = spec.n_embd, spec.n_vocab, spec.head_dim

@@ -20,7 +20,13 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from edgemoe.arch import family_for_gguf
 from edgemoe.arch.base import GGUFMeta, ModelSpec
-from edgemoe.checkpoint.base import FileWeight, Weight, aligned_empty, tensor_layout
+from edgemoe.checkpoint.base import (
+    FileWeight,
+    Weight,
+    aligned_empty,
+    is_expert_matrix,
+    tensor_layout,
+)
 from edgemoe.checkpoint.files import opened
 from edgemoe.checkpoint.gguf_header import check_header
 from edgemoe.errors import ConfigError, ModelFileError
@@ -256,7 +262,7 @@ class GGUFCheckpoint:
     def _layout(self) -> dict:
         layout = tensor_layout(self.spec)
         if self._backbone_only:
-            layout = {n: v for n, v in layout.items() if not n.endswith("_exps.weight")}
+            layout = {n: v for n, v in layout.items() if not is_expert_matrix(n)}
         return layout
 
     def _check_layout(self) -> None:

@@ -45,10 +45,10 @@ class ExpertsTransformed:
         return getattr(self._ckpt, name)
 
     def load(self, name: str):
-        from edgemoe.checkpoint.base import Weight, aligned_empty
+        from edgemoe.checkpoint.base import Weight, aligned_empty, is_expert_matrix
 
         w = self._ckpt.load(name)
-        if not name.endswith("_exps.weight"):
+        if not is_expert_matrix(name):
             return w
         out = aligned_empty(w.shape, np.float32)
         for e in range(w.shape[0]):
