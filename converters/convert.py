@@ -29,7 +29,7 @@ from edgemoe.converters.calibration import (
     read_text,
     trace_rows,
 )
-from edgemoe.converters.padding import d_pad, pad_cols, pad_rows
+from edgemoe.converters.padding import pad_cols, pad_rows, padded_width
 from edgemoe.errors import ConfigError
 from edgemoe.format.spec import Hotness, Manifest
 from edgemoe.format.writer import ModelWriter
@@ -130,7 +130,7 @@ def convert(
                 f"{src}: converting {ckpt.architecture} (MLA attention) into nested "
                 "planes is not supported yet; run it from its own files"
             )
-        f_pad = d_pad(spec.expert_ffn, plan)
+        f_pad = padded_width(spec.expert_ffn, plan)
         tokens, calib_source = _calibration_tokens(ckpt, opts)
         with ModelWriter(out, force=opts.force) as writer:
             return _convert(
@@ -200,7 +200,7 @@ def _convert(
             if f.exists():
                 writer.copy_file(f)
     moe_layers = [i for i, m in enumerate(spec.moe_layers) if m]
-    d, ds = spec.n_embd, d_pad(spec.n_embd, plan)
+    d, ds = spec.n_embd, padded_width(spec.n_embd, plan)
     shapes = {"gate": (f_pad, ds), "up": (f_pad, ds), "down": (ds, f_pad)}
     writer.begin_experts(
         moe_layers, spec.n_expert, plan.planes, shapes, opts.max_shard_bytes
@@ -390,10 +390,11 @@ def _moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step):
     }
     layer_shifts = tuple(plane_shifts(plan, amax[p]) for p in ("gate", "up", "down"))
 
+    d = padded_width(spec.n_embd, plan)
+
     def quantize(e: int) -> list:
         g, u, dn = expert(e)
         imat = stats.imatrix(e)  # down is not weighted: see calibration.py
-        d = d_pad(spec.n_embd, plan)
         if d != spec.n_embd:  # padded inputs are zero: any weight will do
             imat = pad_cols(imat[None], d, imat.mean())[0]
         return [

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 
-def d_pad(n: int, plan) -> int:
+def padded_width(n: int, plan) -> int:
     """``n`` up to whole blocks of ``plan``'s planes."""
     return math.ceil(n / plan.block) * plan.block
 
