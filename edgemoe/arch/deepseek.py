@@ -25,6 +25,7 @@ from edgemoe.arch.base import (
     TensorMap,
     eos_tuple,
 )
+from edgemoe.arch.mixtral import ATTN_MAP
 from edgemoe.arch.yarn_config import rope_fields, yarn_mscale
 from edgemoe.errors import ConfigError
 
@@ -33,12 +34,7 @@ _B = "blk.{bid}."
 
 TENSOR_MAP = TensorMap(
     {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-        _L + "input_layernorm.weight": _B + "attn_norm.weight",
-        _L + "post_attention_layernorm.weight": _B + "ffn_norm.weight",
-        _L + "self_attn.q_proj.weight": _B + "attn_q.weight",
+        **ATTN_MAP,  # norms, embeddings, head; q_proj and o_proj as elsewhere
         _L + "self_attn.q_a_proj.weight": _B + "attn_q_a.weight",
         _L + "self_attn.q_a_layernorm.weight": _B + "attn_q_a_norm.weight",
         _L + "self_attn.q_b_proj.weight": _B + "attn_q_b.weight",
@@ -48,7 +44,6 @@ TENSOR_MAP = TensorMap(
             LatentPart(_B + "attn_k_b.weight", first=0),
             LatentPart(_B + "attn_v_b.weight", first=1),
         ),
-        _L + "self_attn.o_proj.weight": _B + "attn_output.weight",
         _L + "mlp.gate.weight": _B + "ffn_gate_inp.weight",
         _L + "mlp.gate.e_score_correction_bias": _B + "exp_probs_b.bias",
         _L + "mlp.experts.{xid}.gate_proj.weight": _B + "ffn_gate_exps.weight",

@@ -25,6 +25,7 @@ from edgemoe.arch.base import (
     common_gguf_fields,
     eos_tuple,
 )
+from edgemoe.arch.mixtral import ATTN_MAP
 from edgemoe.arch.yarn_config import rope_fields
 from edgemoe.errors import ConfigError
 
@@ -33,16 +34,7 @@ _B = "blk.{bid}."
 
 TENSOR_MAP = TensorMap(
     {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-        _L + "input_layernorm.weight": _B + "attn_norm.weight",
-        _L + "post_attention_layernorm.weight": _B + "ffn_norm.weight",
-        **{
-            _L + f"self_attn.{p}_proj.{kind}": _B + f"attn_{g}.{kind}"
-            for p, g in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "output"))
-            for kind in ("weight", "bias")
-        },
+        **ATTN_MAP,
         _L + "self_attn.sinks": _B + "attn_sinks.weight",
         _L + "mlp.router.weight": _B + "ffn_gate_inp.weight",
         _L + "mlp.router.bias": _B + "ffn_gate_inp.bias",
