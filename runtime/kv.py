@@ -69,19 +69,19 @@ class KVCache:
         self._arrays = []
         # float32 by default (exact); float16 as llama.cpp's default cache.
         dtype, qtype = KV_TYPES[kv_type]
-        for il in range(spec.n_layer):
+
+        def rows(name: str, dim: int):
             # calloc maps pages lazily: memory grows with the cells used.
-            k = aligned_empty((n_ctx, self.kv_dim), dtype, zeros=True)
+            a = aligned_empty((n_ctx, dim), dtype, zeros=True)
             if commit:
-                k.fill(0)
-            self._arrays.append(k)
-            self.k.append(weights.add(Weight(f"cache_k.{il}", qtype, k.shape, k)))
-            if v_dim:
-                v = aligned_empty((n_ctx, v_dim), dtype, zeros=True)
-                if commit:
-                    v.fill(0)
-                self._arrays.append(v)
-                self.v.append(weights.add(Weight(f"cache_v.{il}", qtype, v.shape, v)))
+                a.fill(0)
+            self._arrays.append(a)
+            return weights.add(Weight(name, qtype, a.shape, a))
+
+        for il in range(spec.n_layer):
+            self.k.append(rows(f"cache_k.{il}", self.kv_dim))
+            if v_dim:  # MLA's values are a view of its key rows
+                self.v.append(rows(f"cache_v.{il}", v_dim))
         self.seq_of = np.full(n_ctx, -1, dtype=np.int64)  # owner, -1 free
         self.pos_of = np.zeros(n_ctx, dtype=np.int64)
         self.sequences: dict[int, Sequence] = {}

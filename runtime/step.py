@@ -48,6 +48,13 @@ def _a(shape, dtype=np.float32) -> np.ndarray:
     return out
 
 
+def _const(values: np.ndarray) -> np.ndarray:
+    """An aligned float32 copy of ``values``: a graph constant's host array."""
+    out = _a(values.shape)
+    out[...] = values
+    return out
+
+
 class Carry:
     """What crosses a split after MoE layer l's router, for ``rows`` rows:
     the residual (with any shared expert), the normed input, the in-graph
@@ -118,15 +125,11 @@ class Step:
         experts (``Carry.xout``); set before the first step."""
         self.compute_s = 0.0
         ff = rope.freq_factors(spec)
-        self._rope_ff = None if ff is None else _a(ff.shape)
-        if ff is not None:
-            self._rope_ff[:] = ff
+        self._rope_ff = None if ff is None else _const(ff)
         self._rope_scale = rope.attn_factor(spec)
         self._groups = None
         if spec.n_group > 1:  # group-limited routing's constants
-            eye, big = _a((spec.n_group, spec.n_group)), _a((1,))
-            eye[:] = np.eye(spec.n_group)
-            big[:] = NEG_BIG
+            eye, big = _const(np.eye(spec.n_group)), _const(np.full(1, NEG_BIG))
             self._groups = (spec.topk_group, eye, big)
 
     # -- running ---------------------------------------------------------------
