@@ -226,3 +226,23 @@ def test_inspect_names_the_latent_attention(deepseek, capsys):
     out, _ = run_main(capsys, "inspect", deepseek("v3"))
     assert "MLA 4 heads × (16 + 8 RoPE), latent 32" in out
     assert "routing sigmoid_topk, 1 of 2 groups" in out
+
+
+def test_a_kv_b_proj_of_the_wrong_size_is_named(deepseek, tmp_path):
+    """kv_b_proj is cut per head by the config's head sizes: weights for other
+    sizes name the stored tensor and its shape, and what it should hold."""
+    import json
+    import shutil
+
+    from edgemoe.errors import ModelFileError
+
+    dst = tmp_path / "m"
+    shutil.copytree(deepseek("v2-lite"), dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["v_head_dim"] = 8  # the weights have 16
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFileError) as info:
+        edgemoe.load(dst)
+    msg = str(info.value)
+    assert "self_attn.kv_b_proj.weight' has shape [128, 32]" in msg, msg
+    assert "which does not hold blk." in msg and "\n" not in msg

@@ -202,15 +202,16 @@ class HFCheckpoint:
         else:
             want = shape
         for f, src, _, part in pieces:
-            got = f.tensors[src].shape
-            if part is not None:
-                got = part.shape(got, self.spec)
+            stored = f.tensors[src].shape
+            got = stored if part is None else part.shape(stored, self.spec)
             # Size-1 axes may differ (a [1, D] gate stored for a [D] vector); any
             # other difference, a transposed matrix included, is a wrong tensor.
             if _squeezed(got) != _squeezed(want):
+                what = f"expected {list(want)}"
+                if part is not None:  # name the source's shape, not the cut's
+                    what = f"which does not hold {name} of shape {list(want)}"
                 raise ModelFileError(
-                    f.path,
-                    f"tensor {src!r} has shape {list(got)}, expected {list(want)}",
+                    f.path, f"tensor {src!r} has shape {list(stored)}, {what}"
                 )
 
     def _check_mxfp4(self, pieces: list) -> None:
