@@ -9,6 +9,7 @@ keeps a second export of it from racing the first.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +78,15 @@ _MATH_FIELDS = (
     "ffn_act",
     "swiglu_alpha",
     "swiglu_limit",
+    "attention",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_dim",
+    "v_head_dim",
+    "attn_scale",
+    "n_group",
+    "topk_group",
+    "routed_scale",
 )
 
 
@@ -206,7 +216,7 @@ def _check_roundtrip(
     """Refuse models llama.cpp's graph for ``arch`` would compute differently."""
     meta = {f"{arch}.{k}": v for k, v in fields.items()}
     back = family.spec_from_gguf(GGUFMeta(arch, meta, "export"))
-    diff = [f for f in _MATH_FIELDS if getattr(back, f) != getattr(spec, f)]
+    diff = [f for f in _MATH_FIELDS if not _same(getattr(back, f), getattr(spec, f))]
     if diff:
         raise ConfigError(
             f"llama.cpp's {arch!r} cannot represent this model: "
@@ -215,6 +225,14 @@ def _check_roundtrip(
                 for f in diff
             )
         )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, floats to float32's precision (scales llama.cpp recomputes from
+    the stored ones, such as DeepSeek's softmax scale)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6)
+    return a == b
 
 
 def write_gguf(

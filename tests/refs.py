@@ -98,3 +98,41 @@ def assert_greedy_matches(path, seed: int, n_prompt: int = 32, n: int = 32) -> N
             for r in model.generate(ids, max_tokens=n, temperature=0, ignore_eos=True)
         ]
     assert got == out[0, len(ids) :].tolist()
+
+
+def export_gguf(src, out, qtype: str):
+    """``src`` (HF) written as a llama.cpp GGUF of ``qtype`` at ``out``."""
+    from edgemoe.checkpoint import open_checkpoint
+    from edgemoe.converters.llama_gguf import write_gguf
+
+    ckpt = open_checkpoint(src)
+    try:
+        return write_gguf(ckpt, out, qtype)
+    finally:
+        ckpt.close()
+
+
+def assert_gguf_matches_llamacpp(path, prompt: list[int], rel: bool = False):
+    """llama.cpp and EdgeMoE on the same GGUF: 32 identical greedy tokens and
+    the logits at every prompt position within 1e-3 (times the largest logit
+    if ``rel``). Returns EdgeMoE's logits [T, V] and its spec."""
+    import edgemoe
+    from edgemoe.runtime.llamacpp import LlamaCpp
+
+    with LlamaCpp(path, n_ctx=256, f32_cache=True) as ref:
+        expected, _ = ref.greedy(prompt, 32)
+        ref.reset()
+        ref_logits = np.stack([ref.eval([t]) for t in prompt])  # [T, V]
+    with edgemoe.load(path) as model:
+        got = [
+            r.token
+            for r in model.generate(
+                prompt, max_tokens=32, temperature=0, ignore_eos=True
+            )
+        ]
+        ours = model.logits(prompt)
+        spec = model.spec
+    assert got == expected
+    tol = 1e-3 * (max(1.0, np.abs(ref_logits).max()) if rel else 1.0)
+    assert np.abs(ours - ref_logits).max() < tol
+    return ours, spec

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from refs import assert_greedy_matches, assert_logits_match, transformers_logits
+from refs import (
+    assert_gguf_matches_llamacpp,
+    assert_greedy_matches,
+    assert_logits_match,
+    export_gguf,
+    transformers_logits,
+)
 
 import edgemoe
 
@@ -36,10 +42,11 @@ YARN = dict(
 )  # fmt: skip
 
 CONFIGS = {
-    # DeepSeek-V2-Lite's kind: a full query, greedy softmax routing.
-    "v2-lite": ("DeepseekV2Config", dict(q_lora_rank=None)),
+    # DeepSeek-V2-Lite's kind: a full query, greedy softmax routing, YaRN
+    # with its mscale.
+    "v2-lite": ("DeepseekV2Config", dict(q_lora_rank=None, rope_parameters=YARN)),
     # V2's: a low-rank query, routing limited to the best of two groups (of 4
-    # experts), scaled; YaRN with mscale.
+    # experts), scaled; YaRN with mscale apart from mscale_all_dim.
     "v2-grouped": (
         "DeepseekV2Config",
         dict(
@@ -48,7 +55,7 @@ CONFIGS = {
             n_group=2,
             topk_group=1,
             routed_scaling_factor=2.0,
-            rope_parameters=YARN,
+            rope_parameters={**YARN, "mscale": 1.0},
         ),
     ),  # fmt: skip
     # V3's: sigmoid routing chosen with a correction bias, the best of two
@@ -179,23 +186,67 @@ def test_inconsistent_configs_are_one_clear_error(
 
 
 def test_what_is_not_there_yet_says_so(deepseek, tmp_path):
-    """Converting into planes (calibration's numpy forward has no MLA) and
-    GGUF export: typed one-line errors, nothing written."""
-    from edgemoe.checkpoint import open_checkpoint
+    """Converting into planes (calibration's numpy forward has no MLA): a
+    typed one-line error, nothing written."""
     from edgemoe.converters.convert import ConvertOptions, convert
-    from edgemoe.converters.llama_gguf import write_gguf
     from edgemoe.errors import ConfigError
 
     src = deepseek("v2-lite")
     with pytest.raises(ConfigError, match="MLA attention.*not supported yet"):
         convert(src, tmp_path / "edge", ConvertOptions())
-    ckpt = open_checkpoint(src)
-    try:
-        with pytest.raises(ConfigError, match="writing deepseek as GGUF"):
-            write_gguf(ckpt, tmp_path / "m.gguf", "F32")
-    finally:
-        ckpt.close()
     assert not list(tmp_path.iterdir())
+
+
+VARIANTS = {
+    # mscale apart from mscale_all_dim: cos and sin scaled, which llama.cpp
+    # takes as rope.scaling.attn_factor.
+    "v2-lite-mscale": ("v2-lite", {**YARN, "mscale": 1.0}),
+    # No mscale at all: the softmax keeps 1/sqrt(d) while cos and sin are
+    # scaled, a negative yarn_log_multiplier for llama.cpp.
+    "v3-yarn": ("v3", {k: v for k, v in YARN.items() if "mscale" not in k}),
+}
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize(
+    "name, qtype",
+    [
+        ("v2-lite", "F32"),
+        ("v3", "F32"),
+        ("v3", "Q8_0"),
+        ("v2-lite-mscale", "F32"),
+        ("v3-yarn", "F32"),
+    ],
+)
+def test_our_gguf_matches_llamacpp_and_transformers(deepseek, tmp_path, name, qtype):
+    """Our ``deepseek2`` GGUF in llama.cpp: 32 greedy tokens and the logits at
+    every prompt position agree with EdgeMoE on the same file; EdgeMoE on the
+    float file agrees with transformers on the HF original. V3's sigmoid
+    routing with its bias and groups; V2-Lite's YaRN (mscale = mscale_all_dim)
+    and the two others llama.cpp writes otherwise (see VARIANTS)."""
+    if name in VARIANTS:
+        base, rope = VARIANTS[name]
+        src = build(base, tmp_path / name, rope_parameters=rope)
+    else:
+        src = deepseek(name)
+    path = export_gguf(src, tmp_path / f"{name}-{qtype}.gguf", qtype)
+    prompt = np.random.default_rng(7).integers(1, 384, size=32).tolist()
+    ours, spec = assert_gguf_matches_llamacpp(path, prompt, rel=True)
+    assert spec.attention == "mla"
+    if qtype == "F32":
+        hf = transformers_logits(src, prompt)
+        assert np.abs(ours - hf).max() <= 1e-3 * max(1.0, np.abs(hf).max())
+
+
+def test_export_refuses_what_llamacpp_scores_otherwise(deepseek, tmp_path):
+    """V2's group-limited routing scores a group by its best expert, llama.cpp's
+    deepseek2 by its two best: refused by name, nothing written."""
+    from edgemoe.errors import ConfigError
+
+    out = tmp_path / "m.gguf"
+    with pytest.raises(ConfigError, match="two best experts.*V2's group-limited"):
+        export_gguf(deepseek("v2-grouped"), out, "F32")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("preset", ["deepseek-v2-lite", "moonlight-16b-a3b"])
@@ -246,3 +297,81 @@ def test_a_kv_b_proj_of_the_wrong_size_is_named(deepseek, tmp_path):
     msg = str(info.value)
     assert "self_attn.kv_b_proj.weight' has shape [128, 32]" in msg, msg
     assert "which does not hold blk." in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "cos_sin, softmax",
+    [(1.0, 1.3), (1.2, 1.2**2), (1.14, 1.0), (0.9, 2.0)],
+)
+def test_yarn_scales_round_trip_through_llamacpp_keys(deepseek, cos_sin, softmax):
+    """Any cos/sin scale and softmax scale (times 1/sqrt(d)) is written as
+    llama.cpp's attn_factor and yarn_log_multiplier (absent when the softmax
+    scale is the square of the other: 0 is not storable) and read back."""
+    import dataclasses
+
+    from edgemoe.arch.base import GGUFMeta
+    from edgemoe.arch.deepseek import DeepSeek
+
+    with edgemoe.load(deepseek("v2-lite")) as m:
+        spec = m.spec
+    dk = spec.qk_nope_dim + spec.head_dim
+    spec = dataclasses.replace(
+        spec, rope_attn_factor=cos_sin, attn_scale=softmax / dk**0.5
+    )
+    fields = DeepSeek.gguf_fields(spec)
+    key = "rope.scaling.yarn_log_multiplier"
+    assert (key in fields) == (softmax != cos_sin**2)
+    meta = GGUFMeta("deepseek2", {f"deepseek2.{k}": v for k, v in fields.items()}, "f")
+    back = DeepSeek.spec_from_gguf(meta)
+    assert back.rope_attn_factor == pytest.approx(cos_sin, rel=1e-7)
+    assert back.attn_scale == pytest.approx(spec.attn_scale, rel=1e-7)
+
+
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("expert_gating_func", 3, "expert_gating_func 3 (1 softmax or 2 sigmoid)"),
+        ("attention.key_length", 99, "attention.key_length is 99, expected 40"),
+        ("attention.key_length_mla", 8, "key_length_mla 8 must exceed"),
+        ("rope.scaling.yarn_log_multiplier", -5.0, "yarn_log_multiplier -5.0"),
+        ("rope.scaling.factor", 1.0, "rope.scaling.factor 1.0 (YaRN needs > 1)"),
+        ("expert_weights_norm", 2, "expert_weights_norm must be true or false"),
+        ("rope.scaling.type", "linear", "rope.scaling.type 'linear'"),
+    ],
+)
+def test_bad_deepseek2_metadata_is_one_clear_error(
+    deepseek, tmp_path, key, value, needle
+):
+    """A deepseek2 GGUF with inconsistent metadata: one ModelFileError naming
+    the file, the key and the value, before any tensor is used."""
+    import gguf
+
+    from edgemoe.errors import ModelFileError
+
+    src = export_gguf(deepseek("v2-lite"), tmp_path / "m.gguf", "F32")
+    reader = gguf.GGUFReader(src)
+    bad = tmp_path / "bad.gguf"
+    writer = gguf.GGUFWriter(bad, "deepseek2")
+    full = f"deepseek2.{key}"
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        if name != full:
+            writer.add_key_value(
+                name,
+                field.contents(),
+                field.types[0],
+                field.types[-1] if len(field.types) > 1 else None,
+            )
+    kind = {str: gguf.GGUFValueType.STRING, float: gguf.GGUFValueType.FLOAT32}
+    writer.add_key_value(full, value, kind.get(type(value), gguf.GGUFValueType.UINT32))
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelFileError) as info:
+        edgemoe.load(bad)
+    msg = str(info.value)
+    assert needle in msg and str(bad) in msg and "\n" not in msg, msg

@@ -8,7 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import TINY_CONFIGS
-from refs import assert_greedy_matches, assert_logits_match, transformers_logits
+from refs import (
+    assert_gguf_matches_llamacpp,
+    assert_greedy_matches,
+    assert_logits_match,
+    export_gguf,
+    transformers_logits,
+)
 
 import edgemoe
 
@@ -82,17 +88,6 @@ def test_the_configurations_exercise_the_quirks(gpt_oss):
     assert a.moe_bias and a.ffn_act == "swiglu_oai"
 
 
-def export(src, out, qtype: str):
-    from edgemoe.checkpoint import open_checkpoint
-    from edgemoe.converters.llama_gguf import write_gguf
-
-    ckpt = open_checkpoint(src)
-    try:
-        return write_gguf(ckpt, out, qtype)
-    finally:
-        ckpt.close()
-
-
 @pytest.mark.llama
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
 def test_our_gguf_matches_llamacpp_and_transformers(gpt_oss, tmp_path, qtype):
@@ -101,26 +96,11 @@ def test_our_gguf_matches_llamacpp_and_transformers(gpt_oss, tmp_path, qtype):
     agrees with transformers on the HF original (so a metadata mistake
     written and read back the same way cannot pass)."""
 
-    from edgemoe.runtime.llamacpp import LlamaCpp
-
     src = gpt_oss("llama")
-    path = export(src, tmp_path / f"gpt-oss-{qtype}.gguf", qtype)
+    path = export_gguf(src, tmp_path / f"gpt-oss-{qtype}.gguf", qtype)
     prompt = np.random.default_rng(6).integers(1, 384, size=32).tolist()
-    with LlamaCpp(path, n_ctx=256, f32_cache=True) as ref:
-        expected, _ = ref.greedy(prompt, 32)
-        ref.reset()
-        ref_logits = np.stack([ref.eval([t]) for t in prompt])  # [T, V]
-    with edgemoe.load(path) as model:
-        assert model.spec.swa_layers == (True, False)
-        got = [
-            r.token
-            for r in model.generate(
-                prompt, max_tokens=32, temperature=0, ignore_eos=True
-            )
-        ]
-        ours = model.logits(prompt)
-    assert got == expected
-    assert np.abs(ours - ref_logits).max() < 1e-3
+    ours, spec = assert_gguf_matches_llamacpp(path, prompt)
+    assert spec.swa_layers == (True, False)
     if qtype == "F32":
         hf = transformers_logits(src, prompt)
         assert np.abs(ours - hf).max() <= 1e-3
@@ -133,7 +113,7 @@ def test_export_refuses_what_llamacpp_cannot_compute(gpt_oss, tmp_path):
 
     out = tmp_path / "m.gguf"
     with pytest.raises(ConfigError, match=r"swiglu_limit=2\.0 \(llama.cpp: 7\.0\)"):
-        export(gpt_oss("alternating"), out, "F32")
+        export_gguf(gpt_oss("alternating"), out, "F32")
     assert not out.exists()
 
 
@@ -212,7 +192,7 @@ def test_mxfp4_experts_run_as_stored(gpt_oss, tmp_path):
         got = model.logits(ids)
     rel = np.sqrt(((got - expected) ** 2).mean() / (expected**2).mean())
     assert rel < 0.05, rel
-    gguf = export(mx, tmp_path / "mx.gguf", "F32")
+    gguf = export_gguf(mx, tmp_path / "mx.gguf", "F32")
     with LlamaCpp(gguf, n_ctx=256, f32_cache=True) as lc:
         want, _ = lc.greedy(ids, 32)
         lc.reset()

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from refs import export_gguf as export
 
 import edgemoe
-from edgemoe.checkpoint import open_checkpoint
-from edgemoe.converters.llama_gguf import write_gguf
 from edgemoe.runtime.llamacpp import LlamaCpp
-
-
-def export(src, out, qtype: str):
-    """Our GGUF writer on a checkpoint directory."""
-    ckpt = open_checkpoint(src)
-    try:
-        return write_gguf(ckpt, out, qtype)
-    finally:
-        ckpt.close()
-
 
 CASES = [
     ("mixtral", "F32"),

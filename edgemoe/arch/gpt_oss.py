@@ -26,7 +26,7 @@ from edgemoe.arch.base import (
     eos_tuple,
 )
 from edgemoe.arch.mixtral import ATTN_MAP
-from edgemoe.arch.yarn_config import rope_fields
+from edgemoe.arch.yarn_config import gguf_yarn, rope_fields, yarn_gguf_fields
 from edgemoe.errors import ConfigError
 
 _L = "model.layers.{bid}."
@@ -167,26 +167,11 @@ class GptOss(Family):
                 f"{meta.source}: {meta.arch}.attention.sliding_window_pattern must "
                 f"list true/false for each of {n} layers"
             )
-        rope: dict[str, Any] = {}
-        kind = meta.get("rope.scaling.type", "none")
-        if kind == "yarn":
-            rope = dict(
-                rope_scaling="yarn",
-                rope_factor=meta.get_float("rope.scaling.factor", "rope_factor"),
-                rope_orig_ctx=meta.get_int(
-                    "rope.scaling.original_context_length", "rope_orig_ctx"
-                ),
-                rope_beta_fast=meta.get_float(
-                    "rope.scaling.yarn_beta_fast", "rope_beta_fast", 32.0
-                ),
-                rope_beta_slow=meta.get_float(
-                    "rope.scaling.yarn_beta_slow", "rope_beta_slow", 1.0
-                ),
-                # Ours: llama.cpp always rounds YaRN's range (see gguf_fields).
-                rope_truncate=meta.get("rope.scaling.yarn_truncate", True) is not False,
-            )
-        elif kind != "none":
-            raise ConfigError(f"{meta.source}: rope.scaling.type {kind!r} for gpt-oss")
+        rope = gguf_yarn(meta)
+        if rope:
+            # Ours: llama.cpp always rounds YaRN's range (see gguf_fields).
+            truncate = meta.get("rope.scaling.yarn_truncate", True) is not False
+            rope["rope_truncate"] = truncate
         return meta.make_spec(
             **common,
             **rope,
@@ -216,15 +201,7 @@ class GptOss(Family):
             ),
         }
         if spec.rope_scaling == "yarn":
-            fields.update(
-                {
-                    "rope.scaling.type": "yarn",
-                    "rope.scaling.factor": float(spec.rope_factor),
-                    "rope.scaling.original_context_length": spec.rope_orig_ctx,
-                    "rope.scaling.yarn_beta_fast": float(spec.rope_beta_fast),
-                    "rope.scaling.yarn_beta_slow": float(spec.rope_beta_slow),
-                }
-            )
+            fields.update(yarn_gguf_fields(spec))
             if not spec.rope_truncate:
                 # llama.cpp ignores this key and rounds YaRN's range, as it
                 # does for the published gpt-oss; EdgeMoE reads it back.

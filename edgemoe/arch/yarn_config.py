@@ -6,10 +6,13 @@ checkpoints scale RoPE with YaRN (gpt-oss, DeepSeek); a helper, not a family.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgemoe.arch.validate import FLOATS, check_float
 from edgemoe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edgemoe.arch.base import GGUFMeta, ModelSpec
 
 
 def yarn_mscale(factor: float, m: float = 1.0) -> float:
@@ -75,3 +78,39 @@ def rope_fields(config: dict[str, Any], family: str, theta: float) -> dict[str, 
         yarn=extras,
     )
     return out
+
+
+def gguf_yarn(meta: GGUFMeta) -> dict[str, Any]:
+    """YaRN's ``rope_*`` fields from llama.cpp's ``rope.scaling.*`` keys; {}
+    without scaling. Each family adds its own attention scales."""
+    kind = meta.get("rope.scaling.type", "none")
+    if kind == "none":
+        return {}
+    if kind != "yarn":
+        raise ConfigError(
+            f"{meta.source}: {meta.arch}.rope.scaling.type {kind!r} (none or yarn)"
+        )
+    return dict(
+        rope_scaling="yarn",
+        rope_factor=meta.get_float("rope.scaling.factor", "rope_factor"),
+        rope_orig_ctx=meta.get_int(
+            "rope.scaling.original_context_length", "rope_orig_ctx"
+        ),
+        rope_beta_fast=meta.get_float(
+            "rope.scaling.yarn_beta_fast", "rope_beta_fast", 32.0
+        ),
+        rope_beta_slow=meta.get_float(
+            "rope.scaling.yarn_beta_slow", "rope_beta_slow", 1.0
+        ),
+    )
+
+
+def yarn_gguf_fields(spec: ModelSpec) -> dict[str, Any]:
+    """The inverse of ``gguf_yarn``: llama.cpp's ``rope.scaling.*`` keys."""
+    return {
+        "rope.scaling.type": "yarn",
+        "rope.scaling.factor": float(spec.rope_factor),
+        "rope.scaling.original_context_length": spec.rope_orig_ctx,
+        "rope.scaling.yarn_beta_fast": float(spec.rope_beta_fast),
+        "rope.scaling.yarn_beta_slow": float(spec.rope_beta_slow),
+    }
