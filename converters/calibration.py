@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe.arch.base import ModelSpec
-from edgemoe.attention import Attention, KVCache, RoPE, rms_norm
+from edgemoe.attention import Attention, KVCache, RoPE, latent_attention, rms_norm
 from edgemoe.errors import ModelFileError
 from edgemoe.routing import route
 
@@ -155,6 +155,9 @@ class LayerRunner:
         out = np.empty_like(x)
         for i, xw in enumerate(x):
             xn = rms_norm(xw, w["attn_norm"], s.rms_eps)
+            if s.attention == "mla":
+                out[i] = xw + latent_attention(s, self.rope, w, xn) @ w["attn_output"].T
+                continue
             q, k, v = (xn @ w[n].T for n in ("attn_q", "attn_k", "attn_v"))
             if "attn_q.bias" in w:
                 q, k, v = (
@@ -180,18 +183,20 @@ class LayerRunner:
         expert: Callable,
         router_bias: np.ndarray | None = None,
         bias: Callable | None = None,
+        select: np.ndarray | None = None,
     ) -> tuple[np.ndarray, ExpertStats]:
         """Sum of routed experts for tokens ``hn`` [N, D], and the statistics.
 
         ``expert(e)`` gives expert e's float (gate [F, D], up [F, D], down [D, F]),
-        ``bias(e)`` its biases (gate [F], up [F], down [D]) where it has them.
+        ``bias(e)`` its biases (gate [F], up [F], down [D]) where it has them;
+        ``select`` [E]: DeepSeek-V3's correction bias, for choosing only.
         """
         s = self.spec
         n, d = hn.shape
         logits = hn @ router.T  # [N, E]
         if router_bias is not None:
             logits = logits + router_bias
-        ids, weights = route(s, logits)  # [N, K]
+        ids, weights = route(s, logits, select)  # [N, K]
         e_count = s.n_expert
         traced = trace_rows(n)
         stats = ExpertStats(

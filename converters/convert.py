@@ -37,6 +37,16 @@ from edgemoe.quant.nested import plane_shifts, quantize_nested
 from edgemoe.quant.types import NestedQuant
 
 Progress = Callable[[str, int, int], None]
+MLA_WEIGHTS = (
+    "attn_q_a",
+    "attn_q_a_norm",
+    "attn_q_b",
+    "attn_kv_a_mqa",
+    "attn_kv_a_norm",
+    "attn_k_b",
+    "attn_v_b",
+)
+"""DeepSeek's latent attention (edgemoe.attention.latent_attention)."""
 
 
 @dataclass(frozen=True)
@@ -125,11 +135,6 @@ def convert(
         spec = ckpt.spec
         if not any(spec.moe_layers):
             raise ConfigError(f"{src}: the model has no MoE layers to convert")
-        if spec.attention == "mla":  # calibration's numpy forward has no MLA
-            raise ConfigError(
-                f"{src}: converting {ckpt.architecture} (MLA attention) into nested "
-                "planes is not supported yet; run it from its own files"
-            )
         f_pad = padded_width(spec.expert_ffn, plan)
         tokens, calib_source = _calibration_tokens(ckpt, opts)
         with ModelWriter(out, force=opts.force) as writer:
@@ -234,6 +239,7 @@ def _convert(
                 "attn_v.bias",
                 "attn_output.bias",
                 "attn_sinks",
+                *MLA_WEIGHTS,
             )
         }
         attn_w = {k: v for k, v in attn_w.items() if v is not None}
@@ -374,8 +380,9 @@ def _moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step):
             return tuple(b[e] for b in biases)
 
     routed, stats = runner.moe(
-        hn, f32("ffn_gate_inp"), expert, f32("ffn_gate_inp.bias"), bias
-    )
+        hn, f32("ffn_gate_inp"), expert, f32("ffn_gate_inp.bias"), bias,
+        select=f32("exp_probs_b.bias"),
+    )  # fmt: skip
     if b + "ffn_gate_shexp.weight" in names:
         shared = dense_mlp(
             hn, f32("ffn_gate_shexp"), f32("ffn_up_shexp"), f32("ffn_down_shexp")

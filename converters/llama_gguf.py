@@ -214,6 +214,9 @@ def _check_roundtrip(
     family, spec: ModelSpec, arch: str, fields: dict[str, Any]
 ) -> None:
     """Refuse models llama.cpp's graph for ``arch`` would compute differently."""
+    why = family.llamacpp_refusal(spec)
+    if why:
+        raise ConfigError(f"llama.cpp's {arch!r} cannot represent this model: {why}")
     meta = {f"{arch}.{k}": v for k, v in fields.items()}
     back = family.spec_from_gguf(GGUFMeta(arch, meta, "export"))
     diff = [f for f in _MATH_FIELDS if not _same(getattr(back, f), getattr(spec, f))]

@@ -4,7 +4,8 @@ The converter's calibration pass runs its float forward with this, and tests
 use it as a reference; the runtime computes attention inside its step graphs
 (runtime/step.py).
 Legend: T new tokens, S cached + new positions, H query heads, Hkv kv heads,
-G = H / Hkv, Dh head dim.
+G = H / Hkv, Dh head dim; for MLA, L the latent (kv_lora_rank), N the
+no-RoPE part of a query/key head, R its RoPE part, V a value head.
 """
 
 from __future__ import annotations
@@ -142,3 +143,36 @@ class Attention:
         scores /= total
         ctx = np.matmul(scores.reshape(hkv, g * t, -1), vals)  # [Hkv, G*T, Dh]
         out[...] = ctx.reshape(s.n_head, t, hd).transpose(1, 0, 2).reshape(t, -1)
+
+
+def latent_attention(
+    spec: ModelSpec, rope: RoPE, w: dict[str, np.ndarray], xn: np.ndarray
+) -> np.ndarray:
+    """DeepSeek's MLA over one causal window ``xn`` [T, D] from position 0, in
+    the expanded form transformers computes (keys and values per head; the
+    runtime's graph computes the absorbed form). ``w``: the layer's weights
+    by llama.cpp name (``attn_q`` or ``attn_q_a``/``_norm``/``attn_q_b``,
+    ``attn_kv_a_mqa``, ``attn_kv_a_norm``, ``attn_k_b``, ``attn_v_b``).
+    Returns [T, H*V], before the output projection."""
+    s = spec
+    t, h, nope, lora = xn.shape[0], s.n_head, s.qk_nope_dim, s.kv_lora_rank
+    if s.q_lora_rank:
+        qa = rms_norm(xn @ w["attn_q_a"].T, w["attn_q_a_norm"], s.rms_eps)
+        q = qa @ w["attn_q_b"].T
+    else:
+        q = xn @ w["attn_q"].T
+    q = q.reshape(t, h, -1).transpose(1, 0, 2)  # [H, T, N + R]
+    kv = xn @ w["attn_kv_a_mqa"].T  # [T, L + R]
+    latent = rms_norm(kv[:, :lora], w["attn_kv_a_norm"], s.rms_eps)  # [T, L]
+    k_pe = rope.apply(kv[:, None, lora:], 0)[:, 0]  # [T, R]
+    q_pe = rope.apply(q[..., nope:].transpose(1, 0, 2), 0).transpose(1, 0, 2)
+    k_nope = np.matmul(latent[None], w["attn_k_b"])  # [H, T, N]
+    v = np.matmul(latent[None], w["attn_v_b"].transpose(0, 2, 1))  # [H, T, V]
+    scores = np.matmul(q[..., :nope], k_nope.transpose(0, 2, 1))  # [H, T, T]
+    scores += np.matmul(q_pe, k_pe.T)
+    scores *= np.float32(s.attn_scale or (nope + s.head_dim) ** -0.5)
+    scores[:, np.triu(np.ones((t, t), dtype=bool), 1)] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return np.matmul(scores, v).transpose(1, 0, 2).reshape(t, -1)  # [T, H*V]

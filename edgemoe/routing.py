@@ -54,7 +54,8 @@ def scored_topk(
     correction bias), only from each token's ``groups[1]`` best of
     ``groups[0]`` groups (a group scored by its best expert for softmax, its
     best two for sigmoid); weights are the chosen scores, renormalised if
-    ``normalize``, times ``scale``. ids [T, K] (int64), weights [T, K]."""
+    ``normalize``, times ``scale``. ids [T, K] (int64, largest weight first)
+    and weights [T, K]."""
     if kind == "softmax_topk":
         scores = np.exp(logits - logits.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
@@ -73,6 +74,10 @@ def scored_topk(
         choice = np.where(keep[:, :, None], per, -np.inf).reshape(t, e)
     top = np.argsort(-choice, axis=-1, kind="stable")[:, :k]  # [T, K]
     weights = np.take_along_axis(scores, top, axis=-1)
+    if select is not None:  # chosen with the bias, ranked by weight
+        order = np.argsort(-weights, axis=-1, kind="stable")
+        top = np.take_along_axis(top, order, axis=-1)
+        weights = np.take_along_axis(weights, order, axis=-1)
     if normalize:
         weights = weights / weights.sum(axis=-1, keepdims=True)
     return top, (weights * scale).astype(np.float32, copy=False)

@@ -178,7 +178,7 @@ class StepOps:
         groups=None,
     ):  # fmt: skip
         """In-graph routing (``edgemoe.routing``): router ``logits`` (F32 [E,
-        T]) -> expert ids (I32 [K, T], largest first) and their weights (F32
+        T]) -> expert ids (I32 [K, T], largest weight first) and their weights (F32
         [1, K, T]). ``kind`` "softmax_topk": the top k of the softmax over
         every expert; "sigmoid_topk": of the sigmoid, chosen by the sigmoid
         plus ``select`` (F32 [E], DeepSeek-V3's correction bias), weighed
@@ -208,6 +208,14 @@ class StepOps:
             choice = self._best_groups(choice, kind, *groups)
         ids = self.top_k(choice, k)  # [K, T]
         w = self.get_rows(self.reshape(probs, 1, e, t), ids)  # [1, K, T]
+        if select is not None:
+            # Chosen by score plus bias, ranked by weight (the presets' ranks).
+            order = self.top_k(self.reshape(w, k, t), k)  # [K, T]
+            picked = self.get_rows(self.reshape(self.cont(ids), 1, k, t), order)
+            ids = self.reshape(picked, k, t)
+            self._id_bound[ids.ptr] = e
+            self._id_stride[ids.ptr] = k * 4  # contiguous rows of k ids
+            w = self.get_rows(w, order)
         if normalize:
             total = self._op(  # [1, 1, T]
                 1, self.g.ggml_sum_rows, self.reshape(w, k, t).ptr,

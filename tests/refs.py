@@ -136,3 +136,46 @@ def assert_gguf_matches_llamacpp(path, prompt: list[int], rel: bool = False):
     tol = 1e-3 * (max(1.0, np.abs(ref_logits).max()) if rel else 1.0)
     assert np.abs(ours - ref_logits).max() < tol
     return ours, spec
+
+
+def level_errors(path, expected: np.ndarray, ids: list[int]) -> list[float]:
+    """Relative RMS error of a converted model's logits at levels 8, 4, 2
+    against ``expected`` (the float model's, [T, V])."""
+    import edgemoe
+
+    out = []
+    for level in (8, 4, 2):
+        with edgemoe.load(path, force_level=level) as model:
+            got = model.logits(ids)
+        out.append(
+            float(np.sqrt(((got - expected) ** 2).mean() / (expected**2).mean()))
+        )
+    return out
+
+
+def assert_quarter_budget_lossless(path, ids: list[int]) -> int:
+    """Streaming a quarter of the experts at a time, level 8 gives the
+    in-memory logits (1e-5: experts batched onto the residual in turn) and
+    the same 32 greedy tokens, and really evicts. Returns the streamed
+    model's KV cache bytes at n_ctx 256."""
+    from test_offload import quarter_budget
+
+    import edgemoe
+
+    small = dict(n_ctx=256, n_batch=32, force_level=8, repack=False)
+    with edgemoe.load(path, **small) as m:
+        expected_logits = m.logits(ids)
+        expected = [
+            r.token
+            for r in m.generate(ids, max_tokens=32, temperature=0, ignore_eos=True)
+        ]
+    with edgemoe.load(path, budget=quarter_budget(path), **small) as m:
+        assert np.abs(m.logits(ids) - expected_logits).max() <= 1e-5
+        got = [
+            r.token
+            for r in m.generate(ids, max_tokens=32, temperature=0, ignore_eos=True)
+        ]
+        assert m.routed.cache.counters.evictions > 0  # it really streamed
+        kv_bytes = m.cache.nbytes
+    assert got == expected
+    return kv_bytes

@@ -11,7 +11,9 @@ from refs import (
     assert_gguf_matches_llamacpp,
     assert_greedy_matches,
     assert_logits_match,
+    assert_quarter_budget_lossless,
     export_gguf,
+    level_errors,
     transformers_logits,
 )
 
@@ -185,16 +187,130 @@ def test_inconsistent_configs_are_one_clear_error(
     assert needle in msg and str(dst / "config.json") in msg and "\n" not in msg
 
 
-def test_what_is_not_there_yet_says_so(deepseek, tmp_path):
-    """Converting into planes (calibration's numpy forward has no MLA): a
-    typed one-line error, nothing written."""
-    from edgemoe.converters.convert import ConvertOptions, convert
-    from edgemoe.errors import ConfigError
+def hf_layer_io(src, ids) -> list[dict[str, np.ndarray]]:
+    """transformers' float model on ``ids``: per decoder layer, its input
+    (``x``), its attention's output, its MLP's input and output, [T, D]."""
+    import torch
+    import transformers
 
-    src = deepseek("v2-lite")
-    with pytest.raises(ConfigError, match="MLA attention.*not supported yet"):
-        convert(src, tmp_path / "edge", ConvertOptions())
-    assert not list(tmp_path.iterdir())
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    seen: list[dict] = [{} for _ in model.model.layers]
+
+    def keep(i: int, key: str, output: bool):
+        def hook(mod, args, kwargs, out=None):
+            t = out if output else (args[0] if args else kwargs["hidden_states"])
+            seen[i][key] = (t[0] if isinstance(t, tuple) else t)[0].numpy()
+
+        return hook
+
+    for i, block in enumerate(model.model.layers):
+        block.register_forward_pre_hook(keep(i, "x", False), with_kwargs=True)
+        block.self_attn.register_forward_hook(keep(i, "attn", True), with_kwargs=True)
+        block.mlp.register_forward_pre_hook(keep(i, "mlp_in", False), with_kwargs=True)
+        block.mlp.register_forward_hook(keep(i, "mlp", True), with_kwargs=True)
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    return seen
+
+
+@pytest.mark.parametrize("name", ["v2-lite", "v3"])
+def test_calibration_follows_transformers(deepseek, name):
+    """Conversion's float forward (numpy), layer by layer: the latent
+    attention (full and low-rank queries, YaRN) and the MoE block (V2's
+    softmax; V3's sigmoid chosen with its bias and groups, renormalised and
+    scaled; shared experts) give transformers' outputs, so the planes are
+    fitted to statistics of the model's own activations."""
+    from edgemoe.checkpoint import open_checkpoint
+    from edgemoe.converters.calibration import LayerRunner, dense_mlp
+    from edgemoe.converters.convert import MLA_WEIGHTS
+
+    src = deepseek(name)
+    ids = np.random.default_rng(14).integers(1, 384, size=48).tolist()
+    ckpt = open_checkpoint(src)
+    try:
+        spec, names = ckpt.spec, set(ckpt.names())
+
+        def w(layer: int, n: str) -> np.ndarray | None:
+            full = f"blk.{layer}.{n}" + ("" if n.endswith(".bias") else ".weight")
+            return ckpt.load(full).to_float32() if full in names else None
+
+        runner = LayerRunner(spec, 64)
+        for layer, hf in enumerate(hf_layer_io(src, ids)):
+            ws = {
+                n: w(layer, n)
+                for n in ("attn_norm", "attn_q", "attn_output", *MLA_WEIGHTS)
+            }
+            ws = {n: v for n, v in ws.items() if v is not None}
+            attn = runner.attention(hf["x"][None], ws, layer)[0] - hf["x"]
+            tol = 1e-4 * max(1.0, np.abs(hf["attn"]).max())
+            assert np.abs(attn - hf["attn"]).max() <= tol, layer
+            hn = hf["mlp_in"]
+            shared = (
+                dense_mlp(
+                    hn, *(w(layer, f"ffn_{p}_shexp") for p in ("gate", "up", "down"))
+                )
+                if spec.moe_layers[layer]
+                else None
+            )
+            if shared is None:
+                continue
+
+            def expert(e, layer=layer):
+                return tuple(
+                    w(layer, f"ffn_{p}_exps")[e] for p in ("gate", "up", "down")
+                )
+
+            routed, stats = runner.moe(
+                hn,
+                w(layer, "ffn_gate_inp"),
+                expert,
+                select=w(layer, "exp_probs_b.bias"),
+            )
+            tol = 1e-4 * max(1.0, np.abs(hf["mlp"]).max())
+            assert np.abs(routed + shared - hf["mlp"]).max() <= tol, layer
+            assert stats.count.sum() == len(ids) * spec.n_expert_used
+    finally:
+        ckpt.close()
+
+
+@pytest.fixture(scope="module")
+def converted(deepseek, tmp_path_factory):
+    """V3's kind (sigmoid routing with bias and groups, shared experts, a
+    dense first layer, a low-rank query) converted with a float backbone:
+    what differs from transformers is the planes alone."""
+    from edgemoe.converters.convert import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("deepseek-edge") / "edge"
+    convert(deepseek("v3"), out, ConvertOptions(calib_tokens=512, backbone_type="F32"))
+    return out
+
+
+def test_converted_model_follows_transformers(deepseek, converted):
+    """Level 8 (planes summing to about 8 bits) within 5% of the float model
+    (1-2% measured), each lower level further away."""
+    ids = np.random.default_rng(9).integers(1, 384, size=32).tolist()
+    expected = transformers_logits(deepseek("v3"), ids)
+    r8, r4, r2 = level_errors(converted, expected, ids)
+    assert r8 < 0.05 and r8 < r4 < r2, (r8, r4, r2)
+
+
+def test_converted_model_under_a_quarter_budget_is_lossless(converted):
+    """Streaming a quarter of the experts at a time gives the in-memory
+    logits and the same 32 greedy tokens, and the cache keeps the latent:
+    kv_lora_rank + qk_rope_head_dim floats per token and layer."""
+    ids = np.random.default_rng(10).integers(1, 384, size=24).tolist()
+    kv_bytes = assert_quarter_budget_lossless(converted, ids)
+    assert kv_bytes == 3 * 256 * (32 + 8) * 4  # 3 layers, n_ctx 256, float32
+
+
+@pytest.mark.parametrize("quality", ["balanced", "fast"])
+def test_presets_in_the_graph_equal_the_host_path(converted, quality):
+    """Dual routing's mixed levels with V3's routing: the in-graph path and
+    the host-routed path give the same logits, unlike any forced level."""
+    from test_step import presets_in_graph_equal_host_path
+
+    prompt = np.random.default_rng(12).integers(1, 384, size=24).tolist()
+    presets_in_graph_equal_host_path(converted, quality, prompt)
 
 
 VARIANTS = {

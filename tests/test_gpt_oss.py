@@ -12,7 +12,9 @@ from refs import (
     assert_gguf_matches_llamacpp,
     assert_greedy_matches,
     assert_logits_match,
+    assert_quarter_budget_lossless,
     export_gguf,
+    level_errors,
     transformers_logits,
 )
 
@@ -249,16 +251,8 @@ def test_converted_model_follows_transformers(convertible, converted):
     """Level 8 in memory (planes summing to about 8 bits) stays within 10% of
     the float model (2-6% on these random prompts; a plane or bias out of
     line gives tens of percent), and each lower level is further away."""
-
     ids = np.random.default_rng(9).integers(1, 384, size=32).tolist()
-    expected = transformers_logits(convertible, ids)
-
-    def rel(level: int) -> float:
-        with edgemoe.load(converted, force_level=level) as model:
-            got = model.logits(ids)
-        return float(np.sqrt(((got - expected) ** 2).mean() / (expected**2).mean()))
-
-    r8, r4, r2 = rel(8), rel(4), rel(2)
+    r8, r4, r2 = level_errors(converted, transformers_logits(convertible, ids), ids)
     assert r8 < 0.1 and r8 < r4 < r2, (r8, r4, r2)
 
 
@@ -266,29 +260,8 @@ def test_converted_model_under_a_quarter_budget_is_lossless(converted):
     """Streaming a quarter of the experts at a time, the host-placed graphs
     (expert biases by the slot order's expert ids) give the in-memory logits
     and the same 32 greedy tokens."""
-    from test_offload import quarter_budget
-
-    small = dict(n_ctx=256, n_batch=32)
     ids = np.random.default_rng(10).integers(1, 384, size=24).tolist()
-    with edgemoe.load(converted, force_level=8, repack=False, **small) as m:
-        expected_logits = m.logits(ids)
-        expected = [
-            r.token
-            for r in m.generate(ids, max_tokens=32, temperature=0, ignore_eos=True)
-        ]
-    budget = quarter_budget(converted)
-    with edgemoe.load(
-        converted, force_level=8, budget=budget, repack=False, **small
-    ) as m:
-        # Two slots for four experts: the prompt's experts run in batches,
-        # each added to the residual in turn (float sums reassociated).
-        assert np.abs(m.logits(ids) - expected_logits).max() <= 1e-5
-        got = [
-            r.token
-            for r in m.generate(ids, max_tokens=32, temperature=0, ignore_eos=True)
-        ]
-        assert m.routed.cache.counters.evictions > 0  # it really streamed
-    assert got == expected
+    assert_quarter_budget_lossless(converted, ids)
 
 
 def test_synth_preset_writes_what_transformers_reads(tmp_path):

@@ -383,6 +383,12 @@ class Family:
         the arch prefix); the inverse of ``spec_from_gguf``."""
         return common_gguf_fields(spec)
 
+    @classmethod
+    def llamacpp_refusal(cls, spec: ModelSpec) -> str | None:
+        """Why llama.cpp's graph would compute ``spec`` otherwise where its
+        metadata, written and read back, would not show it; None if not."""
+        return None
+
 
 def common_gguf_fields(spec: ModelSpec) -> dict[str, int | float]:
     return {

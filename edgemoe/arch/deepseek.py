@@ -243,26 +243,32 @@ class DeepSeek(Family):
         )
 
     @classmethod
-    def gguf_fields(cls, spec: ModelSpec) -> dict[str, Any]:
-        moe = sum(spec.moe_layers)
-        if moe and (
-            not spec.shared_expert_ffn or spec.shared_expert_ffn % spec.expert_ffn
-        ):
-            raise ConfigError(
-                "llama.cpp's 'deepseek2' graph needs whole shared experts (its "
-                f"MoE layers always add them); shared FFN {spec.shared_expert_ffn}, "
-                f"expert FFN {spec.expert_ffn}"
+    def llamacpp_refusal(cls, spec: ModelSpec) -> str | None:
+        shared, ffn = spec.shared_expert_ffn, spec.expert_ffn
+        if any(spec.moe_layers) and (not shared or shared % ffn):
+            return (
+                "its MoE layers always add whole shared experts; shared FFN "
+                f"{shared}, expert FFN {ffn}"
             )
         if spec.n_group > 1 and spec.router == "softmax_topk":
-            raise ConfigError(
-                "llama.cpp's 'deepseek2' scores an expert group by its two best "
-                "experts; DeepSeek-V2's group-limited routing by its best one"
+            return (
+                "it scores an expert group by its two best experts; "
+                "DeepSeek-V2's group-limited routing by its best one"
             )
         if spec.q_lora_rank and spec.n_layer in (26, 27):
-            raise ConfigError(
-                "llama.cpp reads a 26- or 27-layer 'deepseek2' as V2-Lite, "
-                "without the low-rank query this model has"
+            return (
+                "it reads 26 or 27 layers as V2-Lite, without the low-rank "
+                "query this model has"
             )
+        if not spec.rope_interleaved:
+            return "it rotates RoPE pairs; this model rotates halves"
+        if spec.rope_scaling == "yarn" and spec.rope_factor <= 1:
+            return f"its YaRN needs a factor above 1, got {spec.rope_factor}"
+        return None
+
+    @classmethod
+    def gguf_fields(cls, spec: ModelSpec) -> dict[str, Any]:
+        moe = sum(spec.moe_layers)
         dk = spec.qk_nope_dim + spec.head_dim
         fields: dict[str, Any] = {
             **common_gguf_fields(spec),
@@ -276,7 +282,7 @@ class DeepSeek(Family):
             "leading_dense_block_count": spec.n_layer - moe,
             "feed_forward_length": spec.dense_ffn or spec.expert_ffn,
             "expert_feed_forward_length": spec.expert_ffn,
-            "expert_shared_count": spec.shared_expert_ffn // spec.expert_ffn,
+            "expert_shared_count": spec.shared_expert_ffn // max(spec.expert_ffn, 1),
             "expert_weights_scale": float(spec.routed_scale),
             "expert_weights_norm": bool(spec.norm_topk_prob),
             "expert_gating_func": next(
@@ -286,7 +292,7 @@ class DeepSeek(Family):
         if spec.n_group > 1:
             fields["expert_group_count"] = spec.n_group
             fields["expert_group_used_count"] = spec.topk_group
-        if spec.rope_scaling == "yarn":
+        if spec.rope_scaling == "yarn" and spec.rope_factor > 1:
             fields.update(_yarn_fields(spec, dk))
         return fields
 
@@ -301,10 +307,6 @@ class DeepSeek(Family):
 
 def _yarn_fields(spec: ModelSpec, dk: int) -> dict[str, Any]:
     f, r = spec.rope_factor, attn_factor(spec)
-    if f <= 1:
-        raise ConfigError(
-            f"llama.cpp's 'deepseek2' YaRN needs a factor above 1, got {f}"
-        )
     s = spec.attn_scale or dk**-0.5
     log_f = math.log(f)
     m = math.sqrt(s * math.sqrt(dk)) / r  # m(L) the softmax asks for
