@@ -274,23 +274,39 @@ def test_calibration_follows_transformers(deepseek, name):
 
 
 @pytest.fixture(scope="module")
-def converted(deepseek, tmp_path_factory):
-    """V3's kind (sigmoid routing with bias and groups, shared experts, a
-    dense first layer, a low-rank query) converted with a float backbone:
-    what differs from transformers is the planes alone."""
+def converted_of(deepseek, tmp_path_factory):
+    """A configuration converted with a float backbone: what differs from
+    transformers is the planes alone."""
     from edgemoe.converters.convert import ConvertOptions, convert
 
-    out = tmp_path_factory.mktemp("deepseek-edge") / "edge"
-    convert(deepseek("v3"), out, ConvertOptions(calib_tokens=512, backbone_type="F32"))
-    return out
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            out = tmp_path_factory.mktemp(f"{name}-edge") / "edge"
+            opts = ConvertOptions(calib_tokens=512, backbone_type="F32")
+            made[name] = convert(deepseek(name), out, opts).out
+        return made[name]
+
+    return get
 
 
-def test_converted_model_follows_transformers(deepseek, converted):
+@pytest.fixture(scope="module")
+def converted(converted_of):
+    """V3's kind: sigmoid routing with bias and groups, shared experts, a
+    dense first layer, a low-rank query."""
+    return converted_of("v3")
+
+
+@pytest.mark.parametrize("name", ["v3", "v2-grouped"])
+def test_converted_model_follows_transformers(deepseek, converted_of, name):
     """Level 8 (planes summing to about 8 bits) within 5% of the float model
-    (1-2% measured), each lower level further away."""
+    (1-2% measured), each lower level further away; V2's grouped softmax
+    routing too, whose backbone llama.cpp could not compute but EdgeMoE's
+    does."""
     ids = np.random.default_rng(9).integers(1, 384, size=32).tolist()
-    expected = transformers_logits(deepseek("v3"), ids)
-    r8, r4, r2 = level_errors(converted, expected, ids)
+    expected = transformers_logits(deepseek(name), ids)
+    r8, r4, r2 = level_errors(converted_of(name), expected, ids)
     assert r8 < 0.05 and r8 < r4 < r2, (r8, r4, r2)
 
 
@@ -354,14 +370,22 @@ def test_our_gguf_matches_llamacpp_and_transformers(deepseek, tmp_path, name, qt
         assert np.abs(ours - hf).max() <= 1e-3 * max(1.0, np.abs(hf).max())
 
 
-def test_export_refuses_what_llamacpp_scores_otherwise(deepseek, tmp_path):
+def test_export_refuses_what_llamacpp_computes_otherwise(deepseek, tmp_path):
     """V2's group-limited routing scores a group by its best expert, llama.cpp's
-    deepseek2 by its two best: refused by name, nothing written."""
+    deepseek2 by its two best; a V3 that rotates RoPE halves
+    (``rope_interleave: false``, which EdgeMoE computes as transformers does)
+    where llama.cpp rotates pairs. Each refused by name, nothing written."""
     from edgemoe.errors import ConfigError
 
     out = tmp_path / "m.gguf"
     with pytest.raises(ConfigError, match="two best experts.*V2's group-limited"):
         export_gguf(deepseek("v2-grouped"), out, "F32")
+    halves = build("v3", tmp_path / "halves", rope_interleave=False)
+    assert_logits_match(halves, 32, seed=15)
+    with pytest.raises(
+        ConfigError, match="rotates RoPE pairs; this model rotates halves"
+    ):
+        export_gguf(halves, out, "F32")
     assert not out.exists()
 
 
