@@ -23,7 +23,7 @@ OUT = Path(__file__).resolve().parent / "out"
 
 
 def profile(model, tokens: int) -> dict:
-    from edgemoe.runtime import ggml_binding
+    from edgemoe import ggml_binding
 
     lib = ggml_binding.lib()
     inner = lib.ggml_backend_graph_compute

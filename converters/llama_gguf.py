@@ -22,7 +22,7 @@ from edgemoe.checkpoint.base import GGML_F16, GGML_F32, Weight
 from edgemoe.errors import ConfigError, ModelFileError
 from edgemoe.format.lock import OutputLock
 
-# Types gguf-py can quantize in numpy, by the names llama.cpp's tools use.
+# Types we export (quantized by ggml itself), by the names llama.cpp's tools use.
 EXPORT_TYPES = {
     "F32": 0,
     "F16": 1,
@@ -40,7 +40,6 @@ MIXES = {
     # value projections (whose errors it finds costliest) at Q6_K.
     "Q4_K_M": (12, {"output.weight": 14, "attn_v.weight": 14}),
 }
-_KQUANTS = {10: "Q2_K", 12: "Q4_K", 14: "Q6_K"}  # quantized by edgemoe.quant
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
 
 # Fields a GGUF round trip must preserve for llama.cpp to compute the same model.
@@ -134,22 +133,15 @@ def encode_tensor(w: Weight, qtype: int, spec: ModelSpec, permute: bool) -> np.n
 
 def quantize_rows(x: np.ndarray, qtype: int) -> np.ndarray:
     """Float rows ``x`` [..., K] in ggml type ``qtype`` (an EXPORT_TYPES
-    value): K-quants by edgemoe.quant, the rest by gguf-py."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
-
+    value), quantized by ggml itself."""
     if qtype == GGML_F32:
         return np.ascontiguousarray(x, dtype=np.float32)
     if qtype == GGML_F16:
         return x.astype(np.float16)
-    if qtype in _KQUANTS:
-        from edgemoe.quant.kquants import codec
+    from edgemoe.quant.ggml_quant import quantize
 
-        rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
-        return codec(_KQUANTS[qtype]).quantize(rows).reshape(*x.shape[:-1], -1)
-    return quantize(
-        np.ascontiguousarray(x, dtype=np.float32), GGMLQuantizationType(qtype)
-    )
+    rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    return quantize(rows, qtype).reshape(*x.shape[:-1], -1)
 
 
 def hf_vocab_fields(root: Path, n_vocab: int) -> dict[str, Any]:

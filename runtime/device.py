@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgemoe import ggml_binding as gb
 from edgemoe.checkpoint.base import Weight
 from edgemoe.errors import GGMLError
-from edgemoe.runtime import ggml_binding as gb
-from edgemoe.runtime.ggml_binding import TENSOR_ALIGNMENT, InitParams, TensorMirror
+from edgemoe.ggml_binding import TENSOR_ALIGNMENT, InitParams, TensorMirror
 
 # Types ggml's CPU_REPACK buffer may lay out for its interleaved kernels
 # (Q4_0, Q8_0, Q2_K, Q4_K, Q5_K, Q6_K, IQ4_NL, MXFP4); whether it does for a

@@ -17,7 +17,7 @@ from edgemoe.checkpoint.base import GGML_F32, FileRows, FileWeight, Weight
 
 class EmbeddingRows:
     def __init__(self, table: Weight, g):
-        """``g``: the ggml binding (runtime/ggml_binding.py)."""
+        """``g``: the ggml binding (edgemoe/ggml_binding.py)."""
         self.table = table
         self._src = FileRows(table) if isinstance(table, FileWeight) else table
         self._to_float = None if table.qtype == GGML_F32 else g.to_float_fn(table.qtype)

@@ -14,8 +14,8 @@ import time
 import numpy as np
 
 from edgemoe.errors import GGMLError
+from edgemoe.ggml_binding import F16, F32, I32
 from edgemoe.runtime.device import Context, Device, T, ne_of
-from edgemoe.runtime.ggml_binding import F16, F32, I32
 from edgemoe.runtime.step_ops import StepOps
 
 _DTYPE_TO_GGML = {

@@ -10,8 +10,8 @@ range-checked before every compute. ``Graph`` mixes these in.
 from __future__ import annotations
 
 from edgemoe.errors import GGMLError
+from edgemoe.ggml_binding import F16, F32, I32
 from edgemoe.runtime.device import T
-from edgemoe.runtime.ggml_binding import F16, F32, I32
 
 ROPE_NORMAL, ROPE_NEOX = 0, 2
 NEG_BIG = -1e30

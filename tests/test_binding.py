@@ -15,9 +15,9 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
+from edgemoe import ggml_binding as gb
 from edgemoe.checkpoint.base import GGML_F32, Weight, aligned_empty
 from edgemoe.errors import GGMLError
-from edgemoe.runtime import ggml_binding as gb
 from edgemoe.runtime.device import Device, WeightSet
 from edgemoe.runtime.graph import Graph
 

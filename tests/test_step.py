@@ -142,7 +142,7 @@ def presets_in_graph_equal_host_path(path, quality: str, prompt: list[int]) -> N
 
 
 def buffer_type(t) -> bytes:
-    from edgemoe.runtime.ggml_binding import TensorMirror, lib
+    from edgemoe.ggml_binding import TensorMirror, lib
 
     g = lib()
     buf = TensorMirror.from_address(t.ptr).buffer
@@ -163,7 +163,7 @@ def test_slots_in_the_backends_own_buffer_compute_the_same(converted_fixture, bu
     from test_budget_floor import reported_minimum
 
     from edgemoe.checkpoint import open_checkpoint
-    from edgemoe.runtime.ggml_binding import TensorMirror
+    from edgemoe.ggml_binding import TensorMirror
     from edgemoe.runtime.offload import resident_budget
 
     opts = dict(n_ctx=128, force_level=8)

@@ -74,7 +74,8 @@ def quantize_nested(
         w: float32 weights, K a multiple of ``plan.block``.
         plan: the level plan.
         shifts: per-plane power-of-two prescales (``plane_shifts``).
-        imatrix: per-column importance (mean squared input activation), [K].
+        imatrix: per-column importance (mean squared input activation), [K],
+            for plane 1's fit.
 
     Returns:
         The planes, and the reference float32 weights of every level.
@@ -90,9 +91,12 @@ def quantize_nested(
     residual = w
     level = np.zeros_like(w)
     planes, levels = [], []
-    for bt, shift in zip(plan.planes, shifts):
+    for i, (bt, shift) in enumerate(zip(plan.planes, shifts)):
         c = codec(bt.name)
-        raw = c.quantize(residual * np.float32(2.0**shift), imatrix)
+        # Plane 1 by ggml's weighted search; the residual planes, noise-like,
+        # by its plain rounding: better on the fixture's quality table (level
+        # 4 +0.02% against +0.09% searched) and twice as fast.
+        raw = c.quantize(residual * np.float32(2.0**shift), imatrix, fit=i == 0)
         value = c.dequantize(raw) * np.float32(2.0**-shift)
         level = level + value
         residual = w - level
