@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgemoe.checkpoint import open_checkpoint
-from edgemoe.checkpoint.base import Weight, is_expert_matrix
+from edgemoe.checkpoint.base import Weight, is_expert_matrix, load_expert
 from edgemoe.converters.calibration import (
     ExpertStats,
     LayerRunner,
@@ -104,12 +104,9 @@ def _vocab(ckpt) -> tuple[dict[str, Any], str]:
     return {}, "hf"
 
 
-def _expert_float(w: Weight, e: int, rows: int) -> np.ndarray:
-    """Expert ``e`` of a stacked [E, N, K] weight as float32, rows zero-padded."""
-    if w.qtype == 0:
-        x = w.data[e]
-    else:
-        x = Weight(w.name, w.qtype, w.shape[1:], w.data[e]).to_float32()
+def _expert_float(w: Weight, rows: int) -> np.ndarray:
+    """One expert's [N, K] weight as float32, rows zero-padded to ``rows``."""
+    x = w.data if w.qtype == 0 else w.to_float32()
     if x.shape[0] == rows:
         return np.asarray(x, dtype=np.float32)
     out = np.zeros((rows, x.shape[1]), dtype=np.float32)
@@ -359,18 +356,25 @@ def _next_layer_guess(ckpt, layer: int, hn: np.ndarray, names) -> np.ndarray | N
 
 
 def _moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step):
+    """Calibrate, measure and quantize one MoE layer's experts, reading one
+    expert at a time (twice: for calibration, then for its planes), so the
+    layer's experts are never all in memory."""
     spec = ckpt.spec
     b = f"blk.{layer}."
-    gate = ckpt.load(b + "ffn_gate_exps.weight")
-    up = ckpt.load(b + "ffn_up_exps.weight")
-    down = ckpt.load(b + "ffn_down_exps.weight")
+    rows = {"gate": spec.expert_ffn, "up": spec.expert_ffn, "down": spec.n_embd}
+    amax = dict.fromkeys(rows, 1e-30)  # the layer's largest |w|, per projection
+    seen: set[int] = set()
 
-    def expert(e: int):
-        return (
-            _expert_float(gate, e, spec.expert_ffn),
-            _expert_float(up, e, spec.expert_ffn),
-            _expert_float(down, e, spec.n_embd),
+    def expert(e: int):  # float32 gate [F, D], up [F, D], down [D, F]
+        mats = tuple(
+            _expert_float(load_expert(ckpt, b + f"ffn_{p}_exps.weight", e), n)
+            for p, n in rows.items()
         )
+        if e not in seen:
+            seen.add(e)
+            for p, m in zip(rows, mats):
+                amax[p] = max(amax[p], float(np.abs(m).max()))
+        return mats
 
     bias = None
     if spec.moe_bias:  # [E, F], [E, F], [E, D]: rows by expert
@@ -383,6 +387,8 @@ def _moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step):
         hn, f32("ffn_gate_inp"), expert, f32("ffn_gate_inp.bias"), bias,
         select=f32("exp_probs_b.bias"),
     )  # fmt: skip
+    for e in sorted(set(range(spec.n_expert)) - seen):  # no token picked them
+        expert(e)
     if b + "ffn_gate_shexp.weight" in names:
         shared = dense_mlp(
             hn, f32("ffn_gate_shexp"), f32("ffn_up_shexp"), f32("ffn_down_shexp")
@@ -391,11 +397,7 @@ def _moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step):
         if gate_inp is not None:
             shared = shared * (1.0 / (1.0 + np.exp(-(hn @ gate_inp.reshape(-1, 1)))))
         routed = routed + shared
-    amax = {
-        p: max(float(np.abs(w.to_float32() if w.qtype else w.data).max()), 1e-30)
-        for p, w in (("gate", gate), ("up", up), ("down", down))
-    }
-    layer_shifts = tuple(plane_shifts(plan, amax[p]) for p in ("gate", "up", "down"))
+    layer_shifts = tuple(plane_shifts(plan, amax[p]) for p in rows)
 
     d = padded_width(spec.n_embd, plan)
 
@@ -413,7 +415,7 @@ def _moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step):
             )
         ]
 
-    # numpy releases the GIL in its kernels: experts quantize in parallel,
+    # ggml and numpy release the GIL: experts quantize in parallel,
     # a bounded window ahead, and are written in order.
     workers = max(1, min(os.cpu_count() or 1, 8))
     with ThreadPoolExecutor(workers) as pool:

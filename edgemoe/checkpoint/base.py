@@ -184,6 +184,20 @@ class Checkpoint(Protocol):
     def close(self) -> None: ...
 
 
+def load_expert(ckpt, name: str, e: int) -> Weight:
+    """Expert ``e`` [N, K] of ``ckpt``'s stacked expert tensor ``name``: the
+    checkpoint's own per-expert read where it has one (HF files), else a
+    slice of the stack (a GGUF's is a view of its mapping)."""
+    own = getattr(ckpt, "load_expert", None)
+    if own is not None:
+        return own(name, e)
+    w = ckpt.load(name)
+    data = w.data
+    if isinstance(w, FileWeight):  # left in its file: read it, then slice
+        data = w._as(w.shape, w._read([(w.offset, w.size)])).data
+    return Weight(name, w.qtype, w.shape[1:], data.reshape(*w.shape[:2], -1)[e])
+
+
 def is_expert_matrix(name: str) -> bool:
     """A routed experts' stacked matrix (``blk.N.ffn_*_exps.weight``), what a
     converted model stores as planes; their biases are backbone."""

@@ -265,21 +265,38 @@ class HFCheckpoint:
             return self._load_mxfp4(name, pieces, shape)
         out = aligned_empty(shape, np.float32)
         for f, src, expert, part in pieces:
-            dst = out if expert is None else out[expert]
-            if part is not None:  # a cut of a stacked source (gpt-oss's gate_up)
-                full = f.float32(src).reshape(f.tensors[src].shape)
-                dst[...] = part.cut(full, self.spec)
-            elif f.tensors[src].dtype == "BF16":
-                # Widen straight into the destination: no float32 temporary.
-                np.left_shift(
-                    f.raw(src).astype(np.uint32).reshape(dst.shape),
-                    16,
-                    out=dst.view(np.uint32),
-                )
-            else:
-                dst[...] = f.float32(src).reshape(dst.shape)
-            f.release(src)
+            self._fill(out if expert is None else out[expert], f, src, part)
         return Weight(name, GGML_F32, shape, out)
+
+    def load_expert(self, name: str, e: int) -> Weight:
+        """Expert ``e`` [N, K] of a stacked expert tensor, reading only its own
+        source where the checkpoint stores experts apart (Mixtral, Qwen,
+        OLMoE, DeepSeek): the converter then holds an expert, not a layer."""
+        own = [p for p in self._sources[name] if p[2] == e]
+        if not own:  # stacked in the file (gpt-oss): cut from the whole
+            w = self.load(name)
+            return Weight(name, w.qtype, w.shape[1:], w.data[e].copy())
+        f, src, _, part = own[0]
+        shape = tensor_layout(self.spec)[name][0][1:]
+        out = aligned_empty(shape, np.float32)
+        self._fill(out, f, src, part)
+        return Weight(name, GGML_F32, shape, out)
+
+    def _fill(self, dst: np.ndarray, f, src: str, part) -> None:
+        """Source tensor ``src`` of file ``f`` as float32 into ``dst``."""
+        if part is not None:  # a cut of a stacked source (gpt-oss's gate_up)
+            full = f.float32(src).reshape(f.tensors[src].shape)
+            dst[...] = part.cut(full, self.spec)
+        elif f.tensors[src].dtype == "BF16":
+            # Widen straight into the destination: no float32 temporary.
+            np.left_shift(
+                f.raw(src).astype(np.uint32).reshape(dst.shape),
+                16,
+                out=dst.view(np.uint32),
+            )
+        else:
+            dst[...] = f.float32(src).reshape(dst.shape)
+        f.release(src)
 
     def stored_type(self, name: str) -> int | None:
         """The ggml type to write ``name`` in as it is: MXFP4 experts stay
