@@ -15,6 +15,28 @@ from edgemoe import __version__
 from edgemoe.units import mib as _mib
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a suggestion for a misspelt option or command, and the
+    usage of the command it belongs to (Python 3.14's ``suggest_on_error``,
+    for every version we support)."""
+
+    def error(self, message: str):
+        import difflib
+
+        wrong = None
+        if message.startswith("unrecognized arguments: "):
+            wrong = message.split(": ", 1)[1].split()[0].split("=")[0]
+            known = [o for a in self._actions for o in a.option_strings]
+        elif message.startswith("argument COMMAND: invalid choice: "):
+            wrong = message.split("'")[1]
+            known = [c for a in self._actions if a.dest == "command" for c in a.choices]
+        if wrong:
+            near = difflib.get_close_matches(wrong, known, n=1, cutoff=0.6)
+            if near:
+                message += f" (did you mean {near[0]}?)"
+        super().error(message)
+
+
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
@@ -139,16 +161,39 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
         "-n", "--n-predict", type=int, default=128, help="tokens to generate"
     )
     p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--repeat-last-n", type=int, default=64)
-    p.add_argument("-s", "--seed", type=int, default=None)
+    p.add_argument(
+        "--top-k", type=int, default=40, help="sample among the k likeliest (40)"
+    )
+    p.add_argument(
+        "--top-p", type=float, default=0.95, help="nucleus probability mass (0.95)"
+    )
+    p.add_argument(
+        "--min-p",
+        type=float,
+        default=0.05,
+        help="drop tokens under this share of the likeliest (0.05)",
+    )
+    p.add_argument(
+        "--repeat-penalty",
+        type=float,
+        default=1.0,
+        help="divide repeated tokens' logits by this (1.0: off)",
+    )
+    p.add_argument(
+        "--repeat-last-n",
+        type=int,
+        default=64,
+        help="tokens the repeat penalty looks back over (64)",
+    )
+    p.add_argument(
+        "-s", "--seed", type=int, default=None, help="sampling seed (default: random)"
+    )
     p.add_argument(
         "--stop", action="append", default=[], help="stop string (repeatable)"
     )
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument(
+        "--ignore-eos", action="store_true", help="keep generating past end-of-text"
+    )
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -447,7 +492,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="edgemoe",
         description="Run Mixture-of-Experts language models on small devices.",
     )
@@ -482,13 +527,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser("bench", help="prompt and generation speed (llama-bench style)")
     _add_load_args(bn)
-    bn.add_argument("-p", "--n-prompt", type=int, default=128)
-    bn.add_argument("-n", "--n-gen", type=int, default=64)
-    bn.add_argument("-r", "--reps", type=int, default=2)
+    bn.add_argument(
+        "-p",
+        "--n-prompt",
+        type=int,
+        default=128,
+        help="prompt tokens per prefill test (default: 128)",
+    )
+    bn.add_argument(
+        "-n",
+        "--n-gen",
+        type=int,
+        default=64,
+        help="tokens generated per decode test (default: 64)",
+    )
+    bn.add_argument(
+        "-r",
+        "--reps",
+        type=int,
+        default=2,
+        help="repetitions of each test; the table shows mean ± sd (default: 2)",
+    )
     bn.add_argument(
         "--text", help="UTF-8 file: evaluate its tokens instead of random ids"
     )
-    bn.add_argument("--json", action="store_true")
+    bn.add_argument("--json", action="store_true", help="print one JSON object")
     bn.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("eval", help="perplexity over a text file")
@@ -504,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="architecture, sizes and tensors of a model")
     i.add_argument("model", metavar="MODEL")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
     i.add_argument(
         "--verify",
@@ -518,16 +581,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile(sub)
 
     d = sub.add_parser("demo", help="synthesise a small random MoE and run it")
-    d.add_argument("-t", "--threads", type=int, default=None)
+    d.add_argument(
+        "-t",
+        "--threads",
+        type=int,
+        default=None,
+        help="compute threads (default: tuned)",
+    )
     _add_sampling_args(d)
     d.set_defaults(func=cmd_demo, n_predict=24, seed=0)
+    p.commands = sub.choices
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from edgemoe.errors import EdgeMoEError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command they were given to, with its usage
+        parser.commands[args.command].error(
+            f"unrecognized arguments: {' '.join(extra)}"
+        )
     try:
         return args.func(args)
     except EdgeMoEError as e:

@@ -10,6 +10,8 @@ from edgemoe.units import mib as _mib
 
 
 def add_parsers(sub) -> None:
+    from edgemoe.converters.synth_presets import PRESETS
+
     c = sub.add_parser("convert", help="convert a checkpoint into nested expert planes")
     c.add_argument("source", metavar="SRC", help="HF checkpoint directory or GGUF")
     c.add_argument("-o", "--output", required=True, help="model directory to write")
@@ -25,7 +27,12 @@ def add_parsers(sub) -> None:
         "Q6_K, as llama.cpp's mix), Q8_0, Q6_K, Q4_K, Q4_0, F16, F32",
     )
     c.add_argument("--calib", help="calibration text file (default: built-in)")
-    c.add_argument("--calib-tokens", type=int, default=4096)
+    c.add_argument(
+        "--calib-tokens",
+        type=int,
+        default=4096,
+        help="calibration tokens (default 4096; fewer converts faster)",
+    )
     c.add_argument(
         "--format",
         default="gguf",
@@ -38,7 +45,7 @@ def add_parsers(sub) -> None:
 
     x = sub.add_parser("export-gguf", help="write a llama.cpp-loadable GGUF")
     x.add_argument("model", metavar="MODEL")
-    x.add_argument("-o", "--output", required=True)
+    x.add_argument("-o", "--output", required=True, help="GGUF file to write")
     x.add_argument(
         "--type",
         default="Q8_0",
@@ -58,13 +65,13 @@ def add_parsers(sub) -> None:
     y.add_argument(
         "--preset",
         default="demo",
-        help="demo, olmoe-1b-7b, qwen3-30b-a3b, mixtral-8x7b, qwen1.5-moe-a2.7b",
+        help=", ".join(PRESETS) + " (default: demo)",
     )
     y.add_argument("--layers", type=int, default=None, help="override the layer count")
     y.add_argument("-o", "--output", required=True, help="directory (HF) or .gguf file")
     y.add_argument("--gguf", metavar="TYPE", help="write a GGUF of this type instead")
-    y.add_argument("--seed", type=int, default=0)
-    y.add_argument("--force", action="store_true")
+    y.add_argument("--seed", type=int, default=0, help="weights' seed (default 0)")
+    y.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     y.set_defaults(func=cmd_synth)
 
 

@@ -90,13 +90,19 @@ def add_parser(sub) -> None:
         help="--measure: directory for the storage probe file (default: the "
         "model's directory with -m, else the output's)",
     )
-    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument(
+        "-t",
+        "--threads",
+        type=int,
+        default=None,
+        help="--measure: compute threads (default: this machine's cores)",
+    )
     p.add_argument("-m", "--model", help="converted model to plan on the device")
     p.add_argument(
         "-c", "--ctx", type=int, default=0, help="context (default: min(model's, 4096))"
     )
     p.add_argument("--list", action="store_true", help="list the known profiles")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_profile)
 
 

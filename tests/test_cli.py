@@ -253,3 +253,39 @@ def test_version(capsys):
         main(["--version"])
     assert info.value.code == 0
     assert re.fullmatch(r"edgemoe \d+\.\d+\.\d+\n", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    "argv, usage, hint",
+    [
+        (["run", "m", "-p", "x", "--budgte", "3GiB"], "usage: edgemoe run", "--budget"),
+        (["bench", "m", "--n-promt", "3"], "usage: edgemoe bench", "--n-prompt"),
+        (["inspect", "m", "--jsn"], "usage: edgemoe inspect", "--json"),
+        (["rnu", "m"], "usage: edgemoe [", "run"),
+    ],
+)
+def test_a_misspelt_option_or_command_is_named_with_a_suggestion(
+    capsys, argv, usage, hint
+):
+    """The command's own usage (not the top level's) and "did you mean",
+    exit 2, no traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert usage in err and f"(did you mean {hint}?)" in err, err
+    assert "Traceback" not in err
+
+
+def test_every_option_has_help():
+    """``--help`` of every command explains each option it lists."""
+    from edgemoe.cli import build_parser
+
+    parser = build_parser()
+    missing = [
+        f"{name} {'/'.join(a.option_strings)}"
+        for name, sub in parser.commands.items()
+        for a in sub._actions
+        if a.option_strings and not a.help
+    ]
+    assert missing == []
