@@ -194,6 +194,7 @@ def _convert(
             check_llamacpp=False,
             force=True,
             lock=False,  # inside the writer's partial directory, under its lock
+            progress=lambda name, i, n: step("backbone", i, n),
         )
     )
     if tokenizer_kind == "hf":

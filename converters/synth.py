@@ -9,6 +9,7 @@ multi-GB model is written at disk speed rather than at RNG speed.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,8 +204,15 @@ def hash_name(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def write_hf(config: dict, out: str | Path, seed: int = 0, force: bool = False) -> Path:
-    """A Hugging Face checkpoint directory (bf16 safetensors) with random weights."""
+def write_hf(
+    config: dict,
+    out: str | Path,
+    seed: int = 0,
+    force: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Path:
+    """A Hugging Face checkpoint directory (bf16 safetensors) with random
+    weights; ``progress(tensor name, i, n)`` before each tensor."""
     out = Path(out)
 
     def check() -> None:
@@ -227,10 +235,10 @@ def write_hf(config: dict, out: str | Path, seed: int = 0, force: bool = False) 
             out.mkdir(exist_ok=True)
         except OSError as e:
             raise ModelFileError(out, f"cannot create: {e.strerror or e}") from None
-        return _write_hf(ckpt, config, out)
+        return _write_hf(ckpt, config, out, progress)
 
 
-def _write_hf(ckpt: SyntheticCheckpoint, config: dict, out: Path) -> Path:
+def _write_hf(ckpt: SyntheticCheckpoint, config: dict, out: Path, progress) -> Path:
     from edgemoe.checkpoint.safetensors import write_safetensors
 
     tmap = ckpt.family.tensor_map
@@ -262,10 +270,18 @@ def _write_hf(ckpt: SyntheticCheckpoint, config: dict, out: Path) -> Path:
         # Round to nearest even, then keep the high half: float32 -> bf16.
         return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
 
+    def data(i: int, entry) -> bytes:
+        if progress is not None:
+            progress(entry[0], i, len(entries))
+        return tensor_bytes(entry)
+
     try:
         write_safetensors(
             out / "model.safetensors",
-            [(e[0], "BF16", e[1], (lambda e=e: tensor_bytes(e))) for e in entries],
+            [
+                (e[0], "BF16", e[1], (lambda i=i, e=e: data(i, e)))
+                for i, e in enumerate(entries)
+            ],
             metadata={"format": "pt", "edgemoe": LABEL},
         )
         (out / "config.json").write_text(json.dumps(config, indent=1))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edgemoe.progress import Progress
 from edgemoe.units import mib as _mib
 
 
@@ -75,27 +76,15 @@ def add_parsers(sub) -> None:
     y.set_defaults(func=cmd_synth)
 
 
-def _progress_bar(label: str):
-    """A transient bar on stderr for a terminal; None (no progress) otherwise, so
-    piped stdout holds only the result line."""
-    if not sys.stderr.isatty():
-        return None
-    from rich.console import Console
-    from rich.progress import Progress
-
-    prog = Progress(console=Console(stderr=True), transient=True)
-    task = None
-
-    def update(name: str, i: int, n: int) -> None:
-        nonlocal task
-        if task is None:
-            prog.start()
-            task = prog.add_task(label, total=n)
-        prog.update(task, completed=i + 1, description=f"{label} {name}")
-        if i + 1 == n:
-            prog.stop()
-
-    return update
+def tensor_progress(label: str, stream=None, tty: bool | None = None) -> Progress:
+    """Progress of a writer that reports ``(tensor name, i, n)``."""
+    return Progress(
+        label,
+        lambda name, i, n: (i + 1) / max(n, 1),
+        lambda name, i, n: f"tensor {i + 1}/{n} {name}",
+        stream,
+        tty=tty,
+    )
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -119,47 +108,53 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if args.format == "onnx"
         else None,
     )
-    report = convert(args.source, args.output, opts, _convert_progress())
+    progress = convert_progress()
+    try:
+        report = convert(args.source, args.output, opts, progress)
+    except KeyboardInterrupt:
+        progress.close()
+        print(
+            f"interrupted; nothing written ({args.output} is as it was)",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        progress.close()
     print_convert_summary(report)
     return 0
 
 
-def _convert_progress():
-    """Rich bars (layers, and experts within the layer) on a terminal."""
-    if not sys.stderr.isatty():
+BACKBONE_SHARE = 0.1
+"""About the share of a conversion the backbone takes (bench_convert's
+OLMoE shape); the layers share the rest, each in proportion to its experts."""
+
+
+def convert_progress(
+    stream=None, tty: bool | None = None, every: float = 5.0
+) -> Progress:
+    """Progress of ``convert``'s stages as one fraction: the backbone's
+    tensors, then each layer's experts."""
+    at = {"layer": 0, "layers": 1}
+
+    def fraction(stage: str, i: int, n: int) -> float | None:
+        if stage == "backbone":
+            return BACKBONE_SHARE * i / max(n, 1)
+        if stage == "layer":
+            at["layer"], at["layers"] = i, max(n, 1)
+            return BACKBONE_SHARE + (1 - BACKBONE_SHARE) * i / at["layers"]
+        if stage == "experts":
+            layers = at["layer"] + i / max(n, 1)
+            return BACKBONE_SHARE + (1 - BACKBONE_SHARE) * layers / at["layers"]
         return None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
-    prog = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    tasks: dict[str, int] = {}
+    def describe(stage: str, i: int, n: int) -> str:
+        if stage == "backbone":
+            return f"backbone tensor {min(i + 1, n)}/{n}"
+        if stage == "layer":
+            return f"layer {min(i + 1, n)}/{n}"
+        return f"layer {at['layer'] + 1}/{at['layers']}, experts {i}/{n}"
 
-    def update(stage: str, i: int, n: int) -> None:
-        if not tasks:
-            prog.start()
-        if stage not in tasks:
-            label = "layers" if stage == "layer" else "  experts"
-            tasks[stage] = prog.add_task(label, total=n)
-        prog.update(tasks[stage], completed=i, total=n)
-        if stage == "layer" and i >= n:
-            prog.stop()
-
-    return update
+    return Progress("converting", fraction, describe, stream, every, tty)
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
@@ -176,15 +171,13 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
         from edgemoe.errors import ConfigError
 
         raise ConfigError("--level applies to converted EdgeMoE models")
+    progress = tensor_progress("writing")
     try:
         out = write_gguf(
-            ckpt,
-            args.output,
-            args.type,
-            force=args.force,
-            progress=_progress_bar("writing"),
+            ckpt, args.output, args.type, force=args.force, progress=progress
         )
     finally:
+        progress.close()
         ckpt.close()
     print(f"wrote {out} ({_mib(out.stat().st_size)})")
     return 0
@@ -194,16 +187,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from edgemoe.converters import synth
 
     cfg = synth.preset_config(args.preset, layers=args.layers)
-    if args.gguf:
-        out = synth.write_gguf(
-            cfg,
-            args.output,
-            args.gguf,
-            seed=args.seed,
-            force=args.force,
-            progress=_progress_bar("writing"),
-        )
-    else:
-        out = synth.write_hf(cfg, args.output, seed=args.seed, force=args.force)
+    progress = tensor_progress("synthesising")
+    try:
+        if args.gguf:
+            out = synth.write_gguf(
+                cfg, args.output, args.gguf, seed=args.seed, force=args.force,
+                progress=progress,
+            )  # fmt: skip
+        else:
+            out = synth.write_hf(
+                cfg, args.output, seed=args.seed, force=args.force, progress=progress
+            )
+    finally:
+        progress.close()
     print(f"wrote {out}: {synth.LABEL}")
     return 0

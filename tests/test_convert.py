@@ -380,3 +380,49 @@ def test_default_backbone_is_the_q4_k_m_mix(converted_fixture):
     assert types["blk.0.ffn_gate_inp.weight"] == "F32"
     with pytest.raises(ConfigError, match="Q4_K_M"):
         write_gguf(bb, converted_fixture / "never.gguf", "Q3_K_L")
+
+
+def test_a_piped_convert_prints_progress_lines_with_a_moving_eta(fixture_dir, tmp_path):
+    """Without a terminal, progress is plain lines (every few seconds; every
+    call here): the share done only grows, layers and experts are named, and
+    an ETA appears once there is a pace."""
+    import io
+    import re
+
+    from edgemoe.convert_cli import convert_progress
+
+    out = io.StringIO()
+    progress = convert_progress(out, tty=False, every=0.0)
+    convert(fixture_dir, tmp_path / "edge", ConvertOptions(calib_tokens=512), progress)
+    lines = out.getvalue().splitlines()
+    shares = [int(re.match(r"converting: (\d+)%", ln).group(1)) for ln in lines]
+    assert shares == sorted(shares) and shares[-1] == 100 and shares[0] < 20
+    assert any("backbone tensor" in ln for ln in lines)
+    assert any("layer 4/4, experts 8/8" in ln for ln in lines)
+    assert "\x1b" not in out.getvalue()  # no terminal codes in a log
+
+
+def test_ctrl_c_during_convert_says_so_and_leaves_nothing(fixture_dir, tmp_path):
+    """SIGINT mid-conversion: exit 130, one line saying nothing was written,
+    no traceback, and neither the output nor its partial directory remains."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "edge"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgemoe", "convert", str(fixture_dir), "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".edge.partial") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "interrupted; nothing written" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
