@@ -205,13 +205,19 @@ def memory_plan(
         )
     except ValueError:
         minimum = min_budget(ckpt, n_ctx, n_batch, force_level, kv_type) + runtime
+        slots = minimum - sum(fixed_parts) - runtime
+        level = m.plan.levels[need - 1]
         raise ConfigError(
             f"budget {fmt_size(total_budget)} ({total_budget} bytes) is below "
             f"the minimum {fmt_size(minimum)} ({minimum} bytes) for "
             f"{ckpt.path} at a {n_ctx}-token context: backbone "
             f"{fmt_size(fixed_parts[0])}, KV cache {fmt_size(fixed_parts[1])}, "
-            f"compute scratch {fmt_size(fixed_parts[2])}, runtime "
-            f"{fmt_size(runtime)}, and {spec.n_expert_used} experts per token"
+            f"compute scratch {fmt_size(fixed_parts[2])} ({n_batch}-token "
+            f"batches), runtime {fmt_size(runtime)}, expert slots "
+            f"{fmt_size(slots)} ({spec.n_expert_used} experts per token, "
+            f"{fmt_size(sum(plane[:need]))} each at level {level}); a shorter "
+            "context (-c) shrinks the KV cache and scratch, a smaller batch (-b) "
+            "the scratch" + (", a lower --level the expert slots" if need > 1 else "")
         ) from None
     experts = sum((s + 1) * b for s, b in zip(slots, plane))
     return MemoryPlan(total_budget, *fixed_parts, experts, slots, resident=False)

@@ -4,6 +4,7 @@ I/O-compute overlap, failures, dual routing."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,12 @@ def test_budget_below_minimum_names_it(converted, cli):
     proc = cli("run", converted, "-p", "x", "--budget", "1MiB", "-c", 256, "-b", 32)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: budget 1.0 MiB") and "minimum" in proc.stderr
+    # Every part with its size, and the knobs that lower them.
+    for part in ("backbone", "KV cache", "compute scratch", "expert slots"):
+        assert re.search(part + r" [\d.]+ [KM]iB", proc.stderr), (part, proc.stderr)
+    assert "experts per token," in proc.stderr and "each at level 2" in proc.stderr
+    assert "shorter context (-c)" in proc.stderr and "smaller batch (-b)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     rep = json.loads(cli("inspect", converted, "--json").stdout)
     assert rep["min_budget_bytes"] > 0
 
