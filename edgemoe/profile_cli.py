@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemoe.errors import ConfigError
+from edgemoe.units import budget_flag, mib_up
 from edgemoe.units import mib as _mib
 
 
@@ -241,8 +242,8 @@ def _print_plan(plan) -> None:
     print()
     print(
         f"plan for {plan.model} at a {plan.n_ctx}-token context: minimum budget "
-        f"{_mib(plan.min_budget)} ({plan.min_budget} bytes), every expert resident "
-        f"at {_mib(plan.full_budget)}"
+        f"{mib_up(plan.min_budget)} ({plan.min_budget} bytes), every expert "
+        f"resident from {mib_up(plan.full_budget)}"
     )
     print(
         "| budget | policy | expert slots/plane | peak memory | fits | predicted t/s "
@@ -253,7 +254,7 @@ def _print_plan(plan) -> None:
         p = r.prediction
         mark = " *" if r is plan.recommended else ""
         print(
-            f"| {_mib(r.budget)}{mark} | {r.policy} | {'/'.join(map(str, r.slots))} "
+            f"| {mib_up(r.budget)}{mark} | {r.policy} | {'/'.join(map(str, r.slots))} "
             f"| {_mib(r.peak_bytes)} | {'yes' if r.fits else 'no'} "
             f"| {p.tokens_per_s:.1f} | {p.read_per_token / 2**20:.1f} "
             f"| {p.hit_rate:.0%} | {p.bound} |"
@@ -261,12 +262,12 @@ def _print_plan(plan) -> None:
     rec = plan.recommended
     if rec is None:
         print(
-            f"\ndoes not fit: the minimum budget is {_mib(plan.min_budget)}, the "
+            f"\ndoes not fit: the minimum budget is {mib_up(plan.min_budget)}, the "
             f"device has {_mib(plan.profile.memory_usable)} usable"
         )
     else:
         print(
-            f"\nrecommended (*): --budget {-(-rec.budget // 2**20)}MiB "
+            f"\nrecommended (*): {budget_flag(rec.budget)} "
             f"--quality {rec.policy} "
             f"(~{rec.prediction.tokens_per_s:.1f} t/s predicted, decode)"
         )

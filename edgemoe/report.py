@@ -9,6 +9,7 @@ from typing import Any
 
 from edgemoe.errors import ModelFileError
 from edgemoe.units import fmt_size as mib
+from edgemoe.units import mib_up
 
 
 def inspect_report(path: str, verify: bool = False) -> dict[str, Any]:
@@ -77,13 +78,14 @@ def _edgemoe_report(ckpt, verify: bool) -> dict[str, Any]:
     spec = ckpt.spec
     level_bytes = ckpt.level_bytes()
     n_weights = 3 * spec.expert_ffn * spec.n_embd * spec.n_expert * len(m.moe_layers)
-    from edgemoe.runtime.offload import min_budget
+    from edgemoe.runtime.offload import budgets
 
-    n_ctx = min(spec.n_ctx_train, 4096)
+    b = budgets(ckpt)
     rep: dict[str, Any] = {
         "version": m.version,
-        "min_budget_bytes": min_budget(ckpt, n_ctx, 256),
-        "min_budget_context": n_ctx,
+        "min_budget_bytes": b.minimum,
+        "min_budget_context": b.n_ctx,
+        "resident_budget_bytes": {str(lv): n for lv, n in b.resident.items()},
         "levels": list(m.levels),
         "plane_types": [p.name for p in m.plan.planes],
         "backbone_type": m.backbone_type,
@@ -165,12 +167,15 @@ def print_inspect(rep: dict[str, Any], tensors: bool = False) -> None:
         planes = " + ".join(rep["plane_types"])
         print(f"levels       {rep['levels']} bits, planes {planes}")
         print(
-            f"min budget   {mib(rep['min_budget_bytes'])} at a "
-            f"{rep['min_budget_context']}-token context (--budget)"
+            f"min budget   {mib_up(rep['min_budget_bytes'])} at a "
+            f"{rep['min_budget_context']}-token context (--budget; experts stream)"
         )
         for lv, b in rep["expert_bytes"].items():
             bpw = rep["expert_bits_per_weight"][lv]
-            print(f"  level {lv:>2}: all experts {mib(b)} ({bpw} bits per weight)")
+            print(
+                f"  level {lv:>2}: all experts {mib(b)} ({bpw} bits per weight), "
+                f"resident from {mib_up(rep['resident_budget_bytes'][lv])}"
+            )
         prot = rep["protected_experts"]
         if prot:
             print(
@@ -203,21 +208,29 @@ def print_convert_summary(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from edgemoe.format.reader import EdgeCheckpoint
+    from edgemoe.runtime.offload import budgets
+
     m = report.manifest
     spec = m.spec
+    ckpt = EdgeCheckpoint(report.out)
+    try:
+        b = budgets(ckpt)  # the numbers inspect, profile and load use
+    finally:
+        ckpt.close()
     n_weights = 3 * spec.expert_ffn * spec.n_embd * spec.n_expert * len(m.moe_layers)
     table = Table(title=f"{report.out} ({report.seconds:.1f} s)")
-    for col in ("level", "experts", "bits/weight", "backbone + experts"):
+    for col in ("level", "experts", "bits/weight", "resident from"):
         table.add_column(col, justify="right")
     table.add_column("every expert resident on", justify="left")
     profiles = _profiles()
-    for lv, b in report.level_bytes.items():
-        need = b + report.backbone_bytes
+    for lv, size in report.level_bytes.items():
+        need = b.resident[lv]
         table.add_row(
             f"{lv}-bit",
-            mib(b),
-            f"{8 * b / n_weights:.2f}",
-            mib(need),
+            mib(size),
+            f"{8 * size / n_weights:.2f}",
+            mib_up(need),
             _which([n for n, usable in profiles if usable >= need], len(profiles)),
         )
     console = Console()
@@ -231,18 +244,11 @@ def print_convert_summary(report) -> None:
     prot = [f"layer {i}: {list(r)}" for i, r in enumerate(m.protected) if r]
     if prot:
         console.print("protected (super) experts, always top level: " + "; ".join(prot))
-    from edgemoe.format.reader import EdgeCheckpoint
-    from edgemoe.runtime.offload import min_budget
-
-    ckpt = EdgeCheckpoint(report.out)
-    try:
-        n_ctx = min(spec.n_ctx_train, 4096)
-        low = min_budget(ckpt, n_ctx, 256)
-    finally:
-        ckpt.close()
-    fits = _which([n for n, usable in profiles if usable >= low], len(profiles))
+    fits = _which([n for n, usable in profiles if usable >= b.minimum], len(profiles))
     console.print(
-        f"streaming experts (--budget, at least {mib(low)} for {n_ctx} tokens of "
-        f"context) fits: {fits}; edgemoe profile -m {report.out} plans it",
+        f"budgets at a {b.n_ctx}-token context: resident from the table's "
+        f"figure (--budget at least that, in-memory speed); experts stream from "
+        f"{mib_up(b.minimum)}, which fits: {fits}; edgemoe profile -m "
+        f"{report.out} plans it",
         soft_wrap=True,
     )

@@ -60,5 +60,16 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
+def mib_up(n: float) -> str:
+    """A budget in whole MiB, rounded up so that it is enough as typed:
+    "1,601 MiB"."""
+    return f"{-(-int(n) // 2**20):,} MiB"
+
+
+def budget_flag(n: int) -> str:
+    """``--budget`` for at least ``n`` bytes, as a user types it."""
+    return f"--budget {-(-int(n) // 2**20)}MiB"
+
+
 def fmt_size(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"

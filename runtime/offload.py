@@ -35,6 +35,33 @@ class MemoryPlan:
         )
 
 
+@dataclass(frozen=True)
+class Budgets:
+    """The budgets a converted model needs at a context: what convert,
+    inspect and profile print and what load enforces, from one function."""
+
+    n_ctx: int
+    minimum: int
+    """The smallest ``--budget`` that runs it (experts stream)."""
+    resident: dict[int, int]
+    """Per level, the smallest ``--budget`` that keeps that level's experts
+    resident (in-memory speed)."""
+
+
+def budgets(ckpt, n_ctx: int = 0, n_batch: int = 256, kv_type: str = "f32") -> Budgets:
+    """``Budgets`` of a converted model, as load computes them (``memory_plan``);
+    ``n_ctx`` 0: load's default (the model's context, at most 4096)."""
+    n_ctx = n_ctx or min(ckpt.spec.n_ctx_train, 4096)
+    return Budgets(
+        n_ctx,
+        min_budget(ckpt, n_ctx, n_batch, None, kv_type),
+        {
+            lv: resident_budget(ckpt, n_ctx, n_batch, lv, kv_type=kv_type)
+            for lv in ckpt.manifest.levels
+        },
+    )
+
+
 def kv_bytes(spec, n_ctx: int, kv_type: str = "f32") -> int:
     from edgemoe.runtime.kv import KV_TYPES, cache_dims
 

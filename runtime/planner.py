@@ -8,7 +8,8 @@ from edgemoe.errors import ConfigError
 from edgemoe.profile import DeviceProfile
 from edgemoe.runtime.costmodel import Prediction, predict
 from edgemoe.runtime.dual_routing import LevelPolicy
-from edgemoe.runtime.offload import memory_plan, min_budget
+from edgemoe.runtime.offload import budgets as budgets_of
+from edgemoe.runtime.offload import memory_plan
 
 POLICIES = ("balanced", "fast", "level-4", "level-8")
 FRACTIONS = (0.3, 0.5, 0.75, 1.0)
@@ -34,7 +35,7 @@ class Plan:
     n_ctx: int
     min_budget: int
     full_budget: int
-    """Budget that holds every expert plane."""
+    """The smallest budget that keeps every expert plane resident."""
     rows: tuple[PlanRow, ...]
     recommended: PlanRow | None
 
@@ -64,14 +65,15 @@ def plan_model(
     policies = [
         p for p in POLICIES if not p.startswith("level-") or int(p[6:]) in levels
     ]
-    lo = min_budget(ckpt, n_ctx, n_batch)
+    sizes = budgets_of(ckpt, n_ctx, n_batch)  # what convert and inspect print
+    lo, top = sizes.minimum, sizes.resident[levels[-1]]
     full = memory_plan(ckpt, None, n_ctx, n_batch, None)
     fixed = full.backbone + full.kv_cache + full.scratch
     budgets = {lo, profile.memory_usable}
     budgets.update(int(fixed + f * full.experts) for f in FRACTIONS)
-    budgets = sorted(b for b in budgets if lo <= b <= full.total)
-    if profile.memory_usable >= full.total:
-        budgets.append(full.total)
+    # The budgets at which each level's experts all stay resident.
+    budgets.update(sizes.resident.values())
+    budgets = sorted(b for b in budgets if lo <= b <= top)
     rows = []
     for budget in sorted(set(budgets)):
         for name in policies:
@@ -96,4 +98,4 @@ def plan_model(
             )
     fitting = [r for r in rows if r.fits and r.policy == "balanced"]
     best = max(fitting, key=lambda r: r.budget) if fitting else None
-    return Plan(profile, str(ckpt.path), n_ctx, lo, full.total, tuple(rows), best)
+    return Plan(profile, str(ckpt.path), n_ctx, lo, top, tuple(rows), best)

@@ -425,3 +425,55 @@ def test_load_rejects_a_bad_throttle(converted_fixture):
 
     with pytest.raises(ConfigError, match="throttle"):
         edgemoe.load(converted_fixture, throttle=(0, 1))
+
+
+def test_convert_inspect_profile_and_load_agree_on_budgets(
+    fixture_dir, converted_fixture, cli, tmp_path, capsys
+):
+    """One source for the budgets: convert's summary, inspect, profile's plan
+    and load all use ``offload.budgets``. The resident budget of a level is
+    exactly where load stops streaming, and the recommended flag is the
+    starred row's budget as printed (both rounded up)."""
+    import re
+
+    import edgemoe
+    from edgemoe.converters.convert import ConvertOptions, convert
+    from edgemoe.format.reader import EdgeCheckpoint
+    from edgemoe.report import print_convert_summary
+    from edgemoe.runtime.offload import budgets
+    from edgemoe.units import mib_up
+
+    ckpt = EdgeCheckpoint(converted_fixture)
+    try:
+        b = budgets(ckpt)
+    finally:
+        ckpt.close()
+    inspect = json.loads(cli("inspect", converted_fixture, "--json").stdout)
+    assert inspect["min_budget_bytes"] == b.minimum
+    assert inspect["resident_budget_bytes"] == {
+        str(k): v for k, v in b.resident.items()
+    }
+    plan = json.loads(
+        cli("profile", "--device", "rpi5-8gb", "-m", converted_fixture, "--json").stdout
+    )["plan"]
+    assert (plan["min_budget_bytes"], plan["full_budget_bytes"]) == (
+        b.minimum,
+        b.resident[8],
+    )
+    text = cli("profile", "--device", "rpi5-8gb", "-m", converted_fixture).stdout
+    starred = re.search(r"\| ([\d,]+) MiB \* \|", text).group(1).replace(",", "")
+    assert f"recommended (*): --budget {starred}MiB" in text
+
+    report = convert(fixture_dir, tmp_path / "edge", ConvertOptions(calib_tokens=1024))
+    capsys.readouterr()
+    print_convert_summary(report)
+    summary = capsys.readouterr().out
+    for lv in (2, 4, 8):
+        assert mib_up(b.resident[lv]) in summary
+    assert f"experts stream from {mib_up(b.minimum)}" in summary
+
+    opts = dict(force_level=8, n_ctx=b.n_ctx, n_batch=256)
+    with edgemoe.load(converted_fixture, budget=b.resident[8], **opts) as m:
+        assert m.memory.resident
+    with edgemoe.load(converted_fixture, budget=b.resident[8] - 1, **opts) as m:
+        assert not m.memory.resident
