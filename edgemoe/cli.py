@@ -264,6 +264,8 @@ def offload_line(steps, budget: int, timings) -> str:
     levels = sorted({lv for m in steps for lv in m.hits})
     hits = {lv: sum(m.hits[lv] for m in steps) for lv in levels}
     misses = {lv: sum(m.misses[lv] for m in steps) for lv in levels}
+    # Levels no expert ran at (above a forced --level) are not 0% hits.
+    levels = [lv for lv in levels if hits[lv] + misses[lv]]
     rate = sum(hits.values()) / max(sum(hits.values()) + sum(misses.values()), 1)
     per = " ".join(
         f"L{lv} {hits[lv] / max(hits[lv] + misses[lv], 1):.0%}" for lv in levels

@@ -126,6 +126,9 @@ def print_inspect(rep: dict[str, Any], tensors: bool = False) -> None:
         f"experts {rep['expert_parameters'] / 1e6:,.1f} M"
     )
     stored, files = mib(rep["weight_bytes"]), mib(rep["file_bytes"])
+    if rep["format"] == "edgemoe":  # weight_bytes: the backbone's file
+        planes = mib(rep["expert_bytes"][str(rep["levels"][-1])])
+        stored = f"backbone {stored} + expert planes {planes}"
     print(f"weights      {stored} stored, files {files}")
     moe = sum(s["moe_layers"])
     if s["attention"] == "mla":  # every head reads one cached latent

@@ -85,6 +85,18 @@ def test_inspect_reports_backbone_and_expert_bytes(converted):
     assert rep["expert_bytes"]["2"] == 4 * 8 * 3 * 512 * 256 // 256 * 84
 
 
+def test_inspect_text_counts_the_expert_planes_as_weights(converted, capsys):
+    """The "weights" line of a converted model names the backbone and the
+    planes, not the backbone alone."""
+    from edgemoe.report import inspect_report, print_inspect
+
+    print_inspect(inspect_report(str(converted)))
+    line = next(
+        x for x in capsys.readouterr().out.splitlines() if x.startswith("weights")
+    )
+    assert "backbone" in line and "+ expert planes" in line, line
+
+
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe"])
 def test_other_families_convert_and_run(build_model, tmp_path, family):
     """Shared experts, dense layers, q/k norms and an expert FFN (64) padded to

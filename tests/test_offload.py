@@ -624,7 +624,15 @@ def test_bench_cli(converted, cli):
     )
     assert proc.returncode == 0, proc.stderr
     line = next(x for x in proc.stderr.splitlines() if x.startswith("experts:"))
-    assert "MiB/token" in line and "plane hits" in line and "L8" in line, line
+    assert "MiB/token" in line and "plane hits" in line, line
+    # balanced runs planes 1 and 2 only: no "L8 0%" for a plane never run.
+    assert "L2" in line and "L4" in line and "L8" not in line, line
+    proc = cli(
+        *("run", converted, "-p", "def f(x):", "-n", 8, "--temp", 0, "-c", 64),
+        *("-b", 32, "--budget", quarter_budget(converted), "--level", 8),
+    )
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("experts:"))
+    assert "L8" in line, line  # a forced level 8 runs the third plane
     proc = cli("bench", converted, "-n", 4, "--text", "/nonexistent.txt")
     assert proc.returncode == 1 and "/nonexistent.txt" in proc.stderr
 
