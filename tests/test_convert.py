@@ -337,8 +337,9 @@ def test_convert_cli_summary(fixture_dir, tmp_path, cli):
         "Q2_K + Q2_K + Q4_K",
         # The fixture is tiny: every packaged device holds it.
         "all 8 device profiles",
-        "streaming experts (--budget, at least",
-        "fits: all 8 device profiles; edgemoe profile -m",
+        "resident from",
+        "experts stream from",
+        "which fits: all 8 device profiles; edgemoe profile -m",
     ):
         assert needle in proc.stdout
     proc = cli("inspect", tmp_path / "m", "--json", "--verify")
