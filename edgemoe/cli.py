@@ -339,10 +339,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     text = _read_text(args.text) if args.text else None  # fail before loading
     with _load(args) as model:
         tokens = model.tokenize(text, add_special=False) if text else None
+        from edgemoe.progress import Progress
+
+        # Plain lines between repetitions even on a terminal: a live bar's
+        # refresh thread would take CPU from the runs it times.
+        progress = Progress(
+            "benchmarking",
+            lambda test, i, n: i / max(n, 1),
+            lambda test, i, n: f"{test}, {i}/{n} tokens",
+            tty=False,
+        )
         results = [
             r.summary()
-            for r in bench(model, args.n_prompt, args.n_gen, args.reps, tokens=tokens)
-        ]
+            for r in bench(
+                model, args.n_prompt, args.n_gen, args.reps, tokens=tokens,
+                progress=progress,
+            )
+        ]  # fmt: skip
         size = (
             sum(f.stat().st_size for f in Path(args.model).glob("*"))
             if Path(args.model).is_dir()
@@ -412,13 +425,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.ctx and args.window > args.ctx:
             args.window = args.ctx
 
-        def progress(i: int, n: int) -> None:
-            if not args.json and sys.stderr.isatty():
-                print(f"\rwindow {i}/{n}", end="", file=sys.stderr, flush=True)
+        from edgemoe.progress import Progress
 
-        res = perplexity(model, tokens, args.window, progress)
-        if not args.json and sys.stderr.isatty():
-            print(file=sys.stderr)
+        progress = Progress(
+            "evaluating",
+            lambda stage, i, n: i / max(n, 1),
+            lambda stage, i, n: f"window {i}/{n}",
+        )
+        try:
+            res = perplexity(
+                model, tokens, args.window, lambda i, n: progress("", i, n)
+            )
+        finally:
+            progress.close()
     if args.json:
         print(
             json.dumps(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,11 +59,14 @@ def bench(
     reps: int = 2,
     seed: int = 0,
     tokens: list[int] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[BenchResult]:
     """``pp<n_prompt>`` and ``tg<n_gen>`` results (either may be 0 to skip),
     ``reps`` repetitions each after one small warm-up.
 
     Args:
+        progress: called as ``progress(test, tokens done, tokens in all)``
+            after each repetition, outside the timed spans.
         tokens: the token stream to evaluate (e.g. tokenized text); by default
             random ids. Each repetition takes the next stretch of it: repeating
             a stretch would replay the same expert accesses in a cycle, which
@@ -88,6 +92,14 @@ def bench(
     model.eval(stream[: min(8, n_prompt or 1)])
     model.eval(stream[:1])
     results = []
+    total, done = reps * (n_prompt + n_gen), 0
+
+    def advance(test: str, n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(test, done, total)
+
     if n_prompt:
         pp = BenchResult(f"pp{n_prompt}", n_prompt)
         for r in range(reps):
@@ -96,6 +108,7 @@ def bench(
             t0 = time.perf_counter()
             model.eval(stream[r * n_prompt : (r + 1) * n_prompt])
             _add(pp, time.perf_counter() - t0, [counter.step()], n_prompt)
+            advance(pp.test, n_prompt)
         results.append(pp)
     if n_gen:
         tg = BenchResult(f"tg{n_gen}", n_gen)
@@ -108,6 +121,7 @@ def bench(
                 model.eval([tok])
                 steps.append(counter.step())
             _add(tg, time.perf_counter() - t0, steps, n_gen)
+            advance(tg.test, n_gen)
         results.append(tg)
     return results
 

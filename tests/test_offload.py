@@ -879,3 +879,19 @@ def test_shard_changed_under_a_running_model_is_caught(
         m.reset()
         with pytest.raises(ModelFileError, match="checksum mismatch"):
             m.eval(tokens[:64])
+
+
+def test_bench_reports_progress_between_repetitions(converted):
+    """bench calls progress after each repetition with the tokens done so far
+    (never inside a timed span), reaching the total."""
+    from edgemoe.runtime.bench import bench
+
+    seen = []
+    with edgemoe.load(converted, **SMALL) as m:
+        bench(m, n_prompt=8, n_gen=4, reps=2, progress=lambda *a: seen.append(a))
+    assert seen == [
+        ("pp8", 8, 24),
+        ("pp8", 16, 24),
+        ("tg4", 20, 24),
+        ("tg4", 24, 24),
+    ]
