@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from edgemoe import __version__
+from edgemoe.report import offload_line, stats_line
 from edgemoe.units import mib as _mib
 
 
@@ -131,7 +132,7 @@ def _load(args: argparse.Namespace, **overrides: Any):
         device=args.device,
         force_level=args.level,
         budget=args.budget,
-        quality=_quality(args.quality),
+        quality=args.quality,
         prefetch=not args.no_prefetch,
         io=args.io,
     )
@@ -140,20 +141,6 @@ def _load(args: argparse.Namespace, **overrides: Any):
     options.update(load_overrides(args))
     options.update(overrides)
     return load(args.model, **options)
-
-
-def _quality(text: str):
-    """A preset name, or "T1,T2" thresholds."""
-    if "," in text:
-        try:
-            return tuple(float(x) for x in text.split(","))
-        except ValueError:
-            from edgemoe.errors import ConfigError
-
-            raise ConfigError(
-                f"--quality thresholds must be T1,T2, got {text!r}"
-            ) from None
-    return text
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -211,14 +198,6 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def stats_line(timings) -> str:
-    """llama-cli's per-turn summary, which users grep for."""
-    return (
-        f"[ Prompt: {timings.prompt_tps:.1f} t/s | "
-        f"Generation: {timings.generation_tps:.1f} t/s ]"
-    )
-
-
 def _stream(model, prompt, args, out=None, err=None, echo: str = ""):
     """Print a completion as it is generated, then the stats; the last response.
     ``echo`` is printed once the prompt is accepted, so a prompt refused (too long
@@ -254,28 +233,6 @@ def _stream(model, prompt, args, out=None, err=None, echo: str = ""):
         if getattr(model, "memory", None) is not None and model.options.budget:
             print(offload_line(steps, model.memory.budget, t), file=err)
     return last
-
-
-def offload_line(steps, budget: int, timings) -> str:
-    """Expert streaming over a generation: reads, stall and hits by level."""
-    read = sum(m.bytes_read for m in steps)
-    stall = sum(m.stall_ms for m in steps) / 1e3
-    wall = timings.prompt_s + timings.generation_s
-    levels = sorted({lv for m in steps for lv in m.hits})
-    hits = {lv: sum(m.hits[lv] for m in steps) for lv in levels}
-    misses = {lv: sum(m.misses[lv] for m in steps) for lv in levels}
-    # Levels no expert ran at (above a forced --level) are not 0% hits.
-    levels = [lv for lv in levels if hits[lv] + misses[lv]]
-    rate = sum(hits.values()) / max(sum(hits.values()) + sum(misses.values()), 1)
-    per = " ".join(
-        f"L{lv} {hits[lv] / max(hits[lv] + misses[lv], 1):.0%}" for lv in levels
-    )
-    tokens = max(timings.prompt_tokens + timings.generation_tokens, 1)
-    return (
-        f"experts: budget {_mib(budget)} · read {_mib(read)} "
-        f"({read / tokens / 2**20:.1f} MiB/token) · stall {stall / max(wall, 1e-9):.0%}"
-        f" · plane hits {rate:.0%} ({per})"
-    )
 
 
 # -- run ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 
 from edgemoe.errors import ModelFileError
 from edgemoe.units import fmt_size as mib
+from edgemoe.units import mib as _mib
 from edgemoe.units import mib_up
 
 
@@ -254,4 +255,34 @@ def print_convert_summary(report) -> None:
         f"{mib_up(b.minimum)}, which fits: {fits}; edgemoe profile -m "
         f"{report.out} plans it",
         soft_wrap=True,
+    )
+
+
+def stats_line(timings) -> str:
+    """llama-cli's per-turn summary, which users grep for."""
+    return (
+        f"[ Prompt: {timings.prompt_tps:.1f} t/s | "
+        f"Generation: {timings.generation_tps:.1f} t/s ]"
+    )
+
+
+def offload_line(steps, budget: int, timings) -> str:
+    """Expert streaming over a generation: reads, stall and hits by level."""
+    read = sum(m.bytes_read for m in steps)
+    stall = sum(m.stall_ms for m in steps) / 1e3
+    wall = timings.prompt_s + timings.generation_s
+    levels = sorted({lv for m in steps for lv in m.hits})
+    hits = {lv: sum(m.hits[lv] for m in steps) for lv in levels}
+    misses = {lv: sum(m.misses[lv] for m in steps) for lv in levels}
+    # Levels no expert ran at (above a forced --level) are not 0% hits.
+    levels = [lv for lv in levels if hits[lv] + misses[lv]]
+    rate = sum(hits.values()) / max(sum(hits.values()) + sum(misses.values()), 1)
+    per = " ".join(
+        f"L{lv} {hits[lv] / max(hits[lv] + misses[lv], 1):.0%}" for lv in levels
+    )
+    tokens = max(timings.prompt_tokens + timings.generation_tokens, 1)
+    return (
+        f"experts: budget {_mib(budget)} · read {_mib(read)} "
+        f"({read / tokens / 2**20:.1f} MiB/token) · stall {stall / max(wall, 1e-9):.0%}"
+        f" · plane hits {rate:.0%} ({per})"
     )

@@ -48,6 +48,9 @@ class LevelPolicy:
 
     @classmethod
     def make(cls, plan, protected, quality="balanced", force_level=None) -> LevelPolicy:
+        """``quality``: a preset name, (T1, T2), or "T1,T2" as users type it."""
+        if isinstance(quality, str) and "," in quality:
+            quality = quality.split(",")
         if isinstance(quality, str):
             if quality not in QUALITY:
                 raise ConfigError(

@@ -106,10 +106,20 @@ def imports_of(path: Path, package: str) -> set[str]:
     return out
 
 
+FRONT_ENDS = ["edgemoe.cli", "edgemoe.convert_cli", "edgemoe.profile_cli", "edgemoe.ui"]
+"""The command line and the chat: nothing below them imports them, and the
+chat shares the CLI's text through edgemoe.report, not through the CLI."""
+
 # folder -> (its package name, prefixes it must never import)
 RULES = {
-    "converters": ("edgemoe.converters", ["edgemoe.runtime"]),
-    "runtime": ("edgemoe.runtime", ["edgemoe.converters"]),
+    "converters": ("edgemoe.converters", ["edgemoe.runtime", *FRONT_ENDS]),
+    "runtime": ("edgemoe.runtime", ["edgemoe.converters", *FRONT_ENDS]),
+    "edgemoe/ui": (
+        "edgemoe.ui",
+        ["edgemoe.cli", "edgemoe.convert_cli", "edgemoe.profile_cli"],
+    ),
+    "edgemoe/quant": ("edgemoe.quant", ["edgemoe.runtime", "edgemoe.converters"]),
+    "edgemoe/format": ("edgemoe.format", ["edgemoe.converters", *FRONT_ENDS]),
     "edgemoe/arch": ("edgemoe.arch", ["edgemoe.runtime", "edgemoe.converters"]),
     "edgemoe/checkpoint": (
         "edgemoe.checkpoint",

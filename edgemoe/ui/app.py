@@ -162,7 +162,7 @@ class ChatApp(App[int]):
         self.show_stats(message.stats)
 
     def on_turn_finished(self, message: TurnFinished) -> None:
-        from edgemoe.cli import stats_line
+        from edgemoe.report import stats_line
 
         r = message.result
         if self.reply is not None:

@@ -69,7 +69,7 @@ def run_repl(
 
 
 def _reply(session: ChatSession, text: str, out: TextIO, err: TextIO) -> None:
-    from edgemoe.cli import stats_line
+    from edgemoe.report import stats_line
 
     turn = session.turn(text)
     restore = _stop_on_sigint(session.stop)

@@ -192,7 +192,7 @@ class Turn:
 
 class ChatSession:
     """A loaded model plus the conversation. ``loader(**overrides)`` loads the
-    model with the command line's options (``edgemoe.cli._load``); a budget
+    model with the command line's options; a budget
     change reloads through it."""
 
     def __init__(
@@ -343,11 +343,9 @@ class ChatSession:
         return CommandResult((f"reloaded with budget {shown}",), model_changed=True)
 
     def _quality(self, rest: str) -> CommandResult:
-        from edgemoe.cli import _quality
-
         model = self.require_model()
         if rest:
-            model.set_quality(_quality(rest))
+            model.set_quality(rest)  # a preset or "T1,T2"
             return CommandResult((f"quality = {rest}",), model_changed=True)
         return CommandResult((f"quality {model.options.quality}",))
 
