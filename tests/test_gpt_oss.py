@@ -278,6 +278,28 @@ def test_converted_model_follows_transformers(convertible, converted):
     assert r8 < 0.1 and r8 < r4 < r2, (r8, r4, r2)
 
 
+def test_conversion_reads_each_stacked_expert_tensor_once_per_layer(
+    convertible, tmp_path, monkeypatch
+):
+    """gpt-oss stores a layer's experts stacked in one tensor: converting,
+    which reads experts one at a time, cuts them from one read per tensor
+    and layer, not one per expert."""
+    from edgemoe.checkpoint.hf import HFCheckpoint
+    from edgemoe.converters.convert import ConvertOptions, convert
+
+    reads = []
+    load = HFCheckpoint.load
+
+    def counted(self, name):
+        if name.endswith("_exps.weight"):
+            reads.append(name)
+        return load(self, name)
+
+    monkeypatch.setattr(HFCheckpoint, "load", counted)
+    convert(convertible, tmp_path / "edge", ConvertOptions(calib_tokens=512))
+    assert sorted(reads) == sorted(set(reads)) and len(reads) == 2 * 3  # layers x 3
+
+
 def test_converted_model_under_a_quarter_budget_is_lossless(converted):
     """Streaming a quarter of the experts at a time, the host-placed graphs
     (expert biases by the slot order's expert ids) give the in-memory logits

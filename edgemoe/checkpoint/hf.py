@@ -101,6 +101,9 @@ class HFCheckpoint:
         self.spec = _spec_from_config(self.family, self.config, root / "config.json")
         self._files = self._open_files(root)
         self._sources = self._route()
+        self._stacked: dict[str, Weight] = {}
+        """The last three stacked expert tensors load_expert cut experts from
+        (a layer's gate, up, down), so each is read once per layer."""
 
     def _open_files(self, root: Path) -> dict[str, SafetensorsFile]:
         index_path = root / "model.safetensors.index.json"
@@ -274,7 +277,11 @@ class HFCheckpoint:
         OLMoE, DeepSeek): the converter then holds an expert, not a layer."""
         own = [p for p in self._sources[name] if p[2] == e]
         if not own:  # stacked in the file (gpt-oss): cut from the whole
-            w = self.load(name)
+            w = self._stacked.get(name)
+            if w is None:
+                w = self.load(name)
+                self._stacked = dict(list(self._stacked.items())[-2:])
+                self._stacked[name] = w
             return Weight(name, w.qtype, w.shape[1:], w.data[e].copy())
         f, src, _, part = own[0]
         shape = tensor_layout(self.spec)[name][0][1:]
@@ -320,6 +327,7 @@ class HFCheckpoint:
         return Weight(name, GGML_MXFP4, shape, data)
 
     def close(self) -> None:
+        self._stacked = {}
         for f in self._files.values():
             f.close()
 
