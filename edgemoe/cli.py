@@ -14,6 +14,7 @@ from typing import Any
 from edgemoe import __version__
 from edgemoe.report import offload_line, stats_line
 from edgemoe.units import mib as _mib
+from edgemoe.units import mib_up
 
 
 class Parser(argparse.ArgumentParser):
@@ -457,11 +458,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"{report.seconds:.1f} s",
             file=sys.stderr,
         )
+        from edgemoe.format.reader import EdgeCheckpoint
+        from edgemoe.runtime.offload import budgets
+
+        ckpt = EdgeCheckpoint(dst)
+        try:
+            need = budgets(ckpt).resident  # what convert and inspect print
+        finally:
+            ckpt.close()
         prompt = "def main():"
         for level in reversed(report.manifest.levels):
-            size = report.level_bytes[level] + report.backbone_bytes
             print(
-                f"\n--- level {level}: {_mib(size)} with every expert resident",
+                f"\n--- level {level}: experts {_mib(report.level_bytes[level])}, "
+                f"all resident from {mib_up(need[level])} (--budget)",
                 file=sys.stderr,
             )
             with load(dst, n_threads=args.threads, force_level=level) as model:

@@ -182,6 +182,8 @@ def test_demo(capsys):
     out, err = run_main(capsys, "demo", "-n", 8)
     assert "RANDOM WEIGHTS" in err
     assert "generated 8 in" in err
+    # The same resident budgets convert, inspect and profile print.
+    assert re.search(r"--- level 8: experts [\d.]+ MiB, all resident from \d+ MiB", err)
     assert STATS.search(err)
     assert out.startswith("def main():")
 
