@@ -209,11 +209,7 @@ class DeepSeek(Family):
                 f"{meta.source}: {meta.arch}.expert_gating_func {gating!r} "
                 "(1 softmax or 2 sigmoid)"
             )
-        dense = meta._int(
-            f"{meta.arch}.leading_dense_block_count",
-            meta.get("leading_dense_block_count", 0),
-            "layer_index",
-        )
+        dense = meta.get_int("leading_dense_block_count", "layer_index", 0)
         ffn = meta.get_int("expert_feed_forward_length", "ffn")
         shared = meta.get_int("expert_shared_count", "n_expert")
         norm = meta.get("expert_weights_norm", False)
