@@ -159,3 +159,22 @@ def test_ggml_sum_of_planes_matches_dequantized_matmul(levels, n, k, t):
         g.free()
         rel = np.abs(out - ref).max() / np.abs(ref).max()
         assert rel < 1e-5, (level, rel)
+
+
+@pytest.mark.parametrize(
+    "rows, imatrix, needle",
+    [
+        (np.full((2, 256), np.nan, np.float32), None, "NaN or infinite values"),
+        (np.ones((2, 250), np.float32), None, "multiple of 256 values"),
+        (np.ones((2, 256), np.float32), np.ones(128, np.float32), "must be 256 finite"),
+    ],
+)
+def test_bad_rows_are_refused_before_ggml_quantizes(rows, imatrix, needle):
+    """ggml's quantizers are never handed rows they would misread: one typed
+    line instead of a crash in C or silent garbage."""
+    from edgemoe.errors import ConfigError
+    from edgemoe.quant.ggml_quant import quantize
+
+    with pytest.raises(ConfigError) as info:
+        quantize(rows, BLOCK_TYPES["Q2_K"].ggml, imatrix)
+    assert needle in str(info.value) and "\n" not in str(info.value)
