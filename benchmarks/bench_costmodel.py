@@ -83,7 +83,7 @@ def main() -> int:
 
     from edgemoe.format.reader import EdgeCheckpoint
     from edgemoe.profile import load_profile
-    from edgemoe.profiler import measure, write_profile
+    from edgemoe.commands.probe import measure, write_profile
     from edgemoe.runtime.costmodel import predict
     from edgemoe.runtime.dual_routing import LevelPolicy
     from edgemoe.runtime.offload import memory_plan

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgemoe.sampling_params import SamplingParams
+
 __version__ = "0.1.0"
-__all__ = ["__version__", "load"]
+__all__ = ["SamplingParams", "__version__", "load"]
 
 
 def load(path: str, **options: Any):

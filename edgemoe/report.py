@@ -266,23 +266,70 @@ def stats_line(timings) -> str:
     )
 
 
-def offload_line(steps, budget: int, timings) -> str:
-    """Expert streaming over a generation: reads, stall and hits by level."""
-    read = sum(m.bytes_read for m in steps)
-    stall = sum(m.stall_ms for m in steps) / 1e3
+def offload_line(totals, budget: int, timings) -> str:
+    """Expert streaming over a generation (``StepTotals``): reads, stall and
+    hits by level."""
     wall = timings.prompt_s + timings.generation_s
-    levels = sorted({lv for m in steps for lv in m.hits})
-    hits = {lv: sum(m.hits[lv] for m in steps) for lv in levels}
-    misses = {lv: sum(m.misses[lv] for m in steps) for lv in levels}
-    # Levels no expert ran at (above a forced --level) are not 0% hits.
-    levels = [lv for lv in levels if hits[lv] + misses[lv]]
-    rate = sum(hits.values()) / max(sum(hits.values()) + sum(misses.values()), 1)
-    per = " ".join(
-        f"L{lv} {hits[lv] / max(hits[lv] + misses[lv], 1):.0%}" for lv in levels
-    )
+    per = " ".join(f"L{lv} {r:.0%}" for lv, r in totals.hit_rates().items())
     tokens = max(timings.prompt_tokens + timings.generation_tokens, 1)
+    read = totals.bytes_read
     return (
         f"experts: budget {_mib(budget)} · read {_mib(read)} "
-        f"({read / tokens / 2**20:.1f} MiB/token) · stall {stall / max(wall, 1e-9):.0%}"
-        f" · plane hits {rate:.0%} ({per})"
+        f"({read / tokens / 2**20:.1f} MiB/token) · "
+        f"stall {totals.stall_ms / 1e3 / max(wall, 1e-9):.0%}"
+        f" · plane hits {totals.hit_rate:.0%} ({per})"
+    )
+
+
+def completion_lines(last, totals, budget: int | None) -> list[str]:
+    """``run``'s summary after a completion (stderr): speed, timings, memory,
+    and the offload line when experts stream under a budget."""
+    t = last.timings
+    cached = f" ({t.cached_tokens} cached)" if t.cached_tokens else ""
+    peak = max(last.memory.peak_rss_bytes, last.memory.rss_bytes)
+    lines = [
+        stats_line(t),
+        f"prompt {t.prompt_tokens} tokens in {t.prompt_s * 1e3:.0f} ms{cached} · "
+        f"generated {t.generation_tokens} in {t.generation_s * 1e3:.0f} ms · "
+        f"TTFT {t.ttft_s * 1e3:.0f} ms · finish: {last.finish_reason}",
+        f"peak memory: {_mib(peak)} RSS",
+    ]
+    if budget:
+        lines.append(offload_line(totals, budget, t))
+    return lines
+
+
+def threads_text(threads: int | None, thread_use: dict[int, float]) -> str:
+    """The threads column: a fixed count, or the tuned counts and the share
+    of the run each one ran."""
+    if threads:
+        return str(threads)
+    return "auto: " + ", ".join(
+        f"{n} ({share:.0%})"
+        for n, share in sorted(thread_use.items(), reverse=True)
+        if share >= 0.005
+    )
+
+
+def bench_table(name: str, size: int, budget: int | None, threads: str, results):
+    """``bench``'s llama-bench-style markdown table, a row per test."""
+    budget_col = _mib(budget) if budget else "all"
+    rows = [
+        "| model | size | budget | threads | test | t/s | stall | MiB read/token "
+        "| hits |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows += [
+        f"| {name} | {_mib(size)} | {budget_col} | {threads} | {r['test']} | "
+        f"{r['tps']:.2f} ± {r['tps_sd']:.2f} | {r['stall_fraction']:.0%} | "
+        f"{r['read_per_token'] / 2**20:.1f} | {r['hit_rate']:.0%} |"
+        for r in results
+    ]
+    return "\n".join(rows)
+
+
+def perplexity_line(res, window: int) -> str:
+    return (
+        f"perplexity: {res.perplexity:.4f} over {res.tokens} tokens "
+        f"({res.windows} windows of {window}, {res.seconds:.1f} s)"
     )

@@ -139,11 +139,11 @@ def _stream(model, tokens, n: int, seed: int) -> list[int]:
 
 
 def _add(res: BenchResult, seconds: float, steps, tokens: int) -> None:
-    stall = sum(m.stall_ms for m in steps) / 1e3
-    hits = sum(sum(m.hits.values()) for m in steps)
-    misses = sum(sum(m.misses.values()) for m in steps)
+    from edgemoe.runtime.metrics import StepTotals
+
+    t = StepTotals.of(steps)
     res.tps.append(tokens / seconds)
-    res.stall_fraction.append(stall / seconds)
-    res.read_per_token.append(sum(m.bytes_read for m in steps) / tokens)
-    res.expert_bytes_per_token.append(sum(m.expert_bytes for m in steps) / tokens)
-    res.hit_rate.append(hits / max(hits + misses, 1))
+    res.stall_fraction.append(t.stall_ms / 1e3 / seconds)
+    res.read_per_token.append(t.bytes_read / tokens)
+    res.expert_bytes_per_token.append(t.expert_bytes / tokens)
+    res.hit_rate.append(t.hit_rate)

@@ -1,33 +1,9 @@
-"""Memory budgets: parsing sizes, and splitting a budget between the resident
-backbone, the KV cache, compute scratch and the expert plane slots."""
+"""Memory budgets: parsing sizes, and splitting what a budget leaves for experts
+between the plane slot pools (the whole plan is offload.MemoryPlan)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from edgemoe.units import fmt_size, parse_size  # noqa: F401  (re-exported)
-
-
-@dataclass(frozen=True)
-class BudgetPlan:
-    """How a budget is spent. ``slots[p]`` expert slots for plane p."""
-
-    total: int
-    backbone: int
-    kv_cache: int
-    scratch: int
-    plane_bytes: tuple[int, ...]
-    """Bytes of one expert's plane p (gate + up + down)."""
-    slots: tuple[int, ...]
-
-    @property
-    def experts(self) -> int:
-        # One extra, all-zero slot per plane (see runtime/expert_cache.py).
-        return sum((s + 1) * b for s, b in zip(self.slots, self.plane_bytes))
-
-    @property
-    def used(self) -> int:
-        return self.backbone + self.kv_cache + self.scratch + self.experts
 
 
 def plan_slots(

@@ -12,7 +12,8 @@ from typing import Any
 
 from edgemoe.errors import ConfigError, ContextOverflowError
 from edgemoe.runtime.metrics import MemoryStats, StepCounter, StepMetrics, memory_stats
-from edgemoe.runtime.sampling import Sampler, SamplingParams
+from edgemoe.runtime.sampling import Sampler
+from edgemoe.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -131,18 +132,10 @@ def prompt_ids(model, prompt: Any, add_special: bool = True) -> list[int]:
 def generate(
     model,
     prompt: Any,
+    params: SamplingParams | None = None,
     *,
-    max_tokens: int = 256,
-    temperature: float = 0.8,
-    top_k: int = 40,
-    top_p: float = 0.95,
-    min_p: float = 0.05,
-    repeat_penalty: float = 1.0,
-    repeat_last_n: int = 64,
-    seed: int | None = None,
-    stop: Sequence[str] = (),
     add_special: bool = True,
-    ignore_eos: bool = False,
+    **changes: Any,
 ) -> Iterator[GenerationResponse]:
     """Generate a completion of ``prompt``, one response per token.
 
@@ -151,13 +144,11 @@ def generate(
         prompt: text, a list of token ids, or chat messages
             (``[{"role": "user", "content": ...}]``, rendered with the model's
             chat template).
-        max_tokens: upper bound on generated tokens.
-        temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed:
-            sampling (``SamplingParams``); temperature 0 is greedy.
-        stop: strings that end generation; they are not emitted (one string
-            is one stop string, not a set of characters).
+        params: how to sample and when to stop (``SamplingParams``; its
+            defaults when None).
         add_special: let the tokenizer add BOS to a text prompt.
-        ignore_eos: keep generating past end-of-sequence tokens.
+        changes: ``SamplingParams`` fields that override ``params``
+            (``max_tokens=32, temperature=0``).
 
     Yields:
         ``GenerationResponse`` per token; the last has ``finish_reason`` set.
@@ -166,16 +157,9 @@ def generate(
     the previous call is kept, not evaluated again (``Timings.cached_tokens``):
     a chat turn resends the whole conversation.
     """
-    if max_tokens < 0:
-        raise ConfigError(f"max_tokens must be >= 0, got {max_tokens}")
-    stop = [stop] if isinstance(stop, str) else list(stop or ())
-    if not all(isinstance(s, str) and s for s in stop):
-        raise ConfigError(f"stop strings must be non-empty strings, got {stop!r}")
-    sampler = Sampler(
-        SamplingParams(
-            temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed
-        )
-    )
+    p = SamplingParams.make(params, **changes) if changes or params is None else params
+    max_tokens, ignore_eos = p.max_tokens, p.ignore_eos
+    sampler = Sampler(p)
     t0 = time.perf_counter()
     ids = prompt_ids(model, prompt, add_special)
     if not ids:
@@ -197,7 +181,7 @@ def generate(
     prompt_s = time.perf_counter() - t0
     eos = set(model.tokenizer.eos_ids) | set(model.spec.eos_token_ids)
     detok = _Detokenizer(model.tokenizer)
-    stops = _StopMatcher(stop)
+    stops = _StopMatcher(p.stop)
     history = list(ids)
     ttft = 0.0
     t_decode = time.perf_counter()

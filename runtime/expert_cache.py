@@ -49,7 +49,7 @@ class CacheCounters:
 def keep_score(age, uses, hot, ahead, n: int):
     """How much a resident plane is worth keeping; the lowest is evicted.
     ``age``: layer steps since its last use over the ``n`` MoE layers;
-    ``uses``: its expert's runs in this sequence; ``hot``: its calibration
+    ``uses``: its expert's runs since the model loaded; ``hot``: its calibration
     frequency; ``ahead``: layers until its layer runs again. Scalars or
     arrays."""
     return -0.4 * age + 0.3 * np.log1p(uses) + 0.2 * hot - 0.3 * ahead / n
@@ -141,7 +141,8 @@ class PlaneCache:
         changed under a running model is caught at its next read."""
         n_layer = ckpt.spec.n_layer
         self.uses = np.zeros((n_layer, self.n_expert), dtype=np.int64)
-        """Times each (layer, expert) ran in this sequence."""
+        """Times each (layer, expert) ran since the model loaded, over every
+        sequence: the cache is shared by all of them (batched decode)."""
         self.hot = np.zeros((n_layer, self.n_expert))  # calibration frequency
         for layer, row in enumerate(m.hotness):
             if row:
@@ -193,9 +194,6 @@ class PlaneCache:
         return [
             int((s == READY).sum()) * b for s, b in zip(self.state, self.plane_bytes)
         ]
-
-    def new_sequence(self) -> None:
-        self.uses[...] = 0
 
     # -- loading -------------------------------------------------------------
     def poll(self) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import resource
 import sys
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,60 @@ class StepMetrics:
     resident_bytes: dict[int, int]
     """Expert bytes in memory now, by the level of the plane (bits)."""
     rss_bytes: int
+
+
+@dataclass
+class StepTotals:
+    """``StepMetrics`` summed over steps (a generation, a bench run, a chat
+    turn): the one place reads, stalls and hits are added up for the offload
+    line, ``bench`` and the chat's panels."""
+
+    steps: int = 0
+    compute_ms: float = 0.0
+    io_ms: float = 0.0
+    stall_ms: float = 0.0
+    bytes_read: int = 0
+    expert_bytes: int = 0
+    hits: Counter[int] = field(default_factory=Counter)
+    misses: Counter[int] = field(default_factory=Counter)
+    resident_bytes: dict[int, int] = field(default_factory=dict)
+    """The latest step's, by level (what is in memory now, not a sum)."""
+    rss_bytes: int = 0
+    """The latest step's."""
+
+    @classmethod
+    def of(cls, steps: Iterable[StepMetrics]) -> StepTotals:
+        totals = cls()
+        for m in steps:
+            totals.add(m)
+        return totals
+
+    def add(self, m: StepMetrics) -> None:
+        self.steps += 1
+        self.compute_ms += m.compute_ms
+        self.io_ms += m.io_ms
+        self.stall_ms += m.stall_ms
+        self.bytes_read += m.bytes_read
+        self.expert_bytes += m.expert_bytes
+        self.hits.update(m.hits)
+        self.misses.update(m.misses)
+        self.resident_bytes = dict(m.resident_bytes)
+        self.rss_bytes = m.rss_bytes
+
+    @property
+    def hit_rate(self) -> float:
+        """Plane hits over all lookups; 0 with none."""
+        hits, misses = sum(self.hits.values()), sum(self.misses.values())
+        return hits / max(hits + misses, 1)
+
+    def hit_rates(self) -> dict[int, float]:
+        """Hit rate by level, ascending, for levels that saw lookups: a level
+        no expert ran at (above a forced ``--level``) is not "0% hits"."""
+        return {
+            lv: self.hits[lv] / (self.hits[lv] + self.misses[lv])
+            for lv in sorted(set(self.hits) | set(self.misses))
+            if self.hits[lv] + self.misses[lv] > 0
+        }
 
 
 class StepCounter:

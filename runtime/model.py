@@ -293,21 +293,11 @@ class Model:
         self.reset()
         return self.eval(token_ids, all_logits=True)
 
-    def generate(self, prompt, **kwargs: Any) -> Iterator:
+    def generate(self, prompt, params=None, **kwargs: Any) -> Iterator:
         """Stream a completion; see ``edgemoe.runtime.engine.generate``."""
-        import inspect
-
         from edgemoe.runtime.engine import generate
 
-        known = [
-            p.name
-            for p in inspect.signature(generate).parameters.values()
-            if p.kind is p.KEYWORD_ONLY
-        ]
-        unknown = sorted(set(kwargs) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown generate option(s) {unknown}; known: {known}")
-        return generate(self, prompt, **kwargs)
+        return generate(self, prompt, params, **kwargs)
 
     # -- facts -------------------------------------------------------------------
     @property

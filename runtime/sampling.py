@@ -6,55 +6,10 @@ min-p, temperature); temperature 0 is greedy.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 
-from edgemoe.errors import ConfigError, ModelOutputError
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.8
-    """0 picks the most likely token (greedy)."""
-    top_k: int = 40
-    """Keep the k most likely tokens; 0 keeps all."""
-    top_p: float = 0.95
-    """Keep the smallest set whose probability reaches p; 1 keeps all."""
-    min_p: float = 0.05
-    """Drop tokens below min_p times the top token's probability."""
-    repeat_penalty: float = 1.0
-    """Divide positive (multiply negative) logits of recent tokens; 1 is off."""
-    repeat_last_n: int = 64
-    """How many recent tokens the penalty looks at; 0 disables it, -1 means the
-    whole history (llama.cpp's convention)."""
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        seed = self.seed
-        if seed is not None and (type(seed) is not int or not 0 <= seed < 2**64):
-            raise ConfigError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
-        # Written so that NaN fails every check (comparisons with NaN are False).
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ConfigError(
-                f"temperature must be finite and >= 0, got {self.temperature}"
-            )
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise ConfigError(f"min_p must be in [0, 1), got {self.min_p}")
-        if not (self.repeat_penalty > 0 and math.isfinite(self.repeat_penalty)):
-            raise ConfigError(
-                f"repeat_penalty must be finite and > 0, got {self.repeat_penalty}"
-            )
-        if self.repeat_last_n < -1:
-            raise ConfigError(
-                f"repeat_last_n must be >= -1 (-1: all, 0: off), got "
-                f"{self.repeat_last_n}"
-            )
+from edgemoe.errors import ModelOutputError
+from edgemoe.sampling_params import SamplingParams
 
 
 class Sampler:

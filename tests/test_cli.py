@@ -241,12 +241,13 @@ def test_synth_gguf_of_each_quant_type_runs_as_in_llamacpp(tmp_path, capsys, qty
 def test_no_repack_reaches_the_loader(monkeypatch, flag, repack):
     """``--no-repack`` (llama.cpp's flag) loads weights in the file's layout."""
     from edgemoe import cli
+    from edgemoe.commands.options import load_model
     from edgemoe.runtime import model
 
     seen = {}
     monkeypatch.setattr(model, "load", lambda path, **options: seen.update(options))
     args = cli.build_parser().parse_args(["run", "m.gguf", "-p", "x", *flag])
-    cli._load(args)
+    load_model(args)
     assert seen["repack"] is repack
 
 

@@ -402,7 +402,7 @@ def test_a_piped_convert_prints_progress_lines_with_a_moving_eta(fixture_dir, tm
     import io
     import re
 
-    from edgemoe.convert_cli import convert_progress
+    from edgemoe.commands.convert import convert_progress
 
     out = io.StringIO()
     progress = convert_progress(out, tty=False, every=0.0)

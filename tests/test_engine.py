@@ -98,6 +98,23 @@ def test_finish_reason_length(tokenizer, max_tokens):
     assert text_of(out) == tokenizer.decode(script[:max_tokens])
 
 
+def test_sampling_params_and_their_overrides(tokenizer):
+    """One ``SamplingParams`` drives generation; fields given by name override
+    it, and a misspelt name is refused rather than ignored."""
+    from edgemoe.errors import ConfigError
+    from edgemoe.sampling_params import SamplingParams
+
+    script = ids_of(tokenizer, TEXT)
+    params = SamplingParams(max_tokens=3, temperature=0, stop=("never",))
+    out = list(generate(ScriptedModel(tokenizer, script), "x", params))
+    assert [r.token for r in out] == script[:3]
+    out = list(generate(ScriptedModel(tokenizer, script), "x", params, max_tokens=5))
+    assert [r.token for r in out] == script[:5]
+    assert params.max_tokens == 3  # the caller's params are not changed
+    with pytest.raises(ConfigError, match=r"\['max_token'\]"):
+        list(generate(ScriptedModel(tokenizer, script), "x", params, max_token=5))
+
+
 def test_max_tokens_zero_yields_one_final_response(tokenizer):
     out = run(ScriptedModel(tokenizer, [5]), max_tokens=0)
     assert [(r.text, r.token, r.finish_reason) for r in out] == [("", None, "length")]

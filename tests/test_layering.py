@@ -1,6 +1,13 @@
-"""Import layering: the core (edgemoe, arch, checkpoint, errors) stays light and
-never reaches into the runtime or converters; runtime and converters do not
-import each other."""
+"""Import layering, for every package.
+
+- The foundation (edgemoe's own modules, arch, checkpoint, format, quant) stays
+  light and never reaches into the runtime, the converters or the app.
+- The runtime and the converters do not import each other, nor the app.
+- The app: ``edgemoe.cli`` (the parser) over ``edgemoe.commands`` (a module per
+  command), and ``edgemoe.ui`` (the chat); both print through
+  ``edgemoe.report`` and ``edgemoe.progress``. Nothing below imports them, the
+  UI never imports the CLI, and only the chat command starts the UI.
+"""
 
 from __future__ import annotations
 
@@ -23,9 +30,12 @@ CORE = [
     "edgemoe.errors",
     "edgemoe.units",
     "edgemoe.profile",
-    "edgemoe.profiler",
-    "edgemoe.profile_cli",
+    "edgemoe.sampling_params",
     "edgemoe.cli",
+    "edgemoe.commands.options",
+    "edgemoe.commands.probe",
+    "edgemoe.commands.profile",
+    "edgemoe.commands.run",
 ]
 FORBIDDEN = [
     "edgemoe.runtime",
@@ -106,38 +116,91 @@ def imports_of(path: Path, package: str) -> set[str]:
     return out
 
 
-FRONT_ENDS = ["edgemoe.cli", "edgemoe.convert_cli", "edgemoe.profile_cli", "edgemoe.ui"]
-"""The command line and the chat: nothing below them imports them, and the
-chat shares the CLI's text through edgemoe.report, not through the CLI."""
+FRONT_ENDS = ["edgemoe.cli", "edgemoe.commands", "edgemoe.ui"]
+APP = [*FRONT_ENDS, "edgemoe.report", "edgemoe.progress"]
+APP_MODULES = {"cli.py", "report.py", "progress.py", "__main__.py", "__init__.py"}
+"""edgemoe's own modules that are not the foundation: the app's, and the
+package's facade (``edgemoe.load`` imports the runtime when called)."""
+BELOW_APP = ["edgemoe.runtime", "edgemoe.converters", *APP]
 
 # folder -> (its package name, prefixes it must never import)
 RULES = {
-    "converters": ("edgemoe.converters", ["edgemoe.runtime", *FRONT_ENDS]),
-    "runtime": ("edgemoe.runtime", ["edgemoe.converters", *FRONT_ENDS]),
-    "edgemoe/ui": (
-        "edgemoe.ui",
-        ["edgemoe.cli", "edgemoe.convert_cli", "edgemoe.profile_cli"],
-    ),
-    "edgemoe/quant": ("edgemoe.quant", ["edgemoe.runtime", "edgemoe.converters"]),
-    "edgemoe/format": ("edgemoe.format", ["edgemoe.converters", *FRONT_ENDS]),
-    "edgemoe/arch": ("edgemoe.arch", ["edgemoe.runtime", "edgemoe.converters"]),
-    "edgemoe/checkpoint": (
-        "edgemoe.checkpoint",
-        ["edgemoe.runtime", "edgemoe.converters"],
-    ),
+    "edgemoe": ("edgemoe", BELOW_APP),  # the foundation modules (APP_MODULES aside)
+    "edgemoe/arch": ("edgemoe.arch", BELOW_APP),
+    "edgemoe/checkpoint": ("edgemoe.checkpoint", BELOW_APP),
+    "edgemoe/format": ("edgemoe.format", BELOW_APP),
+    "edgemoe/quant": ("edgemoe.quant", BELOW_APP),
+    "profiles": ("edgemoe.profiles", BELOW_APP),
+    "converters": ("edgemoe.converters", ["edgemoe.runtime", *APP]),
+    "runtime": ("edgemoe.runtime", ["edgemoe.converters", *APP]),
+    "edgemoe/commands": ("edgemoe.commands", ["edgemoe.cli"]),
+    "edgemoe/ui": ("edgemoe.ui", ["edgemoe.cli", "edgemoe.commands"]),
 }
+APP_RULE = ["edgemoe.cli", "edgemoe.commands", "edgemoe.ui"]
+"""report.py and progress.py serve the CLI and the chat alike: they import neither."""
+
+
+def modules_of(folder: str) -> list[Path]:
+    files = sorted((ROOT / folder).glob("*.py"))
+    if folder == "edgemoe":
+        files = [p for p in files if p.name not in APP_MODULES]
+    return files
+
+
+def test_every_package_has_a_rule():
+    """A new package cannot slip past the rules: pyproject's packages are
+    exactly the folders above."""
+    import tomllib
+
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = conf.get("package-dir", {})
+    folders = {dirs.get(p, p.replace(".", "/")) for p in conf["packages"]}
+    assert folders == set(RULES)
 
 
 @pytest.mark.parametrize("folder", sorted(RULES))
 def test_static_layering(folder):
     package, banned = RULES[folder]
-    files = sorted((ROOT / folder).glob("*.py"))
+    files = modules_of(folder)
     assert files, f"no modules in {folder}"
     bad = {
         str(p.relative_to(ROOT)): sorted(hits(sorted(imports_of(p, package)), banned))
         for p in files
     }
     assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_report_and_progress_serve_both_front_ends():
+    for name in ("report.py", "progress.py"):
+        found = imports_of(ROOT / "edgemoe" / name, "edgemoe")
+        assert hits(sorted(found), APP_RULE) == [], name
+
+
+def test_only_the_chat_command_starts_the_ui():
+    users = [
+        p.name
+        for p in modules_of("edgemoe/commands")
+        if hits(sorted(imports_of(p, "edgemoe.commands")), ["edgemoe.ui"])
+    ]
+    assert users == ["chat.py"]
+
+
+def test_building_the_parser_is_light(tmp_path):
+    """``edgemoe --help`` and a usage error import no numpy, ggml or Textual."""
+    code = (
+        "import json, sys\n"
+        "from edgemoe.cli import build_parser\n"
+        "build_parser()\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    heavy = ["numpy", "gguf", "textual", "rich", "torch", "llama_cpp", "onnxruntime"]
+    assert hits(loaded, heavy) == []
+    assert "edgemoe.commands.chat" in loaded  # it did build every command
 
 
 def test_static_scan_finds_imports(tmp_path):

@@ -126,7 +126,7 @@ def _stage(root, meminfo: str, model: str = "", tegra: str = ""):
 
 
 def test_auto_detects_jetson_and_uses_memavailable(tmp_path):
-    from edgemoe.profiler import auto_profile
+    from edgemoe.commands.probe import auto_profile
 
     # Page cache fills RAM: MemFree is tiny, MemAvailable is what can be had.
     _stage(
@@ -142,7 +142,7 @@ def test_auto_detects_jetson_and_uses_memavailable(tmp_path):
 
 
 def test_auto_detects_raspberry_pi_and_generic(tmp_path):
-    from edgemoe.profiler import auto_profile
+    from edgemoe.commands.probe import auto_profile
 
     _stage(
         tmp_path / "pi",

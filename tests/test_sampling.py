@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgemoe.errors import ConfigError
-from edgemoe.runtime.sampling import Sampler, SamplingParams
+from edgemoe.runtime.sampling import Sampler
+from edgemoe.sampling_params import SamplingParams
 
 V = 50
 

@@ -22,7 +22,8 @@ import pytest
 
 import edgemoe
 from edgemoe.errors import ConfigError, ContextOverflowError
-from edgemoe.ui.session import ChatSession, Sampling
+from edgemoe.sampling_params import SamplingParams
+from edgemoe.ui.session import ChatSession
 
 STATS = re.compile(r"\[ Prompt: \d+\.\d t/s \| Generation: \d+\.\d t/s \]")
 ANSI = re.compile(
@@ -34,7 +35,7 @@ GREEDY = dict(temperature=0.0, seed=0)
 def plain_session(path, **sampling) -> ChatSession:
     return ChatSession(
         partial(edgemoe.load, path, n_threads=1),
-        Sampling(**{"max_tokens": 8, **GREEDY, **sampling}),
+        SamplingParams(**{"max_tokens": 8, **GREEDY, **sampling}),
     )
 
 
@@ -124,11 +125,12 @@ def test_session_history_and_commands(fixture_dir):
 
 
 def test_chat_command_line_defaults():
-    from edgemoe.cli import _sampling, build_parser
+    from edgemoe.cli import build_parser
+    from edgemoe.commands.options import sampling_params
 
     args = build_parser().parse_args(["chat", "m", "--system", "hi", "--plain"])
     assert (args.n_predict, args.system, args.plain) == (512, "hi", True)
-    assert Sampling(**_sampling(args)).max_tokens == 512
+    assert sampling_params(args).max_tokens == 512
 
 
 def test_repl_ctrl_c_handler():
@@ -286,7 +288,7 @@ def test_app_context_full(fixture_dir):
 
     session = ChatSession(
         partial(edgemoe.load, fixture_dir, n_ctx=48, n_threads=1),
-        Sampling(max_tokens=100, ignore_eos=True, **GREEDY),
+        SamplingParams(max_tokens=100, ignore_eos=True, **GREEDY),
     )
     app = ChatApp(session)
 
@@ -310,7 +312,7 @@ def test_app_memory_map_budget_and_quality(budgeted):
 
     loader, budget = budgeted
     session = ChatSession(
-        partial(loader, budget=budget), Sampling(max_tokens=8, **GREEDY)
+        partial(loader, budget=budget), SamplingParams(max_tokens=8, **GREEDY)
     )
     app = ChatApp(session)
 

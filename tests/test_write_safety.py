@@ -308,12 +308,13 @@ def test_app_ends_with_status_1_after_a_template_error(picky):
 
     import edgemoe
     from edgemoe.ui.app import ChatApp
-    from edgemoe.ui.session import ChatSession, Sampling
+    from edgemoe.sampling_params import SamplingParams
+    from edgemoe.ui.session import ChatSession
     from edgemoe.ui.widgets import PromptInput
 
     session = ChatSession(
         partial(edgemoe.load, picky, n_threads=1),
-        Sampling(max_tokens=4, temperature=0.0, seed=0),
+        SamplingParams(max_tokens=4, temperature=0.0, seed=0),
     )
     app = ChatApp(session)
 

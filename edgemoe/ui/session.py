@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgemoe.errors import ConfigError, EdgeMoEError
+from edgemoe.sampling_params import SamplingParams
 from edgemoe.ui.stats import (
     LiveStats,
     ModelInfo,
@@ -35,7 +36,7 @@ COMMANDS = (
     ("/bye", "quit (also /quit, /exit)"),
 )
 
-# /set names (dashes or underscores) -> Sampling fields.
+# /set names (dashes or underscores) -> SamplingParams fields.
 _SET_KEYS = {
     "temp": "temperature",
     "temperature": "temperature",
@@ -64,50 +65,11 @@ class FatalChatError(ConfigError):
 _PROBE = {"role": "user", "content": "hello"}
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """``model.generate`` options a chat can change with ``/set``."""
-
-    max_tokens: int = 512
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        from edgemoe.runtime.sampling import SamplingParams
-
-        object.__setattr__(self, "stop", tuple(self.stop))
-        if self.max_tokens < 1:
-            raise ConfigError(f"n-predict must be >= 1, got {self.max_tokens}")
-        SamplingParams(  # raises ConfigError naming the bad value
-            self.temperature,
-            self.top_k,
-            self.top_p,
-            self.min_p,
-            self.repeat_penalty,
-            self.repeat_last_n,
-            self.seed,
-        )
-
-    def kwargs(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["stop"] = list(self.stop)
-        return d
-
-    def describe(self) -> str:
-        seed = "random" if self.seed is None else self.seed
-        return (
-            f"temp {self.temperature:g} · top-k {self.top_k} · top-p {self.top_p:g} · "
-            f"min-p {self.min_p:g} · n-predict {self.max_tokens} · seed {seed} · "
-            f"repeat-penalty {self.repeat_penalty:g} · repeat-last-n "
-            f"{self.repeat_last_n} · ignore-eos {'on' if self.ignore_eos else 'off'}"
-        )
+def _chat_sampling(params: SamplingParams) -> SamplingParams:
+    """A chat reply of no tokens would look like a hang: refuse it up front."""
+    if params.max_tokens < 1:
+        raise ConfigError(f"n-predict must be >= 1, got {params.max_tokens}")
+    return params
 
 
 @dataclass(frozen=True)
@@ -153,7 +115,7 @@ class Turn:
             except ConfigError as e:
                 raise FatalChatError(str(e)) from None
             self.tracker = StatsTracker(model)
-            gen = model.generate(self.prompt, **s.sampling.kwargs())
+            gen = model.generate(self.prompt, s.sampling)
             try:
                 for r in gen:
                     self.text += r.text
@@ -198,11 +160,11 @@ class ChatSession:
     def __init__(
         self,
         loader: Callable[..., Any],
-        sampling: Sampling | None = None,
+        sampling: SamplingParams | None = None,
         system: str | None = None,
     ):
         self.loader = loader
-        self.sampling = sampling or Sampling()
+        self.sampling = _chat_sampling(sampling or SamplingParams(max_tokens=512))
         self.system = system or None
         self.history: list[dict[str, str]] = []
         self.turns = 0
@@ -309,8 +271,8 @@ class ChatSession:
         if name is None:
             known = ", ".join([*_SET_KEYS, "system", "budget"])
             raise ConfigError(f"cannot /set {key!r}; known: {known}")
-        self.sampling = dataclasses.replace(
-            self.sampling, **{name: _value(name, key, value)}
+        self.sampling = _chat_sampling(
+            dataclasses.replace(self.sampling, **{name: _value(name, key, value)})
         )
         return CommandResult((f"{key} = {value}",))
 
@@ -351,7 +313,7 @@ class ChatSession:
 
 
 def _value(name: str, key: str, text: str) -> Any:
-    """Parse ``/set KEY TEXT`` for Sampling field ``name``."""
+    """Parse ``/set KEY TEXT`` for SamplingParams field ``name``."""
     if name == "seed" and text.lower() in ("random", "none", "-1"):
         return None
     if name == "ignore_eos":

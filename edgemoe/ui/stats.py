@@ -4,11 +4,12 @@ built from a model's responses; nothing here imports Textual."""
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgemoe.runtime.metrics import StepTotals, memory_stats
 from edgemoe.units import fmt_size as mib
 
 SPARK_TOKENS = 120
@@ -93,12 +94,7 @@ class StatsTracker:
         self.every = residency_every
         self.last = None
         self.token_ms: deque[float] = deque(maxlen=SPARK_TOKENS)
-        self.stall_ms = 0.0
-        self.bytes_read = 0
-        self.hits: Counter[int] = Counter()
-        self.misses: Counter[int] = Counter()
-        self.resident: dict[int, int] = {}
-        self.rss = 0
+        self.totals = StepTotals()
         self.residency = residency_of(model)
         self._residency_t = time.monotonic()
 
@@ -109,14 +105,8 @@ class StatsTracker:
             if dt > 0:
                 self.token_ms.append(dt * 1e3)
         self.last = r
-        m = r.metrics
-        if m is not None:
-            self.stall_ms += m.stall_ms
-            self.bytes_read += m.bytes_read
-            self.hits.update(m.hits)
-            self.misses.update(m.misses)
-            self.resident = dict(m.resident_bytes)
-            self.rss = m.rss_bytes
+        if r.metrics is not None:
+            self.totals.add(r.metrics)
 
     def snapshot(self, final: bool = False) -> LiveStats:
         now = time.monotonic()
@@ -125,8 +115,6 @@ class StatsTracker:
             self._residency_t = now
         r = self.last
         if r is None:
-            from edgemoe.runtime.metrics import memory_stats
-
             mem = memory_stats()
             return LiveStats(
                 rss_bytes=mem.rss_bytes,
@@ -137,8 +125,8 @@ class StatsTracker:
         t = r.timings
         wall = t.prompt_s + t.generation_s
         tokens = t.prompt_tokens + t.generation_tokens
-        seen = {lv for lv in self.hits if self.hits[lv] + self.misses[lv] > 0}
-        rss = self.rss or r.memory.rss_bytes
+        tot = self.totals
+        rss = tot.rss_bytes or r.memory.rss_bytes
         return LiveStats(
             prompt_tokens=t.prompt_tokens,
             cached_tokens=t.cached_tokens,
@@ -147,16 +135,13 @@ class StatsTracker:
             prompt_tps=t.prompt_tps,
             generation_tps=t.generation_tps,
             token_ms=tuple(self.token_ms),
-            stall_fraction=self.stall_ms / 1e3 / wall if wall > 0 else 0.0,
-            hit_rate={
-                lv: self.hits[lv] / (self.hits[lv] + self.misses[lv])
-                for lv in sorted(seen)
-            },
-            bytes_read=self.bytes_read,
-            read_per_token=self.bytes_read / tokens if tokens else 0.0,
+            stall_fraction=tot.stall_ms / 1e3 / wall if wall > 0 else 0.0,
+            hit_rate=tot.hit_rates(),
+            bytes_read=tot.bytes_read,
+            read_per_token=tot.bytes_read / tokens if tokens else 0.0,
             rss_bytes=rss,
             peak_rss_bytes=max(r.memory.peak_rss_bytes, rss),
-            resident_bytes=dict(self.resident),
+            resident_bytes=dict(tot.resident_bytes),
             residency=self.residency,
             finish_reason=r.finish_reason,
         )

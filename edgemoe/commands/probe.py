@@ -1,7 +1,10 @@
-"""``edgemoe profile``: detect the device, measure it, and plan a model on it.
+"""This device, for ``edgemoe profile``: detect it (memory, cores, board) and
+measure it (memory bandwidth, storage reads, matmul rates, the runtime's
+overheads on a synthetic model) into a ``DeviceProfile``.
 
-App shell, like cli.py: it imports the runtime and converters lazily, inside
-the functions that need them.
+An app-level probe: it drives the runtime and the converters, so it lives with
+the commands, not in the foundation; it imports them inside the functions that
+need them.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from edgemoe.progress import Progress
 from edgemoe.units import mib as _mib
 
 
-def add_parsers(sub) -> None:
+def add_parser(sub) -> None:
     from edgemoe.converters.synth_presets import PRESETS
 
     c = sub.add_parser("convert", help="convert a checkpoint into nested expert planes")

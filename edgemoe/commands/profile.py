@@ -1,4 +1,6 @@
-"""``edgemoe profile`` and the ``--profile`` / ``--emulate`` load options."""
+"""``edgemoe profile``: list, detect or measure device profiles, and plan a
+converted model on one (runtime/planner.py). The ``--profile``/``--emulate``
+load options are in ``options``."""
 
 from __future__ import annotations
 
@@ -7,70 +9,12 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from edgemoe.errors import ConfigError
 from edgemoe.units import budget_flag, mib_up
 from edgemoe.units import mib as _mib
 
 
-def resolve(name: str):
-    """A profile by name, path, or "auto" (this machine)."""
-    if name == "auto":
-        from edgemoe.profiler import auto_profile
-
-        return auto_profile()[0]
-    from edgemoe.profile import load_profile
-
-    return load_profile(name)
-
-
-def add_load_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--profile",
-        metavar="NAME",
-        help="converted models: budget from a device profile (see edgemoe profile)",
-    )
-    g.add_argument(
-        "--emulate",
-        metavar="NAME",
-        help="as --profile, and expert reads throttled to its storage speed",
-    )
-
-
-def load_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """``edgemoe.load`` options that ``--profile``/``--emulate`` imply; an
-    explicit ``--budget`` wins. Prints what it does on stderr."""
-    name = getattr(args, "emulate", None) or getattr(args, "profile", None)
-    if not name:
-        return {}
-    prof = resolve(name)
-    converted = (Path(args.model) / "manifest.json").is_file()
-    out: dict[str, Any] = {}
-    if not converted:
-        print(
-            f"profile {prof.name}: {args.model} is not a converted model; it is held "
-            f"in memory whole ({prof.name} has {_mib(prof.memory_usable)} usable)",
-            file=sys.stderr,
-        )
-        return out
-    if args.budget is None:
-        out["budget"] = prof.memory_usable
-        line = f"profile {prof.name}: budget {_mib(prof.memory_usable)}"
-    else:
-        line = f"profile {prof.name}: budget {args.budget} (--budget)"
-    if getattr(args, "emulate", None):
-        out["throttle"] = (prof.storage_rand_read * 1e6, prof.storage_latency_ms / 1e3)
-        line += (
-            f", expert reads throttled to {prof.storage_rand_read:,.0f} MB/s + "
-            f"{prof.storage_latency_ms:.2f} ms (compute runs at this machine's speed)"
-        )
-    print(line, file=sys.stderr)
-    return out
-
-
-# -- edgemoe profile ----------------------------------------------------------------
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "profile", help="detect or measure this device and plan a model on it"
@@ -126,7 +70,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         )
     detected = None
     if args.measure:
-        from edgemoe.profiler import measure, write_profile
+        from edgemoe.commands.probe import measure, write_profile
 
         out = Path(args.output) if args.output else user_dir() / "local.toml"
         probe_file = None
@@ -149,7 +93,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         write_profile(prof, out)
         print(f"wrote {out}", file=sys.stderr)
     elif args.device == "auto":
-        from edgemoe.profiler import auto_profile
+        from edgemoe.commands.probe import auto_profile
 
         prof, detected = auto_profile()
     else:
