@@ -1,6 +1,7 @@
 """``edgemoe chat``'s full-screen app: chat pane and prompt on the left, memory
-and latency panels on the right. Replies and commands run on worker threads
-that report back only through messages."""
+and latency panels on the right (below ``NARROW`` columns they fold into one
+line; F2 shows them instead of the chat). Replies and commands run on worker
+threads that report back only through messages."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Footer, Header, Static
 
 from edgemoe.errors import EdgeMoEError
@@ -21,15 +22,17 @@ from edgemoe.ui.messages import (
     TurnFinished,
     WorkFailed,
 )
-from edgemoe.ui.session import ChatSession, FatalChatError, Turn, help_lines
+from edgemoe.ui.session import COMMANDS, ChatSession, FatalChatError, Turn
 from edgemoe.ui.stats import LiveStats
 from edgemoe.ui.widgets import (
     KEYS,
+    Body,
     ChatPane,
     HelpScreen,
     LatencyPanel,
     MemoryPanel,
     PromptInput,
+    StatsStrip,
 )
 
 
@@ -42,6 +45,7 @@ class ChatApp(App[int]):
     BINDINGS = [
         Binding("ctrl+c", "stop", "Stop reply", priority=True),
         Binding("f1", "help", "Help"),
+        Binding("f2", "panels", "Panels"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
@@ -56,28 +60,34 @@ class ChatApp(App[int]):
         """How the last reply ended ("stop", "length", "context", "stopped")."""
         self.info = session.info()
         """The model's facts, re-read when a command reloads or re-tunes it."""
+        self.speed = LiveStats()
+        """The figures the latency panel shows (the strip repeats them)."""
         self.fatal: str | None = None
         """The error that ended the app (``run_app`` raises it once it is gone)."""
 
     def compose(self) -> ComposeResult:
         yield Header()
-        with Horizontal(id="body"):
+        with Body(id="body"):
             with Vertical(id="main"):
                 yield ChatPane(id="chat")
+                yield StatsStrip(id="strip")
                 yield PromptInput(
                     id="prompt",
                     soft_wrap=True,
                     show_line_numbers=False,
                     placeholder="Message (Enter sends, Ctrl+J new line, /help)",
                 )
-            with VerticalScroll(id="side"):
-                yield MemoryPanel(id="memory")
+            # Only the memory map scrolls: the latency panel and its
+            # sparkline stay whole below it.
+            with Vertical(id="side"):
+                with VerticalScroll(id="memory-box"):
+                    yield MemoryPanel(id="memory")
                 yield LatencyPanel(id="latency")
         yield Footer()
 
     def on_mount(self) -> None:
         self.sub_title = self.info.path
-        self.query_one("#memory").border_title = "Memory"
+        self.query_one("#memory-box").border_title = "Memory"
         self.query_one("#latency").border_title = "Latency"
         self.show_stats(self.session.idle_stats())
         self.chat.add("/help lists commands · F1 or ? shows keys", "info")
@@ -90,9 +100,11 @@ class ChatApp(App[int]):
     def show_stats(self, live: LiveStats, latency: bool = True) -> None:
         """Refresh the panels; ``latency=False`` keeps the last turn's figures
         (after a reload only memory changed)."""
-        self.query_one(MemoryPanel).show(self.info, live)
         if latency:
+            self.speed = live
             self.query_one(LatencyPanel).show(self.info, live)
+        self.query_one(MemoryPanel).show(self.info, live)
+        self.query_one(StatsStrip).show(self.info, live, self.speed)
 
     # -- input -------------------------------------------------------------------------
     def on_prompt_submitted(self, message: PromptSubmitted) -> None:
@@ -123,7 +135,15 @@ class ChatApp(App[int]):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen(help_lines(KEYS)))
+            self.push_screen(HelpScreen([*COMMANDS, *KEYS]))
+
+    def action_panels(self) -> None:
+        """Wide: hide or show the side column. Narrow: the panels in place of
+        the chat, or back."""
+        body = self.query_one(Body)
+        body.toggle_class("flipped")
+        if body.has_class("narrow") and not body.has_class("flipped"):
+            self.query_one(PromptInput).focus()
 
     async def action_quit(self) -> None:
         self.session.stop.set()  # a running reply ends at its next token
