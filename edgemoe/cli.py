@@ -12,7 +12,9 @@ import sys
 
 from edgemoe import __version__
 
-COMMANDS = ("run", "chat", "bench", "eval", "convert", "inspect", "profile", "demo")
+COMMANDS = (
+    "run", "chat", "serve", "bench", "eval", "convert", "inspect", "profile", "demo"
+)  # fmt: skip
 """Modules of ``edgemoe.commands``, in the order ``--help`` lists them
 (``convert`` adds ``export-gguf`` and ``synth`` after itself)."""
 

@@ -55,7 +55,7 @@ class GenerationResponse:
     chunk's cover the prompt)."""
 
 
-class _Detokenizer:
+class Detokenizer:
     """Incremental decoding that never emits half a UTF-8 character and keeps
     tokenizers' context-dependent spacing (decode a window, diff the text)."""
 
@@ -76,7 +76,7 @@ class _Detokenizer:
 
 
 @dataclass
-class _StopMatcher:
+class StopMatcher:
     """Holds back text that might begin a stop string until it is decided."""
 
     stops: Sequence[str]
@@ -164,11 +164,13 @@ def generate(
     ids = prompt_ids(model, prompt, add_special)
     if not ids:
         raise ConfigError("the prompt is empty (no tokens)")
-    if len(ids) > model.n_ctx:
-        hint = context_hint(model.n_ctx, model.spec.n_ctx_train)
+    # One sequence's positions: the context, or less when it is shared (n_seq_max).
+    n_ctx = getattr(model, "n_pos", model.n_ctx)
+    if len(ids) > n_ctx:
+        hint = context_hint(n_ctx, model.spec.n_ctx_train)
         raise ContextOverflowError(
             f"prompt of {len(ids)} tokens is longer than the context of "
-            f"{model.n_ctx} tokens ({hint})"
+            f"{n_ctx} tokens ({hint})"
         )
     # A chat turn resends the conversation: keep the prefix the cache holds.
     if hasattr(model, "reuse_prefix"):
@@ -180,8 +182,8 @@ def generate(
     logits = model.eval(ids[cached:])
     prompt_s = time.perf_counter() - t0
     eos = set(model.tokenizer.eos_ids) | set(model.spec.eos_token_ids)
-    detok = _Detokenizer(model.tokenizer)
-    stops = _StopMatcher(p.stop)
+    detok = Detokenizer(model.tokenizer)
+    stops = StopMatcher(p.stop)
     history = list(ids)
     ttft = 0.0
     t_decode = time.perf_counter()
@@ -218,7 +220,7 @@ def generate(
         if i == max_tokens - 1:
             yield response(text + stops.buf, token, "length")
             return
-        if model.n_past >= model.n_ctx:
+        if model.n_past >= n_ctx:
             yield response(text + stops.buf, token, "context")
             return
         yield response(text, token, None)

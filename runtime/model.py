@@ -19,6 +19,7 @@ from edgemoe.runtime.kv import KVCache, Sequence
 from edgemoe.runtime.layers import build_layers, to_f32
 from edgemoe.runtime.options import LoadOptions
 from edgemoe.runtime.step import Step, StepShape
+from edgemoe.runtime.step_policy import route_step, use_policy
 
 
 def load(path: str | Path, **options: Any) -> Model:
@@ -54,14 +55,17 @@ class Model:
         self.tokenizer = tokenizer
         self.options = options
         self.spec = spec = checkpoint.spec
-        if options.n_ctx > spec.n_ctx_train:
+        if options.n_ctx > spec.n_ctx_train * options.n_seq_max:
             # Positions past training are untrained, and the KV cache and RoPE
             # tables are sized by n_ctx: a typo like 10**9 must not allocate.
+            per = f" x {options.n_seq_max} sequences" if options.n_seq_max > 1 else ""
             raise ConfigError(
                 f"n_ctx {options.n_ctx} is larger than the model's context of "
-                f"{spec.n_ctx_train} tokens ({checkpoint.path})"
+                f"{spec.n_ctx_train} tokens{per} ({checkpoint.path})"
             )
         self.n_ctx = options.n_ctx or min(spec.n_ctx_train, 4096)
+        self.n_pos = min(self.n_ctx, spec.n_ctx_train)
+        """Positions one sequence may reach."""
         self.path = checkpoint.path
         manifest = getattr(checkpoint, "manifest", None)
         self.device = Device(options.device, options.n_threads)
@@ -165,7 +169,7 @@ class Model:
 
     def _check_tokens(self, ids: np.ndarray, pos: int) -> None:
         s = self.spec
-        token_ids_mod.check(ids, pos, s.n_vocab, self.n_ctx, s.n_ctx_train)
+        token_ids_mod.check(ids, pos, s.n_vocab, self.n_pos, s.n_ctx_train)
 
     # -- forward ---------------------------------------------------------------
     @property
@@ -221,10 +225,13 @@ class Model:
             raise ConfigError("the model's own sequence cannot be freed")
         self.cache.free(seq)
 
-    def decode(self, batch) -> list[np.ndarray]:
+    def decode(self, batch, qualities=None) -> list[np.ndarray]:
         """One graph over several sequences: ``batch`` is [(seq_id, token
         ids), ...] (each sequence at most once); each sequence attends to its
-        own cache. Returns each sequence's last-token logits [vocab]."""
+        own cache. Returns each sequence's last-token logits [vocab].
+        ``qualities`` (converted models): each sequence's dual routing (a
+        preset or "T1,T2"; None: the model's), so requests with different
+        needs share one step."""
         items = []
         for seq_id, token_ids in batch:
             seq = self.cache.get(seq_id)
@@ -237,11 +244,22 @@ class Model:
             raise ConfigError("decode: a sequence appears twice in one batch")
         if not items:
             raise ConfigError("decode needs at least one sequence")
-        return list(self._forward(items, all_logits=False))
+        if qualities is not None:
+            if any(qualities):
+                self._routed_for_quality()
+            if len(qualities) != len(items):
+                raise ConfigError(
+                    f"{len(qualities)} qualities for {len(items)} sequences"
+                )
+        return list(self._forward(items, all_logits=False, qualities=qualities))
 
-    def _forward(self, items: list[tuple[Sequence, list[int]]], all_logits: bool):
+    def _forward(
+        self, items: list[tuple[Sequence, list[int]]], all_logits: bool, qualities=None
+    ):
         """One step over ``items``' new tokens; logits of every new token
         (``all_logits``) or of each sequence's last, [R, vocab]."""
+        if self.routed is not None:
+            route_step(self, [len(t) for _, t in items], qualities)
         n_new = sum(len(t) for _, t in items)
         if n_new > self.cache.n_free:
             raise ContextOverflowError(
@@ -280,6 +298,9 @@ class Model:
             for seq, toks in items:  # nothing of a failed step stays cached
                 self.cache.truncate(seq, seq.n_past - len(toks))
             raise
+        finally:
+            if self.routed is not None:
+                self.routed.row_policies = None
         if tuner is not None:
             tuner.end_step()
         if self.routed is not None and self.routed.resident:
@@ -360,32 +381,16 @@ class Model:
     def set_quality(self, quality) -> None:
         """Change dual routing (a preset or (T1, T2)) from the next step on;
         ``--level`` models keep their forced level."""
+        policy = self._routed_for_quality().policy_for(quality, self.levels)
+        self.options = dataclasses.replace(self.options, quality=quality)
+        use_policy(self, policy)
+
+    def _routed_for_quality(self):
         if self.routed is None:
             raise ConfigError(
                 f"{self.path}: quality applies to converted models (edgemoe convert)"
             )
-        from edgemoe.runtime.dual_routing import LevelPolicy
-
-        old = self.routed.policy
-        policy = LevelPolicy.make(old.plan, old.protected, quality, old.force_level)
-        cache = self.routed.cache
-        if self.routed.in_memory:
-            used = policy.planes_used(self.spec.n_expert_used)
-            if used > cache.n_planes:
-                levels = self.levels
-                raise ConfigError(
-                    f"quality {quality!r} runs experts at level {levels[used - 1]}, "
-                    f"but this budget loaded them up to level "
-                    f"{levels[cache.n_planes - 1]} only; reload with a larger "
-                    "budget (or a smaller one, which streams them)"
-                )
-        self.routed.policy = policy
-        self.options = dataclasses.replace(self.options, quality=quality)
-        if self.routed.in_memory:
-            # A preset's counts are part of the graph (or it moves to the
-            # host, for thresholds): rebuild the step's graphs.
-            self.routed.resident = policy.counts(self.spec.n_expert_used) is not None
-            self._rebuild_step()
+        return self.routed
 
     def _rebuild_step(self) -> None:
         """New step graphs after the routed experts' placement changed

@@ -21,7 +21,11 @@ MAX_THREADS = 512
 @dataclass(frozen=True)
 class LoadOptions:
     n_ctx: int = 0
-    """Context length in tokens; 0 means min(training context, 4096)."""
+    """KV cache cells, in tokens; 0 means min(training context, 4096)."""
+    n_seq_max: int = 1
+    """Sequences that may share those cells (llama.cpp's n_seq_max; the
+    server's slots): ``n_ctx`` may reach this many training contexts, while
+    each sequence's positions stay within one."""
     n_threads: int | None = None
     """Compute threads; None tunes them while running, from the physical core
     count down to 1 (runtime/threads.py)."""
@@ -70,7 +74,15 @@ class LoadOptions:
     than that device would serve them (``--emulate``)."""
 
     def __post_init__(self) -> None:
-        for name in ("n_ctx", "n_threads", "n_batch", "force_level", "io_threads"):
+        names = (
+            "n_ctx",
+            "n_seq_max",
+            "n_threads",
+            "n_batch",
+            "force_level",
+            "io_threads",
+        )
+        for name in names:
             v = getattr(self, name)
             # bool is an int subclass; neither it nor "16" is a count.
             if not (v is None and name in ("n_threads", "force_level")) and (
@@ -106,6 +118,8 @@ class LoadOptions:
                 )
         if self.n_ctx < 0:
             raise ConfigError(f"n_ctx must be >= 0, got {self.n_ctx}")
+        if not 1 <= self.n_seq_max <= 256:
+            raise ConfigError(f"n_seq_max must be in 1..256, got {self.n_seq_max}")
         if self.n_batch < 1:
             raise ConfigError(f"n_batch must be >= 1, got {self.n_batch}")
         if self.n_threads is not None and not 1 <= self.n_threads <= MAX_THREADS:

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from edgemoe.errors import ConfigError
 from edgemoe.runtime.dual_routing import LevelPolicy
 from edgemoe.runtime.layers import ExpertPlanes
 
@@ -54,6 +55,12 @@ class CachedRouted:
         self.bytes_computed = 0
         """Expert weight bytes the computed planes span (memory traffic)."""
         self._held: list[tuple[int, dict[int, int]]] = []
+        self.row_policies: tuple[tuple[LevelPolicy, int], ...] | None = None
+        """For one step whose sequences asked for different qualities: each
+        sequence's policy and new tokens, in the step's order (host-routed)."""
+        self._policies: dict[str, LevelPolicy] = {}
+        self.host_for_mix = False
+        """In memory, the graph was moved to host routing for a mixed step."""
 
     @property
     def policy(self) -> LevelPolicy:
@@ -65,6 +72,44 @@ class CachedRouted:
         self._rank_tally: dict[int, tuple[np.ndarray, int]] = {}
         """K -> (pairs per plane count, their bytes) of one row by rank."""
         self._protected = [frozenset(p) for p in policy.protected]
+
+    def policy_for(self, quality, levels: tuple[int, ...]) -> LevelPolicy:
+        """The policy of ``quality`` (a preset or "T1,T2") on this model, with
+        its forced level and protected experts; a ConfigError if it is unknown
+        or would run planes an in-memory budget did not load."""
+        key = quality if isinstance(quality, str) else ",".join(map(str, quality))
+        policy = self._policies.get(key)
+        if policy is None:
+            old = self.policy
+            policy = LevelPolicy.make(old.plan, old.protected, quality, old.force_level)
+            if old.force_level is not None:
+                policy = old  # a forced level runs whatever the quality
+            elif self.in_memory:
+                used = policy.planes_used(self.cache.ckpt.spec.n_expert_used)
+                if used > self.cache.n_planes:
+                    raise ConfigError(
+                        f"quality {quality!r} runs experts at level "
+                        f"{levels[used - 1]}, but this budget loaded them up to "
+                        f"level {levels[self.cache.n_planes - 1]} only; reload "
+                        "with a larger budget (or a smaller one, which streams them)"
+                    )
+            self._policies[key] = policy
+        return policy
+
+    def _want(self, layer: int, ids: np.ndarray, rw: np.ndarray) -> np.ndarray:
+        """Planes per (row, expert), [R, K]: the policy's, or each sequence's
+        own when a step mixes qualities (the last layer has a row per
+        sequence, the others a row per token)."""
+        groups = self.row_policies
+        if groups is None:
+            return self.policy.planes(layer, ids, rw)
+        per_token = ids.shape[0] == sum(n for _, n in groups)
+        out, a = [], 0
+        for policy, n in groups:
+            n = n if per_token else 1
+            out.append(policy.planes(layer, ids[a : a + n], rw[a : a + n]))
+            a += n
+        return np.concatenate(out)
 
     def experts_for(self, layer: int) -> ExpertPlanes:
         c, policy = self.cache, self.policy
@@ -122,7 +167,7 @@ class CachedRouted:
         cache, policy = self.cache, self.policy
         ids = carry.ids.astype(np.int64)  # [R, K]
         rw = carry.w[..., 0].copy()  # [R, K]
-        want = policy.planes(layer, ids, rw)  # [R, K] planes per (row, expert)
+        want = self._want(layer, ids, rw)  # [R, K] planes per (row, expert)
         if self.in_memory:  # every plane has its slot: levels and slot ids only
             batch = sorted(set(ids.ravel().tolist()))
             counts = self._fill(carry, layer, ids, rw, want, batch)

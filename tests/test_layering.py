@@ -116,7 +116,7 @@ def imports_of(path: Path, package: str) -> set[str]:
     return out
 
 
-FRONT_ENDS = ["edgemoe.cli", "edgemoe.commands", "edgemoe.ui"]
+FRONT_ENDS = ["edgemoe.cli", "edgemoe.commands", "edgemoe.ui", "edgemoe.serve"]
 APP = [*FRONT_ENDS, "edgemoe.report", "edgemoe.progress"]
 APP_MODULES = {"cli.py", "report.py", "progress.py", "__main__.py", "__init__.py"}
 """edgemoe's own modules that are not the foundation: the app's, and the
@@ -134,9 +134,13 @@ RULES = {
     "converters": ("edgemoe.converters", ["edgemoe.runtime", *APP]),
     "runtime": ("edgemoe.runtime", ["edgemoe.converters", *APP]),
     "edgemoe/commands": ("edgemoe.commands", ["edgemoe.cli"]),
-    "edgemoe/ui": ("edgemoe.ui", ["edgemoe.cli", "edgemoe.commands"]),
+    "edgemoe/ui": ("edgemoe.ui", ["edgemoe.cli", "edgemoe.commands", "edgemoe.serve"]),
+    "edgemoe/serve": (
+        "edgemoe.serve",
+        ["edgemoe.cli", "edgemoe.commands", "edgemoe.ui"],
+    ),
 }
-APP_RULE = ["edgemoe.cli", "edgemoe.commands", "edgemoe.ui"]
+APP_RULE = FRONT_ENDS
 """report.py and progress.py serve the CLI and the chat alike: they import neither."""
 
 
@@ -176,13 +180,16 @@ def test_report_and_progress_serve_both_front_ends():
         assert hits(sorted(found), APP_RULE) == [], name
 
 
-def test_only_the_chat_command_starts_the_ui():
+@pytest.mark.parametrize(
+    "front, command", [("edgemoe.ui", "chat.py"), ("edgemoe.serve", "serve.py")]
+)
+def test_only_its_command_starts_a_front_end(front, command):
     users = [
         p.name
         for p in modules_of("edgemoe/commands")
-        if hits(sorted(imports_of(p, "edgemoe.commands")), ["edgemoe.ui"])
+        if hits(sorted(imports_of(p, "edgemoe.commands")), [front])
     ]
-    assert users == ["chat.py"]
+    assert users == [command]
 
 
 def test_building_the_parser_is_light(tmp_path):

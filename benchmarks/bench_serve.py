@@ -1,0 +1,243 @@
+"""``edgemoe serve`` under concurrent streams, against llama-cpp-python's server.
+
+    python benchmarks/bench_serve.py [--models fixture,synthetic]
+        [--streams 1,4,8,16] [--gen 64] [--runs 2] [--threads 2]
+
+For each model: a GGUF of its weights (Q8_0, ``edgemoe export-gguf``) served
+by ``edgemoe serve`` in memory and by ``python -m llama_cpp.server`` (its
+defaults, the same threads and context), and the converted model served by
+``edgemoe serve`` at a 50% budget (halfway between the smallest budget that
+runs it and the one that holds every level-8 expert). Each server runs in its
+own process with ``--parallel`` equal to the streams (and a context of
+``streams x (prompt + gen)`` tokens); C concurrent streamed completions with
+different prompts and ``max_tokens`` ``--gen`` start together. Aggregate
+decode t/s is the completion tokens of all streams over the wall time from
+the first request to the last token, prefill included; TTFT p50/p95 per
+concurrency. Configurations interleave run by run; tables show the median
+and range over runs. Writes benchmarks/out/serve.json.
+
+llama-cpp-python's server needs its extra: ``pip install
+'llama-cpp-python[server]'``; without it those rows are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "out"
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "code-mixtral"
+PROMPTS = [
+    "def fib(n):", "import os\n", "class Stack:", "for i in range(10):",
+    "# read the file", "x = [", "while True:", "print(", "def main():",
+    "from typing import", "try:", "with open(", "if __name__", "return [",
+    "async def fetch(", "@dataclass\nclass",
+]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def models(which: list[str]) -> dict[str, tuple[Path, Path]]:
+    """name -> (GGUF of its weights, converted model), made once."""
+    from edgemoe.converters.convert import ConvertOptions, convert
+
+    out: dict[str, tuple[Path, Path]] = {}
+    for name in which:
+        if name == "fixture":
+            src, conv = FIXTURE, OUT / "convert" / "fixture"
+        elif name == "synthetic":
+            src, conv = OUT / "convert" / "olmoe-1b-7b-L2-hf", OUT / "convert" / "edge"
+        else:
+            raise SystemExit(f"unknown model {name!r} (fixture, synthetic)")
+        if not (conv / "manifest.json").exists():
+            convert(src, conv, ConvertOptions(force=True))
+        gguf = OUT / "serve" / f"{name}-q8_0.gguf"
+        if not gguf.exists():
+            gguf.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(
+                [sys.executable, "-m", "edgemoe", "export-gguf", str(src), "-o",
+                 str(gguf), "--type", "Q8_0"],
+                check=True, cwd=OUT,
+            )  # fmt: skip
+        out[name] = (gguf, conv)
+    return out
+
+
+def half_budget(conv: Path, n_ctx: int) -> int:
+    from edgemoe.format.reader import EdgeCheckpoint
+    from edgemoe.runtime.offload import budgets
+
+    ckpt = EdgeCheckpoint(conv)
+    try:
+        b = budgets(ckpt, n_ctx)
+    finally:
+        ckpt.close()
+    return (b.minimum + b.resident[max(b.resident)]) // 2
+
+
+def start(kind: str, model: Path, streams: int, n_ctx: int, threads: int, budget):
+    port = free_port()
+    if kind == "llama.cpp":
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
+               "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads",
+               str(threads), "--n_threads_batch", str(threads)]  # fmt: skip
+    else:
+        cmd = [sys.executable, "-m", "edgemoe", "serve", str(model), "--port",
+               str(port), "-np", str(streams), "-c", str(n_ctx), "-t", str(threads)]  # fmt: skip
+        if budget:
+            cmd += ["--budget", str(budget)]
+    proc = subprocess.Popen(
+        cmd, cwd=OUT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    import urllib.request
+
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{kind} server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{base}/v1/models", timeout=2):
+                return proc, base
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{kind} server did not start") from None
+            time.sleep(0.2)
+
+
+def one_stream(base: str, prompt: str, gen: int, kind: str) -> tuple[float, int, float]:
+    """(TTFT s, completion tokens, time of the last token) of one stream."""
+    import http.client
+
+    host, port = base.removeprefix("http://").split(":")
+    body = {"prompt": prompt, "max_tokens": gen, "temperature": 0, "stream": True}
+    if kind == "edgemoe":
+        body["ignore_eos"] = True
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body),
+                 {"Content-Type": "application/json"})  # fmt: skip
+    r = conn.getresponse()
+    ttft, tokens = None, 0
+    for line in r:
+        line = line.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("choices") and chunk["choices"][0].get("text"):
+            tokens += 1  # a chunk per token (text held back joins the next)
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+    conn.close()
+    return ttft or 0.0, tokens, time.perf_counter()
+
+
+def run_streams(base: str, c: int, gen: int, kind: str) -> dict:
+    with cf.ThreadPoolExecutor(c) as pool:
+        t0 = time.perf_counter()
+        got = list(
+            pool.map(lambda p: one_stream(base, p, gen, kind), PROMPTS[:c] * 1)
+        )
+    wall = max(end for _, _, end in got) - t0
+    ttfts = sorted(t for t, _, _ in got)
+    return {
+        "tps": sum(n for _, n, _ in got) / wall,
+        "tokens": sum(n for _, n, _ in got),
+        "ttft_p50": statistics.median(ttfts),
+        "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="fixture,synthetic")
+    ap.add_argument("--streams", default="1,4,8,16")
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--prompt-room", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="serve.json")
+    args = ap.parse_args()
+    streams = [int(x) for x in args.streams.split(",")]
+    try:
+        import llama_cpp.server.app  # noqa: F401
+
+        kinds = ["edgemoe", "edgemoe 50%", "llama.cpp"]
+    except ImportError:
+        print("llama_cpp.server missing (pip install 'llama-cpp-python[server]')")
+        kinds = ["edgemoe", "edgemoe 50%"]
+    results: dict = {}
+    for name, (gguf, conv) in models(args.models.split(",")).items():
+        for run in range(args.runs):
+            for c in streams:
+                n_ctx = c * (args.prompt_room + args.gen)
+                for kind in kinds:
+                    budget = half_budget(conv, n_ctx) if kind == "edgemoe 50%" else None
+                    model = conv if budget else gguf
+                    proc, base = start(
+                        kind.split()[0], model, c, n_ctx, args.threads, budget
+                    )
+                    try:
+                        one_stream(base, "warm up", 4, kind.split()[0])
+                        r = run_streams(base, c, args.gen, kind.split()[0])
+                    finally:
+                        proc.terminate()
+                        proc.wait(30)
+                    r["budget"] = budget
+                    results.setdefault(name, {}).setdefault(kind, {}).setdefault(
+                        str(c), []
+                    ).append(r)
+                    print(f"run {run + 1} {name} {kind} x{c}: {r['tps']:.1f} t/s, "
+                          f"TTFT p50 {r['ttft_p50'] * 1e3:.0f} ms", flush=True)  # fmt: skip
+    (OUT / args.out).write_text(json.dumps(
+        {"args": vars(args), "commit": _commit(), "results": results}, indent=1))  # fmt: skip
+    print(markdown(results))
+    return 0
+
+
+def _commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=Path(__file__).parent)  # fmt: skip
+    return proc.stdout.strip()
+
+
+def markdown(results: dict) -> str:
+    rows = ["| model | server | streams | aggregate t/s [range] | vs 1 stream | "
+            "vs llama.cpp | TTFT p50 / p95 ms |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, by_kind in results.items():
+        for kind, by_c in by_kind.items():
+            base = statistics.median(r["tps"] for r in by_c.get("1", [{"tps": 0}]))
+            for c, runs in by_c.items():
+                tps = [r["tps"] for r in runs]
+                med = statistics.median(tps)
+                ref = by_kind.get("llama.cpp", {}).get(c)
+                vs_ref = (
+                    f"{med / statistics.median(r['tps'] for r in ref):.2f}x"
+                    if ref and kind != "llama.cpp" else "-"
+                )  # fmt: skip
+                p50 = statistics.median(r["ttft_p50"] for r in runs) * 1e3
+                p95 = statistics.median(r["ttft_p95"] for r in runs) * 1e3
+                rows.append(
+                    f"| {name} | {kind} | {c} | {med:.1f} [{min(tps):.1f}-"
+                    f"{max(tps):.1f}] | {med / base if base else 0:.2f}x | {vs_ref} | "
+                    f"{p50:.0f} / {p95:.0f} |"
+                )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
