@@ -5,7 +5,8 @@
 
 For each model: a GGUF of its weights (Q8_0, ``edgemoe export-gguf``) served
 by ``edgemoe serve`` in memory and by ``python -m llama_cpp.server`` (its
-defaults, the same threads and context), and the converted model served by
+defaults but llama.cpp's extra buffer types, which crash MoE GGUFs on AMX
+CPUs; the same threads and context), and the converted model served by
 ``edgemoe serve`` at a 50% budget (halfway between the smallest budget that
 runs it and the one that holds every level-8 expert). Each server runs in its
 own process with ``--parallel`` equal to the streams (and a context of
@@ -36,11 +37,39 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent / "out"
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "code-mixtral"
 PROMPTS = [
-    "def fib(n):", "import os\n", "class Stack:", "for i in range(10):",
-    "# read the file", "x = [", "while True:", "print(", "def main():",
-    "from typing import", "try:", "with open(", "if __name__", "return [",
-    "async def fetch(", "@dataclass\nclass",
-]  # fmt: skip
+    "def fib(n):",
+    "import os\n",
+    "class Stack:",
+    "for i in range(10):",
+    "# read the file",
+    "x = [",
+    "while True:",
+    "print(",
+    "def main():",
+    "from typing import",
+    "try:",
+    "with open(",
+    "if __name__",
+    "return [",
+    "async def fetch(",
+    "@dataclass\nclass",
+]
+
+
+LLAMA_SERVER = """
+import sys
+import llama_cpp.llama_cpp as C
+default = C.llama_model_default_params
+def no_extra_bufts():  # they crash MoE GGUFs on AMX CPUs (runtime/llamacpp.py)
+    p = default()
+    p.use_extra_bufts = False
+    return p
+C.llama_model_default_params = no_extra_bufts
+sys.argv[0] = "llama_cpp.server"
+from llama_cpp.server.__main__ import main
+main()
+"""
+"""``python -m llama_cpp.server`` with llama.cpp's extra buffer types off."""
 
 
 def free_port() -> int:
@@ -67,10 +96,20 @@ def models(which: list[str]) -> dict[str, tuple[Path, Path]]:
         if not gguf.exists():
             gguf.parent.mkdir(parents=True, exist_ok=True)
             subprocess.run(
-                [sys.executable, "-m", "edgemoe", "export-gguf", str(src), "-o",
-                 str(gguf), "--type", "Q8_0"],
-                check=True, cwd=OUT,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "edgemoe",
+                    "export-gguf",
+                    str(src),
+                    "-o",
+                    str(gguf),
+                    "--type",
+                    "Q8_0",
+                ],
+                check=True,
+                cwd=OUT,
+            )
         out[name] = (gguf, conv)
     return out
 
@@ -90,12 +129,37 @@ def half_budget(conv: Path, n_ctx: int) -> int:
 def start(kind: str, model: Path, streams: int, n_ctx: int, threads: int, budget):
     port = free_port()
     if kind == "llama.cpp":
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
-               "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads",
-               str(threads), "--n_threads_batch", str(threads)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-c",
+            LLAMA_SERVER,
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            "--n_ctx",
+            str(n_ctx),
+            "--n_threads",
+            str(threads),
+            "--n_threads_batch",
+            str(threads),
+        ]
     else:
-        cmd = [sys.executable, "-m", "edgemoe", "serve", str(model), "--port",
-               str(port), "-np", str(streams), "-c", str(n_ctx), "-t", str(threads)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "edgemoe",
+            "serve",
+            str(model),
+            "--port",
+            str(port),
+            "-np",
+            str(streams),
+            "-c",
+            str(n_ctx),
+            "-t",
+            str(threads),
+        ]
         if budget:
             cmd += ["--budget", str(budget)]
     proc = subprocess.Popen(
@@ -118,18 +182,32 @@ def start(kind: str, model: Path, streams: int, n_ctx: int, threads: int, budget
             time.sleep(0.2)
 
 
-def one_stream(base: str, prompt: str, gen: int, kind: str) -> tuple[float, int, float]:
-    """(TTFT s, completion tokens, time of the last token) of one stream."""
+def eos_ids(gguf: Path) -> list[int]:
+    import edgemoe
+
+    with edgemoe.load(gguf, n_ctx=64, n_threads=1) as m:
+        return sorted(set(m.tokenizer.eos_ids) | set(m.spec.eos_token_ids))
+
+
+def one_stream(base: str, prompt: str, gen: int, kind: str, eos=()) -> tuple:
+    """(TTFT s, completion tokens, time of the last token) of one stream;
+    every stream generates ``gen`` tokens (EOS banned)."""
     import http.client
 
     host, port = base.removeprefix("http://").split(":")
     body = {"prompt": prompt, "max_tokens": gen, "temperature": 0, "stream": True}
     if kind == "edgemoe":
         body["ignore_eos"] = True
+    else:  # llama-cpp-python's server has no ignore_eos
+        body["logit_bias"] = {str(t): -100.0 for t in eos}
     conn = http.client.HTTPConnection(host, int(port), timeout=600)
     t0 = time.perf_counter()
-    conn.request("POST", "/v1/completions", json.dumps(body),
-                 {"Content-Type": "application/json"})  # fmt: skip
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps(body),
+        {"Content-Type": "application/json"},
+    )
     r = conn.getresponse()
     ttft, tokens = None, 0
     for line in r:
@@ -145,12 +223,10 @@ def one_stream(base: str, prompt: str, gen: int, kind: str) -> tuple[float, int,
     return ttft or 0.0, tokens, time.perf_counter()
 
 
-def run_streams(base: str, c: int, gen: int, kind: str) -> dict:
+def run_streams(base: str, c: int, gen: int, kind: str, eos) -> dict:
     with cf.ThreadPoolExecutor(c) as pool:
         t0 = time.perf_counter()
-        got = list(
-            pool.map(lambda p: one_stream(base, p, gen, kind), PROMPTS[:c] * 1)
-        )
+        got = list(pool.map(lambda p: one_stream(base, p, gen, kind, eos), PROMPTS[:c]))
     wall = max(end for _, _, end in got) - t0
     ttfts = sorted(t for t, _, _ in got)
     return {
@@ -181,6 +257,7 @@ def main() -> int:
         kinds = ["edgemoe", "edgemoe 50%"]
     results: dict = {}
     for name, (gguf, conv) in models(args.models.split(",")).items():
+        eos = eos_ids(gguf)
         for run in range(args.runs):
             for c in streams:
                 n_ctx = c * (args.prompt_room + args.gen)
@@ -191,8 +268,9 @@ def main() -> int:
                         kind.split()[0], model, c, n_ctx, args.threads, budget
                     )
                     try:
-                        one_stream(base, "warm up", 4, kind.split()[0])
-                        r = run_streams(base, c, args.gen, kind.split()[0])
+                        server = kind.split()[0]
+                        one_stream(base, "warm up", 4, server, eos)
+                        r = run_streams(base, c, args.gen, server, eos)
                     finally:
                         proc.terminate()
                         proc.wait(30)
@@ -200,23 +278,36 @@ def main() -> int:
                     results.setdefault(name, {}).setdefault(kind, {}).setdefault(
                         str(c), []
                     ).append(r)
-                    print(f"run {run + 1} {name} {kind} x{c}: {r['tps']:.1f} t/s, "
-                          f"TTFT p50 {r['ttft_p50'] * 1e3:.0f} ms", flush=True)  # fmt: skip
-    (OUT / args.out).write_text(json.dumps(
-        {"args": vars(args), "commit": _commit(), "results": results}, indent=1))  # fmt: skip
+                    print(
+                        f"run {run + 1} {name} {kind} x{c}: {r['tps']:.1f} t/s, "
+                        f"TTFT p50 {r['ttft_p50'] * 1e3:.0f} ms",
+                        flush=True,
+                    )
+    (OUT / args.out).write_text(
+        json.dumps(
+            {"args": vars(args), "commit": _commit(), "results": results}, indent=1
+        )
+    )
     print(markdown(results))
     return 0
 
 
 def _commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, cwd=Path(__file__).parent)  # fmt: skip
+    proc = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    )
     return proc.stdout.strip()
 
 
 def markdown(results: dict) -> str:
-    rows = ["| model | server | streams | aggregate t/s [range] | vs 1 stream | "
-            "vs llama.cpp | TTFT p50 / p95 ms |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| model | server | streams | aggregate t/s [range] | vs 1 stream | "
+        "vs llama.cpp | TTFT p50 / p95 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, by_kind in results.items():
         for kind, by_c in by_kind.items():
             base = statistics.median(r["tps"] for r in by_c.get("1", [{"tps": 0}]))
@@ -226,8 +317,9 @@ def markdown(results: dict) -> str:
                 ref = by_kind.get("llama.cpp", {}).get(c)
                 vs_ref = (
                     f"{med / statistics.median(r['tps'] for r in ref):.2f}x"
-                    if ref and kind != "llama.cpp" else "-"
-                )  # fmt: skip
+                    if ref and kind != "llama.cpp"
+                    else "-"
+                )
                 p50 = statistics.median(r["ttft_p50"] for r in runs) * 1e3
                 p95 = statistics.median(r["ttft_p95"] for r in runs) * 1e3
                 rows.append(
