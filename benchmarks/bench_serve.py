@@ -85,11 +85,16 @@ def models(which: list[str]) -> dict[str, tuple[Path, Path]]:
     out: dict[str, tuple[Path, Path]] = {}
     for name in which:
         if name == "fixture":
-            src, conv = FIXTURE, OUT / "convert" / "fixture"
-        elif name == "synthetic":
-            src, conv = OUT / "convert" / "olmoe-1b-7b-L2-hf", OUT / "convert" / "edge"
+            src = FIXTURE
+        elif name == "synthetic":  # OLMoE's shape, 2 layers (bench_convert's)
+            src = OUT / "convert" / "olmoe-1b-7b-L2-hf"
+            if not (src / "config.json").exists():
+                from edgemoe.converters import synth
+
+                synth.write_hf(synth.preset_config("olmoe-1b-7b", layers=2), src)
         else:
             raise SystemExit(f"unknown model {name!r} (fixture, synthetic)")
+        conv = OUT / "serve" / f"{name}-edge"
         if not (conv / "manifest.json").exists():
             convert(src, conv, ConvertOptions(force=True))
         gguf = OUT / "serve" / f"{name}-q8_0.gguf"
