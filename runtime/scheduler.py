@@ -269,7 +269,10 @@ class Scheduler:
                 if j.reading:
                     continue
                 j.history = list(j.request.prompt)
-            self._sample(j, row)
+            try:
+                self._sample(j, row)
+            except EdgeMoEError as e:  # NaN logits: this request ends, not the server
+                self._finish(j, Event("", None, "error", error=str(e)))
 
     def _sample(self, j: _Job, logits) -> None:
         p = j.request.params

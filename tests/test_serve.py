@@ -373,3 +373,21 @@ def test_a_shared_context_holds_more_than_one_sequence_s_positions(fixture_dir):
         m.decode([(a, [5] * 1000), (b, [6] * 1000)])  # 2000 cells in use
         with pytest.raises(ContextOverflowError):
             m.decode([(a, [5] * 30)])  # position 1030 of a 1024-token model
+
+
+def test_a_failing_step_costs_its_requests_not_the_server(plain, monkeypatch):
+    real, calls = plain.decode, []
+
+    def decode(batch, qualities=None):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom at /secret/path")
+        return real(batch, qualities)
+
+    monkeypatch.setattr(plain, "decode", decode)
+    with serving(plain) as (base, _):
+        with pytest.raises(openai.InternalServerError) as info:
+            client(base).completions.create(model="fixture", prompt="x", max_tokens=3)
+        assert "internal error" in str(info.value) and "secret" not in str(info.value)
+        ok = client(base).completions.create(model="fixture", prompt="x", max_tokens=3)
+        assert ok.usage.completion_tokens == 3
