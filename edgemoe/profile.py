@@ -57,16 +57,18 @@ class DeviceProfile:
     device's latency; in a measured profile, as a streamed decode sees it
     (wake-ups and core sharing included)."""
     matmul: Mapping[str, float]
-    """GB/s of weights a decode matvec streams, per ggml type (MATMUL_TYPES)."""
+    """GB/s of weights a decode matvec streams, per ggml type (MATMUL_TYPES);
+    measured: the fastest thread count's."""
     token_overhead_ms: float
-    """EdgeMoE's fixed cost per token whatever the depth: embedding, output
-    head glue, sampling and the generation loop."""
+    """Per decode step: the host's work around the step graph and its first
+    graph."""
     layer_overhead_ms: float
-    """EdgeMoE's fixed cost per layer and token: graph launches, attention and
-    routing glue."""
+    """Per host-routed MoE layer and token (a split): the graph ends after the
+    router, the host places the experts, the next graph starts; none where
+    every plane is resident with fixed counts."""
     plane_overhead_ms: float
-    """EdgeMoE's cost per expert plane run, beyond its bytes: cache lookups,
-    staging, and the plane's ops in the expert graph."""
+    """Per expert plane the host places at a split (levels, cache lookups,
+    slot ids)."""
     measured: bool = False
     """True for ``edgemoe profile --measure`` output."""
     datasheet: tuple[str, ...] = ()

@@ -1,8 +1,10 @@
-"""Measuring this machine for a device profile: ggml decode matvec rates.
+"""Measuring this machine for a device profile: ggml decode matvec rates and
+expert-plane reads under compute (edgemoe/commands/probe_costs.py fits the
+engine's own costs per decode token on top of them).
 
 A decode step multiplies one activation row by expert matrices picked by
-``mul_mat_id``. The weights cycle through more experts than any cache holds,
-so the rate is what streaming them from DRAM through ggml's kernels gives.
+``mul_mat_id``. The probe's weights cycle through more experts than a core's
+cache holds, so its rate is what streaming them through ggml's kernels gives.
 """
 
 from __future__ import annotations
@@ -110,10 +112,18 @@ def matmul_rate(
     type_name: str, n_threads: int | None = None, seconds: float = 0.6, **shape: int
 ) -> float:
     """GB/s of ``type_name`` expert weights that one token's expert FFN graph
-    streams, measured over ``seconds``; ``shape``: ``MatmulProbe``'s ffn,
-    dim, experts and used."""
-    with MatmulProbe(type_name, n_threads, **shape) as probe:
-        return probe.rate(seconds)
+    streams, measured over ``seconds`` at each thread count from 1 to
+    ``n_threads`` (None: the physical cores); the fastest is kept, as the
+    engine's thread tuner keeps the count that runs fastest (on a busy
+    machine two threads can be slower than one). ``shape``: ``MatmulProbe``'s
+    ffn, dim, experts and used."""
+    from edgemoe.runtime.device import default_threads
+
+    best = 0.0
+    for n in range(1, (n_threads or default_threads()) + 1):
+        with MatmulProbe(type_name, n, **shape) as probe:
+            best = max(best, probe.rate(seconds))
+    return best
 
 
 def queue_reads(path, size: int, count: int = 24, seed: int = 0) -> float:

@@ -85,7 +85,11 @@ def plan_model(
                 )
             except ConfigError:
                 continue  # a forced level needs more than this budget
-            pred = predict(ckpt, profile, policy, mp.slots)
+            # What `edgemoe bench` measures from a fresh load: a prompt, then
+            # the decode.
+            pred = predict(
+                ckpt, profile, policy, mp.slots, resident=mp.resident, cold=True
+            )
             rows.append(
                 PlanRow(
                     budget,

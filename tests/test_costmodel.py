@@ -4,17 +4,24 @@ Each byte term is checked against a measured time difference between two
 configurations that differ only in that term: the expert term between forced
 levels 8 and 2 of one model, the backbone term between two models that differ
 only in their output head. Then the whole prediction, with this machine's
-matvec rates (sampled in the same rounds as the decodes) and its per-token
-and per-plane overheads measured on a tiny
-model of the same depth, against a dual-routing decode of the larger model.
-The bounds (±40%) allow this shared machine's noise; a term off by 2x or 3x
-(the backbone counted twice, the expert rate a third) falls outside them.
+matvec rates and the per-token cost measured on a tiny model of the same
+depth, against a dual-routing decode of the larger model.
+
+This machine is shared: a single timing (or the fastest of several, each
+taken apart) moved by more than the bounds in busy spells. So each round
+decodes every model in turn and samples the matvec rates right after, a
+round gives one predicted/measured ratio from its own timings, and the
+median of the rounds' ratios is checked: drift between rounds cancels, and
+a round that a neighbour's burst hit is outvoted. The bounds (±40%) allow
+what is left; a term off by 2x or 3x (the backbone counted twice, the expert
+rate a third) falls outside them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 LAYERS = 4
@@ -71,28 +78,26 @@ def probes():
 
 
 def measure(runs: dict, probes: dict):
-    """ms per decoded token of each loaded model, and a profile of the
-    matvec rates alone (no overheads, no storage: the byte terms), sampled in
-    the same interleaved rounds: the fastest of each, so that drift and the
-    machine's other load hit decodes and rates alike (rates measured once,
-    apart from the decodes, missed them by more than the bounds in a busy
-    spell)."""
+    """Per round, ms per decoded token of each loaded model and a profile of
+    the matvec rates sampled right after them (no overheads, no storage: the
+    byte terms alone). Rounds interleave the models, so that drift and the
+    machine's other load hit the decodes and rates of a round alike."""
     from edgemoe.profile import load_profile
     from edgemoe.runtime.bench import bench
 
-    samples: dict = {k: [] for k in runs}
-    rates: dict = {k: [] for k in probes}
+    base = dataclasses.replace(
+        load_profile("generic-cpu"), threads=1, token_overhead_ms=0.0,
+        layer_overhead_ms=0.0, plane_overhead_ms=0.0,
+    )  # fmt: skip
+    rounds = []
     for r in range(ROUNDS):
+        ms = {}
         for key, model in runs.items():
             (tg,) = bench(model, n_prompt=0, n_gen=N_GEN, reps=1, seed=r)
-            samples[key].append(1e3 / tg.tps[-1])
-        for key, probe in probes.items():
-            rates[key].append(probe.rate(seconds=0.1))
-    profile = dataclasses.replace(
-        load_profile("generic-cpu"), matmul={k: max(v) for k, v in rates.items()},
-        threads=1, token_overhead_ms=0.0, layer_overhead_ms=0.0, plane_overhead_ms=0.0,
-    )  # fmt: skip
-    return {k: min(v) for k, v in samples.items()}, profile
+            ms[key] = 1e3 / tg.tps[-1]
+        rates = {key: probe.rate(seconds=0.1) for key, probe in probes.items()}
+        rounds.append((ms, dataclasses.replace(base, matmul=rates)))
+    return rounds
 
 
 def loaded(path, **options):
@@ -111,8 +116,9 @@ def predict(model, profile):
     return _predict(model.checkpoint, profile, model.routed.policy, None)
 
 
-def within(predicted: float, measured: float, bound: float = 0.4) -> bool:
-    return (1 - bound) * measured <= predicted <= (1 + bound) * measured
+def within(ratio: float, bound: float = 0.4) -> bool:
+    """A predicted/measured ratio within ``bound`` of 1."""
+    return 1 - bound <= ratio <= 1 + bound
 
 
 def close_all(runs: dict) -> None:
@@ -123,29 +129,33 @@ def close_all(runs: dict) -> None:
 def test_expert_term_against_level_8_minus_level_2(models, probes):
     """Levels 8 and 2 of one model run the same backbone and experts; their
     difference is the expert planes' bytes plus a per-plane cost, which the
-    tiny model (bytes that hardly count) measures."""
+    tiny model (bytes that hardly count) measures in the same round."""
     runs = {
         (name, lv): loaded(models[name], force_level=lv)
         for name in ("tiny", "big")
         for lv in (2, 8)
     }
     try:
-        ms, profile = measure(runs, probes)
-        pred = {k: predict(m, profile) for k, m in runs.items()}
+        rounds = measure(runs, probes)
+        preds = [
+            {k: predict(m, profile) for k, m in runs.items()} for _, profile in rounds
+        ]
     finally:
         close_all(runs)
+    ratios = []
+    for p, (ms, _) in zip(preds, rounds):
 
-    def delta(name, attr):
-        hi, lo = pred[name, 8], pred[name, 2]
-        return getattr(hi, attr) - getattr(lo, attr)
+        def delta(name, attr, p=p):
+            return getattr(p[name, 8], attr) - getattr(p[name, 2], attr)
 
-    # Per plane run, what the tiny model's extra planes cost beyond their bytes.
-    extra = ms["tiny", 8] - ms["tiny", 2] - delta("tiny", "experts_ms")
-    per_plane = max(extra, 0.0) / delta("tiny", "plane_runs")
-    measured = ms["big", 8] - ms["big", 2] - per_plane * delta("big", "plane_runs")
-    predicted = delta("big", "experts_ms")
-    assert predicted > 0.5  # the term is large enough to be measured here
-    assert within(predicted, measured), (predicted, measured, ms)
+        # Per plane run, what the tiny model's extra planes cost beyond bytes.
+        extra = ms["tiny", 8] - ms["tiny", 2] - delta("tiny", "experts_ms")
+        per_plane = max(extra, 0.0) / delta("tiny", "plane_runs")
+        measured = ms["big", 8] - ms["big", 2] - per_plane * delta("big", "plane_runs")
+        assert delta("big", "experts_ms") > 0.5  # large enough to measure here
+        ratios.append(delta("big", "experts_ms") / max(measured, 1e-6))
+    mid = float(np.median(ratios))
+    assert within(mid), (mid, sorted(ratios), rounds)
 
 
 def test_backbone_term_against_a_larger_output_head(models, probes):
@@ -164,41 +174,43 @@ def test_backbone_term_against_a_larger_output_head(models, probes):
     runs = {name: loaded(models[name], force_level=2) for name in ("big", "bighead")}
     try:
         with MatmulProbe("Q6_K", 1, ffn=ffn, dim=hidden, experts=2, used=1) as head:
-            ms, profile = measure(runs, {**probes, "q6_k": head})
-        pred = {k: predict(m, profile) for k, m in runs.items()}
+            rounds = measure(runs, {**probes, "q6_k": head})
+        preds = [
+            {k: predict(m, profile) for k, m in runs.items()} for _, profile in rounds
+        ]
     finally:
         close_all(runs)
-    predicted = pred["bighead"].backbone_ms - pred["big"].backbone_ms
-    measured = ms["bighead"] - ms["big"]
-    assert predicted > 0.5
-    assert within(predicted, measured), (predicted, measured, ms)
+    assert all(p["bighead"].backbone_ms - p["big"].backbone_ms > 0.5 for p in preds)
+    # One ratio per round, from that round's decodes and rates.
+    ratios = sorted(
+        (p["bighead"].backbone_ms - p["big"].backbone_ms)
+        / max(ms["bighead"] - ms["big"], 1e-6)
+        for p, (ms, _) in zip(preds, rounds)
+    )
+    mid = float(np.median(ratios))
+    assert within(mid), (mid, ratios, rounds)
 
 
 def test_decode_prediction_end_to_end(models, probes):
-    """With the overheads measured on the tiny model (same depth and routing
-    shape: per plane from level 8 minus level 2, per token from its dual-routing
-    decode), the big model's dual-routing decode is predicted within 40%."""
-    runs = {
-        "tiny2": loaded(models["tiny"], force_level=2),
-        "tiny8": loaded(models["tiny"], force_level=8),
-        "tiny": loaded(models["tiny"]),
-        "big": loaded(models["big"]),
-    }
+    """With the per-token cost measured on the tiny model in the same round
+    (same depth and routing shape, so the same graph and plane ops: what it
+    takes beyond its bytes), the big model's dual-routing decode is
+    predicted within 40%."""
+    runs = {"tiny": loaded(models["tiny"]), "big": loaded(models["big"])}
     try:
-        ms, profile = measure(runs, probes)
-        p = {k: predict(m, profile) for k, m in runs.items()}
+        rounds = measure(runs, probes)
+        ratios = []
+        for ms, profile in rounds:
+            tiny = predict(runs["tiny"], profile)
+            fitted = dataclasses.replace(
+                profile, token_overhead_ms=max(ms["tiny"] - tiny.ms_per_token, 0.0)
+            )
+            big = predict(runs["big"], fitted)
+            ratios.append(big.ms_per_token / ms["big"])
     finally:
         close_all(runs)
-    extra = ms["tiny8"] - ms["tiny2"] - (p["tiny8"].experts_ms - p["tiny2"].experts_ms)
-    per_plane = max(extra, 0.0) / (p["tiny8"].plane_runs - p["tiny2"].plane_runs)
-    per_token = ms["tiny"] - p["tiny"].ms_per_token - per_plane * p["tiny"].plane_runs
-    fitted = dataclasses.replace(
-        profile, token_overhead_ms=max(per_token, 0.0), plane_overhead_ms=per_plane
-    )
-    from edgemoe.runtime.costmodel import predict as _predict
-
-    with loaded(models["big"]) as m:
-        big = _predict(m.checkpoint, fitted, m.routed.policy, None)
+    assert big.splits == 0  # every plane resident: one graph per token
     assert sum(share > 0.05 for share in big.planes_mix) >= 2  # levels mixed
     assert big.backbone_ms + big.experts_ms > 0.4 * big.ms_per_token  # bytes count
-    assert within(big.ms_per_token, ms["big"]), (big, ms)
+    mid = float(np.median(ratios))
+    assert within(mid), (mid, sorted(ratios), rounds)

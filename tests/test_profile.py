@@ -162,8 +162,8 @@ def test_auto_detects_raspberry_pi_and_generic(tmp_path):
 # -- cost model and planner ------------------------------------------------------------
 def test_level_mix_follows_the_policy(converted_fixture):
     from edgemoe.format.reader import EdgeCheckpoint
-    from edgemoe.runtime.costmodel import level_mix
     from edgemoe.runtime.dual_routing import LevelPolicy
+    from edgemoe.runtime.replay import level_mix
 
     ckpt = EdgeCheckpoint(converted_fixture)
     try:
@@ -200,16 +200,25 @@ def test_prediction_responds_to_budget_and_storage(converted_fixture):
         full = memory_plan(ckpt, None, 512, 32, None)
         fixed = full.backbone + full.kv_cache + full.scratch
         preds = []
-        for frac in (1.0, 0.5, 0.3):
-            slots = memory_plan(ckpt, fixed + frac * full.experts, 512, 32, None).slots
-            preds.append(predict(ckpt, prof, policy, slots))
+        plans = [
+            memory_plan(ckpt, fixed + frac * full.experts, 512, 32, None)
+            for frac in (1.0, 0.5, 0.3)
+        ]
+        for mp in plans:
+            preds.append(predict(ckpt, prof, policy, mp.slots, resident=mp.resident))
         resident = predict(ckpt, prof, policy, None)
         assert resident.read_per_token == 0 and resident.hit_rate == 1.0
-        n_layer = ckpt.spec.n_layer
-        assert resident.fixed_ms == pytest.approx(
+        # Resident experts run inside the one step graph; streamed ones end a
+        # graph at every MoE layer for the host to place them, plane by plane.
+        assert resident.splits == 0
+        assert resident.fixed_ms == pytest.approx(prof.token_overhead_ms)
+        n_moe, n_layer = len(m.moe_layers), ckpt.spec.n_layer
+        assert [mp.resident for mp in plans] == [True, False, False]
+        assert [p.splits for p in preds] == [0, n_moe, n_moe]
+        assert preds[1].fixed_ms == pytest.approx(
             prof.token_overhead_ms
-            + n_layer * prof.layer_overhead_ms
-            + resident.plane_runs * prof.plane_overhead_ms
+            + n_moe * prof.layer_overhead_ms
+            + preds[1].plane_runs * prof.plane_overhead_ms
         )
         assert n_layer * 2 <= resident.plane_runs <= n_layer * 2 * 3  # top-2, 3 planes
         reads = [p.read_per_token for p in preds]
@@ -232,7 +241,7 @@ def test_replay_matches_the_runtime_cache(converted_fixture, fixture_dir, prefet
     from types import SimpleNamespace
 
     from edgemoe.runtime import routed
-    from edgemoe.runtime.costmodel import replay
+    from edgemoe.runtime.replay import replay
 
     seen: dict[int, tuple[list, list]] = {}
     guessed: dict[int, list] = {}

@@ -1,6 +1,6 @@
 """This device, for ``edgemoe profile``: detect it (memory, cores, board) and
-measure it (memory bandwidth, storage reads, matmul rates, the runtime's
-overheads on a synthetic model) into a ``DeviceProfile``.
+measure it (memory bandwidth, storage reads, matmul rates, and the engine's
+costs fitted on small models: probe_costs.py) into a ``DeviceProfile``.
 
 An app-level probe: it drives the runtime and the converters, so it lives with
 the commands, not in the foundation; it imports them inside the functions that
@@ -226,116 +226,6 @@ def storage_file(path: Path, threads: int | None = None) -> dict[str, float]:
     }
 
 
-@dataclass(frozen=True)
-class RuntimeCosts:
-    """What the runtime spends beyond moving bytes, in ms (see ``overheads``)."""
-
-    token_ms: float
-    layer_ms: float
-    plane_ms: float
-    read_ms: float
-    """Per plane read during decode, beyond its bytes at the probed rate."""
-
-
-def overheads(
-    profile: DeviceProfile, threads: int, workdir: Path, rounds: int = 8
-) -> RuntimeCosts:
-    """The runtime's costs on this machine, from small converted models with
-    random weights decoding text. With every expert resident: top-2 of 8
-    experts at 2, 4 and 8 layers and top-8 of 64 at 4 layers, the 4-layer
-    ones with dual routing and at forced levels 2 and 8, so that depth and
-    plane runs vary apart; what the cost model charges for their bytes is
-    taken away and a least-squares fit on relative error splits the rest
-    into per token, per layer and per plane run. Then the 4-layer top-2 model
-    streams under a third of its expert bytes, cold: what it takes beyond
-    that prediction, per plane read, is the cost of a read during decode
-    (the disk's latency, and the wake-ups and core sharing a short probe
-    read misses)."""
-    from edgemoe.converters.calibration import default_text
-    from edgemoe.converters.convert import ConvertOptions, convert
-    from edgemoe.converters.synth import preset_config, write_hf
-    from edgemoe.runtime.bench import bench
-    from edgemoe.runtime.costmodel import predict
-    from edgemoe.runtime.io_queue import drop_cached
-    from edgemoe.runtime.model import load
-
-    zero = replace(
-        profile,
-        token_overhead_ms=1e-9,
-        layer_overhead_ms=1e-9,
-        plane_overhead_ms=1e-9,
-        storage_latency_ms=1e-9,
-    )
-    text = default_text()[:60000]
-    shapes = (
-        ("shallow", 2, 8, 2, (None,)),
-        ("deep", 8, 8, 2, (None,)),
-        ("small", 4, 8, 2, (None, 2, 8)),
-        ("wide", 4, 64, 8, (None, 2, 8)),
-    )
-    models, streamed = [], None
-    try:
-        for name, layers, experts, used, levels in shapes:
-            cfg = preset_config(
-                "demo", layers, num_local_experts=experts, num_experts_per_tok=used
-            )
-            hf = write_hf(cfg, workdir / f"{name}-hf", force=True)
-            edge = workdir / f"{name}-edge"
-            convert(hf, edge, ConvertOptions(calib_tokens=512, calib_window=256))
-            for level in levels:
-                models.append(
-                    load(edge, n_threads=threads, n_ctx=512, force_level=level)
-                )
-            if name == "small":
-                mp = models[-1].memory
-                fixed = mp.backbone + mp.kv_cache + mp.scratch + mp.runtime
-                budget = fixed + mp.experts // 3
-                for f in edge.glob("experts-*.gguf"):
-                    drop_cached(f)
-                streamed = load(edge, n_threads=threads, n_ctx=512, budget=budget)
-        runs = [*models, streamed]
-        # Round robin, so that the machine's drift hits every model alike;
-        # each round decodes a fresh stretch of text. The mean t/s is kept,
-        # the statistic `edgemoe bench` reports and the model predicts.
-        samples: list[list[float]] = [[] for _ in runs]
-        streams = [m.tokenize(text, add_special=False) for m in runs]
-        for r in range(rounds):
-            for model, tokens, out in zip(runs, streams, samples):
-                part = tokens[r * 128 : (r + 1) * 128]
-                (tg,) = bench(model, n_prompt=0, n_gen=64, reps=2, tokens=part)
-                out.append(tg.tps[-1])
-        ms = [1e3 / float(np.mean(out)) for out in samples]
-        rows, rest = [], []
-        for model, t in zip(models, ms):
-            pred = predict(model.checkpoint, zero, model.routed.policy, None)
-            rows.append((1.0, model.spec.n_layer, pred.plane_runs))
-            rest.append(t - pred.ms_per_token)
-        # Least squares on relative error: overhead = per_token + per_layer *
-        # layers + per_plane * plane runs, each row weighted by 1 / its time.
-        w = 1.0 / np.array(ms[:-1])
-        coef, *_ = np.linalg.lstsq(
-            np.array(rows) * w[:, None], np.array(rest) * w, rcond=None
-        )
-        token, layer, plane = (
-            max(float(c), c_min) for c, c_min in zip(coef, (1e-3, 1e-3, 1e-4))
-        )
-        fitted = replace(
-            zero,
-            token_overhead_ms=token,
-            layer_overhead_ms=layer,
-            plane_overhead_ms=plane,
-        )
-        pred = predict(
-            streamed.checkpoint, fitted, streamed.routed.policy, streamed.memory.slots
-        )
-        read = (ms[-1] - pred.ms_per_token) / max(pred.reads_per_token, 1e-9)
-    finally:
-        for model in [*models, streamed]:
-            if model is not None:
-                model.close()
-    return RuntimeCosts(token, layer, plane, max(read, 1e-3))
-
-
 def measure(
     directory: Path,
     threads: int | None = None,
@@ -349,6 +239,7 @@ def measure(
     base, found = auto_profile()
     from edgemoe.runtime.device import default_threads
 
+    tuned = threads is None
     threads = threads or default_threads()
     progress("memory bandwidth")
     bw = memory_bandwidth()
@@ -387,22 +278,22 @@ def measure(
             "storage: "
             + ("O_DIRECT" if st["direct"] else "buffered reads (no O_DIRECT here)")
             + f", {where}",
-            f"matmul: one-row mul_mat_id over 64 experts, {threads} threads",
+            "matmul: one-row mul_mat_id over 64 experts, the fastest of 1 to "
+            f"{threads} threads",
         ),
     )
-    progress("runtime costs (four small converted models, ~2 minutes)")
+    from edgemoe.commands.probe_costs import runtime_costs
+
+    progress("the engine's costs (four small converted models, ~2 minutes)")
     with tempfile.TemporaryDirectory(prefix="edgemoe-measure-") as tmp:
-        costs = overheads(prof, threads, Path(tmp))
+        costs = runtime_costs(prof, None if tuned else threads, Path(tmp))
     return replace(
-        prof,
-        token_overhead_ms=costs.token_ms,
-        layer_overhead_ms=costs.layer_ms,
-        plane_overhead_ms=costs.plane_ms,
-        storage_latency_ms=costs.read_ms,
+        costs.apply(prof),
         notes=(
             *prof.notes,
             f"storage latency: per plane read during a streamed decode "
             f"(a {st['latency_ms']:.3f} ms probe read alone)",
+            f"runtime costs fitted on decodes within {costs.fit_error:.0%}",
         ),
     )
 
