@@ -178,3 +178,57 @@ def test_bad_rows_are_refused_before_ggml_quantizes(rows, imatrix, needle):
     with pytest.raises(ConfigError) as info:
         quantize(rows, BLOCK_TYPES["Q2_K"].ggml, imatrix)
     assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", CODECS, ids=CODECS)
+def test_ggml_dequantize_matches_numpy(name):
+    """The codecs dequantize with ggml's own C rows; numpy's ggml-order
+    reconstruction gives the same floats bit for bit."""
+    c = codec(name)
+    raw = c.quantize(weights(16, 512, seed=5))
+    assert np.array_equal(c.dequantize(raw), c.dequantize_numpy(raw))
+
+
+QUICK = ["Q2_K", "Q4_K"]
+# Squared error of the quick fit against ggml's reference rounding on
+# Gaussian weights (measured 1.00 and 1.13): a regression bound.
+MAX_QUICK_MSE_RATIO = {"Q2_K": 1.06, "Q4_K": 1.18}
+
+
+@pytest.mark.parametrize("name", QUICK, ids=QUICK)
+def test_quick_fit_is_ggml_layout_near_ggml_rounding(name):
+    """The numpy fit of the residual planes writes blocks gguf-py reads as
+    we do, about as accurate as ggml's own reference rounding."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    c = codec(name)
+    x = weights(64, 1024, seed=6)
+    raw = c.quantize_quick(x)
+    assert raw.shape == (64, BLOCK_TYPES[name].row_bytes(1024))
+    ours = c.dequantize(raw)
+    ref = dequantize(raw, GGMLQuantizationType[name]).reshape(ours.shape)
+    assert np.array_equal(ours, ref)
+    mse = np.mean((ours - x) ** 2)
+    ggml_mse = np.mean((c.dequantize(c.quantize(x, fit=False)) - x) ** 2)
+    assert mse < MAX_QUICK_MSE_RATIO[name] * ggml_mse
+
+
+@pytest.mark.parametrize("name", QUICK, ids=QUICK)
+def test_quick_fit_keeps_flat_and_zero_blocks(name):
+    """All-zero blocks, flat sub-blocks of either sign and a lone spike come
+    back within fp16 precision (no sub-block is fit by a zero scale)."""
+    x = np.zeros((4, 512), np.float32)
+    x[1, :256] = -0.5  # flat negative: offset only
+    x[2, :48] = 0.25  # flat positive sub-blocks: scale only
+    x[3, 300] = 1.0
+    out = codec(name).dequantize(codec(name).quantize_quick(x))
+    assert np.abs(out - x).max() < 2e-3
+    assert not out[0].any()
+
+
+@pytest.mark.parametrize("name", ["Q6_K", "Q8_0"], ids=["Q6_K", "Q8_0"])
+def test_quick_fit_falls_back_to_ggml_rounding(name):
+    x = weights(8, 512, seed=7)
+    c = codec(name)
+    assert np.array_equal(c.quantize_quick(x), c.quantize(x, fit=False))

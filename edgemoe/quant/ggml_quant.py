@@ -16,10 +16,11 @@ import numpy as np
 
 from edgemoe.errors import ConfigError
 
-SPLIT_VALUES = 1 << 22
+SPLIT_VALUES = 1 << 21
 """Tensors above this many values are quantized in row chunks on every core
-(the backbone's head and embeddings); smaller ones in one call, since the
-converter already runs experts side by side."""
+(the backbone's head, embeddings and 2048 x 2048 attention matrices, which
+nothing else runs beside); smaller ones in one call, since the converter
+already runs experts side by side."""
 
 
 def quantize(
