@@ -108,6 +108,7 @@ class Scheduler:
         parallel: int = 4,
         queue_limit: int = 64,
         n_batch: int | None = None,
+        thread: bool = True,
     ):
         if parallel < 1:
             raise ConfigError(f"parallel must be >= 1, got {parallel}")
@@ -126,9 +127,11 @@ class Scheduler:
         self._running: list[_Job] = []
         self._lock = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="edgemoe-scheduler")
-        self._thread.daemon = True
-        self._thread.start()
+        self._thread = None
+        if thread:
+            self._thread = threading.Thread(target=self.run, name="edgemoe-scheduler")
+            self._thread.daemon = True
+            self._thread.start()
 
     # -- any thread ------------------------------------------------------------------
     def check(self, request: Request) -> None:
@@ -190,7 +193,8 @@ class Scheduler:
         with self._lock:
             self._closed = True
             self._lock.notify()
-        self._thread.join()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
 
     def _cancel(self, job: _Job) -> None:
         with self._lock:
@@ -202,7 +206,12 @@ class Scheduler:
         return frozenset(m.tokenizer.eos_ids) | frozenset(m.spec.eos_token_ids)
 
     # -- the scheduler's thread --------------------------------------------------------
-    def _loop(self) -> None:
+    def run(self) -> None:
+        """The step loop, until ``close``; a thread of its own unless the
+        scheduler was made with ``thread=False``, for the caller to run it
+        on the main thread: ggml's OpenMP workers spin between graphs only
+        for the main thread's team on a machine with no spare core (libgomp
+        throttles the others), and decode there was 15% faster on two cores."""
         while True:
             with self._lock:
                 while not self._closed and not self._running and not self._waiting:

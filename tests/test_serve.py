@@ -391,3 +391,43 @@ def test_a_failing_step_costs_its_requests_not_the_server(plain, monkeypatch):
         assert "internal error" in str(info.value) and "secret" not in str(info.value)
         ok = client(base).completions.create(model="fixture", prompt="x", max_tokens=3)
         assert ok.usage.completion_tokens == 3
+
+
+def test_the_command_serves_then_stops_on_ctrl_c_and_names_a_busy_port(
+    fixture_dir, tmp_path
+):
+    """``edgemoe serve`` as a user runs it: the steps on the main thread, HTTP
+    beside them; Ctrl+C exits 130; a port in use is one error line."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "edgemoe", "serve", str(fixture_dir), "--port",
+           str(port), "-t", "1", "-np", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
+                    assert json.load(r) == {"status": "ok"}
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        r = client(f"http://127.0.0.1:{port}").completions.create(
+            model="x", prompt="def", max_tokens=3
+        )
+        assert r.usage.completion_tokens == 3
+        busy = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+        assert busy.returncode == 1
+        assert f"could not listen on 127.0.0.1:{port}" in busy.stderr
+        assert "Traceback" not in busy.stderr
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()

@@ -62,29 +62,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from edgemoe.serve.app import ServeOptions, create_app
     except ImportError as e:
         raise ConfigError(f"serve needs {e.name}: pip install edgemoe") from None
+    import threading
     from pathlib import Path
 
     from edgemoe.runtime.scheduler import Scheduler
 
     with load_model(args, n_seq_max=args.parallel) as model:
-        scheduler = Scheduler(model, args.parallel, args.queue)
-        try:
-            name = Path(args.model).name.removesuffix(".gguf")
-            app = create_app(
-                model, scheduler, ServeOptions(name, args.api_key, args.max_body)
-            )
-            if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-                print(
-                    f"warning: serving on {args.host} without --api-key: anyone "
-                    "who can reach this port can use the model",
-                    file=sys.stderr,
-                )
+        # The steps run on this (the main) thread, the HTTP server beside it.
+        scheduler = Scheduler(model, args.parallel, args.queue, thread=False)
+        name = Path(args.model).name.removesuffix(".gguf")
+        app = create_app(
+            model, scheduler, ServeOptions(name, args.api_key, args.max_body)
+        )
+        if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
             print(
-                f"serving {name} on http://{args.host}:{args.port}/v1 · "
-                f"{args.parallel} slots of {scheduler.slot_ctx} tokens",
+                f"warning: serving on {args.host} without --api-key: anyone "
+                "who can reach this port can use the model",
                 file=sys.stderr,
             )
-            uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+        )
+
+        def serve() -> None:
+            try:
+                server.run()
+            finally:
+                scheduler.close()  # a port in use ends the steps too
+
+        http = threading.Thread(target=serve, name="edgemoe-http", daemon=True)
+        http.start()
+        print(
+            f"serving {name} on http://{args.host}:{args.port}/v1 · "
+            f"{args.parallel} slots of {scheduler.slot_ctx} tokens",
+            file=sys.stderr,
+        )
+        try:
+            scheduler.run()
         finally:
+            server.should_exit = True
             scheduler.close()
+            http.join(10)
+        if not server.started:
+            raise ConfigError(
+                f"could not listen on {args.host}:{args.port} (see above; is the "
+                "port in use?)"
+            )
     return 0
