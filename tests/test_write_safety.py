@@ -307,8 +307,8 @@ def test_app_ends_with_status_1_after_a_template_error(picky):
     from functools import partial
 
     import edgemoe
-    from edgemoe.ui.app import ChatApp
     from edgemoe.sampling_params import SamplingParams
+    from edgemoe.ui.app import ChatApp
     from edgemoe.ui.session import ChatSession
     from edgemoe.ui.widgets import PromptInput
 
