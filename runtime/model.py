@@ -180,17 +180,23 @@ class Model:
         """Forget the cached sequence."""
         self.cache.truncate(self.seq, 0)
 
-    def reuse_prefix(self, token_ids) -> int:
-        """Keep the longest prefix of the cached sequence that ``token_ids``
-        starts with, short of its last token (whose logits a caller needs),
-        and drop the rest. Returns how many tokens are kept."""
+    def common_prefix(self, token_ids, seq_id: int | None = None) -> int:
+        """How many of ``token_ids``, short of the last (whose logits a caller
+        needs), the sequence (the model's own by default) already holds."""
+        seq = self.seq if seq_id is None else self.cache.get(seq_id)
         ids = self._as_ids(token_ids).tolist()  # a ConfigError for bad ids
         n = 0
-        for a, b in zip(self.seq.tokens, ids[:-1]):
+        for a, b in zip(seq.tokens, ids[:-1]):
             if a != b:
                 break
             n += 1
-        self.cache.truncate(self.seq, n)
+        return n
+
+    def reuse_prefix(self, token_ids, seq_id: int | None = None) -> int:
+        """Keep the sequence's longest prefix that ``token_ids`` starts with
+        (``common_prefix``) and drop the rest. Returns how many are kept."""
+        n = self.common_prefix(token_ids, seq_id)
+        self.cache.truncate(self.seq if seq_id is None else self.cache.get(seq_id), n)
         return n
 
     def eval(self, token_ids, all_logits: bool = False) -> np.ndarray:

@@ -51,6 +51,8 @@ class Event:
     completion_tokens: int = 0
     ttft_s: float = 0.0
     error: str | None = None
+    cached_tokens: int = 0
+    """Prompt tokens an earlier request's sequence already held (not evaluated)."""
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Totals:
     requests: dict[str, int] = field(default_factory=dict)
     """Finished requests by finish reason ("cancelled" included)."""
     prompt_tokens: int = 0
+    """Evaluated; ``cached_tokens`` were reused instead."""
+    cached_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
     step_s: float = 0.0
@@ -80,7 +84,8 @@ class _Job:
     t0: float = field(default_factory=time.perf_counter)
     seq: int | None = None
     fed: int = 0
-    """Prompt tokens evaluated so far."""
+    """Prompt tokens in the cache so far (reused ones first)."""
+    cached: int = 0
     history: list[int] = field(default_factory=list)
     generated: int = 0
     ttft_s: float = 0.0
@@ -125,6 +130,10 @@ class Scheduler:
         self.totals = Totals()
         self._waiting: deque[_Job] = deque()
         self._running: list[_Job] = []
+        self._idle: dict[int, None] = {}
+        """Finished requests' sequences, oldest first, kept while their cells
+        are not needed: a request that starts with one's tokens (a chat
+        resending its conversation) reuses them, as llama-server's slots do."""
         self._lock = threading.Condition()
         self._closed = False
         self._thread = None
@@ -225,7 +234,7 @@ class Scheduler:
                     self._finish(job, None, "cancelled")
                 while self._waiting and len(self._running) < self.parallel:
                     job = self._waiting.popleft()
-                    job.seq = self.model.new_sequence()
+                    self._admit(job)
                     self._running.append(job)
                 self.totals.running = len(self._running)
                 self.totals.queued = len(self._waiting)
@@ -234,6 +243,35 @@ class Scheduler:
                 self._step(jobs)
         for job in [*self._running, *self._waiting]:
             self._finish(job, Event("", None, "error", error="server shut down"))
+        while self._idle:
+            self._drop_oldest_idle()
+
+    def _admit(self, job: _Job) -> None:
+        """A sequence for ``job``: the idle one sharing the longest prefix
+        with its prompt, cut to that prefix, else a new one."""
+        m, prompt = self.model, job.request.prompt
+        best, n = None, 0
+        for seq in self._idle:
+            k = m.common_prefix(prompt, seq)
+            if k > n:
+                best, n = seq, k
+        if best is None:
+            job.seq = m.new_sequence()
+            return
+        del self._idle[best]
+        job.seq = best
+        job.fed = job.cached = m.reuse_prefix(prompt, best)
+        self.totals.cached_tokens += job.cached
+
+    def _make_room(self, n_new: int) -> None:
+        """Free idle sequences, oldest first, until ``n_new`` cells are free."""
+        while self._idle and self.model.cache.n_free < n_new:
+            self._drop_oldest_idle()
+
+    def _drop_oldest_idle(self) -> None:
+        seq = next(iter(self._idle))
+        del self._idle[seq]
+        self.model.free_sequence(seq)
 
     def _pick(self) -> list[_Job]:
         """This step's requests: every running one, whatever its quality
@@ -253,6 +291,7 @@ class Scheduler:
                 batch.append((j, list(j.request.prompt[j.fed : j.fed + take])))
             else:
                 batch.append((j, [j.history[-1]]))
+        self._make_room(sum(len(toks) for _, toks in batch))
         t0 = time.perf_counter()
         try:
             qualities = [j.request.quality for j, _ in batch] if m.routed else None
@@ -308,11 +347,22 @@ class Scheduler:
             _send(j, self._event(j, text, token, None))
 
     def _event(self, j: _Job, text: str, token, reason) -> Event:
-        return Event(text, token, reason, len(j.request.prompt), j.generated, j.ttft_s)
+        n = len(j.request.prompt)
+        return Event(text, token, reason, n, j.generated, j.ttft_s, None, j.cached)
 
     def _finish(self, j: _Job, last: Event | None, reason: str | None = None) -> None:
         if j.seq is not None:
-            self.model.free_sequence(j.seq)
+            done = last is not None and last.finish_reason in (
+                "stop",
+                "length",
+                "context",
+            )
+            if done:
+                self._idle[j.seq] = None  # its cells stay until a step needs them
+                while len(self._idle) > self.parallel:
+                    self._drop_oldest_idle()
+            else:
+                self.model.free_sequence(j.seq)
             j.seq = None
         if j in self._running:
             self._running.remove(j)

@@ -431,3 +431,32 @@ def test_the_command_serves_then_stops_on_ctrl_c_and_names_a_busy_port(
         assert "Traceback" not in proc.stderr.read()
     finally:
         proc.kill()
+
+
+def test_a_conversation_resent_reuses_its_cached_prefix(plain):
+    """A chat's next turn resends the conversation: the server keeps the
+    finished request's sequence and evaluates only what is new, with the
+    tokens a fresh evaluation gives."""
+    first = [{"role": "user", "content": "Write a function."}]
+    with serving(plain, parallel=2) as (base, scheduler):
+        c = client(base)
+        r1 = c.chat.completions.create(
+            model="fixture", messages=first, max_tokens=10, temperature=0
+        )
+        reply = r1.choices[0].message.content
+        second = [*first, {"role": "assistant", "content": reply},
+                  {"role": "user", "content": "Now test it."}]  # fmt: skip
+        evaluated = scheduler.totals.prompt_tokens
+        r2 = c.chat.completions.create(
+            model="fixture", messages=second, max_tokens=10, temperature=0
+        )
+        cached = r2.usage.prompt_tokens_details.cached_tokens
+        assert cached >= r1.usage.prompt_tokens  # the whole first prompt at least
+        assert scheduler.totals.prompt_tokens - evaluated == (
+            r2.usage.prompt_tokens - cached
+        )
+    plain.reset()
+    fresh = "".join(
+        x.text for x in plain.generate(second, max_tokens=10, temperature=0)
+    )
+    assert r2.choices[0].message.content == fresh

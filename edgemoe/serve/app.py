@@ -154,7 +154,7 @@ def create_app(model, scheduler: Scheduler, options: ServeOptions) -> Starlette:
         make = api.chat_response if chat else api.completion_response
         return JSONResponse(
             make(rid, name, "".join(text), last.finish_reason, last.prompt_tokens,
-                 last.completion_tokens)
+                 last.completion_tokens, last.cached_tokens)
         )  # fmt: skip
 
     async def chat_completions(request: Request) -> Response:
@@ -245,7 +245,7 @@ async def _sse(handle, events, rid, name, chat, include_usage) -> AsyncIterator[
                     kind = "chat.completion.chunk" if chat else "text_completion"
                     yield data(
                         api.usage_chunk(rid, name, kind, ev.prompt_tokens,
-                                        ev.completion_tokens)
+                                        ev.completion_tokens, ev.cached_tokens)
                     )  # fmt: skip
                 break
         yield "data: [DONE]\n\n"

@@ -37,6 +37,12 @@ def prometheus_text(totals, levels: tuple[int, ...]) -> str:
         [({}, t.prompt_tokens)],
     )
     metric(
+        "cached_prompt_tokens_total",
+        "counter",
+        "Prompt tokens reused from an earlier request's sequence.",
+        [({}, t.cached_tokens)],
+    )
+    metric(
         "generated_tokens_total",
         "counter",
         "Tokens generated.",

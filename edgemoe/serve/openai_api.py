@@ -222,15 +222,19 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        # OpenAI's field: prompt tokens served from the cache, not evaluated.
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 
-def chat_response(rid, model, text, finish, prompt_tokens, completion_tokens) -> dict:
+def chat_response(
+    rid, model, text, finish, prompt_tokens, completion_tokens, cached=0
+) -> dict:
     return {
         "id": rid,
         "object": "chat.completion",
@@ -243,7 +247,7 @@ def chat_response(rid, model, text, finish, prompt_tokens, completion_tokens) ->
                 "finish_reason": FINISH.get(finish, finish),
             }
         ],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached),
     }
 
 
@@ -264,7 +268,7 @@ def chat_chunk(rid, model, delta: dict, finish: str | None = None) -> dict:
 
 
 def completion_response(
-    rid, model, text, finish, prompt_tokens, completion_tokens
+    rid, model, text, finish, prompt_tokens, completion_tokens, cached=0
 ) -> dict:
     return {
         "id": rid,
@@ -279,7 +283,7 @@ def completion_response(
                 "finish_reason": FINISH.get(finish, finish),
             }
         ],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached),
     }
 
 
@@ -292,7 +296,7 @@ def completion_chunk(rid, model, text: str, finish: str | None = None) -> dict:
 
 
 def usage_chunk(
-    rid, model, kind: str, prompt_tokens: int, completion_tokens: int
+    rid, model, kind: str, prompt_tokens: int, completion_tokens: int, cached=0
 ) -> dict:
     """``stream_options.include_usage``: a last chunk with no choices."""
     return {
@@ -301,5 +305,5 @@ def usage_chunk(
         "created": int(time.time()),
         "model": model,
         "choices": [],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached),
     }
