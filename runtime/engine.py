@@ -55,7 +55,7 @@ class GenerationResponse:
     chunk's cover the prompt)."""
 
 
-class Detokenizer:
+class _Detokenizer:
     """Incremental decoding that never emits half a UTF-8 character and keeps
     tokenizers' context-dependent spacing (decode a window, diff the text)."""
 
@@ -76,7 +76,7 @@ class Detokenizer:
 
 
 @dataclass
-class StopMatcher:
+class _StopMatcher:
     """Holds back text that might begin a stop string until it is decided."""
 
     stops: Sequence[str]
@@ -100,6 +100,37 @@ class StopMatcher:
         out = self.buf[: len(self.buf) - hold]
         self.buf = self.buf[len(self.buf) - hold :]
         return out
+
+
+class Completion:
+    """One completion's text, token by token: UTF-8 and stop strings held
+    back until decided, EOS, and the ``max_tokens`` cap. ``generate`` and the
+    server's scheduler share it; each decides when its context is full."""
+
+    def __init__(self, tokenizer, params: SamplingParams, eos_ids):
+        self.detok = _Detokenizer(tokenizer)
+        self.stops = _StopMatcher(params.stop)
+        self.eos = frozenset() if params.ignore_eos else frozenset(eos_ids)
+        self.max_tokens = params.max_tokens
+        self.n = 0
+        """Tokens generated (EOS not counted)."""
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        """The text ``token`` releases, and "stop" or "length" if it ends
+        the completion."""
+        if token in self.eos:
+            return self.stops.buf, "stop"
+        self.n += 1
+        text = self.stops.feed(self.detok.add(token))
+        if self.stops.hit:
+            return text, "stop"
+        if self.n >= self.max_tokens:
+            return self.cut(text), "length"
+        return text, None
+
+    def cut(self, text: str) -> str:
+        """``text`` and what is held back, when the completion ends here."""
+        return text + self.stops.buf
 
 
 def context_hint(n_ctx: int, n_ctx_train: int) -> str:
@@ -157,15 +188,13 @@ def generate(
     the previous call is kept, not evaluated again (``Timings.cached_tokens``):
     a chat turn resends the whole conversation.
     """
-    p = SamplingParams.make(params, **changes) if changes or params is None else params
-    max_tokens, ignore_eos = p.max_tokens, p.ignore_eos
+    p = SamplingParams.make(params, **changes)
     sampler = Sampler(p)
     t0 = time.perf_counter()
     ids = prompt_ids(model, prompt, add_special)
     if not ids:
         raise ConfigError("the prompt is empty (no tokens)")
-    # One sequence's positions: the context, or less when it is shared (n_seq_max).
-    n_ctx = getattr(model, "n_pos", model.n_ctx)
+    n_ctx = model.n_pos  # one sequence's positions (less than n_ctx when shared)
     if len(ids) > n_ctx:
         hint = context_hint(n_ctx, model.spec.n_ctx_train)
         raise ContextOverflowError(
@@ -182,12 +211,10 @@ def generate(
     logits = model.eval(ids[cached:])
     prompt_s = time.perf_counter() - t0
     eos = set(model.tokenizer.eos_ids) | set(model.spec.eos_token_ids)
-    detok = Detokenizer(model.tokenizer)
-    stops = StopMatcher(p.stop)
+    done = Completion(model.tokenizer, p, eos)
     history = list(ids)
     ttft = 0.0
     t_decode = time.perf_counter()
-    n_gen = 0
 
     def response(
         text: str, token: int | None, reason: str | None
@@ -196,33 +223,24 @@ def generate(
         timings = Timings(
             len(ids) - cached,
             prompt_s,
-            n_gen,
-            now - t_decode if n_gen else 0.0,
+            done.n,
+            now - t_decode if done.n else 0.0,
             ttft,
             cached,
         )
         metrics = counter.step() if counter is not None else None
         return GenerationResponse(text, token, timings, memory_stats(), reason, metrics)
 
-    for i in range(max_tokens):
+    for _ in range(p.max_tokens):
         token = sampler(logits, history)
         if ttft == 0.0:
             ttft = time.perf_counter() - t0
-        if token in eos and not ignore_eos:
-            yield response(stops.buf, token, "stop")
-            return
-        n_gen += 1
         history.append(token)
-        text = stops.feed(detok.add(token))
-        if stops.hit:
-            yield response(text, token, "stop")
+        text, reason = done.add(token)
+        if reason is None and model.n_past >= n_ctx:
+            text, reason = done.cut(text), "context"
+        yield response(text, token, reason)
+        if reason is not None:
             return
-        if i == max_tokens - 1:
-            yield response(text + stops.buf, token, "length")
-            return
-        if model.n_past >= n_ctx:
-            yield response(text + stops.buf, token, "context")
-            return
-        yield response(text, token, None)
         logits = model.eval([token])
     yield response("", None, "length")

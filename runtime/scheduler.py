@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edgemoe.errors import ConfigError, ContextOverflowError, EdgeMoEError
-from edgemoe.runtime.engine import Detokenizer, StopMatcher
+from edgemoe.runtime.engine import Completion
 from edgemoe.runtime.sampling import Sampler
 from edgemoe.sampling_params import SamplingParams
 
@@ -78,16 +78,13 @@ class _Job:
     request: Request
     emit: Callable[[Event], None]
     sampler: Sampler
-    detok: Detokenizer
-    stops: StopMatcher
-    eos: frozenset[int]
+    text: Completion
     t0: float = field(default_factory=time.perf_counter)
     seq: int | None = None
     fed: int = 0
     """Prompt tokens in the cache so far (reused ones first)."""
     cached: int = 0
     history: list[int] = field(default_factory=list)
-    generated: int = 0
     ttft_s: float = 0.0
     cancelled: bool = False
 
@@ -180,9 +177,7 @@ class Scheduler:
             request,
             emit,
             Sampler(request.params),
-            Detokenizer(m.tokenizer),
-            StopMatcher(request.params.stop),
-            frozenset(()) if request.params.ignore_eos else self._eos(),
+            Completion(m.tokenizer, request.params, self._eos()),
         )
         with self._lock:
             if self._closed:
@@ -323,32 +318,26 @@ class Scheduler:
                 self._finish(j, Event("", None, "error", error=str(e)))
 
     def _sample(self, j: _Job, logits) -> None:
-        p = j.request.params
-        if p.max_tokens == 0:
+        if j.request.params.max_tokens == 0:
             self._finish(j, self._event(j, "", None, "length"))
             return
         token = j.sampler(logits, j.history)
         if not j.ttft_s:
             j.ttft_s = time.perf_counter() - j.t0
-        if token in j.eos:
-            self._finish(j, self._event(j, j.stops.buf, token, "stop"))
-            return
-        j.generated += 1
-        self.totals.generated_tokens += 1
         j.history.append(token)
-        text = j.stops.feed(j.detok.add(token))
-        if j.stops.hit:
-            self._finish(j, self._event(j, text, token, "stop"))
-        elif j.generated >= p.max_tokens:
-            self._finish(j, self._event(j, text + j.stops.buf, token, "length"))
-        elif len(j.history) >= self.slot_ctx:
-            self._finish(j, self._event(j, text + j.stops.buf, token, "context"))
-        else:
+        n = j.text.n
+        text, reason = j.text.add(token)
+        self.totals.generated_tokens += j.text.n - n
+        if reason is None and len(j.history) >= self.slot_ctx:
+            text, reason = j.text.cut(text), "context"
+        if reason is None:
             _send(j, self._event(j, text, token, None))
+        else:
+            self._finish(j, self._event(j, text, token, reason))
 
     def _event(self, j: _Job, text: str, token, reason) -> Event:
         n = len(j.request.prompt)
-        return Event(text, token, reason, n, j.generated, j.ttft_s, None, j.cached)
+        return Event(text, token, reason, n, j.text.n, j.ttft_s, None, j.cached)
 
     def _finish(self, j: _Job, last: Event | None, reason: str | None = None) -> None:
         if j.seq is not None:

@@ -36,7 +36,7 @@ class ScriptedModel:
     def __init__(self, tokenizer, script, n_ctx=512, eos_ids=(EOS,)):
         self.tokenizer = tokenizer
         self.script = list(script)
-        self.n_ctx = n_ctx
+        self.n_ctx = self.n_pos = n_ctx
         self.spec = SimpleNamespace(eos_token_ids=tuple(eos_ids), n_ctx_train=n_ctx)
         self.n_past = 0
         self.step = 0
