@@ -183,10 +183,9 @@ class Model:
     def common_prefix(self, token_ids, seq_id: int | None = None) -> int:
         """How many of ``token_ids``, short of the last (whose logits a caller
         needs), the sequence (the model's own by default) already holds."""
-        seq = self.seq if seq_id is None else self.cache.get(seq_id)
         ids = self._as_ids(token_ids).tolist()  # a ConfigError for bad ids
         n = 0
-        for a, b in zip(seq.tokens, ids[:-1]):
+        for a, b in zip(self._sequence(seq_id).tokens, ids[:-1]):
             if a != b:
                 break
             n += 1
@@ -196,8 +195,11 @@ class Model:
         """Keep the sequence's longest prefix that ``token_ids`` starts with
         (``common_prefix``) and drop the rest. Returns how many are kept."""
         n = self.common_prefix(token_ids, seq_id)
-        self.cache.truncate(self.seq if seq_id is None else self.cache.get(seq_id), n)
+        self.cache.truncate(self._sequence(seq_id), n)
         return n
+
+    def _sequence(self, seq_id: int | None) -> Sequence:
+        return self.seq if seq_id is None else self.cache.get(seq_id)
 
     def eval(self, token_ids, all_logits: bool = False) -> np.ndarray:
         """Append ``token_ids`` to the cached sequence.

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edgemoe.errors import ConfigError, ContextOverflowError, EdgeMoEError
+from edgemoe.runtime import token_ids
 from edgemoe.runtime.engine import Completion
 from edgemoe.runtime.sampling import Sampler
 from edgemoe.sampling_params import SamplingParams
@@ -156,10 +157,9 @@ class Scheduler:
                 f"max_tokens {p.max_tokens} and the prompt's {n} tokens exceed a "
                 f"request's context of {self.slot_ctx} tokens"
             )
-        vocab = self.model.spec.n_vocab
-        bad = [t for t in request.prompt if not 0 <= t < vocab]
-        if bad:
-            raise ConfigError(f"token id {bad[0]} is outside the vocabulary of {vocab}")
+        spec = self.model.spec  # the ids, as Model.decode checks them
+        ids = token_ids.as_ids(request.prompt, spec.n_vocab)
+        token_ids.check(ids, 0, spec.n_vocab, self.slot_ctx, spec.n_ctx_train)
         if request.quality is not None:
             routed = self.model.routed
             if routed is None:
