@@ -68,8 +68,6 @@ class Totals:
     generated_tokens: int = 0
     steps: int = 0
     step_s: float = 0.0
-    running: int = 0
-    queued: int = 0
     counters: dict = field(default_factory=dict)
     """``Model.counters()`` after the latest step."""
 
@@ -141,6 +139,16 @@ class Scheduler:
             self._thread.start()
 
     # -- any thread ------------------------------------------------------------------
+    @property
+    def running(self) -> int:
+        """Requests decoding now."""
+        return len(self._running)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._waiting)
+
     def check(self, request: Request) -> None:
         """Raise ConfigError/ContextOverflowError for a request that can never
         run, before it is queued (the server answers 400)."""
@@ -189,7 +197,6 @@ class Scheduler:
                     "queued"
                 )
             self._waiting.append(job)
-            self.totals.queued = len(self._waiting)
             self._lock.notify()
         return Handle(self, job)
 
@@ -231,8 +238,6 @@ class Scheduler:
                     job = self._waiting.popleft()
                     self._admit(job)
                     self._running.append(job)
-                self.totals.running = len(self._running)
-                self.totals.queued = len(self._waiting)
                 jobs = self._pick()
             if jobs:
                 self._step(jobs)
@@ -355,7 +360,6 @@ class Scheduler:
             j.seq = None
         if j in self._running:
             self._running.remove(j)
-            self.totals.running = len(self._running)
         self._count(reason or (last.finish_reason if last else "cancelled"))
         if last is not None:
             _send(j, last)

@@ -178,7 +178,7 @@ def create_app(model, scheduler: Scheduler, options: ServeOptions) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         authorize(request)
-        text = prometheus_text(scheduler.totals, model.levels)
+        text = prometheus_text(scheduler, model.levels)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def on_api_error(request: Request, e: api.ApiError) -> Response:

@@ -4,9 +4,10 @@ Prometheus' text format (names prefixed ``edgemoe_``)."""
 from __future__ import annotations
 
 
-def prometheus_text(totals, levels: tuple[int, ...]) -> str:
-    """``totals``: the scheduler's ``Totals``; ``levels``: the model's expert
-    levels in bits, which label the per-level series."""
+def prometheus_text(scheduler, levels: tuple[int, ...]) -> str:
+    """``scheduler``: the server's ``Scheduler`` (its totals and queue);
+    ``levels``: the model's expert levels in bits, which label the per-level
+    series."""
     from edgemoe.runtime.metrics import rss_bytes
 
     out: list[str] = []
@@ -20,7 +21,7 @@ def prometheus_text(totals, levels: tuple[int, ...]) -> str:
                 f"edgemoe_{name}{{{lab}}} {value}" if lab else f"edgemoe_{name} {value}"
             )
 
-    t = totals
+    t = scheduler.totals
     c = t.counters or {}
     metric(
         "requests_total",
@@ -28,8 +29,15 @@ def prometheus_text(totals, levels: tuple[int, ...]) -> str:
         "Finished requests by finish reason.",
         [({"finish": k}, v) for k, v in sorted(t.requests.items())] or [({}, 0)],
     )
-    metric("requests_running", "gauge", "Requests decoding now.", [({}, t.running)])
-    metric("requests_queued", "gauge", "Requests waiting for a slot.", [({}, t.queued)])
+    metric(
+        "requests_running", "gauge", "Requests decoding now.", [({}, scheduler.running)]
+    )
+    metric(
+        "requests_queued",
+        "gauge",
+        "Requests waiting for a slot.",
+        [({}, scheduler.queued)],
+    )
     metric(
         "prompt_tokens_total",
         "counter",
