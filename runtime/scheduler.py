@@ -222,7 +222,7 @@ class Scheduler:
         scheduler was made with ``thread=False``, for the caller to run it
         on the main thread: ggml's OpenMP workers spin between graphs only
         for the main thread's team on a machine with no spare core (libgomp
-        throttles the others), and decode there was 15% faster on two cores."""
+        throttles the others), so decode is faster there on two cores."""
         while True:
             with self._lock:
                 while not self._closed and not self._running and not self._waiting:

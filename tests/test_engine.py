@@ -204,7 +204,7 @@ def test_a_single_stop_string_is_not_a_set_of_characters(tokenizer):
 
 
 @pytest.mark.parametrize(
-    "stop", [[""], ["ok", ""], [3]], ids=["empty", "one_empty", "int"]
+    "stop", [[""], ["ok", ""], [3], 5], ids=["empty", "one_empty", "int", "not_a_list"]
 )
 def test_invalid_stop_strings_raise(tokenizer, stop):
     with pytest.raises(ConfigError, match="stop"):

@@ -367,6 +367,9 @@ def test_a_shared_context_holds_more_than_one_sequence_s_positions(fixture_dir):
     train = 1024  # the fixture's
     with pytest.raises(ConfigError, match="x 2 sequences"):
         edgemoe.load(fixture_dir, n_ctx=3 * train, n_seq_max=2)
+    for bad in (0, 257, "2", True):
+        with pytest.raises(ConfigError, match="n_seq_max"):
+            edgemoe.load(fixture_dir, n_seq_max=bad)
     with edgemoe.load(fixture_dir, n_ctx=2 * train, n_seq_max=2, n_threads=1) as m:
         assert (m.n_ctx, m.n_pos) == (2 * train, train)
         a, b = m.new_sequence(), m.new_sequence()
@@ -460,3 +463,19 @@ def test_a_conversation_resent_reuses_its_cached_prefix(plain):
         x.text for x in plain.generate(second, max_tokens=10, temperature=0)
     )
     assert r2.choices[0].message.content == fresh
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["-np", "0"], "--parallel must be in 1..256, got 0"),
+        (["--port", "70000"], "--port must be in 0..65535, got 70000"),
+        (["--queue", "-1"], "--queue must be >= 0"),
+    ],
+)
+def test_bad_serve_flags_are_one_line_before_loading(capsys, flags, needle):
+    from edgemoe.cli import main
+
+    assert main(["serve", "no/such/model", *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and err.count("\n") == 1
