@@ -23,7 +23,7 @@ from edgemoe.checkpoint.base import (
     aligned_empty,
     tensor_layout,
 )
-from edgemoe.checkpoint.safetensors import SafetensorsFile
+from edgemoe.checkpoint.safetensors import SafetensorsFile, bf16_to_f32
 from edgemoe.errors import ConfigError, ModelFileError
 
 # Buffers some exporters leave in checkpoints; they carry no weights we use.
@@ -295,12 +295,7 @@ class HFCheckpoint:
             full = f.float32(src).reshape(f.tensors[src].shape)
             dst[...] = part.cut(full, self.spec)
         elif f.tensors[src].dtype == "BF16":
-            # Widen straight into the destination: no float32 temporary.
-            np.left_shift(
-                f.raw(src).astype(np.uint32).reshape(dst.shape),
-                16,
-                out=dst.view(np.uint32),
-            )
+            bf16_to_f32(f.raw(src), dst)  # straight into the destination
         else:
             dst[...] = f.float32(src).reshape(dst.shape)
         f.release(src)

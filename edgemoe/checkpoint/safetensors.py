@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe.checkpoint.files import parse_json
-from edgemoe.errors import ModelFileError
+from edgemoe.errors import EdgeMoEError, ModelFileError
 
 # numpy dtype per safetensors dtype; BF16 is read as uint16 and widened.
 _DTYPES = {
@@ -45,9 +45,37 @@ class TensorInfo:
     end: int
 
 
-def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
-    """Widen bf16 bit patterns (uint16) to float32 by moving them to the high half."""
-    return (raw.astype(np.uint32) << 16).view(np.float32)
+def bf16_to_f32(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Widen bf16 bit patterns (uint16) to float32 by moving them to the high
+    half, into ``out`` (contiguous float32 of ``raw``'s size) if given.
+
+    By ggml's row converter where the binding loads (the same bits, 2x
+    faster, and no uint32 temporary); numpy's shift otherwise."""
+    if out is None:
+        out = np.empty(raw.shape, dtype=np.float32)
+    fn = _bf16_row()
+    src = np.ascontiguousarray(raw, dtype=np.uint16)
+    if fn is not None and out.flags.c_contiguous and out.size == src.size:
+        if out.size:
+            fn(src.ctypes.data, out.ctypes.data, out.size)
+        return out
+    np.left_shift(src.astype(np.uint32).reshape(out.shape), 16, out=out.view(np.uint32))
+    return out
+
+
+_BF16_ROW: list = []
+
+
+def _bf16_row():
+    """ggml's bf16 -> f32 row converter (cached), or None without ggml."""
+    if not _BF16_ROW:
+        try:
+            from edgemoe.ggml_binding import lib
+
+            _BF16_ROW.append(lib().to_float_fn(30))  # GGML_TYPE_BF16
+        except (EdgeMoEError, OSError):
+            _BF16_ROW.append(None)
+    return _BF16_ROW[0]
 
 
 def _index(x: object) -> bool:
