@@ -97,6 +97,20 @@ def test_llamacpp_tokenizes_like_the_hf_tokenizer(fixture_dir, tmp_path):
         assert gg.detokenize(hf.tokenize(text)) == text
 
 
+def llama_quantize(src, dst):
+    """``src`` quantized to Q4_K_M by llama.cpp's own llama-quantize."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = 2
+    assert (
+        llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+        == 0
+    )
+    return dst
+
+
 def test_kquant_gguf_quantized_by_llamacpp(fixture_dir, tmp_path):
     """K-quants from llama.cpp's own quantizer (Q4_K_M mixes Q4_K, Q6_K, Q8_0):
     EdgeMoE reads them as stored and computes what llama.cpp computes.
@@ -108,17 +122,8 @@ def test_kquant_gguf_quantized_by_llamacpp(fixture_dir, tmp_path):
     then differ by a few hundredths, not more, and the argmax agrees wherever
     the top two logits are not nearly tied.
     """
-    import llama_cpp
-
     f16 = export(fixture_dir, tmp_path / "fixture-f16.gguf", "F16")
-    q4k = tmp_path / "fixture-q4_k_m.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.nthread = 2
-    assert (
-        llama_cpp.llama_model_quantize(str(f16).encode(), str(q4k).encode(), params)
-        == 0
-    )
+    q4k = llama_quantize(f16, tmp_path / "fixture-q4_k_m.gguf")
     with edgemoe.load(q4k) as model, LlamaCpp(q4k, n_ctx=128, f32_cache=True) as ref:
         types = {model.checkpoint.info(n)[0] for n in model.checkpoint.names()}
         assert {"Q4_K", "Q6_K", "Q8_0"} <= types
@@ -134,3 +139,28 @@ def test_kquant_gguf_quantized_by_llamacpp(fixture_dir, tmp_path):
             tok = int(np.argmax(theirs))
             ours, theirs = model.eval([tok]), ref.eval([tok])
         assert agree >= 28
+
+
+def test_backbone_quantized_as_llama_quantize(fixture_dir, tmp_path):
+    """Without an importance matrix our K-quants are llama-quantize's: every
+    tensor both write in the same type has the same bytes (the converter's
+    backbone and export-gguf quantize through this path). llama.cpp reads
+    our F32 export: from F16, weights below its normal range would differ."""
+    from gguf import GGUFReader
+
+    f32 = export(fixture_dir, tmp_path / "f32.gguf", "F32")
+    theirs_path = llama_quantize(f32, tmp_path / "theirs.gguf")
+    ours = {
+        t.name: t
+        for t in GGUFReader(export(fixture_dir, tmp_path / "o.gguf", "Q4_K_M")).tensors
+    }
+    theirs = {t.name: t for t in GGUFReader(theirs_path).tensors}
+    same = [
+        n
+        for n, t in theirs.items()
+        if n in ours and ours[n].tensor_type == t.tensor_type and t.tensor_type >= 2
+    ]
+    kinds = {theirs[n].tensor_type.name for n in same}
+    assert {"Q4_K", "Q6_K"} <= kinds, kinds
+    for n in same:
+        assert np.array_equal(np.asarray(ours[n].data), np.asarray(theirs[n].data)), n
