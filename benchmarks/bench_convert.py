@@ -7,7 +7,9 @@ converts it with ``edgemoe convert`` as a user runs it (its defaults, 4,096
 calibration tokens unless ``--calib-tokens``) in a child process per run, and
 reports the time, the throughput in MB/s of bf16 source, and the child's
 peak RSS next to the size of one layer's experts in float32 and of the whole
-checkpoint. Writes benchmarks/out/convert.json.
+checkpoint; then what each plane's fit alone costs per layer on one thread,
+and the conversion speed that cost caps on this machine's cores. Writes
+benchmarks/out/convert.json.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def main() -> int:
         "source_mib": src_bytes / 2**20,
         "output_mib": out_bytes / 2**20,
     }
+    rep["fits"] = fit_costs(f, d, 3 * n_exp, args.levels)
     (OUT / "convert.json").write_text(json.dumps(rep, indent=1))
     print("| model | source | time (median, range) | MB/s | peak RSS |", end="")
     print(" one layer's experts, f32 |")
@@ -90,7 +93,55 @@ def main() -> int:
         f"{seconds:,.0f} s [{min(times):,.0f}-{max(times):,.0f}] | {mbs:.1f} | "
         f"{peak / 2**20:,.0f} MiB | {layer_f32 / 2**20:,.0f} MiB |"
     )
+    cores = os.cpu_count() or 1
+    layer_mb = 3 * n_exp * f * d * 2 / 1e6
+    print("\n| plane fit (one thread) | core-s per layer ", end="")
+    print(f"| MB/s ceiling on {cores} cores |")
+    print("|---|---|---|")
+    for name, per_layer in rep["fits"].items():
+        print(f"| {name} | {per_layer:.1f} | {layer_mb * cores / per_layer:.0f} |")
     return 0
+
+
+def fit_costs(f: int, d: int, matrices: int, levels: str) -> dict[str, float]:
+    """Single-thread seconds each plane's fit takes over one layer's
+    ``matrices`` expert matrices of [f, d] (best of 3 on one): the bound
+    that fit alone puts on conversion speed, whatever else is made fast."""
+    import numpy as np
+
+    from edgemoe.quant.kquants import codec
+    from edgemoe.quant.types import NestedQuant
+
+    rng = np.random.default_rng(0)
+    rows = min(f, 256)  # small enough that ggml_quant runs it on one thread
+    w = rng.standard_normal((rows, d), dtype=np.float32)
+    imatrix = rng.gamma(1.0, size=d).astype(np.float32)
+    planes = NestedQuant.parse(levels).planes
+    first = codec(planes[0].name)
+    fits = {
+        f"plane 1 {planes[0].name}, importance-weighted quick fit (the default)": (
+            lambda: first.quantize_quick(w, imatrix)
+        ),
+        f"plane 1 {planes[0].name}, importance-weighted search (ggml)": (
+            lambda: first.quantize(w, imatrix)
+        ),
+        f"plane 1 {planes[0].name}, reference rounding (ggml)": (
+            lambda: first.quantize(w, fit=False)
+        ),
+    }
+    for i, p in enumerate(planes[1:], start=2):
+        fits[f"plane {i} {p.name}, numpy quick fit (the default)"] = (
+            lambda c=codec(p.name): c.quantize_quick(w)
+        )
+    out = {}
+    for name, fn in fits.items():
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = min(times) * matrices * f / rows
+    return out
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ def main() -> int:
     ap.add_argument("--levels", default="2,4,8")
     args = ap.parse_args()
 
+    import numpy as np
+
     import edgemoe
     from edgemoe.checkpoint import open_checkpoint, tokenizer_for
     from edgemoe.converters.convert import ConvertOptions, convert
@@ -46,9 +48,27 @@ def main() -> int:
     # A float32 backbone: only the experts differ from the float model.
     report = convert(src, dst, ConvertOptions(levels=plan, backbone_type="F32"))
 
-    def ppl(model) -> float:
+    reference = []  # the float model's log-probabilities per window
+
+    def ppl(model) -> tuple[float, float]:
+        """Perplexity, as ``edgemoe eval`` computes it (256-token windows),
+        and the mean KL divergence from the float model over the same
+        tokens: llama.cpp's --kl-divergence, far less noisy than a
+        perplexity difference between two nearby quantizations."""
         with model as m:
-            return perplexity(m, m.tokenize(text, add_special=False), 256).perplexity
+            tokens = m.tokenize(text, add_special=False)
+            result = perplexity(m, tokens, 256).perplexity
+            kl = []
+            for i, start in enumerate(range(0, len(tokens) - 1, 256)):
+                logits = m.logits(np.asarray(tokens[start : start + 256]))[:-1]
+                lp = logits.astype(np.float64)  # [T, V] log-softmax
+                lp -= lp.max(axis=-1, keepdims=True)
+                lp -= np.log(np.exp(lp).sum(axis=-1, keepdims=True))
+                if len(reference) <= i:
+                    reference.append(lp.astype(np.float32))
+                ref = reference[i].astype(np.float64)
+                kl.append((np.exp(ref) * (ref - lp)).sum(axis=-1))
+        return result, float(np.concatenate(kl).mean())
 
     def transformed(fn):
         ckpt = ExpertsTransformed(open_checkpoint(src), fn)
@@ -78,18 +98,26 @@ def main() -> int:
             ppl(transformed(lambda w: sliced_int8(w, 2))),
         )
     )
-    base = rows[0][2]
-    lines = ["| experts | bits/weight | perplexity | vs float |", "|---|---|---|---|"]
-    for name, bpw, p in rows:
+    base = rows[0][2][0]
+    lines = [
+        "| experts | bits/weight | perplexity | vs float | KL divergence |",
+        "|---|---|---|---|---|",
+    ]
+    for name, bpw, (p, kl) in rows:
         b = "16 (bf16)" if bpw is None else f"{bpw:.2f}"
-        lines.append(f"| {name} | {b} | {p:.3f} | {100 * (p / base - 1):+.2f}% |")
+        lines.append(
+            f"| {name} | {b} | {p:.3f} | {100 * (p / base - 1):+.2f}% | {kl:.5f} |"
+        )
     print("\n".join(lines))
     (OUT / "quality.json").write_text(
         json.dumps(
             {
                 "model": str(src),
                 "levels": list(plan.levels),
-                "rows": [{"name": n, "bpw": b, "perplexity": p} for n, b, p in rows],
+                "rows": [
+                    {"name": n, "bpw": b, "perplexity": p, "kl_divergence": kl}
+                    for n, b, (p, kl) in rows
+                ],
             },
             indent=1,
         )
