@@ -14,8 +14,11 @@ own process with ``--parallel`` equal to the streams (and a context of
 different prompts and ``max_tokens`` ``--gen`` start together. Aggregate
 decode t/s is the completion tokens of all streams over the wall time from
 the first request to the last token, prefill included; TTFT p50/p95 per
-concurrency. Configurations interleave run by run; tables show the median
-and range over runs. Writes benchmarks/out/serve.json.
+concurrency. "engine only" rows run the same streams through EdgeMoE's
+scheduler in the benchmark's own process, without HTTP or a client: what
+batching gives before the server, its client and ggml share the cores.
+Configurations interleave run by run; tables show the median and range
+over runs. Writes benchmarks/out/serve.json.
 
 llama-cpp-python's server needs its extra: ``pip install
 'llama-cpp-python[server]'``; without it those rows are skipped.
@@ -242,6 +245,54 @@ def run_streams(base: str, c: int, gen: int, kind: str, eos) -> dict:
     }
 
 
+def run_engine(gguf: Path, c: int, n_ctx: int, gen: int, threads: int) -> dict:
+    """The same C streams through EdgeMoE's scheduler in this process, on
+    its main thread as ``edgemoe serve`` runs it, without HTTP or a client:
+    what the engine alone does with them (the same keys as run_streams)."""
+    import edgemoe
+    from edgemoe.runtime.scheduler import Request, Scheduler
+    from edgemoe.sampling_params import SamplingParams
+
+    with edgemoe.load(gguf, n_ctx=n_ctx, n_seq_max=c, n_threads=threads) as m:
+        sched = Scheduler(m, parallel=c, thread=False)
+        greedy = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
+        got: dict[int, list] = {}  # request -> [tokens, TTFT, last token's time]
+        finished: set[int] = set()
+
+        def submit(i: int, prompt: str, params, of: int) -> None:
+            ids = tuple(m.tokenize(prompt, add_special=False))
+
+            def emit(ev) -> None:
+                seen = got.setdefault(i, [0, 0.0, 0.0])
+                if ev.token is not None:
+                    seen[0] += 1
+                    seen[1] = ev.ttft_s or 0.0
+                    seen[2] = time.perf_counter()
+                if ev.finish_reason:
+                    finished.add(i)
+                    if len(finished) == of:
+                        sched.close()  # run() returns
+
+            sched.submit(Request(ids, params, None), emit)
+
+        submit(0, "warm up", SamplingParams(max_tokens=4, temperature=0), 1)
+        sched.run()  # warm up, as the servers are
+        sched = Scheduler(m, parallel=c, thread=False)
+        got.clear()
+        finished.clear()
+        t0 = time.perf_counter()
+        for i, prompt in enumerate(PROMPTS[:c]):
+            submit(i, prompt, greedy, c)
+        sched.run()
+    ttfts = sorted(g[1] for g in got.values())
+    return {
+        "tps": sum(g[0] for g in got.values()) / (max(g[2] for g in got.values()) - t0),
+        "tokens": sum(g[0] for g in got.values()),
+        "ttft_p50": statistics.median(ttfts),
+        "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="fixture,synthetic")
@@ -256,10 +307,10 @@ def main() -> int:
     try:
         import llama_cpp.server.app  # noqa: F401
 
-        kinds = ["edgemoe", "edgemoe 50%", "llama.cpp"]
+        kinds = ["engine only", "edgemoe", "edgemoe 50%", "llama.cpp"]
     except ImportError:
         print("llama_cpp.server missing (pip install 'llama-cpp-python[server]')")
-        kinds = ["edgemoe", "edgemoe 50%"]
+        kinds = ["engine only", "edgemoe", "edgemoe 50%"]
     results: dict = {}
     for name, (gguf, conv) in models(args.models.split(",")).items():
         eos = eos_ids(gguf)
@@ -267,6 +318,13 @@ def main() -> int:
             for c in streams:
                 n_ctx = c * (args.prompt_room + args.gen)
                 for kind in kinds:
+                    if kind == "engine only":
+                        r = run_engine(gguf, c, n_ctx, args.gen, args.threads)
+                        results.setdefault(name, {}).setdefault(kind, {}).setdefault(
+                            str(c), []
+                        ).append(r)
+                        print(f"run {run + 1} {name} {kind} x{c}: {r['tps']:.1f} t/s")
+                        continue
                     budget = half_budget(conv, n_ctx) if kind == "edgemoe 50%" else None
                     model = conv if budget else gguf
                     proc, base = start(
