@@ -199,11 +199,18 @@ def eos_ids(gguf: Path) -> list[int]:
 
 def one_stream(base: str, prompt: str, gen: int, kind: str, eos=()) -> tuple:
     """(TTFT s, completion tokens, time of the last token) of one stream;
-    every stream generates ``gen`` tokens (EOS banned)."""
+    every stream generates ``gen`` tokens (EOS banned).
+
+    Tokens are the server's count (``usage``, asked for with
+    ``stream_options``), else ``gen`` when the stream ended for length: not
+    the chunks, since text held back (a character's first bytes, a stop
+    string's prefix) joins a later chunk, and random weights make a third
+    of their tokens such bytes."""
     import http.client
 
     host, port = base.removeprefix("http://").split(":")
     body = {"prompt": prompt, "max_tokens": gen, "temperature": 0, "stream": True}
+    body["stream_options"] = {"include_usage": True}
     if kind == "edgemoe":
         body["ignore_eos"] = True
     else:  # llama-cpp-python's server has no ignore_eos
@@ -217,18 +224,26 @@ def one_stream(base: str, prompt: str, gen: int, kind: str, eos=()) -> tuple:
         {"Content-Type": "application/json"},
     )
     r = conn.getresponse()
-    ttft, tokens = None, 0
+    ttft, chunks, usage, reason, last = None, 0, None, None, t0
     for line in r:
         line = line.strip()
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue
         chunk = json.loads(line[6:])
-        if chunk.get("choices") and chunk["choices"][0].get("text"):
-            tokens += 1  # a chunk per token (text held back joins the next)
+        usage = chunk.get("usage") or usage
+        choice = (chunk.get("choices") or [{}])[0]
+        reason = choice.get("finish_reason") or reason
+        if choice.get("text"):
+            chunks += 1
+            last = time.perf_counter()
             if ttft is None:
-                ttft = time.perf_counter() - t0
+                ttft = last - t0
     conn.close()
-    return ttft or 0.0, tokens, time.perf_counter()
+    if usage:
+        tokens = usage["completion_tokens"]
+    else:
+        tokens = gen if reason == "length" else chunks
+    return ttft or 0.0, tokens, last
 
 
 def run_streams(base: str, c: int, gen: int, kind: str, eos) -> dict:
