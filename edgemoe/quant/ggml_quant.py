@@ -2,7 +2,8 @@
 binding): block types as llama.cpp writes them, importance-weighted where a
 type takes an imatrix, at C speed.
 
-Used by the converter (nested planes, the backbone) and the GGUF exporter.
+Used by the converter (the backbone; a plane whose type has no numpy fit,
+see kquants.quantize_quick) and the GGUF exporter.
 ctypes releases the GIL for the call, so callers quantize in threads; a
 large tensor is also split by rows across the cores here.
 """

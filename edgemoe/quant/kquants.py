@@ -1,10 +1,12 @@
 """ggml block layouts in numpy: Q2_K, Q4_K, Q6_K, Q8_0.
 
-Quantizing is ggml's own (edgemoe.quant.ggml_quant: llama.cpp's C
-quantizers, importance-weighted); here each layout is read back into its
-codes, scales and offsets (ONNX export writes those) and dequantized with
-ggml's own float32 operation order, so a plane ggml computes with is
-reconstructed here identically.
+Quantizing: ggml's own C quantizers (edgemoe.quant.ggml_quant), or for
+Q2_K and Q4_K a quick numpy fit of ggml's rounding with fewer candidate
+scales (``quantize_quick``: the converter's planes; plane 1 weighted by
+importance). Each layout is read back into its codes, scales and offsets
+(ONNX export writes those) and dequantized with ggml's own float32
+operation order, so a plane ggml computes with is reconstructed here
+identically.
 
 Legend: R rows, K row length, B blocks, S sub-blocks, n values per sub-block.
 """
