@@ -7,6 +7,7 @@ experts are never all in memory.
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +16,7 @@ import numpy as np
 from edgemoe.checkpoint.base import Weight, load_expert
 from edgemoe.converters.calibration import dense_mlp, trace_rows
 from edgemoe.converters.padding import pad_cols, pad_rows, padded_width
+from edgemoe.errors import ModelFileError
 from edgemoe.quant.nested import plane_shifts, quantize_nested
 
 
@@ -62,7 +64,14 @@ def moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step):
         if e not in seen:
             seen.add(e)
             for p, m in zip(rows, mats):
-                amax[p] = max(amax[p], float(np.abs(m).max()))
+                top = float(np.abs(m).max())
+                if not math.isfinite(top):  # the fits would turn it into noise
+                    raise ModelFileError(
+                        ckpt.path,
+                        f"{b}ffn_{p}_exps.weight, expert {e}: NaN or infinite "
+                        "weights (the checkpoint is damaged)",
+                    )
+                amax[p] = max(amax[p], top)
         return mats
 
     bias = None

@@ -439,3 +439,24 @@ def test_ctrl_c_during_convert_says_so_and_leaves_nothing(fixture_dir, tmp_path)
     assert proc.returncode == 130, err
     assert "interrupted; nothing written" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_nan_expert_weights_are_refused_by_name(tiny_model, tmp_path):
+    """A damaged expert (NaN in its weights) stops the conversion with one
+    error naming the tensor and expert, before any fit turns it into noise,
+    and leaves no output."""
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "damaged"
+    shutil.copytree(tiny_model("mixtral"), src)
+    (st,) = src.glob("*.safetensors")
+    tensors = load_file(st)
+    name = next(n for n in tensors if "layers.1." in n and "experts.2.w3" in n)
+    tensors[name][3, 5] = np.nan
+    save_file(tensors, st, metadata={"format": "pt"})
+    with pytest.raises(
+        ModelFileError, match=r"blk\.1\.ffn_up_exps\.weight, expert 2: NaN"
+    ):
+        convert(src, tmp_path / "edge")
+    assert not (tmp_path / "edge").exists()
+    assert not any(p.name.startswith(".edge.partial") for p in tmp_path.iterdir())
