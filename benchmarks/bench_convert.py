@@ -5,8 +5,9 @@
 Synthesises an HF checkpoint (bf16, random weights) of the preset's shapes,
 converts it with ``edgemoe convert`` as a user runs it (its defaults, 4,096
 calibration tokens unless ``--calib-tokens``) in a child process per run, and
-reports the time, the throughput in MB/s of bf16 source, and the child's
-peak RSS next to the size of one layer's experts in float32 and of the whole
+reports the time, the throughput in MB/s of bf16 source, and the peak RSS
+of the converter and its fitting processes together (sampled every 50 ms)
+next to the size of one layer's experts in float32 and of the whole
 checkpoint; then what each plane's fit alone costs per layer on one thread,
 and the conversion speed that cost caps on this machine's cores. Writes
 benchmarks/out/convert.json.
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -55,14 +57,20 @@ def main() -> int:
         with tempfile.TemporaryFile() as err:
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak
+            peak = [0]
+            sampler = threading.Thread(target=sample_rss, args=(proc, peak))
+            sampler.start()
+            _, status, usage = os.wait4(proc.pid, 0)
             times.append(time.perf_counter() - t0)
+            sampler.join()
             proc.returncode = os.waitstatus_to_exitcode(status)
             if proc.returncode != 0:
                 err.seek(0)
                 print(err.read().decode(errors="replace"), file=sys.stderr)
                 return 1
-        peaks.append(usage.ru_maxrss * 1024)
+        # The sum over the converter and its fitting processes, sampled; at
+        # least the largest single process's own peak.
+        peaks.append(max(peak[0], usage.ru_maxrss * 1024))
     seconds, peak = statistics.median(times), max(peaks)
     d = cfg["hidden_size"]
     f = cfg.get("moe_intermediate_size", cfg["intermediate_size"])
@@ -101,6 +109,26 @@ def main() -> int:
     for name, per_layer in rep["fits"].items():
         print(f"| {name} | {per_layer:.1f} | {layer_mb * cores / per_layer:.0f} |")
     return 0
+
+
+def sample_rss(proc, peak: list, every: float = 0.05) -> None:
+    """The largest sum of RSS over ``proc`` and its descendants, every
+    ``every`` seconds until it exits, into ``peak[0]``."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        while proc.returncode is None and root.status() != psutil.STATUS_ZOMBIE:
+            total = 0
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            peak[0] = max(peak[0], total)
+            time.sleep(every)
+    except psutil.Error:  # it exited between samples
+        pass
 
 
 def fit_costs(f: int, d: int, matrices: int, levels: str) -> dict[str, float]:

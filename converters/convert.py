@@ -10,6 +10,7 @@ calibration activations, plus a few experts.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from edgemoe.converters.calibration import (
     read_text,
 )
 from edgemoe.converters.expert_layer import moe_layer, next_layer_guess
+from edgemoe.converters.fit_workers import FitPool
 from edgemoe.converters.padding import padded_width
 from edgemoe.errors import ConfigError
 from edgemoe.format.spec import Hotness, Manifest
@@ -122,9 +124,11 @@ def convert(
             raise ConfigError(f"{src}: the model has no MoE layers to convert")
         f_pad = padded_width(spec.expert_ffn, plan)
         tokens, calib_source = _calibration_tokens(ckpt, opts)
-        with ModelWriter(out, force=opts.force) as writer:
+        workers = max(1, min(os.cpu_count() or 1, 8))
+        # The fitting processes start while the backbone is written.
+        with ModelWriter(out, force=opts.force) as writer, FitPool(workers) as fits:
             return _convert(
-                ckpt, writer, plan, f_pad, tokens, calib_source, opts, step, t0
+                ckpt, writer, plan, f_pad, tokens, calib_source, opts, step, t0, fits
             )
     finally:
         ckpt.close()
@@ -165,6 +169,7 @@ def _convert(
     opts: ConvertOptions,
     step: Progress,
     t0: float,
+    fits: FitPool,
 ) -> ConvertReport:
     from edgemoe.converters.llama_gguf import write_gguf
 
@@ -234,7 +239,7 @@ def _convert(
         hn = rms_norm_rows(h, f32("ffn_norm"), spec.rms_eps).reshape(-1, d)
         if spec.moe_layers[layer]:
             ffn, stats, layer_shifts = moe_layer(
-                ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step
+                ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step, fits
             )
             shifts.append(layer_shifts)
             total = max(stats.count.sum() / spec.n_expert_used, 1)

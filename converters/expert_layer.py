@@ -8,8 +8,7 @@ experts are never all in memory.
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,6 +17,7 @@ from edgemoe.converters.calibration import dense_mlp, trace_rows
 from edgemoe.converters.padding import pad_cols, pad_rows, padded_width
 from edgemoe.errors import ModelFileError
 from edgemoe.quant.nested import plane_shifts, quantize_nested
+from edgemoe.quant.types import NestedQuant
 
 
 def _expert_float(w: Weight, rows: int) -> np.ndarray:
@@ -46,10 +46,10 @@ def next_layer_guess(ckpt, layer: int, hn: np.ndarray, names) -> np.ndarray | No
     return np.argsort(-logits, axis=1, kind="stable")[:, : spec.n_expert_used]
 
 
-def moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step):
+def moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step, fits):
     """Calibrate, measure and quantize one MoE layer's experts, reading one
     expert at a time (twice: for calibration, then for its planes), so the
-    layer's experts are never all in memory."""
+    layer's experts are never all in memory; ``fits`` (a FitPool) fits them."""
     spec = ckpt.spec
     b = f"blk.{layer}."
     rows = {"gate": spec.expert_ffn, "up": spec.expert_ffn, "down": spec.n_embd}
@@ -98,38 +98,86 @@ def moe_layer(ckpt, writer, layer, hn, runner, plan, f_pad, names, f32, step):
     layer_shifts = tuple(plane_shifts(plan, amax[p]) for p in rows)
 
     d = padded_width(spec.n_embd, plan)
+    # Workers read experts stored apart themselves; a stack's are sent.
+    apart = getattr(ckpt, "experts_apart", lambda name: True)
+    send = not all(apart(b + f"ffn_{p}_exps.weight") for p in rows)
 
-    def quantize(e: int) -> list:
-        g, u, dn = expert(e)
+    def job(e: int) -> FitJob:
         imat = stats.imatrix(e)  # down is not weighted: see calibration.py
         if d != spec.n_embd:  # padded inputs are zero: any weight will do
             imat = pad_cols(imat[None], d, imat.mean())[0]
-        return [
-            quantize_nested(m, plan, sh, w)[0].planes
-            for m, sh, w in (
-                (pad_cols(pad_rows(g, f_pad), d), layer_shifts[0], imat),
-                (pad_cols(pad_rows(u, f_pad), d), layer_shifts[1], imat),
-                (pad_rows(pad_cols(dn, f_pad), d), layer_shifts[2], None),
-            )
-        ]
+        return FitJob(
+            str(ckpt.path), b, e, tuple(rows.items()), f_pad, d, plan,
+            layer_shifts, imat, expert(e) if send else None,
+        )  # fmt: skip
 
-    # ggml and numpy release the GIL: experts quantize in parallel,
-    # a bounded window ahead, and are written in order.
-    workers = max(1, min(os.cpu_count() or 1, 8))
-    with ThreadPoolExecutor(workers) as pool:
-        pending = {}
+    # Experts fit in parallel, a bounded window ahead, written in order.
+    window = fits.workers
+    pending = {}
+    try:
         for e in range(spec.n_expert):
-            pending[e] = pool.submit(quantize, e)
-            if len(pending) < workers and e + 1 < spec.n_expert:
+            pending[e] = fits.submit(job(e))
+            if len(pending) < window and e + 1 < spec.n_expert:
                 continue
-            done = min(pending)
-            planes = pending.pop(done).result()
-            step("experts", done + 1, spec.n_expert)
-            for p in range(len(plan.planes)):
-                writer.add_plane(layer, done, p, [planes[j][p] for j in range(3)])
-        for done in sorted(pending):
-            planes = pending.pop(done).result()
-            step("experts", done + 1, spec.n_expert)
-            for p in range(len(plan.planes)):
-                writer.add_plane(layer, done, p, [planes[j][p] for j in range(3)])
+            _write_next(writer, layer, pending, spec.n_expert, len(plan.planes), step)
+        while pending:
+            _write_next(writer, layer, pending, spec.n_expert, len(plan.planes), step)
+    finally:
+        for f in pending.values():
+            f.cancel()
     return routed, stats, layer_shifts
+
+
+def _write_next(writer, layer, pending, n_expert, n_planes, step) -> None:
+    done = min(pending)
+    planes = pending.pop(done).result()
+    step("experts", done + 1, n_expert)
+    for p in range(n_planes):
+        writer.add_plane(layer, done, p, [planes[j][p] for j in range(3)])
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """One expert's fit, as a worker process receives it."""
+
+    source: str
+    """The checkpoint's path; the worker opens it once."""
+    prefix: str  # "blk.N."
+    expert: int
+    rows: tuple[tuple[str, int], ...]
+    """(projection, its rows) for gate, up and down."""
+    f_pad: int
+    width: int  # the hidden size padded to whole blocks
+    plan: NestedQuant
+    shifts: tuple[tuple[int, ...], ...]  # per projection, per plane
+    imatrix: np.ndarray  # [width], gate/up importance
+    mats: tuple[np.ndarray, ...] | None = None
+    """The float matrices where the caller sends them (a stacked source)."""
+
+
+def fit_expert(job: FitJob, checkpoints: dict) -> list[tuple[np.ndarray, ...]]:
+    """Planes of ``job``'s gate, up and down (each a tuple of block bytes),
+    opening its checkpoint once per ``checkpoints`` cache."""
+    mats = job.mats
+    if mats is None:
+        from edgemoe.checkpoint import open_checkpoint
+
+        ckpt = checkpoints.get(job.source)
+        if ckpt is None:
+            ckpt = checkpoints[job.source] = open_checkpoint(job.source)
+        mats = tuple(
+            _expert_float(
+                load_expert(ckpt, f"{job.prefix}ffn_{p}_exps.weight", job.expert), n
+            )
+            for p, n in job.rows
+        )
+    g, u, dn = mats
+    f, d = job.f_pad, job.width
+    return [
+        quantize_nested(m, job.plan, sh, w)[0].planes
+        for m, sh, w in (
+            (pad_cols(pad_rows(g, f), d), job.shifts[0], job.imatrix),
+            (pad_cols(pad_rows(u, f), d), job.shifts[1], job.imatrix),
+            (pad_rows(pad_cols(dn, f), d), job.shifts[2], None),
+        )
+    ]

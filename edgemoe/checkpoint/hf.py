@@ -271,6 +271,11 @@ class HFCheckpoint:
             self._fill(out if expert is None else out[expert], f, src, part)
         return Weight(name, GGML_F32, shape, out)
 
+    def experts_apart(self, name: str) -> bool:
+        """Whether stacked expert tensor ``name`` is stored an expert per
+        source tensor (``load_expert`` reads one alone), not as one stack."""
+        return all(p[2] is not None for p in self._sources[name])
+
     def load_expert(self, name: str, e: int) -> Weight:
         """Expert ``e`` [N, K] of a stacked expert tensor, reading only its own
         source where the checkpoint stores experts apart (Mixtral, Qwen,

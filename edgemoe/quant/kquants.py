@@ -43,13 +43,13 @@ class Codec:
 
         return quantize(x, cls.btype.ggml, weights, fit=fit)
 
-    QUICK_VALUES: ClassVar[int] = 1 << 19
-    """Values per chunk of ``quantize_quick``. The converter fits experts in
-    two threads, and there each numpy call that allocates its result costs
-    far more than alone (a 2 MiB product: 7x slower in two threads than in
-    one); larger chunks make fewer calls. A whole nested expert matrix
-    [1024, 2048] on two threads: 8.7/s at 1 << 17, 11.5 at 1 << 18, 12.7
-    at 1 << 19, 10.7 at 1 << 20 (one thread: 7.3, 8.6, 7.7, 6.8)."""
+    QUICK_VALUES: ClassVar[int] = 1 << 16
+    """Values per chunk of ``quantize_quick``: small enough that a fit's
+    arrays stay in cache. The converter fits in one process per core
+    (converters/fit_workers.py); `edgemoe convert` of bench_convert's model
+    took 39.8 s at 1 << 16, 40.7 at 1 << 17 and 41.4 at 1 << 18 (one run
+    each). In threads of one process larger chunks won, because there each
+    numpy call that allocates its result costs several times more."""
 
     WEIGHTED_QUICK: ClassVar[bool] = False
     """Whether ``quick_blocks`` takes importance weights (a plane-1 fit)."""
