@@ -337,6 +337,21 @@ def lib() -> GGMLLib:
         return _LIB
 
 
+_ROW_TO_FLOAT: dict[int, object] = {}
+
+
+def row_to_float(qtype: int):
+    """ggml's row dequantizer of ``qtype`` (``fn(src, dst, n)``, cached), or
+    None where ggml does not load or has none: callers compute the same in
+    numpy then."""
+    if qtype not in _ROW_TO_FLOAT:
+        try:
+            _ROW_TO_FLOAT[qtype] = lib().to_float_fn(qtype)
+        except (GGMLError, OSError):
+            _ROW_TO_FLOAT[qtype] = None
+    return _ROW_TO_FLOAT[qtype]
+
+
 def self_test(g: GGMLLib) -> None:
     """Refuse a ggml whose types, struct layout or matmul differ from ours."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType

@@ -71,14 +71,14 @@ def test_bf16_widening_is_bit_exact_vs_torch(all_bf16):
 def test_bf16_widening_without_ggml_is_the_same(all_bf16, monkeypatch):
     """numpy's shift, where ggml's row converter is unavailable, gives the
     same bits, into a strided destination too."""
-    from edgemoe.checkpoint import safetensors
+    from edgemoe import ggml_binding
 
     path, t = all_bf16
     f = SafetensorsFile(path)
     try:
         raw = f.raw("x")
         fast = bf16_to_f32(raw)
-        monkeypatch.setattr(safetensors, "_BF16_ROW", [None])
+        monkeypatch.setitem(ggml_binding._ROW_TO_FLOAT, ggml_binding.BF16, None)
         np.testing.assert_array_equal(bits(bf16_to_f32(raw)), bits(fast))
         wide = np.zeros((256, 512), np.float32)
         bf16_to_f32(raw, wide[:, ::2])

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe.checkpoint.files import parse_json
-from edgemoe.errors import EdgeMoEError, ModelFileError
+from edgemoe.errors import ModelFileError
 
 # numpy dtype per safetensors dtype; BF16 is read as uint16 and widened.
 _DTYPES = {
@@ -53,7 +53,9 @@ def bf16_to_f32(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     faster, and no uint32 temporary); numpy's shift otherwise."""
     if out is None:
         out = np.empty(raw.shape, dtype=np.float32)
-    fn = _bf16_row()
+    from edgemoe.ggml_binding import BF16, row_to_float
+
+    fn = row_to_float(BF16)
     src = np.ascontiguousarray(raw, dtype=np.uint16)
     if fn is not None and out.flags.c_contiguous and out.size == src.size:
         if out.size:
@@ -61,21 +63,6 @@ def bf16_to_f32(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return out
     np.left_shift(src.astype(np.uint32).reshape(out.shape), 16, out=out.view(np.uint32))
     return out
-
-
-_BF16_ROW: list = []
-
-
-def _bf16_row():
-    """ggml's bf16 -> f32 row converter (cached), or None without ggml."""
-    if not _BF16_ROW:
-        try:
-            from edgemoe.ggml_binding import lib
-
-            _BF16_ROW.append(lib().to_float_fn(30))  # GGML_TYPE_BF16
-        except (EdgeMoEError, OSError):
-            _BF16_ROW.append(None)
-    return _BF16_ROW[0]
 
 
 def _index(x: object) -> bool:

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from edgemoe.errors import ConfigError, EdgeMoEError
+from edgemoe.errors import ConfigError
 from edgemoe.quant.types import BLOCK_TYPES, BlockType
 
 
@@ -124,7 +124,9 @@ class Codec:
         (scale = d * sub-scale first, then scale * code - offset): by ggml's
         own row dequantizer where the binding has it (10-20x faster, bit for
         bit the same), else in numpy (``dequantize_numpy``)."""
-        fn = _to_float(cls.btype.ggml)
+        from edgemoe.ggml_binding import row_to_float
+
+        fn = row_to_float(cls.btype.ggml)
         if fn is None:
             return cls.dequantize_numpy(raw)
         bt = cls.btype
@@ -369,21 +371,6 @@ def _codes(xt: np.ndarray, scale: np.ndarray, offset: np.ndarray, nmax: int):
     q = (xt + offset.astype(np.float32)) * inv
     q = np.clip(np.rint(q, out=q), 0, nmax, out=q).astype(np.uint8)
     return q.transpose(1, 2, 0)
-
-
-_TO_FLOAT: dict[int, object] = {}
-
-
-def _to_float(ggml_type: int):
-    """ggml's row dequantizer of ``ggml_type`` (cached), or None."""
-    if ggml_type not in _TO_FLOAT:
-        try:
-            from edgemoe.ggml_binding import lib
-
-            _TO_FLOAT[ggml_type] = lib().to_float_fn(ggml_type)
-        except (EdgeMoEError, OSError):  # no usable ggml: numpy computes the same
-            _TO_FLOAT[ggml_type] = None
-    return _TO_FLOAT[ggml_type]
 
 
 def codec(name: str) -> type[Codec]:
