@@ -24,6 +24,17 @@ nothing else runs beside); smaller ones in one call, since the converter
 already runs experts side by side."""
 
 
+def importance(imatrix: np.ndarray, k: int) -> np.ndarray:
+    """Checked column importance [K] (float32, contiguous), floored: a column
+    never activated still needs a sane fit."""
+    imp = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+    if imp.shape != (k,) or not np.isfinite(imp).all() or (imp < 0).any():
+        raise ConfigError(
+            f"the importance matrix must be {k} finite non-negative values"
+        )
+    return np.maximum(imp, np.float32(1e-8) * max(float(imp.mean()), 1e-30))
+
+
 def quantize(
     x: np.ndarray,
     ggml_type: int,
@@ -59,11 +70,7 @@ def quantize(
     if imatrix is None:
         # ggml takes "no weights" as "use the reference rounding".
         imatrix = np.ones(k, dtype=np.float32)
-    imat = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
-    if imat.shape != (k,) or not np.isfinite(imat).all():
-        raise ConfigError(f"quantize: the importance matrix must be {k} finite values")
-    # A column never activated still needs a sane fit: floor the weights.
-    imat = np.maximum(imat, np.float32(1e-8) * max(float(imat.mean()), 1e-30))
+    imat = importance(imatrix, k)
     out = np.empty((r, g.ggml_row_size(ggml_type, k)), dtype=np.uint8)
     src, dst = x.ctypes.data, out.ctypes.data
     weights = imat.ctypes.data if fit else None

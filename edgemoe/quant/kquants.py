@@ -84,7 +84,9 @@ class Codec:
         step = max(cls.QUICK_VALUES // bt.block // per_row, 1) * per_row
         imp = None
         if importance is not None:  # [K] -> [blocks of a chunk, block]
-            imp = _importance(importance, k).reshape(per_row, bt.block)
+            from edgemoe.quant.ggml_quant import importance as checked
+
+            imp = checked(importance, k).reshape(per_row, bt.block)
             imp = np.tile(imp, (min(step, len(blocks)) // per_row, 1))
         for i in range(0, len(blocks), step):
             chunk = blocks[i : i + step]
@@ -335,17 +337,6 @@ def _fit_scale_min(
             best_s = np.where(better, s, best_s)
             best_m = np.where(better, m, best_m)
     return best_s, -best_m
-
-
-def _importance(imatrix: np.ndarray, k: int) -> np.ndarray:
-    """Checked column importance [K], floored as ggml_quant floors it (a
-    column never activated still needs a sane fit)."""
-    imp = np.asarray(imatrix, dtype=np.float32).reshape(-1)
-    if imp.shape != (k,) or not np.isfinite(imp).all() or (imp < 0).any():
-        raise ConfigError(
-            f"the importance matrix must be {k} finite non-negative values"
-        )
-    return np.maximum(imp, np.float32(1e-8) * max(float(imp.mean()), 1e-30))
 
 
 def _scales_and_mins(scale: np.ndarray, offset: np.ndarray, bits: int):
