@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -37,7 +38,6 @@ def main() -> int:
     from edgemoe.quant.baselines import ExpertsTransformed, rtn_minmax, sliced_int8
     from edgemoe.quant.types import NestedQuant
     from edgemoe.runtime.model import LoadOptions, Model
-    from edgemoe.runtime.perplexity import perplexity
 
     src = Path(args.model)
     text = Path(args.text or src / "heldout.txt").read_text(encoding="utf-8")
@@ -51,24 +51,25 @@ def main() -> int:
     reference = []  # the float model's log-probabilities per window
 
     def ppl(model) -> tuple[float, float]:
-        """Perplexity, as ``edgemoe eval`` computes it (256-token windows),
-        and the mean KL divergence from the float model over the same
-        tokens: llama.cpp's --kl-divergence, far less noisy than a
-        perplexity difference between two nearby quantizations."""
+        """Perplexity, as ``edgemoe eval`` computes it (256-token windows,
+        each scored but its first token), and the mean KL divergence from the
+        float model over the same tokens: llama.cpp's --kl-divergence, far
+        less noisy than a perplexity difference between two nearby
+        quantizations. One pass over the windows gives both."""
         with model as m:
             tokens = m.tokenize(text, add_special=False)
-            result = perplexity(m, tokens, 256).perplexity
-            kl = []
+            nll, kl = [], []
             for i, start in enumerate(range(0, len(tokens) - 1, 256)):
-                logits = m.logits(np.asarray(tokens[start : start + 256]))[:-1]
-                lp = logits.astype(np.float64)  # [T, V] log-softmax
+                chunk = np.asarray(tokens[start : start + 256])
+                lp = m.logits(chunk)[:-1].astype(np.float64)  # [T, V] log-softmax
                 lp -= lp.max(axis=-1, keepdims=True)
                 lp -= np.log(np.exp(lp).sum(axis=-1, keepdims=True))
+                nll.append(-lp[np.arange(len(chunk) - 1), chunk[1:]])
                 if len(reference) <= i:
                     reference.append(lp.astype(np.float32))
                 ref = reference[i].astype(np.float64)
                 kl.append((np.exp(ref) * (ref - lp)).sum(axis=-1))
-        return result, float(np.concatenate(kl).mean())
+        return math.exp(np.concatenate(nll).mean()), float(np.concatenate(kl).mean())
 
     def transformed(fn):
         ckpt = ExpertsTransformed(open_checkpoint(src), fn)
