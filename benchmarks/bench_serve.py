@@ -250,14 +250,32 @@ def run_streams(base: str, c: int, gen: int, kind: str, eos) -> dict:
     with cf.ThreadPoolExecutor(c) as pool:
         t0 = time.perf_counter()
         got = list(pool.map(lambda p: one_stream(base, p, gen, kind, eos), PROMPTS[:c]))
-    wall = max(end for _, _, end in got) - t0
-    ttfts = sorted(t for t, _, _ in got)
+    return summary(got, t0)
+
+
+def summary(streams, t0: float) -> dict:
+    """Aggregate t/s and TTFT p50/p95 of streams' (TTFT s, tokens, time of
+    the last token), started at ``t0``."""
+    ttfts = sorted(t for t, _, _ in streams)
+    tokens = sum(n for _, n, _ in streams)
     return {
-        "tps": sum(n for _, n, _ in got) / wall,
-        "tokens": sum(n for _, n, _ in got),
+        "tps": tokens / (max(end for _, _, end in streams) - t0),
+        "tokens": tokens,
         "ttft_p50": statistics.median(ttfts),
         "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
     }
+
+
+def serve_streams(kind, model, c, n_ctx, budget, args, eos) -> dict:
+    """C streams against ``kind``'s server (started here, warmed up, ended)."""
+    server = kind.split()[0]
+    proc, base = start(server, model, c, n_ctx, args.threads, budget)
+    try:
+        one_stream(base, "warm up", 4, server, eos)
+        return run_streams(base, c, args.gen, server, eos)
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def run_engine(gguf: Path, c: int, n_ctx: int, gen: int, threads: int) -> dict:
@@ -271,17 +289,17 @@ def run_engine(gguf: Path, c: int, n_ctx: int, gen: int, threads: int) -> dict:
     with edgemoe.load(gguf, n_ctx=n_ctx, n_seq_max=c, n_threads=threads) as m:
         sched = Scheduler(m, parallel=c, thread=False)
         greedy = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
-        got: dict[int, list] = {}  # request -> [tokens, TTFT, last token's time]
+        got: dict[int, list] = {}  # request -> [TTFT, tokens, last token's time]
         finished: set[int] = set()
 
         def submit(i: int, prompt: str, params, of: int) -> None:
             ids = tuple(m.tokenize(prompt, add_special=False))
 
             def emit(ev) -> None:
-                seen = got.setdefault(i, [0, 0.0, 0.0])
+                seen = got.setdefault(i, [0.0, 0, 0.0])
                 if ev.token is not None:
-                    seen[0] += 1
-                    seen[1] = ev.ttft_s or 0.0
+                    seen[0] = ev.ttft_s or 0.0
+                    seen[1] += 1
                     seen[2] = time.perf_counter()
                 if ev.finish_reason:
                     finished.add(i)
@@ -299,13 +317,7 @@ def run_engine(gguf: Path, c: int, n_ctx: int, gen: int, threads: int) -> dict:
         for i, prompt in enumerate(PROMPTS[:c]):
             submit(i, prompt, greedy, c)
         sched.run()
-    ttfts = sorted(g[1] for g in got.values())
-    return {
-        "tps": sum(g[0] for g in got.values()) / (max(g[2] for g in got.values()) - t0),
-        "tokens": sum(g[0] for g in got.values()),
-        "ttft_p50": statistics.median(ttfts),
-        "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
-    }
+    return summary(list(got.values()), t0)
 
 
 def main() -> int:
@@ -333,25 +345,12 @@ def main() -> int:
             for c in streams:
                 n_ctx = c * (args.prompt_room + args.gen)
                 for kind in kinds:
+                    budget = half_budget(conv, n_ctx) if kind == "edgemoe 50%" else None
                     if kind == "engine only":
                         r = run_engine(gguf, c, n_ctx, args.gen, args.threads)
-                        results.setdefault(name, {}).setdefault(kind, {}).setdefault(
-                            str(c), []
-                        ).append(r)
-                        print(f"run {run + 1} {name} {kind} x{c}: {r['tps']:.1f} t/s")
-                        continue
-                    budget = half_budget(conv, n_ctx) if kind == "edgemoe 50%" else None
-                    model = conv if budget else gguf
-                    proc, base = start(
-                        kind.split()[0], model, c, n_ctx, args.threads, budget
-                    )
-                    try:
-                        server = kind.split()[0]
-                        one_stream(base, "warm up", 4, server, eos)
-                        r = run_streams(base, c, args.gen, server, eos)
-                    finally:
-                        proc.terminate()
-                        proc.wait(30)
+                    else:
+                        r = serve_streams(kind, conv if budget else gguf, c, n_ctx,
+                                          budget, args, eos)  # fmt: skip
                     r["budget"] = budget
                     results.setdefault(name, {}).setdefault(kind, {}).setdefault(
                         str(c), []
