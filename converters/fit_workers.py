@@ -1,7 +1,7 @@
 """Expert fits in worker processes, one per core.
 
 Fitting an expert's planes is numpy and ggml work on arrays of a few MiB. In
-threads of one process two fits ran 1.5x one, not 2x: numpy calls that
+threads of one process two fits ran about 1.6x one, not 2x: numpy calls that
 allocate their result cost several times more while another thread runs
 them. So each core gets a process. Workers are fresh interpreters (``python
 -m edgemoe.converters.fit_workers``), not forks or multiprocessing's spawn:
