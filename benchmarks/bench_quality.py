@@ -2,12 +2,19 @@
 
     python benchmarks/bench_quality.py [--model ../shared/fixtures/code-mixtral]
 
-Converts the model (default levels 2,4,8), then reports perplexity over its
-held-out text (256-token windows, as ``edgemoe eval``) for: the float model;
-each nested level; independent round-to-nearest per group of 64 at 8/4/2
-bits; and the top 2 bits sliced from a per-group int8 grid. Every number is
-computed by the EdgeMoE runtime; only the expert weights differ. Writes
-benchmarks/out/quality.json and prints a markdown table.
+Converts the model (default levels 2,4,8), then scores each model over two
+texts in 256-token windows (as ``edgemoe eval``): the model's held-out text,
+and the standard library's test suites (the fixture was trained on the
+standard library without them; ``--no-stdlib-tests`` leaves them out). Rows:
+the float model; each nested level; independent round-to-nearest per group
+of 64 at 8/4/2 bits; and the top 2 bits sliced from a per-group int8 grid.
+Per text, the perplexity change from float and the mean KL divergence from
+float's next-token distribution (llama.cpp's ``--kl-divergence``), each with
+its standard error over windows (each window's difference from float is one
+paired sample: a row is scored on float's own tokens, so the noise of the
+text itself cancels). Every number is computed by the EdgeMoE runtime; only
+the expert weights differ. Writes benchmarks/out/quality.json and prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -21,12 +28,50 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out"
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "code-mixtral"
+WINDOW = 256
+STDLIB_TEST_CHARS = 250_000
+"""About 100k tokens of the fixture's tokenizer: standard errors a quarter of
+the held-out text's, in about a minute more."""
+
+
+def stdlib_tests() -> tuple[str, list[str]] | None:
+    """The first test files of this Python's standard library (``test_a*``
+    onwards, whole files) up to ``STDLIB_TEST_CHARS``, and their names; None
+    where the install leaves the test suites out (as some distributions do)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"]) / "test"
+    files = sorted(root.glob("test_*.py"))
+    if not files:
+        return None
+    parts, names, n = [], [], 0
+    for f in files:
+        parts.append(f.read_text(encoding="utf-8", errors="replace"))
+        names.append(f.name)
+        n += len(parts[-1])
+        if n >= STDLIB_TEST_CHARS:
+            break
+    return "\n".join(parts), names
+
+
+def paired(values: list, counts: list, base: float = 0.0) -> tuple[float, float]:
+    """Token mean of per-window sums ``values`` over ``counts`` tokens, and
+    its standard error with windows as the samples."""
+    import numpy as np
+
+    v, n = np.asarray(values, np.float64), np.asarray(counts, np.float64)
+    mean = v.sum() / n.sum()
+    if len(v) < 2:
+        return mean, math.nan
+    resid = v - n * mean
+    return mean, math.sqrt((resid**2).sum() * len(v) / (len(v) - 1)) / n.sum()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(FIXTURE))
     ap.add_argument("--text", default=None, help="default: MODEL/heldout.txt")
+    ap.add_argument("--no-stdlib-tests", action="store_true")
     ap.add_argument("--levels", default="2,4,8")
     args = ap.parse_args()
 
@@ -40,7 +85,13 @@ def main() -> int:
     from edgemoe.runtime.model import LoadOptions, Model
 
     src = Path(args.model)
-    text = Path(args.text or src / "heldout.txt").read_text(encoding="utf-8")
+    texts = {"held-out": Path(args.text or src / "heldout.txt").read_text("utf-8")}
+    files: list[str] = []
+    found = None if args.no_stdlib_tests else stdlib_tests()
+    if found is not None:
+        texts["stdlib tests"], files = found
+    elif not args.no_stdlib_tests:
+        print("this Python has no standard-library test suites: held-out text only")
     dst = OUT / "quality" / "edge"
     shutil.rmtree(dst, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -48,77 +99,100 @@ def main() -> int:
     # A float32 backbone: only the experts differ from the float model.
     report = convert(src, dst, ConvertOptions(levels=plan, backbone_type="F32"))
 
-    reference = []  # the float model's log-probabilities per window
+    reference: dict = {}  # (text, window) -> float's log-probabilities, its NLL
 
-    def ppl(model) -> tuple[float, float]:
-        """Perplexity, as ``edgemoe eval`` computes it (256-token windows,
-        each scored but its first token), and the mean KL divergence from the
-        float model over the same tokens: llama.cpp's --kl-divergence, far
-        less noisy than a perplexity difference between two nearby
-        quantizations. One pass over the windows gives both."""
+    def score(model) -> dict:
+        """Per text, per window: the NLL sum's and the KL divergence sum's
+        difference from float, and the tokens scored (each but a window's
+        first). One pass over the windows gives both."""
+        out = {}
         with model as m:
-            tokens = m.tokenize(text, add_special=False)
-            nll, kl = [], []
-            for i, start in enumerate(range(0, len(tokens) - 1, 256)):
-                chunk = np.asarray(tokens[start : start + 256])
-                lp = m.logits(chunk)[:-1].astype(np.float64)  # [T, V] log-softmax
-                lp -= lp.max(axis=-1, keepdims=True)
-                lp -= np.log(np.exp(lp).sum(axis=-1, keepdims=True))
-                nll.append(-lp[np.arange(len(chunk) - 1), chunk[1:]])
-                if len(reference) <= i:
-                    reference.append(lp.astype(np.float32))
-                ref = reference[i].astype(np.float64)
-                kl.append((np.exp(ref) * (ref - lp)).sum(axis=-1))
-        return math.exp(np.concatenate(nll).mean()), float(np.concatenate(kl).mean())
+            for name, text in texts.items():
+                tokens = m.tokenize(text, add_special=False)
+                dnll, kl, counts = [], [], []
+                for i, start in enumerate(range(0, len(tokens) - 1, WINDOW)):
+                    chunk = np.asarray(tokens[start : start + WINDOW])
+                    lp = m.logits(chunk)[:-1].astype(np.float64)  # [T, V]
+                    lp -= lp.max(axis=-1, keepdims=True)
+                    lp -= np.log(np.exp(lp).sum(axis=-1, keepdims=True))
+                    nll = -lp[np.arange(len(chunk) - 1), chunk[1:]].sum()
+                    if (name, i) not in reference:  # the float model, first
+                        reference[name, i] = (lp.astype(np.float32), nll)
+                    ref, ref_nll = reference[name, i]
+                    ref = ref.astype(np.float64)
+                    dnll.append(nll - ref_nll)
+                    kl.append((np.exp(ref) * (ref - lp)).sum())
+                    counts.append(len(chunk) - 1)
+                out[name] = (dnll, kl, counts)
+        return out
 
     def transformed(fn):
         ckpt = ExpertsTransformed(open_checkpoint(src), fn)
         return Model(ckpt, tokenizer_for(ckpt), LoadOptions())
 
-    rows = [("float (transformers-exact)", None, ppl(edgemoe.load(src)))]
+    rows = [("float (transformers-exact)", None, score(edgemoe.load(src)))]
     n_w = 3 * report.manifest.spec.expert_ffn * report.manifest.spec.n_embd
     n_w *= report.manifest.spec.n_expert * len(report.manifest.moe_layers)
     for lv in reversed(plan.levels):
         bpw = 8 * report.level_bytes[lv] / n_w
-        rows.append(
-            (f"EdgeMoE nested level {lv}", bpw, ppl(edgemoe.load(dst, force_level=lv)))
-        )
+        model = edgemoe.load(dst, force_level=lv)
+        rows.append((f"EdgeMoE nested level {lv}", bpw, score(model)))
     for bits in (8, 4, 2):
         bpw = bits + 32 / 64  # fp16 scale and min per 64
-        rows.append(
-            (
-                f"round-to-nearest {bits}-bit, g64",
-                bpw,
-                ppl(transformed(lambda w, b=bits: rtn_minmax(w, b))),
+        model = transformed(lambda w, b=bits: rtn_minmax(w, b))
+        rows.append((f"round-to-nearest {bits}-bit, g64", bpw, score(model)))
+    model = transformed(lambda w: sliced_int8(w, 2))
+    rows.append(("top 2 bits of int8 grid, g64", 2 + 32 / 64, score(model)))
+
+    float_nll = {
+        name: sum(reference[name, i][1] for i in range(len(rows[0][2][name][2])))
+        / sum(rows[0][2][name][2])
+        for name in texts
+    }
+    records = []
+    for name, bpw, scored in rows:
+        rec = {"name": name, "bpw": bpw}
+        for t, (dnll, kl, counts) in scored.items():
+            d, d_se = paired(dnll, counts)
+            k, k_se = paired(kl, counts)
+            rec[t] = {
+                "tokens": int(sum(counts)),
+                "perplexity": math.exp(float_nll[t] + d),
+                "change": math.expm1(d),
+                "change_se": math.exp(d) * d_se,  # delta method
+                "kl_divergence": k,
+                "kl_se": k_se,
+            }
+        records.append(rec)
+
+    head = "| experts | bits/weight |"
+    rule = "|---|---|"
+    for t in texts:
+        tokens = records[0][t]["tokens"]
+        head += f" {t} ({tokens:,} tokens): perplexity | vs float | KL divergence |"
+        rule += "---|---|---|"
+    lines = [head, rule]
+    for rec in records:
+        bpw = rec["bpw"]
+        line = f"| {rec['name']} | {'16 (bf16)' if bpw is None else f'{bpw:.2f}'} |"
+        for t in texts:
+            r = rec[t]
+            se = "" if bpw is None else f" ± {100 * r['change_se']:.2f}"
+            kse = "" if bpw is None else f" ± {r['kl_se']:.5f}"
+            line += (
+                f" {r['perplexity']:.3f} | {100 * r['change']:+.2f}%{se} |"
+                f" {r['kl_divergence']:.5f}{kse} |"
             )
-        )
-    rows.append(
-        (
-            "top 2 bits of int8 grid, g64",
-            2 + 32 / 64,
-            ppl(transformed(lambda w: sliced_int8(w, 2))),
-        )
-    )
-    base = rows[0][2][0]
-    lines = [
-        "| experts | bits/weight | perplexity | vs float | KL divergence |",
-        "|---|---|---|---|---|",
-    ]
-    for name, bpw, (p, kl) in rows:
-        b = "16 (bf16)" if bpw is None else f"{bpw:.2f}"
-        lines.append(
-            f"| {name} | {b} | {p:.3f} | {100 * (p / base - 1):+.2f}% | {kl:.5f} |"
-        )
+        lines.append(line)
     print("\n".join(lines))
     (OUT / "quality.json").write_text(
         json.dumps(
             {
                 "model": str(src),
                 "levels": list(plan.levels),
-                "rows": [
-                    {"name": n, "bpw": b, "perplexity": p, "kl_divergence": kl}
-                    for n, b, (p, kl) in rows
-                ],
+                "python": sys.version.split()[0],
+                "stdlib_test_files": files,
+                "rows": records,
             },
             indent=1,
         )
