@@ -158,9 +158,18 @@ def fit_costs(f: int, d: int, matrices: int, levels: str) -> dict[str, float]:
         ),
     }
     for i, p in enumerate(planes[1:], start=2):
-        fits[f"plane {i} {p.name}, numpy quick fit (the default)"] = (
-            lambda c=codec(p.name): c.quantize_quick(w)
-        )
+        c = codec(p.name)
+        if c.WEIGHTED_QUICK:
+            fits[f"plane {i} {p.name}, importance-weighted quick fit (the default)"] = (
+                lambda c=c: c.quantize_quick(w, imatrix, residual=True)
+            )
+            fits[f"plane {i} {p.name}, unweighted quick fit"] = lambda c=c: (
+                c.quantize_quick(w)
+            )
+        else:
+            fits[f"plane {i} {p.name}, numpy quick fit (the default)"] = lambda c=c: (
+                c.quantize_quick(w)
+            )
     out = {}
     for name, fn in fits.items():
         times = []

@@ -56,19 +56,25 @@ class Codec:
 
     @classmethod
     def quantize_quick(
-        cls, x: np.ndarray, importance: np.ndarray | None = None
+        cls,
+        x: np.ndarray,
+        importance: np.ndarray | None = None,
+        residual: bool = False,
     ) -> np.ndarray:
         """Rows ``x`` [R, K] (finite float32) -> block bytes, by a small numpy
         fit (``quick_blocks``).
 
-        Without ``importance`` (the residual planes, noise-like): ggml's
-        reference rounding with 1-3 candidate scales per sub-block instead
-        of 16-21, 2-4x faster at about its error; ggml's own where a codec
-        has no ``quick_blocks``. With ``importance`` [K] (plane 1, each
-        column's mean squared input): an importance-weighted fit where the
-        codec has one (``WEIGHTED_QUICK``), else ggml's weighted search."""
+        Without ``importance``: ggml's reference rounding with 1-3 candidate
+        scales per sub-block instead of 16-21, 2-4x faster at about its
+        error; ggml's own where a codec has no ``quick_blocks``. With
+        ``importance`` [K] (each column's mean squared input): an
+        importance-weighted fit where the codec has one (``WEIGHTED_QUICK``);
+        else ggml's weighted search for plane 1 and, for a ``residual``
+        plane (noise-like, and too many to search), unweighted rounding."""
         if importance is not None and not cls.WEIGHTED_QUICK:
-            return cls.quantize(x, importance)
+            if not residual:
+                return cls.quantize(x, importance)
+            importance = None
         if cls.quick_blocks.__func__ is Codec.quick_blocks.__func__:
             return cls.quantize(x, fit=False)
         bt = cls.btype
@@ -91,14 +97,17 @@ class Codec:
         for i in range(0, len(blocks), step):
             chunk = blocks[i : i + step]
             out[i : i + step] = cls.quick_blocks(
-                chunk, None if imp is None else imp[: len(chunk)]
+                chunk, None if imp is None else imp[: len(chunk)], residual
             )
         return out.reshape(r, -1)
 
     @classmethod
-    def quick_blocks(cls, x: np.ndarray, imp: np.ndarray | None) -> np.ndarray:
+    def quick_blocks(
+        cls, x: np.ndarray, imp: np.ndarray | None, residual: bool = False
+    ) -> np.ndarray:
         """Blocks [B, block] float32 -> block bytes [B, nbytes]; ``imp``
-        [B, block] each value's column importance, or None."""
+        [B, block] each value's column importance, or None; ``residual``: a
+        residual plane's fit (fewer candidates where the codec has a choice)."""
         raise NotImplementedError
 
     sub: ClassVar[int]
@@ -175,15 +184,19 @@ class Q2K(Codec, name="Q2_K"):
 
     WEIGHTED_QUICK = True
     PLANE1_STEPS = (-0.5, -0.3, -0.1, 0.1, 0.3, 0.5, 0.7, 0.9)
-    """Candidate scales of the importance-weighted fit: 8 where ggml tries 37."""
+    """Candidate scales of plane 1's importance-weighted fit: 8 where ggml
+    tries 37."""
+    RESIDUAL_STEPS = (-1.0, 0.0, 1.0)
+    """A residual plane's: as many as the unweighted fit, which the weights
+    make about an eighth slower (bench_convert's per-plane table)."""
 
     @classmethod
-    def quick_blocks(cls, x, imp):
+    def quick_blocks(cls, x, imp, residual=False):
         b = x.shape[0]
         xt = np.ascontiguousarray(x.reshape(b, 16, 16).transpose(2, 0, 1))
         if imp is None:
             # ggml's reference weights (|x|), 3 candidate scales of its 16.
-            fit = _fit_scale_min(xt, np.abs(xt), 3, (-1.0, 0.0, 1.0))
+            fit = _fit_scale_min(xt, np.abs(xt), 3, cls.RESIDUAL_STEPS)
         else:
             # ggml's importance-weighted form, imp * sqrt(sigma2 + x^2), plus
             # its reference rounding's |x|, which keeps the large weights a
@@ -200,7 +213,8 @@ class Q2K(Codec, name="Q2_K"):
             np.sqrt(w, out=w)
             w += np.abs(xt)
             w *= imp.reshape(b, 16, 16).transpose(2, 0, 1)
-            fit = _fit_scale_min(xt, w, 3, cls.PLANE1_STEPS)
+            steps = cls.RESIDUAL_STEPS if residual else cls.PLANE1_STEPS
+            fit = _fit_scale_min(xt, w, 3, steps)
         sc, mn, d, dmin = _scales_and_mins(*fit, 4)
         q = _codes(xt, d * sc, dmin * mn, 3).reshape(b, 2, 4, 32)
         out = np.empty((b, cls.btype.nbytes), dtype=np.uint8)
@@ -238,7 +252,7 @@ class Q4K(Codec, name="Q4_K"):
         )
 
     @classmethod
-    def quick_blocks(cls, x, imp):
+    def quick_blocks(cls, x, imp, residual=False):
         b = x.shape[0]
         xt = np.ascontiguousarray(x.reshape(b, 8, 32).transpose(2, 0, 1))
         # ggml's reference weights (rms + |x|), 1 candidate scale of its 21.
