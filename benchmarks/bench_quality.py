@@ -54,7 +54,7 @@ def stdlib_tests() -> tuple[str, list[str]] | None:
     return "\n".join(parts), names
 
 
-def paired(values: list, counts: list, base: float = 0.0) -> tuple[float, float]:
+def paired(values: list, counts: list) -> tuple[float, float]:
     """Token mean of per-window sums ``values`` over ``counts`` tokens, and
     its standard error with windows as the samples."""
     import numpy as np
@@ -83,6 +83,7 @@ def main() -> int:
     from edgemoe.quant.baselines import ExpertsTransformed, rtn_minmax, sliced_int8
     from edgemoe.quant.types import NestedQuant
     from edgemoe.runtime.model import LoadOptions, Model
+    from edgemoe.runtime.perplexity import log_softmax, windows
 
     src = Path(args.model)
     texts = {"held-out": Path(args.text or src / "heldout.txt").read_text("utf-8")}
@@ -100,6 +101,7 @@ def main() -> int:
     report = convert(src, dst, ConvertOptions(levels=plan, backbone_type="F32"))
 
     reference: dict = {}  # (text, window) -> float's log-probabilities, its NLL
+    float_nll: dict = {}  # text -> float's mean NLL per scored token
 
     def score(model) -> dict:
         """Per text, per window: the NLL sum's and the KL divergence sum's
@@ -109,13 +111,11 @@ def main() -> int:
         with model as m:
             for name, text in texts.items():
                 tokens = m.tokenize(text, add_special=False)
-                dnll, kl, counts = [], [], []
-                for i, start in enumerate(range(0, len(tokens) - 1, WINDOW)):
-                    chunk = np.asarray(tokens[start : start + WINDOW])
-                    lp = m.logits(chunk)[:-1].astype(np.float64)  # [T, V]
-                    lp -= lp.max(axis=-1, keepdims=True)
-                    lp -= np.log(np.exp(lp).sum(axis=-1, keepdims=True))
+                nlls, dnll, kl, counts = [], [], [], []
+                for i, chunk in enumerate(windows(tokens, WINDOW)):
+                    lp = log_softmax(m.logits(chunk)[:-1])  # [T, V]
                     nll = -lp[np.arange(len(chunk) - 1), chunk[1:]].sum()
+                    nlls.append(nll)
                     if (name, i) not in reference:  # the float model, first
                         reference[name, i] = (lp.astype(np.float32), nll)
                     ref, ref_nll = reference[name, i]
@@ -124,6 +124,8 @@ def main() -> int:
                     kl.append((np.exp(ref) * (ref - lp)).sum())
                     counts.append(len(chunk) - 1)
                 out[name] = (dnll, kl, counts)
+                # The float model is scored first: its NLL is the base.
+                float_nll.setdefault(name, sum(nlls) / sum(counts))
         return out
 
     def transformed(fn):
@@ -144,11 +146,6 @@ def main() -> int:
     model = transformed(lambda w: sliced_int8(w, 2))
     rows.append(("top 2 bits of int8 grid, g64", 2 + 32 / 64, score(model)))
 
-    float_nll = {
-        name: sum(reference[name, i][1] for i in range(len(rows[0][2][name][2])))
-        / sum(rows[0][2][name][2])
-        for name in texts
-    }
     records = []
     for name, bpw, scored in rows:
         rec = {"name": name, "bpw": bpw}

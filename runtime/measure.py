@@ -38,9 +38,7 @@ class MatmulProbe:
         bt = BLOCK_TYPES[type_name]
         rng = np.random.default_rng(0)
         self.experts, self.used = experts, used
-        self.bytes_per_token = used * (
-            2 * ffn * bt.row_bytes(dim) + dim * bt.row_bytes(ffn)
-        )
+        self.bytes_per_token = used * self.expert_bytes(type_name, ffn, dim)
         self._device = Device("cpu", n_threads)
         self._ws = WeightSet(self._device, capacity=4)
         self._g = g = Graph(self._device, n_tensors=32)
@@ -78,6 +76,12 @@ class MatmulProbe:
         self._step = 0
         for _ in range(experts // used):
             self._run()
+
+    @staticmethod
+    def expert_bytes(type_name: str, ffn: int, dim: int) -> int:
+        """Bytes of one expert's gate, up and down in ``type_name``."""
+        bt = BLOCK_TYPES[type_name]
+        return 2 * ffn * bt.row_bytes(dim) + dim * bt.row_bytes(ffn)
 
     def _run(self) -> None:
         # Consecutive calls touch disjoint experts: nothing stays cached.

@@ -29,12 +29,26 @@ class PerplexityResult:
     seconds: float
 
 
-def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """log p(target) per row, in float64 for a stable sum."""
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log p of every entry per row [T, V], in float64 for stable sums."""
     x = logits.astype(np.float64)
     x -= x.max(axis=-1, keepdims=True)
-    lse = np.log(np.exp(x).sum(axis=-1))
-    return x[np.arange(len(targets)), targets] - lse
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
+
+
+def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log p(target) per row, in float64 for a stable sum."""
+    return log_softmax(logits)[np.arange(len(targets)), targets]
+
+
+def windows(tokens, window: int) -> list[np.ndarray]:
+    """Consecutive, non-overlapping windows of ``window`` tokens (the last
+    may be shorter), each long enough to score a token after its first."""
+    return [
+        np.asarray(tokens[start : start + window])
+        for start in range(0, len(tokens) - 1, window)
+    ]
 
 
 def perplexity(
@@ -53,17 +67,15 @@ def perplexity(
     if len(tokens) < 2:
         raise ConfigError("the text has fewer than 2 tokens; nothing to score")
     t0 = time.perf_counter()
-    total, count, windows = 0.0, 0, 0
-    starts = range(0, len(tokens) - 1, window)
-    for i, start in enumerate(starts):
-        chunk = np.asarray(tokens[start : start + window])
+    total, count = 0.0, 0
+    chunks = windows(tokens, window)
+    for i, chunk in enumerate(chunks):
         logits = model.logits(chunk)  # [W, V]
         total -= float(log_softmax_at(logits[:-1], chunk[1:]).sum())
         count += len(chunk) - 1
-        windows += 1
         if progress:
-            progress(i + 1, len(starts))
+            progress(i + 1, len(chunks))
     nll = total / count
     return PerplexityResult(
-        math.exp(nll), nll, count, windows, time.perf_counter() - t0
+        math.exp(nll), nll, count, len(chunks), time.perf_counter() - t0
     )

@@ -14,8 +14,8 @@ import edgemoe
 from edgemoe.converters.convert import ConvertOptions, convert
 from edgemoe.errors import ConfigError, ModelFileError
 from edgemoe.format.reader import EdgeCheckpoint, read_manifest
-from edgemoe.quant.baselines import ExpertsTransformed, sliced_int8
-from edgemoe.runtime.perplexity import perplexity
+from edgemoe.quant.baselines import ExpertsTransformed, rtn_minmax, sliced_int8
+from edgemoe.runtime.perplexity import log_softmax, perplexity, windows
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +30,18 @@ def ppl(path, text, **options) -> float:
         return perplexity(m, m.tokenize(text, add_special=False), 256).perplexity
 
 
-def fake_quant_ppl(fixture_dir, text, transform) -> float:
-    """Perplexity of the float model with every expert matrix replaced by
+def fake_quant(fixture_dir, transform):
+    """The float model with every expert matrix replaced by
     ``transform(matrix)``: the baselines (round-to-nearest, sliced int8)."""
     from edgemoe.checkpoint import open_checkpoint, tokenizer_for
     from edgemoe.runtime.model import LoadOptions, Model
 
     ckpt = ExpertsTransformed(open_checkpoint(fixture_dir), transform)
-    with Model(ckpt, tokenizer_for(ckpt), LoadOptions()) as m:
+    return Model(ckpt, tokenizer_for(ckpt), LoadOptions())
+
+
+def fake_quant_ppl(fixture_dir, text, transform) -> float:
+    with fake_quant(fixture_dir, transform) as m:
         return perplexity(m, m.tokenize(text, add_special=False), 256).perplexity
 
 
@@ -58,13 +62,7 @@ def log_probs(model, text: str) -> list[np.ndarray]:
     """Per 256-token window, log-softmax of each position's logits [T, V]."""
     with model as m:
         tokens = m.tokenize(text, add_special=False)
-        out = []
-        for start in range(0, len(tokens) - 1, 256):
-            lp = m.logits(tokens[start : start + 256])[:-1].astype(np.float64)
-            lp -= lp.max(axis=-1, keepdims=True)
-            lp -= np.log(np.exp(lp).sum(axis=-1, keepdims=True))
-            out.append(lp)
-    return out
+        return [log_softmax(m.logits(c)[:-1]) for c in windows(tokens, 256)]
 
 
 FIRST_FITS_KL = {8: 0.00014, 4: 0.00064, 2: 0.01357}
@@ -79,9 +77,6 @@ def test_levels_as_close_to_float_as_the_first_fits(fixture_dir, tmp_path):
     next-token distribution from float's (experts only: a float32 backbone).
     Each level also beats round-to-nearest per group of 64 at about its bits
     (bench_quality's baselines). Measured 0.00012, 0.00051, 0.00856."""
-    from edgemoe.quant.baselines import rtn_minmax
-    from edgemoe.runtime.model import LoadOptions, Model
-
     out = tmp_path / "f32"
     convert(fixture_dir, out, ConvertOptions(backbone_type="F32"))
     text = (fixture_dir / "heldout.txt").read_text()
@@ -92,18 +87,12 @@ def test_levels_as_close_to_float_as_the_first_fits(fixture_dir, tmp_path):
         per = [(np.exp(r) * (r - g)).sum(axis=-1) for r, g in zip(ref, got)]
         return float(np.concatenate(per).mean())
 
-    def rtn(bits: int):
-        from edgemoe.checkpoint import open_checkpoint, tokenizer_for
-
-        fn = lambda w: rtn_minmax(w, bits)  # noqa: E731
-        ckpt = ExpertsTransformed(open_checkpoint(fixture_dir), fn)
-        return Model(ckpt, tokenizer_for(ckpt), LoadOptions())
-
     for lv in (8, 4, 2):
         got = kl(edgemoe.load(out, force_level=lv))
         assert got <= FIRST_FITS_KL[lv], (lv, got)
         if lv < 8:  # level 8 holds 9.75 bits: no 8-bit baseline matches it
-            assert got < kl(rtn(lv)), (lv, got)
+            rtn = fake_quant(fixture_dir, lambda w, b=lv: rtn_minmax(w, b))
+            assert got < kl(rtn), (lv, got)
 
 
 def test_reading_a_level_reads_what_the_manifest_says(converted):

@@ -89,15 +89,13 @@ def probe_set(model: str, nbytes: int):
     """A MatmulProbe per rate type at ``model``'s expert shapes, one thread
     (as the decodes run), cycling through as many experts as make ``nbytes``
     of each type: a decode's working set."""
-    from edgemoe.quant.types import BLOCK_TYPES
     from edgemoe.runtime.measure import MatmulProbe
 
     hidden, ffn, _ = SHAPES[model]
     made = {}
     try:
         for name, t in RATE_TYPES:
-            bt = BLOCK_TYPES[t]
-            per_expert = 2 * ffn * bt.row_bytes(hidden) + hidden * bt.row_bytes(ffn)
+            per_expert = MatmulProbe.expert_bytes(t, ffn, hidden)
             experts = max(2, round(nbytes / per_expert))
             made[name] = MatmulProbe(t, 1, ffn=ffn, dim=hidden, experts=experts, used=2)
         yield made
